@@ -176,7 +176,10 @@ def _load_gguf(
             array = _unpermute_rotary(array, config.num_heads)
         elif name.endswith("k_proj.weight"):
             array = _unpermute_rotary(array, config.num_kv_heads)
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # F32 tensors come straight from the memory map
+            array = array.copy()
+        return torch.from_numpy(array).to(device=device, dtype=dtype)
 
     return config, _assemble(config, get, progress=path.stat().st_size > 1 << 30)
 
