@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 
@@ -90,6 +91,111 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return generate_remote(args.addr, args.prompt, args.chat, sampling_params(args), args.model)
 
 
+def _redis_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", ""), help="env REDIS_URL")
+
+
+def _server_args(p: argparse.ArgumentParser, default_port: int) -> None:
+    env = os.environ.get
+    p.add_argument("--host", default=env("KVMESH_HOST", "0.0.0.0"), help="bind address")
+    p.add_argument("--port", type=int, default=int(env("KVMESH_PORT", str(default_port))))
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(env("KVMESH_METRICS_PORT", "-1")),
+        help="Prometheus endpoint port; -1 = off, 0 = any free port",
+    )
+    _redis_arg(p)
+
+
+def _need_redis(args: argparse.Namespace) -> str:
+    if not args.redis_url:
+        raise ValueError("set REDIS_URL or --redis-url (kvmesh up starts a local Redis for you)")
+    return str(args.redis_url)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from shared.rpc import install_uvloop
+    from shared.worker import WorkerConfig
+
+    role = Role(args.command)
+    config = WorkerConfig(
+        engine=engine_config(args, role), redis_url=_need_redis(args), host=args.host,
+        port=args.port, advertise_host=args.advertise_host, worker_id=args.worker_id,
+        heartbeat_s=args.heartbeat_s, metrics_port=args.metrics_port,
+    )  # fmt: skip
+    install_uvloop()
+    if role is Role.PREFILL:
+        from services.prefill import serve as serve_prefill
+
+        asyncio.run(serve_prefill(config))
+    else:
+        from services.decode import serve as serve_decode
+
+        asyncio.run(serve_decode(config))
+    return 0
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from services.gateway import GatewayConfig, serve
+    from shared.rpc import install_uvloop
+
+    config = GatewayConfig(
+        redis_url=_need_redis(args), model=args.model, host=args.host, port=args.port,
+        max_inflight=args.max_inflight, max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens, metrics_port=args.metrics_port,
+    )  # fmt: skip
+    install_uvloop()
+    asyncio.run(serve(config))
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from services.launcher import MeshPlan, run_mesh
+
+    devices = [args.device]
+    if args.device == "cuda":
+        import torch
+
+        devices = [f"cuda:{i}" for i in range(max(torch.cuda.device_count(), 1))]
+    worker_args = [
+        "--model",
+        args.model,
+        "--block-size",
+        str(args.block_size),
+        "--max-batched-tokens",
+        str(args.max_batched_tokens),
+        "--max-seqs",
+        str(args.max_seqs),
+        "--kv-cache-mb",
+        str(args.kv_cache_mb),
+        "--gpu-memory-fraction",
+        str(args.gpu_memory_fraction),
+        "--port",
+        "0",
+    ]
+    if args.dtype:
+        worker_args += ["--dtype", args.dtype]
+    gateway_args = [
+        "--model",
+        args.model,
+        "--port",
+        str(args.port),
+        "--max-inflight",
+        str(args.max_inflight),
+        "--max-queue",
+        str(args.max_queue),
+    ]
+    plan = MeshPlan(args.prefill, args.decode, gateway_args, worker_args, devices, args.host)
+    return run_mesh(plan)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from services.status import print_status
+
+    return asyncio.run(print_status(_need_redis(args)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,7 +208,65 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(gen)
     _sampling_args(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    up = sub.add_parser("up", help="start a whole mesh on this machine")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("KVMESH_PORT", "50051")),
+        help="gateway port (0 = any free port)",
+    )
+    up.add_argument("--host", default="127.0.0.1", help="address every process binds")
+    _gateway_limits(up)
+    _engine_args(up)
+    up.set_defaults(func=_cmd_up)
+
+    gateway = sub.add_parser("gateway", help="run the gateway service")
+    _server_args(gateway, 50051)
+    gateway.add_argument("--model", default=os.environ.get("KVMESH_MODEL", ""))
+    _gateway_limits(gateway)
+    gateway.set_defaults(func=_cmd_gateway)
+
+    for role in ("prefill", "decode"):
+        worker = sub.add_parser(role, help=f"run a {role} worker")
+        _server_args(worker, 0)
+        _engine_args(worker)
+        worker.add_argument(
+            "--advertise-host",
+            default=os.environ.get("KVMESH_ADVERTISE_HOST", ""),
+            help="address other processes reach this worker at (pod IP)",
+        )
+        worker.add_argument("--worker-id", default=os.environ.get("KVMESH_WORKER_ID", ""))
+        worker.add_argument(
+            "--heartbeat-s", type=float, default=float(os.environ.get("KVMESH_HEARTBEAT_S", "1.0"))
+        )
+        worker.set_defaults(func=_cmd_worker)
+
+    status = sub.add_parser("status", help="workers, their KV blocks and in-flight handoffs")
+    _redis_arg(status)
+    status.set_defaults(func=_cmd_status)
     return parser
+
+
+def _gateway_limits(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=int(env("KVMESH_MAX_INFLIGHT", "64")),
+        help="requests inside the mesh at once",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(env("KVMESH_MAX_QUEUE", "256")),
+        help="requests queued beyond that before RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--default-max-tokens", type=int, default=int(env("KVMESH_DEFAULT_MAX_TOKENS", "256"))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

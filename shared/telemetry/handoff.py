@@ -54,25 +54,34 @@ class HandoffRecorder:
         """Layer ``layer`` (index) sent ``nbytes`` bytes in ``seconds``."""
         self.nbytes += nbytes
         self.layer_seconds.append(seconds)
-        self.span.add_event("kv_layer", {
-            "kvmesh.layer": layer, "kvmesh.layer.bytes": nbytes, "kvmesh.layer.seconds": seconds,
-        })
+        self.span.add_event(
+            "kv_layer",
+            {
+                "kvmesh.layer": layer,
+                "kvmesh.layer.bytes": nbytes,
+                "kvmesh.layer.seconds": seconds,
+            },
+        )
 
     def finish(self) -> HandoffSummary:
         """Compute the totals and write them onto the span as attributes."""
         summary = HandoffSummary(
-            transport=self.transport, nbytes=self.nbytes, layers=len(self.layer_seconds),
+            transport=self.transport,
+            nbytes=self.nbytes,
+            layers=len(self.layer_seconds),
             seconds=time.perf_counter() - self.started,
         )
-        self.span.set_attributes({
-            PREFIX + "transport": summary.transport,
-            PREFIX + "bytes": summary.nbytes,
-            PREFIX + "layers": summary.layers,
-            PREFIX + "seconds": summary.seconds,
-            PREFIX + "gb_per_s": summary.gb_per_s,
-            PREFIX + "layer_seconds": self.layer_seconds,
-            PREFIX + "max_layer_seconds": max(self.layer_seconds, default=0.0),
-        })
+        self.span.set_attributes(
+            {
+                PREFIX + "transport": summary.transport,
+                PREFIX + "bytes": summary.nbytes,
+                PREFIX + "layers": summary.layers,
+                PREFIX + "seconds": summary.seconds,
+                PREFIX + "gb_per_s": summary.gb_per_s,
+                PREFIX + "layer_seconds": self.layer_seconds,
+                PREFIX + "max_layer_seconds": max(self.layer_seconds, default=0.0),
+            }
+        )
         self._summary = summary
         return summary
 

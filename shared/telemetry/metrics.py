@@ -18,16 +18,107 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
-                3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0)
-TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
-                0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
-E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0,
-               60.0, 90.0, 120.0, 180.0, 300.0, 600.0)
-QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                 5.0, 10.0, 30.0, 60.0)
-HANDOFF_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TTFT_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+)
+TPOT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.0,
+)
+E2E_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    180.0,
+    300.0,
+    600.0,
+)
+QUEUE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+HANDOFF_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 @dataclass(frozen=True)
@@ -73,20 +164,24 @@ def create_metrics(role: str, registry: CollectorRegistry | None = None) -> Kvme
     def gauge(name: str, doc: str) -> Gauge:
         return Gauge(name, doc, ["role"], registry=reg).labels(role=role)
 
-    requests = Counter("kvmesh_requests", "Finished requests.", ["role", "finish_reason"],
-                       registry=reg)
+    requests = Counter(
+        "kvmesh_requests", "Finished requests.", ["role", "finish_reason"], registry=reg
+    )
     return KvmeshMetrics(
         role=role,
         registry=reg,
         ttft=histogram("kvmesh_ttft_seconds", "Time to first token, seconds.", TTFT_BUCKETS),
         tpot=histogram("kvmesh_tpot_seconds", "Time per output token, seconds.", TPOT_BUCKETS),
-        e2e_latency=histogram("kvmesh_e2e_latency_seconds", "Request latency, seconds.",
-                              E2E_BUCKETS),
+        e2e_latency=histogram(
+            "kvmesh_e2e_latency_seconds", "Request latency, seconds.", E2E_BUCKETS
+        ),
         queue_time=histogram("kvmesh_queue_time_seconds", "Time queued, seconds.", QUEUE_BUCKETS),
-        handoff=histogram("kvmesh_handoff_seconds", "KV handoff duration, seconds.",
-                          HANDOFF_BUCKETS),
-        handoff_bytes=Counter("kvmesh_handoff_bytes", "KV bytes handed off.", ["role"],
-                              registry=reg).labels(role=role),
+        handoff=histogram(
+            "kvmesh_handoff_seconds", "KV handoff duration, seconds.", HANDOFF_BUCKETS
+        ),
+        handoff_bytes=Counter(
+            "kvmesh_handoff_bytes", "KV bytes handed off.", ["role"], registry=reg
+        ).labels(role=role),
         requests=requests,
         kv_blocks_used=gauge("kvmesh_kv_blocks_used", "KV-cache blocks in use."),
         kv_blocks_free=gauge("kvmesh_kv_blocks_free", "KV-cache blocks free."),

@@ -58,10 +58,15 @@ class _HistogramSeries:
         previous = [0.0, *self.cumulative[:-1]]
         per_bucket = [int(c - p) for c, p in zip(self.cumulative, previous, strict=True)]
         return HistogramDataPoint(
-            attributes=attributes, start_time_unix_nano=_start_ns(self.created_s, start_ns),
-            time_unix_nano=now_ns, count=int(self.count), sum=self.total,
-            bucket_counts=per_bucket, explicit_bounds=[b for b in self.bounds if b != float("inf")],
-            min=None, max=None,  # type: ignore[arg-type]  # unknown to Prometheus: left unset
+            attributes=attributes,
+            start_time_unix_nano=_start_ns(self.created_s, start_ns),
+            time_unix_nano=now_ns,
+            count=int(self.count),
+            sum=self.total,
+            bucket_counts=per_bucket,
+            explicit_bounds=[b for b in self.bounds if b != float("inf")],
+            min=None,
+            max=None,  # type: ignore[arg-type]  # unknown to Prometheus: left unset
         )
 
 
@@ -77,7 +82,7 @@ def _histogram(family: Any, start_ns: int, now_ns: int) -> Histogram:
     series: dict[tuple[tuple[str, str], ...], _HistogramSeries] = {}
     for sample in family.samples:
         entry = series.setdefault(_label_key(sample.labels), _HistogramSeries())
-        suffix = sample.name[len(family.name):]
+        suffix = sample.name[len(family.name) :]
         if suffix == "_bucket":
             entry.bounds.append(float(sample.labels["le"]))
             entry.cumulative.append(sample.value)
@@ -92,14 +97,18 @@ def _histogram(family: Any, start_ns: int, now_ns: int) -> Histogram:
 
 
 def _number_points(family: Any, value_suffix: str, start_ns: int, now_ns: int) -> list[Any]:
-    created = {_label_key(s.labels): s.value for s in family.samples
-               if s.name == family.name + "_created"}
+    created = {
+        _label_key(s.labels): s.value for s in family.samples if s.name == family.name + "_created"
+    }
     return [
         NumberDataPoint(
-            attributes=dict(s.labels), value=s.value, time_unix_nano=now_ns,
+            attributes=dict(s.labels),
+            value=s.value,
+            time_unix_nano=now_ns,
             start_time_unix_nano=_start_ns(created.get(_label_key(s.labels)), start_ns),
         )
-        for s in family.samples if s.name == family.name + value_suffix
+        for s in family.samples
+        if s.name == family.name + value_suffix
     ]
 
 
@@ -124,9 +133,11 @@ def registry_to_metrics_data(
     now_ns = time.time_ns()
     metrics = [m for f in registry.collect() if (m := _convert(f, start_ns, now_ns)) is not None]
     scope_metrics = ScopeMetrics(scope=SCOPE, metrics=metrics, schema_url="")
-    return MetricsData(resource_metrics=[
-        ResourceMetrics(resource=resource, scope_metrics=[scope_metrics], schema_url="")
-    ])
+    return MetricsData(
+        resource_metrics=[
+            ResourceMetrics(resource=resource, scope_metrics=[scope_metrics], schema_url="")
+        ]
+    )
 
 
 def make_metric_exporter(config: MetricsExportConfig) -> MetricExporter:
@@ -142,7 +153,9 @@ def make_metric_exporter(config: MetricsExportConfig) -> MetricExporter:
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
     return OTLPMetricExporter(
-        endpoint=config.endpoint, insecure=config.insecure, headers=config.headers,
+        endpoint=config.endpoint,
+        insecure=config.insecure,
+        headers=config.headers,
         timeout=config.timeout_s,
     )
 

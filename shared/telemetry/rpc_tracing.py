@@ -103,8 +103,12 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             with tracer.start_as_current_span(
-                name, context=parent, kind=SpanKind.SERVER, attributes=rpc_attributes(name),
-                record_exception=False, set_status_on_exception=False,
+                name,
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=rpc_attributes(name),
+                record_exception=False,
+                set_status_on_exception=False,
             ) as span:
                 try:
                     result = await run(request, context)

@@ -84,12 +84,14 @@ def tracing_from_config(config: TracingConfig) -> Tracing:
 
 def make_resource(service_name: str, attributes: Iterable[tuple[str, str]] = ()) -> Resource:
     """The process resource: OTEL_RESOURCE_ATTRIBUTES plus service.name (no env lookups)."""
-    return Resource({
-        "telemetry.sdk.language": "python",
-        "telemetry.sdk.name": "opentelemetry",
-        **dict(attributes),
-        "service.name": service_name,
-    })
+    return Resource(
+        {
+            "telemetry.sdk.language": "python",
+            "telemetry.sdk.name": "opentelemetry",
+            **dict(attributes),
+            "service.name": service_name,
+        }
+    )
 
 
 def make_exporter(name: str, config: TracingConfig) -> SpanExporter:

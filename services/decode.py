@@ -1,0 +1,224 @@
+"""Decode service: reserves KV blocks for incoming handoffs, receives the prompt's KV on the data
+plane, and decodes every committed sequence in one in-flight batch, streaming tokens back.
+
+    Reserve  -> blocks allocated, Redis block set `reserved`, receiver expects the handoff
+    (prefill pushes KV layer by layer; each layer is checksummed and scattered into the blocks)
+    Decode   -> all layers intact? commit (Redis `owned`), join the running batch, stream
+    Release  -> give back a reservation that will not be used
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import grpc
+
+from protos import worker_pb2, worker_pb2_grpc
+from shared.engine import Engine
+from shared.engine_loop import EngineLoop, publish_gauges
+from shared.handoff.kv_io import layer_nbytes, scatter_into
+from shared.handoff.socket_transport import SocketKVReceiver
+from shared.handoff.transport import HandoffResult, KVReceiver
+from shared.rpc import create_server, serve_until_signal
+from shared.telemetry import KvmeshMetrics, TracingServerInterceptor
+from shared.telemetry.process import start_process_telemetry
+from shared.worker import (
+    Registration,
+    WorkerConfig,
+    kv_layout,
+    model_response,
+    sampling_from_proto,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Reservation:
+    handoff_id: str
+    blocks: list[int]
+    received: Future[HandoffResult]
+    expires: float  # time.monotonic() deadline for Decode to arrive
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServicer):
+    def __init__(
+        self, loop: EngineLoop, receiver: KVReceiver, kv_endpoint: str,
+        registration: Registration, model_id: str, metrics: KvmeshMetrics,
+        reservation_ttl_s: float,
+    ) -> None:  # fmt: skip
+        self.loop = loop
+        self.receiver = receiver
+        self.kv_endpoint = kv_endpoint
+        self.registration = registration
+        self.model_id = model_id
+        self.metrics = metrics
+        self.reservation_ttl_s = reservation_ttl_s
+        self.draining = False
+        self._reservations: dict[str, _Reservation] = {}
+        self._streams = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self._reservations and self._streams == 0
+
+    async def Model(self, request, context):  # noqa: N802 (gRPC method name)
+        return model_response(self.loop.engine, self.model_id)
+
+    async def Reserve(self, request, context):  # noqa: N802
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this decode worker is draining")
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_from_proto(request.sampling)
+            self.loop.engine.validate(prompt, params)
+            uuid.UUID(request.handoff_id)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        hid = request.handoff_id
+        blocks = await self.loop.call(lambda e: e.reserve(hid, len(prompt)))
+        if blocks is None:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks on this decode worker"
+            )
+        reg = self.registration
+        if not await reg.ledger.reserve(reg.worker_id, reg.generation, hid, len(blocks), "", 60):
+            await self.loop.call(lambda e: e.abort(hid))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "block ownership was refused")
+        nbytes = layer_nbytes(self.loop.engine, len(blocks))
+        layers = self.loop.engine.model_config.num_layers
+        received = self.receiver.expect(hid, layers, nbytes, scatter_into(self.loop.engine, blocks))
+        self._reservations[hid] = _Reservation(
+            hid, blocks, received, time.monotonic() + self.reservation_ttl_s
+        )
+        return worker_pb2.ReserveResponse(
+            handoff_id=hid, kv_endpoint=self.kv_endpoint, num_blocks=len(blocks),
+            layer_nbytes=nbytes, layout=kv_layout(self.loop.engine), worker_id=reg.worker_id,
+        )  # fmt: skip
+
+    async def Release(self, request, context):  # noqa: N802
+        return worker_pb2.ReleaseResponse(released=await self._release(request.handoff_id))
+
+    async def Decode(  # noqa: N802
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        hid = request.handoff_id
+        reservation = self._reservations.get(hid)
+        if reservation is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation {hid!r} (expired?)")
+        self._streams += 1
+        try:
+            async for message in self._decode(request, reservation, context):
+                yield message
+        finally:
+            self._streams -= 1
+
+    async def _decode(
+        self, request: worker_pb2.DecodeRequest, reservation: _Reservation,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # fmt: skip
+        hid = reservation.handoff_id
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(reservation.received), 30)
+        except TimeoutError:
+            result = HandoffResult(False, 0, 0.0, "timed out waiting for the KV")
+        self.metrics.observe_handoff(result.nbytes, result.seconds)
+        if not result.ok:
+            await self._release(hid)
+            # ABORTED: the gateway retries the request on another worker pair
+            await context.abort(grpc.StatusCode.ABORTED, f"KV handoff failed: {result.error}")
+        self._reservations.pop(hid, None)
+        queue = self.loop.subscribe(hid)
+        prompt = list(request.prompt_token_ids)
+        params = sampling_from_proto(request.sampling)
+        reg = self.registration
+        finished = False
+        try:
+            await self.loop.call(
+                lambda e: e.commit(hid, prompt, request.first_token, params, params.seed or 0)
+            )
+            await reg.ledger.transition(reg.worker_id, reg.generation, hid, "owned")
+            while True:
+                out = await queue.get()
+                finished = out.finished
+                yield worker_pb2.DecodeResponse(
+                    token_ids=out.new_token_ids, text=out.text,
+                    finish_reason=out.finish_reason.value if out.finish_reason else "",
+                    completion_tokens=out.num_output_tokens,
+                )  # fmt: skip
+                if finished:
+                    break
+        finally:
+            self.loop.unsubscribe(hid)
+            if not finished:  # cancelled, deadline, or the engine failed
+                await self.loop.call(lambda e: e.abort(hid))
+            with contextlib.suppress(Exception):
+                await reg.ledger.release(reg.worker_id, reg.generation, hid)
+
+    async def _release(self, hid: str) -> bool:
+        reservation = self._reservations.pop(hid, None)
+        if reservation is None:
+            return False
+        self.receiver.cancel(hid)
+        await self.loop.call(lambda e: e.abort(hid))
+        reg = self.registration
+        with contextlib.suppress(Exception):
+            await reg.ledger.release(reg.worker_id, reg.generation, hid)
+        return True
+
+    async def expire_reservations(self) -> None:
+        """Release reservations whose Decode call never came (gateway or client gone)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for hid in [h for h, r in self._reservations.items() if r.expires < now]:
+                log.warning("reservation %s expired unused; releasing its blocks", hid)
+                await self._release(hid)
+
+
+async def serve(config: WorkerConfig) -> None:
+    """Run a decode worker until SIGTERM/SIGINT, then drain and leave the registry."""
+    telemetry = start_process_telemetry("kvmesh-decode", "decode", config.metrics_port)
+    loop = EngineLoop(Engine(config.engine))
+    loop.start()
+    host = config.resolved_advertise_host()
+    receiver = SocketKVReceiver(bind_host=config.host, advertise_host=host)
+    kv_endpoint = receiver.start()
+    registration = Registration(config, loop, kv_endpoint)
+    servicer = DecodeServicer(
+        loop, receiver, kv_endpoint, registration, config.model_id,
+        telemetry.metrics, config.reservation_ttl_s,
+    )  # fmt: skip
+    server, port, health = create_server(
+        f"{config.host}:{config.port}",
+        [(worker_pb2_grpc.add_DecodeServicer_to_server, servicer, "kvmesh.worker.v1.Decode")],
+        [TracingServerInterceptor(telemetry.tracing.tracer)],
+    )
+    await server.start()
+    await registration.start(f"{host}:{port}")
+    expiry = asyncio.create_task(servicer.expire_reservations())
+    gauges = asyncio.create_task(publish_gauges(loop, telemetry.metrics))
+    log.info("decode worker %s serving on %s:%d, KV at %s", registration.worker_id, host, port,
+             kv_endpoint)  # fmt: skip
+    print(f"decode ready {host}:{port}", flush=True)
+
+    async def drain() -> None:
+        servicer.draining = True
+        await registration.stop()  # the gateway stops routing here
+        deadline = time.monotonic() + config.drain_timeout_s
+        while not servicer.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    await serve_until_signal(server, health, drain, grace_s=config.drain_timeout_s)
+    expiry.cancel()
+    gauges.cancel()
+    receiver.close()
+    loop.stop()
+    telemetry.stop()

@@ -1,0 +1,139 @@
+"""`kvmesh up`: a whole mesh on this machine as separate processes.
+
+Starts a local Redis server (unless REDIS_URL is set), N prefill and M decode workers, then the
+gateway; prints the gateway address once every process reports ready; on Ctrl-C or SIGTERM
+stops the gateway first, then the workers (each drains), then Redis, and leaves no process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from shared.redis_server import RedisServer
+
+READY_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 40.0
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    prefill: int
+    decode: int
+    gateway_args: list[str]
+    worker_args: list[str]  # passed to every worker (model, dtype, ...)
+    devices: list[str] = field(default_factory=lambda: ["cpu"])  # assigned round robin
+    host: str = "127.0.0.1"
+
+
+class Child:
+    """A service process whose output is echoed with a prefix; `ready` is set when it prints
+    its '<role> ready HOST:PORT' line."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.address = ""
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,  # Ctrl-C reaches the launcher only; it stops us in order
+        )  # fmt: skip
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if " ready " in line and not self.ready.is_set():
+                self.address = line.rsplit(" ", 1)[-1].strip()
+                self.ready.set()
+            sys.stdout.write(f"[{self.name}] {line}")
+            sys.stdout.flush()
+
+    def stop(self, timeout: float) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _service(role: str, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "services.cli", role, *args]
+
+
+def run_mesh(plan: MeshPlan, on_ready: threading.Event | None = None) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    redis_server = None
+    env = dict(os.environ)
+    if not env.get("REDIS_URL"):
+        redis_server = RedisServer().start()
+        env["REDIS_URL"] = redis_server.url
+    children: list[Child] = []
+    try:
+        for i in range(plan.prefill + plan.decode):
+            role = "prefill" if i < plan.prefill else "decode"
+            index = i if role == "prefill" else i - plan.prefill
+            device = plan.devices[i % len(plan.devices)]
+            argv = _service(role, [*plan.worker_args, "--device", device, "--host", plan.host])
+            children.append(Child(f"{role}-{index}", argv, env))
+        gateway = Child(
+            "gateway", _service("gateway", [*plan.gateway_args, "--host", plan.host]), env
+        )
+        children.append(gateway)
+        if not _wait_ready(children, stop):
+            return 1
+        print(f"kvmesh is up: gateway at {gateway.address} (Ctrl-C to stop)", flush=True)
+        if on_ready is not None:
+            on_ready.set()
+        while not stop.is_set():
+            if any(c.proc.poll() is not None for c in children):
+                dead = [c.name for c in children if c.proc.poll() is not None]
+                print(f"kvmesh: {', '.join(dead)} exited; stopping the mesh", file=sys.stderr)
+                return 1
+            stop.wait(0.5)
+        return 0
+    finally:
+        _stop_all(children)
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not all(c.ready.is_set() for c in children):
+        failed = [c.name for c in children if c.proc.poll() is not None]
+        if failed or stop.is_set() or time.monotonic() > deadline:
+            why = f"{', '.join(failed)} exited" if failed else "interrupted or timed out"
+            print(f"kvmesh: the mesh did not start: {why}", file=sys.stderr)
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _stop_all(children: list[Child]) -> None:
+    """Gateway first (no new requests), then the workers in parallel (each drains)."""
+    gateway = [c for c in children if c.name == "gateway"]
+    for child in gateway:
+        child.stop(STOP_TIMEOUT_S)
+    threads = [
+        threading.Thread(target=c.stop, args=(STOP_TIMEOUT_S,))
+        for c in children
+        if c not in gateway
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.proc.pid, signal.SIGKILL)  # anything a child left behind

@@ -1,0 +1,152 @@
+"""Prefill service: computes prompts in batches (chunked under the token budget), pushes each
+layer's KV to the decode worker that reserved blocks for it as soon as the layer is written, and
+returns the first sampled token.
+
+    Prefill -> open a data-plane channel to the reserved blocks -> engine step(s): after layer l
+    of the prompt's last chunk, gather its blocks of layer l and send -> first token sampled ->
+    wait for the receiver's ACK (all layers, checksums verified) -> respond
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from protos import worker_pb2, worker_pb2_grpc
+from shared.engine import Engine, RequestError
+from shared.engine_loop import EngineLoop, publish_gauges
+from shared.handoff.kv_io import KVPusher
+from shared.handoff.socket_transport import SocketKVSender
+from shared.handoff.transport import HandoffError, KVSender
+from shared.rpc import create_server, serve_until_signal
+from shared.sequence import FinishReason
+from shared.telemetry import KvmeshMetrics, TracingServerInterceptor, handoff_span
+from shared.telemetry.process import start_process_telemetry
+from shared.worker import (
+    Registration,
+    WorkerConfig,
+    kv_layout,
+    model_response,
+    sampling_from_proto,
+)
+
+log = logging.getLogger(__name__)
+
+HANDOFF_TIMEOUT_S = 30.0
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServicer):
+    def __init__(
+        self, loop: EngineLoop, sender: KVSender, model_id: str, metrics: KvmeshMetrics, tracer
+    ) -> None:  # fmt: skip
+        self.loop = loop
+        self.sender = sender
+        self.model_id = model_id
+        self.metrics = metrics
+        self.tracer = tracer
+        self.pusher = KVPusher(loop.engine)
+        loop.engine.export_hook = self.pusher
+        self.draining = False
+        self.active = 0
+
+    async def Model(self, request, context):  # noqa: N802 (gRPC method name)
+        return model_response(self.loop.engine, self.model_id)
+
+    async def Prefill(self, request, context):  # noqa: N802
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this prefill worker is draining")
+        if request.layout != kv_layout(self.loop.engine):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV layout mismatch: decode has {request.layout}, prefill has "
+                f"{kv_layout(self.loop.engine)}",
+            )
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_from_proto(request.sampling)
+            self.loop.engine.validate(prompt, params)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.active += 1
+        try:
+            return await self._prefill(request, prompt, params, context)
+        finally:
+            self.active -= 1
+
+    async def _prefill(self, request, prompt, params, context):
+        hid = request.handoff_id
+        layers = self.loop.engine.model_config.num_layers
+        try:
+            channel = await asyncio.to_thread(self.sender.open, request.kv_endpoint, hid, layers)
+        except (HandoffError, ValueError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode KV: {e}")
+        self.pusher.register(hid, channel)
+        queue = self.loop.subscribe(hid)
+        submitted = time.perf_counter()
+        done = False
+        try:
+            with handoff_span(self.tracer, "socket", request_id=request.request_id) as span:
+                await self.loop.call(lambda e: e.add_request(hid, prompt, params))
+                out = await queue.get()
+                done = True
+                stats = await asyncio.to_thread(channel.finish, HANDOFF_TIMEOUT_S)
+                for layer, seconds in enumerate(stats.layer_seconds):
+                    span.layer_done(layer, stats.nbytes // max(layers, 1), seconds)
+        except HandoffError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV handoff failed: {e}")
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self.pusher.unregister(hid)
+            self.loop.unsubscribe(hid)
+            if not done:  # cancelled or failed before the prompt was computed
+                channel.abort("prefill cancelled")
+                await self.loop.call(lambda e: e.abort(hid))
+        self.metrics.observe_handoff(stats.nbytes, stats.seconds)
+        reason = out.finish_reason
+        return worker_pb2.PrefillResponse(
+            first_token=out.new_token_ids[0], text=out.text,
+            finish_reason="" if reason in (None, FinishReason.HANDOFF) else reason.value,
+            prompt_tokens=len(prompt), kv_bytes=stats.nbytes, handoff_seconds=stats.seconds,
+            queue_seconds=time.perf_counter() - submitted,
+        )  # fmt: skip
+
+
+async def serve(config: WorkerConfig) -> None:
+    """Run a prefill worker until SIGTERM/SIGINT, then drain and leave the registry."""
+    telemetry = start_process_telemetry("kvmesh-prefill", "prefill", config.metrics_port)
+    loop = EngineLoop(Engine(config.engine))
+    loop.start()
+    sender = SocketKVSender()
+    tracer = telemetry.tracing.tracer
+    servicer = PrefillServicer(loop, sender, config.model_id, telemetry.metrics, tracer)
+    server, port, health = create_server(
+        f"{config.host}:{config.port}",
+        [(worker_pb2_grpc.add_PrefillServicer_to_server, servicer, "kvmesh.worker.v1.Prefill")],
+        [TracingServerInterceptor(tracer)],
+    )
+    await server.start()
+    host = config.resolved_advertise_host()
+    registration = Registration(config, loop, "")
+    await registration.start(f"{host}:{port}")
+    gauges = asyncio.create_task(publish_gauges(loop, telemetry.metrics))
+    log.info("prefill worker %s serving on %s:%d", registration.worker_id, host, port)
+    print(f"prefill ready {host}:{port}", flush=True)
+
+    async def drain() -> None:
+        servicer.draining = True
+        await registration.stop()
+        deadline = time.monotonic() + config.drain_timeout_s
+        while servicer.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    await serve_until_signal(server, health, drain, grace_s=config.drain_timeout_s)
+    gauges.cancel()
+    with contextlib.suppress(Exception):
+        sender.close()
+    loop.stop()
+    telemetry.stop()

@@ -1,0 +1,36 @@
+"""`kvmesh status`: the registry's view of the mesh, read from Redis."""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+from shared.ownership import Ledger
+
+
+async def print_status(redis_url: str) -> int:
+    client = redis.from_url(redis_url)
+    try:
+        snap = await Ledger(client).snapshot()
+    finally:
+        await client.aclose()
+    workers = snap["workers"]
+    print(f"{len(workers)} workers")
+    print(
+        f"{'worker':40} {'role':8} {'address':22} {'free/total blocks':>18} {'run':>4} {'queue':>5}"
+    )
+    for w in workers:
+        blocks = f"{w['free_blocks']}/{w['total_blocks']}"
+        print(
+            f"{w['worker_id']:40} {w['role']:8} {w['address']:22} {blocks:>18} "
+            f"{w['running']:>4} {w['queue_depth']:>5}"
+        )
+    sets = snap["block_sets"]
+    owned = sum(len(v) for v in sets.values())
+    print(f"\n{owned} block sets, {len(snap['in_flight'])} handoffs in flight")
+    for owner, entries in sets.items():
+        for e in entries:
+            print(
+                f"  {owner}: {e['handoff_id']} {e['state']} {e['blocks']} blocks, "
+                f"age {e['age_s']:.1f}s, lease {e['lease_left_s']:.1f}s"
+            )
+    return 0

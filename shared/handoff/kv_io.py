@@ -1,0 +1,67 @@
+"""Moving a request's KV between the paged cache and the data plane.
+
+Prefill: `KVPusher` is the engine's export hook. When layer l of a completing prompt is written,
+it gathers that request's blocks of layer l into one contiguous buffer and queues it on the
+request's channel: one send per layer per request, overlapping the next layers' compute.
+Decode: `scatter_into` returns the receiver callback that writes each arriving layer into the
+blocks reserved for it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from shared.engine import Engine
+from shared.handoff.transport import KVSendChannel, LayerCallback
+from shared.sequence import Sequence
+
+
+def layer_nbytes(engine: Engine, num_blocks: int) -> int:
+    """Bytes of one layer's K and V over num_blocks blocks: [2, n, block_size, kv_heads, D]."""
+    per_block = engine.kv_cache[0, :, 0].numel() * engine.kv_cache.element_size()
+    return num_blocks * per_block
+
+
+class KVPusher:
+    """Engine export hook: sends each completed layer of registered requests to their channel."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._channels: dict[str, KVSendChannel] = {}
+        self._lock = threading.Lock()
+
+    def register(self, request_id: str, channel: KVSendChannel) -> None:
+        with self._lock:
+            self._channels[request_id] = channel
+
+    def unregister(self, request_id: str) -> None:
+        with self._lock:
+            self._channels.pop(request_id, None)
+
+    def __call__(self, layer: int, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            with self._lock:
+                channel = self._channels.get(seq.request_id)
+            if channel is None:
+                continue
+            ids = torch.tensor(seq.block_table, dtype=torch.int64, device=self._engine.device)
+            data = self._engine.model.ops.gather_blocks(self._engine.kv_cache[layer], ids)
+            try:
+                channel.send_layer(layer, data.cpu() if data.device.type != "cpu" else data)
+            except Exception:  # the channel failed; finish() reports it to the handler
+                self.unregister(seq.request_id)
+
+
+def scatter_into(engine: Engine, block_ids: list[int]) -> LayerCallback:
+    """Receiver callback writing layer bytes into block_ids of engine's cache."""
+    cache = engine.kv_cache  # [L, 2, num_blocks, block_size, kv_heads, D]
+    shape = (2, len(block_ids), *cache.shape[3:])
+    ids = torch.tensor(block_ids, dtype=torch.int64, device=engine.device)
+
+    def on_layer(layer: int, payload: torch.Tensor) -> None:
+        data = payload.view(cache.dtype).view(shape).to(engine.device)
+        engine.model.ops.scatter_blocks(cache[layer], ids, data)
+
+    return on_layer
