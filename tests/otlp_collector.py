@@ -107,8 +107,12 @@ def _decode_metric(metric: Any, service: str) -> CollectedMetric:
 def _decode_point(point: Any, kind: str) -> dict[str, Any]:
     decoded: dict[str, Any] = {"attributes": decode_attributes(point.attributes)}
     if kind == "histogram":
-        decoded.update(count=point.count, sum=point.sum, bucket_counts=list(point.bucket_counts),
-                       explicit_bounds=list(point.explicit_bounds))
+        decoded.update(
+            count=point.count,
+            sum=point.sum,
+            bucket_counts=list(point.bucket_counts),
+            explicit_bounds=list(point.explicit_bounds),
+        )
     else:
         decoded["value"] = getattr(point, point.WhichOneof("value"))
     return decoded
@@ -293,7 +297,9 @@ class OtlpCollector:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()

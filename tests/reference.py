@@ -30,8 +30,12 @@ class Greedy:
 def hf_greedy(prompt: list[int], max_new_tokens: int) -> Greedy:
     """HF `generate`, one prompt at a time, greedy, with the logit margin of every step."""
     out = hf_model().generate(
-        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=2,
+        torch.tensor([prompt]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=2,
     )
     tokens = out.sequences[0, len(prompt) :].tolist()
     margins = []

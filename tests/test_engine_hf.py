@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from reference import first_divergence, hf_greedy, long_text
 
 from shared.engine import Engine, EngineConfig
 from shared.sequence import SamplingParams
-from tests.reference import first_divergence, hf_greedy, long_text
 
 NEW_TOKENS = 20
 

@@ -45,7 +45,8 @@ def test_prompt_is_chunked_under_the_token_budget() -> None:
     long.num_computed = 6
     plan = sched.schedule()  # the rest of the long prompt, then the short one fits the budget
     assert [(s.seq.request_id, s.num_new_tokens) for s in plan.scheduled] == [
-        ("long", 4), ("short", 2)
+        ("long", 4),
+        ("short", 2),
     ]
     assert long.block_table == [0, 1, 2] and short.block_table == [3]
 
@@ -68,8 +69,12 @@ def test_newest_sequence_is_preempted_when_blocks_run_out() -> None:
 def test_randomized_requests_aborts_and_preemptions_keep_the_pool_consistent() -> None:
     rng = random.Random(1)
     config = EngineConfig(
-        model="synthetic:tiny", block_size=4, num_blocks=40, max_num_batched_tokens=32,
-        max_num_seqs=12, max_model_len=120,
+        model="synthetic:tiny",
+        block_size=4,
+        num_blocks=40,
+        max_num_batched_tokens=32,
+        max_num_seqs=12,
+        max_model_len=120,
     )
     engine = Engine(config)
     submitted = finished = aborted = 0
@@ -81,7 +86,8 @@ def test_randomized_requests_aborts_and_preemptions_keep_the_pool_consistent() -
                 break
             prompt = [rng.randrange(3, 500) for _ in range(rng.randint(1, 60))]
             params = SamplingParams(
-                max_tokens=rng.randint(1, 40), temperature=rng.choice([0.0, 1.0]),
+                max_tokens=rng.randint(1, 40),
+                temperature=rng.choice([0.0, 1.0]),
                 ignore_eos=True,
             )
             engine.add_request(f"r{submitted}", prompt, params)

@@ -284,24 +284,27 @@ def test_config_defaults_export_nothing() -> None:
 
 
 def test_config_from_env() -> None:
-    config = tracing_config_from_env("gateway", {
-        "OTEL_TRACES_EXPORTER": "otlp,console",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_TIMEOUT": "250",
-        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-        "OTEL_TRACES_SAMPLER_ARG": "0.25",
-        "OTEL_RESOURCE_ATTRIBUTES": "service.name=gw-1,k8s.pod.name=gw%2D1",
-    })
+    config = tracing_config_from_env(
+        "gateway",
+        {
+            "OTEL_TRACES_EXPORTER": "otlp,console",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "250",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+            "OTEL_RESOURCE_ATTRIBUTES": "service.name=gw-1,k8s.pod.name=gw%2D1",
+        },
+    )
     assert config.service_name == "gw-1"
     assert config.exporters == ("otlp", "console")
     assert config.endpoint == "http://collector:4318/v1/traces"
     assert config.timeout_s == 0.25
     assert config.resource_attributes == (("k8s.pod.name", "gw-1"),)
     assert "TraceIdRatioBased{0.25}" in config.sampler.get_description()
-    assert tracing_config_from_env("x", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                                         "OTEL_TRACES_EXPORTER": "otlp"}).endpoint == (
-        DEFAULT_HTTP_ENDPOINT + "/v1/traces")
+    assert tracing_config_from_env(
+        "x", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_TRACES_EXPORTER": "otlp"}
+    ).endpoint == (DEFAULT_HTTP_ENDPOINT + "/v1/traces")
 
 
 def test_config_rejects_unknown_values() -> None:
@@ -347,8 +350,11 @@ def scrape(port: int) -> dict[str, Any]:
 
 
 def sample_value(family: Any, sample_name: str, **labels: str) -> float:
-    matches = [s.value for s in family.samples
-               if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())]
+    matches = [
+        s.value
+        for s in family.samples
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(matches) == 1, (sample_name, labels, family.samples)
     return float(matches[0])
 
@@ -431,8 +437,10 @@ def test_otlp_metrics_push_the_registry() -> None:
 
 
 def test_otlp_metrics_stop_is_bounded_when_collector_is_dead() -> None:
-    env = {"OTEL_METRICS_EXPORTER": "otlp",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    env = {
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+    }
     pusher = start_otlp_metrics(create_metrics("decode").registry, "decode", env)
     assert pusher is not None
     started = time.perf_counter()
