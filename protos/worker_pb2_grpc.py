@@ -45,6 +45,11 @@ class PrefillStub:
                 request_serializer=protos_dot_worker__pb2.ModelRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.ModelResponse.FromString,
                 _registered_method=True)
+        self.Inspect = channel.unary_unary(
+                '/kvmesh.worker.v1.Prefill/Inspect',
+                request_serializer=protos_dot_worker__pb2.InspectRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.InspectResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -62,6 +67,12 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inspect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +85,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Model,
                     request_deserializer=protos_dot_worker__pb2.ModelRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.ModelResponse.SerializeToString,
+            ),
+            'Inspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inspect,
+                    request_deserializer=protos_dot_worker__pb2.InspectRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.InspectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +156,33 @@ class Prefill:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Inspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.worker.v1.Prefill/Inspect',
+            protos_dot_worker__pb2.InspectRequest.SerializeToString,
+            protos_dot_worker__pb2.InspectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeStub:
     """Missing associated documentation comment in .proto file."""
@@ -170,6 +213,11 @@ class DecodeStub:
                 request_serializer=protos_dot_worker__pb2.ModelRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.ModelResponse.FromString,
                 _registered_method=True)
+        self.Inspect = channel.unary_unary(
+                '/kvmesh.worker.v1.Decode/Inspect',
+                request_serializer=protos_dot_worker__pb2.InspectRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.InspectResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -199,6 +247,12 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inspect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +275,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Model,
                     request_deserializer=protos_dot_worker__pb2.ModelRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.ModelResponse.SerializeToString,
+            ),
+            'Inspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inspect,
+                    request_deserializer=protos_dot_worker__pb2.InspectRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.InspectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -331,6 +390,33 @@ class Decode:
             '/kvmesh.worker.v1.Decode/Model',
             protos_dot_worker__pb2.ModelRequest.SerializeToString,
             protos_dot_worker__pb2.ModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.worker.v1.Decode/Inspect',
+            protos_dot_worker__pb2.InspectRequest.SerializeToString,
+            protos_dot_worker__pb2.InspectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,6 +32,7 @@ from shared.telemetry.process import start_process_telemetry
 from shared.worker import (
     Registration,
     WorkerConfig,
+    inspect,
     kv_layout,
     model_response,
     sampling_from_proto,
@@ -71,6 +72,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
 
     async def Model(self, request, context):  # noqa: N802 (gRPC method name)
         return model_response(self.loop.engine, self.model_id)
+
+    async def Inspect(self, request, context):  # noqa: N802
+        reg = self.registration
+        return await inspect(self.loop, reg.worker_id, len(self._reservations))
 
     async def Reserve(self, request, context):  # noqa: N802
         if self.draining:

@@ -67,6 +67,17 @@ class _Progress:
     sent_first: bool = False
     decode_tokens: int = 0
     first_token_at: float = 0.0
+    kv_bytes: int = 0  # KV pushed by prefill, all attempts
+    prefill_worker: str = ""
+    decode_worker: str = ""
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata telling the client how its request was served."""
+        return (
+            ("kvmesh-kv-bytes", str(self.kv_bytes)),
+            ("kvmesh-prefill-worker", self.prefill_worker),
+            ("kvmesh-decode-worker", self.decode_worker),
+        )
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -109,9 +120,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             model, prompt, sampling = await self._validate(request)
             span.set_attribute("kvmesh.prompt_tokens", len(prompt))
+            progress = _Progress()
             async with self._admit(span):
-                async for response in self._serve(rid, model, prompt, sampling, context, started):
+                async for response in self._serve(
+                    rid, model, prompt, sampling, context, started, progress
+                ):
                     yield response
+            context.set_trailing_metadata(progress.trailers())
         except RequestFailed as e:
             self.metrics.finish_request("error")
             await context.abort(e.code, e.message)
@@ -212,9 +227,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _serve(
         self, rid: str, model: str, prompt: list[int], sampling: worker_pb2.Sampling,
-        context: grpc.aio.ServicerContext, started: float,
+        context: grpc.aio.ServicerContext, started: float, progress: _Progress,
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:  # fmt: skip
-        progress = _Progress()
         tried: set[str] = set()
         last_error = "no worker pair was available"
         for _ in range(self.config.attempts):
@@ -238,7 +252,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         hid = reservation.handoff_id
         consumed = False
         try:
-            first = await self._prefill(rid, model, prompt, sampling, reservation, context, tried)
+            first = await self._prefill(
+                rid, model, prompt, sampling, reservation, context, tried, progress
+            )
+            progress.kv_bytes += first.kv_bytes
+            progress.decode_worker = decode.info.worker_id
             if not progress.sent_first:
                 progress.sent_first = True
                 progress.first_token_at = time.perf_counter()
@@ -307,12 +325,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _prefill(
         self, rid: str, model: str, prompt: list[int], sampling: worker_pb2.Sampling,
         reservation: worker_pb2.ReserveResponse, context: grpc.aio.ServicerContext,
-        tried: set[str],
+        tried: set[str], progress: _Progress,
     ) -> worker_pb2.PrefillResponse:  # fmt: skip
         prefill = self.directory.pick_prefill(model, tried)
         if prefill is None:
             raise _Retry("no prefill worker is available")
         wid = prefill.info.worker_id
+        progress.prefill_worker = wid
         self.directory.outstanding[wid] += 1
         call = prefill.stub.Prefill(
             worker_pb2.PrefillRequest(

@@ -20,6 +20,7 @@ from shared.redis_server import RedisServer
 
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 40.0
+MAX_RESTARTS = 20  # crashed workers replaced over the mesh's life
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.name = name
+        self.argv = argv
         self.address = ""
         self.ready = threading.Event()
         self.proc = subprocess.Popen(
@@ -95,11 +97,18 @@ def run_mesh(plan: MeshPlan, on_ready: threading.Event | None = None) -> int:
         print(f"kvmesh is up: gateway at {gateway.address} (Ctrl-C to stop)", flush=True)
         if on_ready is not None:
             on_ready.set()
+        restarts = 0
         while not stop.is_set():
-            if any(c.proc.poll() is not None for c in children):
-                dead = [c.name for c in children if c.proc.poll() is not None]
-                print(f"kvmesh: {', '.join(dead)} exited; stopping the mesh", file=sys.stderr)
+            if gateway.proc.poll() is not None:
+                print("kvmesh: the gateway exited; stopping the mesh", file=sys.stderr)
                 return 1
+            for i, child in enumerate(children):
+                if child.proc.poll() is not None and restarts < MAX_RESTARTS:
+                    # a crashed worker is replaced; the registry reclaims its blocks meanwhile
+                    print(f"kvmesh: {child.name} exited ({child.proc.returncode}); restarting",
+                          file=sys.stderr)  # fmt: skip
+                    children[i] = Child(child.name, child.argv, env)
+                    restarts += 1
             stop.wait(0.5)
         return 0
     finally:

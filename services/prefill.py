@@ -29,6 +29,7 @@ from shared.telemetry.process import start_process_telemetry
 from shared.worker import (
     Registration,
     WorkerConfig,
+    inspect,
     kv_layout,
     model_response,
     sampling_from_proto,
@@ -52,9 +53,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         loop.engine.export_hook = self.pusher
         self.draining = False
         self.active = 0
+        self.worker_id = ""  # set once registered
 
     async def Model(self, request, context):  # noqa: N802 (gRPC method name)
         return model_response(self.loop.engine, self.model_id)
+
+    async def Inspect(self, request, context):  # noqa: N802
+        return await inspect(self.loop, self.worker_id, 0)
 
     async def Prefill(self, request, context):  # noqa: N802
         if self.draining:
@@ -133,6 +138,7 @@ async def serve(config: WorkerConfig) -> None:
     host = config.resolved_advertise_host()
     registration = Registration(config, loop, "")
     await registration.start(f"{host}:{port}")
+    servicer.worker_id = registration.worker_id
     gauges = asyncio.create_task(publish_gauges(loop, telemetry.metrics))
     log.info("prefill worker %s serving on %s:%d", registration.worker_id, host, port)
     print(f"prefill ready {host}:{port}", flush=True)

@@ -82,6 +82,27 @@ def model_response(engine: Engine, model_id: str) -> worker_pb2.ModelResponse:
     )  # fmt: skip
 
 
+async def inspect(
+    loop: EngineLoop, worker_id: str, reservations: int
+) -> worker_pb2.InspectResponse:
+    """The engine's state and integrity check, taken between two steps."""
+
+    def check(engine: Engine) -> str:
+        try:
+            engine.check_integrity()
+        except AssertionError as e:
+            return str(e) or "integrity check failed"
+        return ""
+
+    error = await loop.call(check)
+    s = loop.stats()
+    return worker_pb2.InspectResponse(
+        worker_id=worker_id, free_blocks=s.free_blocks, total_blocks=s.total_blocks,
+        running=s.running, waiting=s.waiting, reservations=reservations,
+        integrity_ok=not error, integrity_error=error,
+    )  # fmt: skip
+
+
 class Registration:
     """A worker's record in Redis, kept alive by a heartbeat task carrying its capacity."""
 
