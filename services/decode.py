@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
 from protos import worker_pb2, worker_pb2_grpc
 from shared.engine import Engine
@@ -26,7 +27,7 @@ from shared.engine_loop import EngineLoop, publish_gauges
 from shared.handoff.kv_io import layer_nbytes, scatter_into
 from shared.handoff.socket_transport import SocketKVReceiver
 from shared.handoff.transport import HandoffResult, KVReceiver
-from shared.rpc import create_server, serve_until_signal
+from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
 from shared.telemetry import KvmeshMetrics, TracingServerInterceptor
 from shared.telemetry.process import start_process_telemetry
 from shared.worker import (
@@ -79,24 +80,26 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
 
     async def Reserve(self, request, context):  # noqa: N802
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this decode worker is draining")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "this decode worker is draining")
         prompt = list(request.prompt_token_ids)
         try:
             params = sampling_from_proto(request.sampling)
             self.loop.engine.validate(prompt, params)
             uuid.UUID(request.handoff_id)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         hid = request.handoff_id
         blocks = await self.loop.call(lambda e: e.reserve(hid, len(prompt)))
         if blocks is None:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "no free KV blocks on this decode worker"
+            await abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "no free KV blocks on this decode worker",
             )
         reg = self.registration
         if not await reg.ledger.reserve(reg.worker_id, reg.generation, hid, len(blocks), "", 60):
             await self.loop.call(lambda e: e.abort(hid))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "block ownership was refused")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "block ownership was refused")
         nbytes = layer_nbytes(self.loop.engine, len(blocks))
         layers = self.loop.engine.model_config.num_layers
         received = self.receiver.expect(hid, layers, nbytes, scatter_into(self.loop.engine, blocks))
@@ -117,7 +120,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         hid = request.handoff_id
         reservation = self._reservations.get(hid)
         if reservation is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation {hid!r} (expired?)")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no reservation {hid!r} (expired?)")
         self._streams += 1
         try:
             async for message in self._decode(request, reservation, context):
@@ -138,13 +141,16 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         if not result.ok:
             await self._release(hid)
             # ABORTED: the gateway retries the request on another worker pair
-            await context.abort(grpc.StatusCode.ABORTED, f"KV handoff failed: {result.error}")
+            await abort(context, grpc.StatusCode.ABORTED, f"KV handoff failed: {result.error}")
         self._reservations.pop(hid, None)
         queue = self.loop.subscribe(hid)
         prompt = list(request.prompt_token_ids)
         params = sampling_from_proto(request.sampling)
         reg = self.registration
         finished = False
+        span = trace.get_current_span()
+        joined = time.perf_counter()
+        steps = 0
         try:
             await self.loop.call(
                 lambda e: e.commit(hid, prompt, request.first_token, params, params.seed or 0)
@@ -152,6 +158,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             await reg.ledger.transition(reg.worker_id, reg.generation, hid, "owned")
             while True:
                 out = await queue.get()
+                steps += 1
+                span.set_attribute("kvmesh.preemptions", out.num_preemptions)
                 finished = out.finished
                 yield worker_pb2.DecodeResponse(
                     token_ids=out.new_token_ids, text=out.text,
@@ -161,6 +169,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 if finished:
                     break
         finally:
+            span.set_attribute("kvmesh.decode_steps", steps)
+            span.set_attribute("kvmesh.time_in_batch_s", time.perf_counter() - joined)
+            span.set_attribute("kvmesh.handoff_bytes", result.nbytes)
+            span.set_attribute("kvmesh.handoff_receive_s", result.seconds)
             self.loop.unsubscribe(hid)
             if not finished:  # cancelled, deadline, or the engine failed
                 await self.loop.call(lambda e: e.abort(hid))
@@ -212,6 +224,7 @@ async def serve(config: WorkerConfig) -> None:
     gauges = asyncio.create_task(publish_gauges(loop, telemetry.metrics))
     log.info("decode worker %s serving on %s:%d, KV at %s", registration.worker_id, host, port,
              kv_endpoint)  # fmt: skip
+    stop = shutdown_signal()
     print(f"decode ready {host}:{port}", flush=True)
 
     async def drain() -> None:
@@ -221,7 +234,7 @@ async def serve(config: WorkerConfig) -> None:
         while not servicer.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    await serve_until_signal(server, health, drain, grace_s=config.drain_timeout_s)
+    await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)
     expiry.cancel()
     gauges.cancel()
     receiver.close()

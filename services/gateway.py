@@ -27,7 +27,7 @@ from shared.directory import Directory, Worker
 from shared.models.fetch import DEFAULT_MODEL
 from shared.models.loader import SYNTHETIC_PREFIX, resolve_source
 from shared.ownership import Ledger
-from shared.rpc import create_server, serve_until_signal
+from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
 from shared.telemetry import KvmeshMetrics, TracingServerInterceptor, client_interceptors
 from shared.telemetry.process import start_process_telemetry
 from shared.tokenizer import Tokenizer, load_tokenizer
@@ -129,7 +129,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             context.set_trailing_metadata(progress.trailers())
         except RequestFailed as e:
             self.metrics.finish_request("error")
-            await context.abort(e.code, e.message)
+            await abort(context, e.code, e.message)
 
     # ----------------------------------------------------------------------------- internals
 
@@ -139,6 +139,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.draining:
             raise RequestFailed(Code.UNAVAILABLE, "the gateway is shutting down")
         model = r.model or self.config.model_id
+        if model not in self.directory.models():
+            await self.directory.refresh()  # a worker may have joined since the last refresh
         if model not in self.directory.models():
             known = ", ".join(sorted(self.directory.models())) or "none registered yet"
             code = Code.INVALID_ARGUMENT if self.directory.models() else Code.UNAVAILABLE
@@ -301,6 +303,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         while True:
             decode = self.directory.pick_decode(model, tried)
             if decode is None:
+                await self.directory.refresh()  # one may have joined since the last refresh
+                decode = self.directory.pick_decode(model, tried)
+            if decode is None:
                 raise _Retry("no decode worker is available")
             request = worker_pb2.ReserveRequest(
                 request_id=rid, handoff_id=str(uuid.uuid4()), prompt_token_ids=prompt,
@@ -328,6 +333,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         tried: set[str], progress: _Progress,
     ) -> worker_pb2.PrefillResponse:  # fmt: skip
         prefill = self.directory.pick_prefill(model, tried)
+        if prefill is None:
+            await self.directory.refresh()
+            prefill = self.directory.pick_prefill(model, tried)
         if prefill is None:
             raise _Retry("no prefill worker is available")
         wid = prefill.info.worker_id
@@ -435,12 +443,13 @@ async def serve(config: GatewayConfig) -> None:
     await server.start()
     refresher = asyncio.create_task(directory.run())
     log.info("gateway serving on %s:%d", config.host, port)
+    stop = shutdown_signal()
     print(f"gateway ready {config.host}:{port}", flush=True)
 
     async def drain() -> None:
         servicer.draining = True
 
-    await serve_until_signal(server, health, drain, grace_s=config.drain_timeout_s)
+    await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)
     refresher.cancel()
     await directory.close()
     await client.aclose()

@@ -39,6 +39,7 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         self.name = name
+        self.marker = name.split("-")[0] + " ready "  # e.g. "decode ready HOST:PORT"
         self.argv = argv
         self.address = ""
         self.ready = threading.Event()
@@ -51,7 +52,7 @@ class Child:
     def _pump(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            if " ready " in line and not self.ready.is_set():
+            if line.startswith(self.marker) and not self.ready.is_set():
                 self.address = line.rsplit(" ", 1)[-1].strip()
                 self.ready.set()
             sys.stdout.write(f"[{self.name}] {line}")

@@ -15,6 +15,7 @@ import logging
 import time
 
 import grpc
+from opentelemetry import trace
 
 from protos import worker_pb2, worker_pb2_grpc
 from shared.engine import Engine, RequestError
@@ -22,7 +23,7 @@ from shared.engine_loop import EngineLoop, publish_gauges
 from shared.handoff.kv_io import KVPusher
 from shared.handoff.socket_transport import SocketKVSender
 from shared.handoff.transport import HandoffError, KVSender
-from shared.rpc import create_server, serve_until_signal
+from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
 from shared.sequence import FinishReason
 from shared.telemetry import KvmeshMetrics, TracingServerInterceptor, handoff_span
 from shared.telemetry.process import start_process_telemetry
@@ -63,9 +64,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
 
     async def Prefill(self, request, context):  # noqa: N802
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this prefill worker is draining")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "this prefill worker is draining")
         if request.layout != kv_layout(self.loop.engine):
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"KV layout mismatch: decode has {request.layout}, prefill has "
                 f"{kv_layout(self.loop.engine)}",
@@ -75,7 +77,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             params = sampling_from_proto(request.sampling)
             self.loop.engine.validate(prompt, params)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.active += 1
         try:
             return await self._prefill(request, prompt, params, context)
@@ -88,10 +90,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         try:
             channel = await asyncio.to_thread(self.sender.open, request.kv_endpoint, hid, layers)
         except (HandoffError, ValueError) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode KV: {e}")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode KV: {e}")
         self.pusher.register(hid, channel)
         queue = self.loop.subscribe(hid)
-        submitted = time.perf_counter()
         done = False
         try:
             with handoff_span(self.tracer, "socket", request_id=request.request_id) as span:
@@ -102,9 +103,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                 for layer, seconds in enumerate(stats.layer_seconds):
                     span.layer_done(layer, stats.nbytes // max(layers, 1), seconds)
         except HandoffError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV handoff failed: {e}")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"KV handoff failed: {e}")
         except RequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self.pusher.unregister(hid)
             self.loop.unsubscribe(hid)
@@ -112,12 +113,17 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                 channel.abort("prefill cancelled")
                 await self.loop.call(lambda e: e.abort(hid))
         self.metrics.observe_handoff(stats.nbytes, stats.seconds)
+        self.metrics.queue_time.observe(out.queue_seconds)
+        rpc_span = trace.get_current_span()
+        rpc_span.set_attribute("kvmesh.prompt_tokens", len(prompt))
+        rpc_span.set_attribute("kvmesh.queue_seconds", out.queue_seconds)
+        rpc_span.set_attribute("kvmesh.batch_size", out.step_batch_size)
         reason = out.finish_reason
         return worker_pb2.PrefillResponse(
             first_token=out.new_token_ids[0], text=out.text,
             finish_reason="" if reason in (None, FinishReason.HANDOFF) else reason.value,
             prompt_tokens=len(prompt), kv_bytes=stats.nbytes, handoff_seconds=stats.seconds,
-            queue_seconds=time.perf_counter() - submitted,
+            queue_seconds=out.queue_seconds,
         )  # fmt: skip
 
 
@@ -141,6 +147,7 @@ async def serve(config: WorkerConfig) -> None:
     servicer.worker_id = registration.worker_id
     gauges = asyncio.create_task(publish_gauges(loop, telemetry.metrics))
     log.info("prefill worker %s serving on %s:%d", registration.worker_id, host, port)
+    stop = shutdown_signal()
     print(f"prefill ready {host}:{port}", flush=True)
 
     async def drain() -> None:
@@ -150,7 +157,7 @@ async def serve(config: WorkerConfig) -> None:
         while servicer.active and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    await serve_until_signal(server, health, drain, grace_s=config.drain_timeout_s)
+    await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)
     gauges.cancel()
     with contextlib.suppress(Exception):
         sender.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,6 +77,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     finish_reason: FinishReason | None = None
+    queue_seconds: float = 0.0  # arrival to first scheduled step
+    num_preemptions: int = 0
+    step_batch_size: int = 0  # sequences computed in the step that produced this output
 
     @property
     def finished(self) -> bool:
@@ -225,13 +229,20 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        now = time.perf_counter()
+        for s in plan.scheduled:
+            if s.seq.first_scheduled_time is None:
+                s.seq.first_scheduled_time = now
         step = self._prepare(plan.scheduled)
         hook = self._layer_hook(step.sampled)
         logits = self.model.forward(step.batch, self.kv_cache, hook)
         for s in plan.scheduled:
             s.seq.num_computed += s.num_new_tokens
         tokens = sample(logits, self._sampling_batch(step.sampled)).tolist()
-        return [self._advance(seq, token) for seq, token in zip(step.sampled, tokens, strict=True)]
+        outputs = [self._advance(seq, t) for seq, t in zip(step.sampled, tokens, strict=True)]
+        for out in outputs:
+            out.step_batch_size = len(plan.scheduled)
+        return outputs
 
     def check_integrity(self) -> None:
         owners = [s.block_table for s in self._seqs.values()] + list(self._reserved.values())
@@ -248,6 +259,7 @@ class Engine:
             seed = params.seed if params.seed is not None else secrets.randbits(62)
         self._arrivals += 1
         seq = Sequence(request_id, prompt, len(prompt), params, seed, self._arrivals)
+        seq.arrival_time = time.perf_counter()
         self._seqs[request_id] = seq
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
@@ -336,9 +348,11 @@ class Engine:
         text = detok.delta(final=reason is not None) if detok is not None else ""
         if reason is not None:
             self._finish(seq, reason)
+        queued = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
         return RequestOutput(
-            seq.request_id, [token], text, seq.num_prompt_tokens, seq.num_output_tokens, reason
-        )
+            seq.request_id, [token], text, seq.num_prompt_tokens, seq.num_output_tokens, reason,
+            queued, seq.num_preemptions,
+        )  # fmt: skip
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason

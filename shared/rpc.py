@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -56,18 +56,24 @@ def create_server(
     return server, port, health_servicer
 
 
-async def serve_until_signal(
-    server: grpc.aio.Server,
-    health_servicer: health.HealthServicer,
-    drain: Callable[[], Awaitable[None]] | None = None,
-    grace_s: float = 30.0,
-) -> None:
-    """Serve until SIGTERM/SIGINT, then: report NOT_SERVING, stop admitting (grace period lets
-    in-flight RPCs finish), run `drain`, and return."""
+def shutdown_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT; install it before announcing readiness."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve_until_signal(
+    server: grpc.aio.Server,
+    health_servicer: health.HealthServicer,
+    stop: asyncio.Event,
+    drain: Callable[[], Awaitable[None]] | None = None,
+    grace_s: float = 30.0,
+) -> None:
+    """Serve until `stop` is set, then: report NOT_SERVING, run `drain` (stop admitting, let
+    in-flight work finish), stop the server with a grace period, and return."""
     await stop.wait()
     health_servicer.enter_graceful_shutdown()
     if drain is not None:
@@ -81,3 +87,9 @@ def channel(address: str, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
     return grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors))
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """End the RPC with a status; typed NoReturn so callers narrow their types after it."""
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")

@@ -55,6 +55,8 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    arrival_time: float = 0.0  # time.perf_counter() when it entered the engine
+    first_scheduled_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -7,7 +7,8 @@ resulting :class:`TracingConfig`.
 Deviations from the SDK defaults, on purpose:
 - With neither ``OTEL_TRACES_EXPORTER`` nor an OTLP endpoint set, nothing is exported (the SDK
   would try ``localhost:4317`` and stall shutdown for seconds when no collector listens).
-- The export timeout defaults to 1 s (SDK: 10 s), so shutdown is bounded when a collector is down.
+- The export timeout keeps the SDK's 10 s default (a busy process may need it); shutdown is
+  bounded separately (tracing.SHUTDOWN_TIMEOUT_S), so a dead collector cannot stall it.
 - ``OTEL_EXPORTER_OTLP_*TIMEOUT`` is read in milliseconds, as the specification says.
 """
 
@@ -23,7 +24,7 @@ EXPORTERS = frozenset({"otlp", "console", "none"})
 PROTOCOLS = frozenset({"grpc", "http/protobuf"})
 DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
-DEFAULT_TIMEOUT_S = 1.0
+DEFAULT_TIMEOUT_S = 10.0  # per export request, seconds (the SDK's default)
 DEFAULT_SCHEDULE_DELAY_S = 1.0
 DEFAULT_METRIC_INTERVAL_S = 15.0
 

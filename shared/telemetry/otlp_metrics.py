@@ -38,7 +38,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry
 
 from shared.telemetry.otel_env import MetricsExportConfig, metrics_export_config_from_env
-from shared.telemetry.tracing import make_resource
+from shared.telemetry.tracing import SHUTDOWN_SLACK_S, SHUTDOWN_TIMEOUT_S, make_resource
 
 SCOPE = InstrumentationScope("kvmesh")
 CUMULATIVE = AggregationTemporality.CUMULATIVE
@@ -65,7 +65,7 @@ class _HistogramSeries:
             sum=self.total,
             bucket_counts=per_bucket,
             explicit_bounds=[b for b in self.bounds if b != float("inf")],
-            min=None,
+            min=None,  # type: ignore[arg-type]
             max=None,  # type: ignore[arg-type]  # unknown to Prometheus: left unset
         )
 
@@ -183,10 +183,13 @@ class OtlpMetricsPusher:
         return self._exporter.export(data, timeout_millis=timeout_ms).name == "SUCCESS"
 
     def stop(self) -> None:
-        """Push a last snapshot and stop; bounded by about two export timeouts."""
+        """Push a last snapshot and stop; bounded by the shutdown budget (a push still stuck on
+        a dead collector then is abandoned on its daemon thread)."""
+        budget = min(self._config.timeout_s, SHUTDOWN_TIMEOUT_S)
         self._stopping.set()
-        self._thread.join(2 * self._config.timeout_s + 0.5)
-        self._exporter.shutdown(timeout_millis=self._config.timeout_s * 1000)
+        self._thread.join(budget + SHUTDOWN_SLACK_S)
+        if not self._thread.is_alive():
+            self._exporter.shutdown(timeout_millis=budget * 1000)
 
     def _run(self) -> None:
         while not self._stopping.wait(self._config.interval_s):

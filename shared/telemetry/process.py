@@ -47,5 +47,6 @@ def start_process_telemetry(
     server, port = None, -1
     if metrics_port >= 0:
         server, port = start_metrics_server(metrics.registry, metrics_port)
+        print(f"{role} metrics at :{port}/metrics", flush=True)
     pusher = start_otlp_metrics(metrics.registry, service_name, env)
     return ProcessTelemetry(tracing, metrics, server, port, pusher)

@@ -21,7 +21,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from shared.telemetry.otel_env import TracingConfig, tracing_config_from_env
 
 TRACER_NAME = "kvmesh"
-SHUTDOWN_SLACK_S = 0.5  # shutdown waits at most export timeout + this, seconds
+SHUTDOWN_TIMEOUT_S = 1.0  # a flush at shutdown gets this long, then is abandoned, seconds
+SHUTDOWN_SLACK_S = 0.5  # shutdown waits at most the flush timeout + this, seconds
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Tracing:
 
     def force_flush(self, timeout_s: float | None = None) -> bool:
         """Export all finished spans now; True on success. Timeout in seconds."""
-        timeout = self.config.timeout_s + SHUTDOWN_SLACK_S if timeout_s is None else timeout_s
+        timeout = self.config.timeout_s if timeout_s is None else timeout_s
         return self.provider.force_flush(int(timeout * 1000))
 
     def shutdown(self, timeout_s: float | None = None) -> bool:
@@ -51,7 +52,8 @@ class Tracing:
         Returns False when the flush did not finish in time (its thread is a daemon and
         is abandoned: the spans it held are lost, the process is not held up).
         """
-        timeout = self.config.timeout_s + SHUTDOWN_SLACK_S if timeout_s is None else timeout_s
+        budget = min(self.config.timeout_s, SHUTDOWN_TIMEOUT_S)
+        timeout = budget + SHUTDOWN_SLACK_S if timeout_s is None else timeout_s
         worker = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
         worker.start()
         worker.join(timeout)

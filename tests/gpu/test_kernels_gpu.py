@@ -1,0 +1,134 @@
+"""The kernel tests of tests/kernels in bf16 on CUDA, plus a cache past 2^31 elements.
+
+Run on a GPU machine, without TRITON_INTERPRET: `python -m pytest tests/gpu/test_kernels_gpu.py`.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device (run on a GPU machine)", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+
+import test_activation as activation_cases  # noqa: E402
+import test_block_copy as block_copy_cases  # noqa: E402
+import test_decode_attention as decode_attention_cases  # noqa: E402
+import test_kv_write as kv_write_cases  # noqa: E402
+import test_prefill_attention as prefill_attention_cases  # noqa: E402
+import test_rms_norm as rms_norm_cases  # noqa: E402
+import test_rope as rope_cases  # noqa: E402
+from kernel_inputs import assert_close  # noqa: E402
+
+from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
+from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from kernels.kv_write import write_kv  # noqa: E402
+from kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+# bf16 throughout; fp16 and fp32 (the engine's exactness runs) once each
+CASES = [(BF16, g, p, d) for g in (1, 3, 4, 8) for p, d in ((16, 128), (32, 64))]
+CASES += [(torch.float16, 4, 16, 128), (torch.float32, 4, 16, 128), (torch.float32, 3, 32, 64)]
+
+
+@pytest.mark.parametrize("dtype,group,page,head_dim", CASES)
+def test_prefill(dtype, group, page, head_dim):
+    seqs = [(300, 300), (160, 2000), (1, 1500), (37, 101), (1, 1), (129, 129 + 64)]
+    prefill_attention_cases.run_case(seqs, heads=2 * group, kv_heads=2, head_dim=head_dim,
+                                    page=page, dtype=dtype, device="cuda", seed=group)  # fmt: skip
+
+
+def test_prefill_benchmark_shape():
+    prefill_attention_cases.run_case([(4096, 4096)], 32, 8, 128, 16, BF16, "cuda")
+
+
+@pytest.mark.parametrize("dtype,group,page,head_dim", CASES)
+def test_decode(dtype, group, page, head_dim):
+    ctx = [1, 15, 64, 130, 333, 2000, 4096, 2]
+    decode_attention_cases.run_case(ctx, heads=2 * group, kv_heads=2, head_dim=head_dim, page=page,
+                                   dtype=dtype, device="cuda", seed=group)  # fmt: skip
+
+
+def test_decode_benchmark_shape():
+    ctx = torch.randint(1, 4097, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    decode_attention_cases.run_case(ctx, 32, 8, 128, 16, BF16, "cuda")
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("hidden", [576, 4096])
+def test_rms_norm(with_residual, hidden):
+    rms_norm_cases.run_case(8192 if hidden == 4096 else 37, hidden, BF16, with_residual, "cuda")
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 64), (19, 1536), (8192, 4096)])
+def test_silu_and_mul(rows, inter):
+    activation_cases.run_case(rows, inter, BF16, "cuda")
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("scaling", [None, rope_cases.LLAMA31])
+def test_rope_bf16(heads, kv_heads, head_dim, scaling):
+    rope_cases.run_case(1000, heads, kv_heads, head_dim, BF16, scaling, "cuda")
+
+
+@pytest.mark.parametrize("kv_heads,head_dim,page", [(1, 64, 16), (8, 128, 32)])
+def test_write_kv(kv_heads, head_dim, page):
+    kv_write_cases.run_case(300, kv_heads, head_dim, page, BF16, "cuda")
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_gather_scatter(id_dtype):
+    block_copy_cases.run_case(200, 50, 16, 8, 128, BF16, id_dtype, "cuda")
+
+
+def test_cache_past_int32_indexing():
+    """A layer of 2 x 140k blocks x 16 x 8 x 128 bf16 (4.6e9 elements, 9 GB): for the top blocks
+    block * stride passes 2^31, and V's offset alone (2.3e9 elements) does too."""
+    page, kv_heads, dim, num_blocks = 16, 8, 128, 140_000
+    layer = torch.full((2, num_blocks, page, kv_heads, dim), float("nan"), dtype=BF16,
+                       device="cuda")  # fmt: skip
+    assert layer[0].stride(0) * (num_blocks - 1) > 2**31 and layer.stride(0) > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ctx_lens = [3000, 1, 500]
+    need = [(c + page - 1) // page for c in ctx_lens]
+    top = num_blocks - 1 - torch.randperm(sum(need), generator=gen, device="cuda")
+    table = torch.zeros(len(ctx_lens), max(need), dtype=torch.int32, device="cuda")
+    used = torch.split(top, need)
+    for b, ids in enumerate(used):
+        table[b, : ids.numel()] = ids.int()
+    ids = top.long()
+    layer[:, ids] = torch.randn((2, ids.numel(), page, kv_heads, dim), generator=gen,
+                                device="cuda").to(BF16)  # fmt: skip
+    # the same context in a small cache: block i of `ids` becomes block i
+    small = layer[:, ids].double()
+    remap = torch.empty(num_blocks, dtype=torch.int32, device="cuda")
+    remap[ids] = torch.arange(ids.numel(), dtype=torch.int32, device="cuda")
+    small_table = remap[table.long()]
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device="cuda")
+
+    q = torch.randn(3, 32, dim, generator=gen, device="cuda").to(BF16)
+    out = decode_attention(q, layer[0], layer[1], table, lens, 0.088)
+    want = decode_attention_ref(q.double(), small[0], small[1], small_table, lens, 0.088)
+    assert_close(out, want, BF16)
+
+    q = torch.randn(64 + 1 + 20, 32, dim, generator=gen, device="cuda").to(BF16)
+    cu = torch.tensor([0, 64, 65, 85], dtype=torch.int32, device="cuda")
+    out = prefill_attention(q, layer[0], layer[1], table, cu, lens, 0.088)
+    want = prefill_attention_ref(q.double(), small[0], small[1], small_table, cu, lens, 0.088)
+    assert_close(out, want, BF16)
+
+    gathered = gather_blocks(layer, ids)
+    torch.testing.assert_close(gathered.double(), small, rtol=0, atol=0)
+    scatter_blocks(layer, ids.flip(0), gathered)
+    torch.testing.assert_close(layer[:, ids.flip(0)].double(), small, rtol=0, atol=0)
+
+    k = torch.randn(50, kv_heads, dim, generator=gen, device="cuda").to(BF16)
+    slots = ids[:50] * page + 5
+    write_kv(k, -k, layer[0], layer[1], slots)
+    torch.testing.assert_close(layer[0, ids[:50], 5], k, rtol=0, atol=0)
+    torch.testing.assert_close(layer[1, ids[:50], 5], -k, rtol=0, atol=0)

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from kernel_inputs import (
+    assert_close,
+    block_table,
+    kv_layer,
+    poison_allocator,
+    poison_unused_blocks,
+)
+
+from kernels.decode_attention import decode_attention, decode_attention_ref
+from kernels.prefill_attention import prefill_attention_ref
+
+
+def run_case(
+    ctx_lens: list[int], heads: int, kv_heads: int, head_dim: int, page: int,
+    dtype: torch.dtype, device: str = "cpu", seed: int = 0, kernel=decode_attention,
+) -> None:  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum((c + page - 1) // page for c in ctx_lens) + 5
+    kv = kv_layer(gen, num_blocks, page, kv_heads, head_dim, dtype, device)
+    table = block_table(gen, ctx_lens, page, num_blocks, device)
+    poison_unused_blocks(kv, table)
+    q = torch.randn(len(ctx_lens), heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+    scale = head_dim**-0.5
+    ref64 = decode_attention_ref(q.double(), kv[0].double(), kv[1].double(), table, lens, scale)
+    poison_allocator(device)
+    out = kernel(q, kv[0], kv[1], table, lens, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, ref64, dtype)
+
+
+def test_ref_equals_prefill_ref_with_one_token_each():
+    gen = torch.Generator().manual_seed(3)
+    ctx_lens, page = [1, 16, 17, 250], 16
+    kv = kv_layer(gen, 30, page, 2, 64, torch.float64, "cpu")
+    table = block_table(gen, ctx_lens, page, 30, "cpu")
+    q = torch.randn(4, 8, 64, generator=gen, dtype=torch.float64)
+    lens = torch.tensor(ctx_lens, dtype=torch.int32)
+    cu = torch.arange(5, dtype=torch.int32)
+    want = prefill_attention_ref(q, kv[0], kv[1], table, cu, lens, 0.125)
+    torch.testing.assert_close(decode_attention_ref(q, kv[0], kv[1], table, lens, 0.125), want)
+
+
+def test_long_contexts():
+    run_case([2000, 1, 777, 1500], heads=32, kv_heads=8, head_dim=128, page=16,
+             dtype=torch.float16)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("page,head_dim", [(16, 128), (32, 64)])
+def test_small_batches(dtype, group, page, head_dim):
+    run_case([1, 15, 64, 130, 333, 2], heads=2 * group, kv_heads=2, head_dim=head_dim, page=page,
+             dtype=dtype, seed=group + page)  # fmt: skip

@@ -1,0 +1,92 @@
+import importlib
+
+import pytest
+import torch
+from kernel_inputs import (
+    assert_close,
+    block_table,
+    kv_layer,
+    poison_allocator,
+    poison_unused_blocks,
+)
+
+from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+
+
+def run_case(
+    seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, page: int,
+    dtype: torch.dtype, device: str = "cpu", seed: int = 0, kernel=prefill_attention,
+) -> None:  # fmt: skip
+    """seqs: (q_len, ctx) per sequence; the q_len new tokens are the context's last ones."""
+    gen = torch.Generator().manual_seed(seed)
+    ctx_lens = [c for _, c in seqs]
+    num_blocks = sum((c + page - 1) // page for c in ctx_lens) + 7
+    kv = kv_layer(gen, num_blocks, page, kv_heads, head_dim, dtype, device)
+    table = block_table(gen, ctx_lens, page, num_blocks, device)
+    poison_unused_blocks(kv, table)
+    q_lens = [q for q, _ in seqs]
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    args = (table, cu.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device))
+    scale = head_dim**-0.5
+    ref64 = prefill_attention_ref(q.double(), kv[0].double(), kv[1].double(), *args, scale)
+    poison_allocator(device)
+    out = kernel(q, kv[0], kv[1], *args, scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, ref64, dtype)
+
+
+def naive_attention(q, k, v, scale):  # q: [Lq, D] at the last Lq positions of k, v: [L, D]
+    s = (q @ k.T) * scale
+    offset = k.shape[0] - q.shape[0]
+    mask = torch.arange(k.shape[0])[None, :] > offset + torch.arange(q.shape[0])[:, None]
+    return s.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
+def test_ref_matches_naive_loop():
+    gen = torch.Generator().manual_seed(1)
+    seqs, page, heads, kv_heads, dim = [(5, 40), (1, 17), (33, 33)], 16, 6, 2, 64
+    kv = kv_layer(gen, 12, page, kv_heads, dim, torch.float64, "cpu")
+    table = block_table(gen, [c for _, c in seqs], page, 12, "cpu")
+    q = torch.randn(39, heads, dim, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, 5, 6, 39], dtype=torch.int32)
+    lens = torch.tensor([40, 17, 33], dtype=torch.int32)
+    out = prefill_attention_ref(q, kv[0], kv[1], table, cu, lens, 0.3)
+    for b, (_, ctx) in enumerate(seqs):
+        blocks = table[b, : (ctx + page - 1) // page].long()
+        k = kv[0][blocks].flatten(0, 1)[:ctx]
+        v = kv[1][blocks].flatten(0, 1)[:ctx]
+        for h in range(heads):
+            qh = q[cu[b] : cu[b + 1], h]
+            want = naive_attention(qh, k[:, h // 3], v[:, h // 3], 0.3)
+            torch.testing.assert_close(out[cu[b] : cu[b + 1], h], want)
+
+
+# one big mixed batch: first chunk, later chunk of a long context, decode token, reused prefix
+def test_mixed_batch_long_context():
+    seqs = [(300, 300), (160, 2000), (1, 1500), (37, 101)]
+    run_case(seqs, heads=8, kv_heads=2, head_dim=128, page=16, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("page,head_dim", [(16, 64), (32, 128)])
+def test_small_mixed_batches(dtype, group, page, head_dim):
+    seqs = [(1, 1), (45, 45), (7, 90), (1, 70), (33, 200)]
+    run_case(seqs, heads=group, kv_heads=1, head_dim=head_dim, page=page, dtype=dtype,
+             seed=group * 100 + page)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_tokens_only(dtype):
+    run_case([(1, 1), (1, 31), (1, 64), (1, 129)], heads=8, kv_heads=2, head_dim=64, page=32,
+             dtype=dtype)  # fmt: skip
+
+
+def test_k_loaded_as_rows(monkeypatch):
+    """The K_ROWS variant (K tile loaded as stored, transposed on chip): the H100 tuner's pick."""
+    module = importlib.import_module("kernels.prefill_attention")
+
+    monkeypatch.setitem(module._FIXED_CONFIG, "K_ROWS", True)
+    run_case([(40, 40), (1, 77), (19, 300)], heads=4, kv_heads=1, head_dim=64, page=16,
+             dtype=torch.float16, seed=9)  # fmt: skip
