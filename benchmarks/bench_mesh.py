@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import grpc
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -27,77 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import header, table  # noqa: E402
 from meshproc import start_mesh  # noqa: E402
 
-from protos import gateway_pb2, gateway_pb2_grpc  # noqa: E402
-from shared.engine import Engine, EngineConfig  # noqa: E402
-from shared.engine_loop import EngineLoop  # noqa: E402
+from services.bench import Workload, bench_engine, bench_mesh  # noqa: E402
+from shared.engine import EngineConfig  # noqa: E402
 from shared.redis_server import RedisServer  # noqa: E402
-from shared.sequence import SamplingParams  # noqa: E402
 
 MODEL = "synthetic:tiny"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def through_mesh(address: str, prompts: list[list[int]], new_tokens: int, concurrency: int):
-    limit = asyncio.Semaphore(concurrency)
-    ttft: list[float] = []
-    tpot: list[float] = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-
-        async def one(prompt: list[int]) -> None:
-            async with limit:
-                start = time.perf_counter()
-                first = last = 0.0
-                count = 0
-                request = gateway_pb2.GenerateRequest(
-                    prompt_token_ids=prompt, max_tokens=new_tokens, ignore_eos=True
-                )
-                async for msg in stub.Generate(request):
-                    if msg.token_ids:
-                        last = time.perf_counter()
-                        first = first or last
-                        count += len(msg.token_ids)
-                ttft.append(first - start)
-                tpot.append((last - first) / max(count - 1, 1))
-
-        await asyncio.gather(*(one(p) for p in prompts))
-    return ttft, tpot
-
-
-async def in_process(prompts: list[list[int]], new_tokens: int, concurrency: int):
-    loop = EngineLoop(Engine(EngineConfig(model=MODEL)))
-    loop.start()
-    limit = asyncio.Semaphore(concurrency)
-    ttft: list[float] = []
-    tpot: list[float] = []
-
-    async def one(i: int, prompt: list[int]) -> None:
-        async with limit:
-            rid = f"r{i}"
-            queue = loop.subscribe(rid)
-            start = time.perf_counter()
-            params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-            await loop.call(lambda e: e.add_request(rid, prompt, params))
-            first = last = 0.0
-            count = 0
-            while True:
-                out = await queue.get()
-                last = time.perf_counter()
-                first = first or last
-                count += len(out.new_token_ids)
-                if out.finished:
-                    break
-            loop.unsubscribe(rid)
-            ttft.append(first - start)
-            tpot.append((last - first) / max(count - 1, 1))
-
-    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
-    loop.stop()
-    return ttft, tpot
 
 
 def redis_calls(client: redis.Redis) -> int:
@@ -114,16 +46,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
-    prompts = [[(7 * i + j) % 500 + 3 for j in range(args.prompt)] for i in range(args.requests)]
+    workload = Workload(args.requests, args.concurrency, args.prompt, args.new_tokens)
     with RedisServer() as server:
         mesh, address = start_mesh(server.url, "--model", MODEL, "--prefill", "1", "--decode", "1")
         client = redis.from_url(server.url)
         try:
-            asyncio.run(through_mesh(address, prompts[:4], args.new_tokens, 4))  # warm-up
+            asyncio.run(bench_mesh(address, Workload(4, 4, args.prompt, 4), progress=False))
             before, start = redis_calls(client), time.perf_counter()
-            mesh_ttft, mesh_tpot = asyncio.run(
-                through_mesh(address, prompts, args.new_tokens, args.concurrency)
-            )
+            ours = asyncio.run(bench_mesh(address, workload, progress=False))
             elapsed = time.perf_counter() - start
             during = redis_calls(client) - before
             idle_before = redis_calls(client)
@@ -131,21 +61,18 @@ def main() -> None:
             idle = redis_calls(client) - idle_before
         finally:
             mesh.stop()
-    base_ttft, base_tpot = asyncio.run(in_process(prompts, args.new_tokens, args.concurrency))
+    base = asyncio.run(bench_engine(EngineConfig(model=MODEL), workload, progress=False))
     rows = []
-    for name, ours, base in (("TTFT", mesh_ttft, base_ttft), ("TPOT", mesh_tpot, base_tpot)):
-        for q in (0.5, 0.99):
-            m, b = percentile(ours, q) * 1e3, percentile(base, q) * 1e3
-            rows.append((f"{name} p{int(q * 100)}", f"{b:.2f}", f"{m:.2f}", f"{m - b:+.2f}"))
+    for (name, b50, b99), (_, m50, m99) in zip(base.rows()[:2], ours.rows()[:2], strict=True):
+        for q, b, m in (("p50", b50, m50), ("p99", b99, m99)):
+            rows.append((f"{name.split()[0]} {q}", b, m, f"{float(m) - float(b):+.2f}"))
     print(header("mesh overhead vs the single-process engine, loopback, synthetic:tiny"))
     print(f"{args.requests} requests, concurrency {args.concurrency}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens; floor for the added latency: 0 ms\n")  # fmt: skip
     print(table(rows, ("metric (ms)", "engine in-process", "mesh", "added")))
     per_request = (during - idle) / args.requests
-    print(f"\nRedis round trips per request: {per_request:.1f} "
-          f"({during} during the run, {idle} in an idle period as long: heartbeats and reaps)")  # fmt: skip
-    print(f"mean TTFT engine {statistics.mean(base_ttft) * 1e3:.2f} ms, mesh "
-          f"{statistics.mean(mesh_ttft) * 1e3:.2f} ms")  # fmt: skip
+    print(f"\nRedis round trips per request: {per_request:.1f} ({during} during the run, "
+          f"{idle} in an idle period as long: heartbeats and reaps)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -196,6 +196,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(print_status(_need_redis(args)))
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from services.bench import Workload, bench_engine, bench_mesh
+
+    workload = Workload(args.requests, args.concurrency, args.prompt_tokens, args.new_tokens)
+    if args.local:
+        config = engine_config(args, Role.COLOCATED)
+        report = asyncio.run(bench_engine(config, workload))
+        title = (
+            f"kvmesh bench: in-process engine ({config.model or 'default model'}, {config.device})"
+        )
+    else:
+        report = asyncio.run(bench_mesh(args.addr, workload))
+        title = f"kvmesh bench: mesh at {args.addr}"
+    print(report.render(f"{title}; {workload}"))
+    return 1 if report.errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--heartbeat-s", type=float, default=float(os.environ.get("KVMESH_HEARTBEAT_S", "1.0"))
         )
         worker.set_defaults(func=_cmd_worker)
+
+    bench = sub.add_parser("bench", help="load-test a mesh (--addr) or the engine (--local)")
+    bench.add_argument("--local", action="store_true", help="an in-process engine, no mesh")
+    bench.add_argument("--addr", default=os.environ.get("KVMESH_GATEWAY", "127.0.0.1:50051"))
+    bench.add_argument("--requests", type=int, default=64)
+    bench.add_argument("--concurrency", type=int, default=16)
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    _engine_args(bench)
+    bench.set_defaults(func=_cmd_bench)
 
     status = sub.add_parser("status", help="workers, their KV blocks and in-flight handoffs")
     _redis_arg(status)
