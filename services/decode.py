@@ -24,8 +24,8 @@ from opentelemetry import trace
 from protos import worker_pb2, worker_pb2_grpc
 from shared.engine import Engine
 from shared.engine_loop import EngineLoop, publish_gauges
+from shared.handoff.auto import make_receiver
 from shared.handoff.kv_io import layer_nbytes, scatter_into
-from shared.handoff.socket_transport import SocketKVReceiver
 from shared.handoff.transport import HandoffResult, KVReceiver
 from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
 from shared.telemetry import KvmeshMetrics, TracingServerInterceptor
@@ -40,6 +40,10 @@ from shared.worker import (
 )
 
 log = logging.getLogger(__name__)
+
+# Lease of a block set in Redis; the heartbeat renews it every second, so it only runs out
+# (and the reaper frees the set) when this worker stops heartbeating.
+BLOCK_LEASE_S = 10.0
 
 
 @dataclass
@@ -97,7 +101,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 "no free KV blocks on this decode worker",
             )
         reg = self.registration
-        if not await reg.ledger.reserve(reg.worker_id, reg.generation, hid, len(blocks), "", 60):
+        lease = BLOCK_LEASE_S
+        if not await reg.ledger.reserve(reg.worker_id, reg.generation, hid, len(blocks), "", lease):
             await self.loop.call(lambda e: e.abort(hid))
             await abort(context, grpc.StatusCode.UNAVAILABLE, "block ownership was refused")
         nbytes = layer_nbytes(self.loop.engine, len(blocks))
@@ -206,8 +211,8 @@ async def serve(config: WorkerConfig) -> None:
     loop = EngineLoop(Engine(config.engine))
     loop.start()
     host = config.resolved_advertise_host()
-    receiver = SocketKVReceiver(bind_host=config.host, advertise_host=host)
-    kv_endpoint = receiver.start()
+    receiver = make_receiver(loop.engine.device, bind_host=config.host, advertise_host=host)
+    kv_endpoint = receiver.start()  # "nccl://...,tcp://..." on a GPU with NCCL
     registration = Registration(config, loop, kv_endpoint)
     servicer = DecodeServicer(
         loop, receiver, kv_endpoint, registration, config.model_id,

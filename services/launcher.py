@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from shared.lifetime import die_with_parent
 from shared.redis_server import RedisServer
 
 READY_TIMEOUT_S = 600.0
@@ -46,6 +47,7 @@ class Child:
         self.proc = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops us in order
+            preexec_fn=die_with_parent,  # and a killed launcher leaves no orphan behind
         )  # fmt: skip
         threading.Thread(target=self._pump, daemon=True).start()
 

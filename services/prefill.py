@@ -20,8 +20,8 @@ from opentelemetry import trace
 from protos import worker_pb2, worker_pb2_grpc
 from shared.engine import Engine, RequestError
 from shared.engine_loop import EngineLoop, publish_gauges
+from shared.handoff.auto import AutoKVSender
 from shared.handoff.kv_io import KVPusher
-from shared.handoff.socket_transport import SocketKVSender
 from shared.handoff.transport import HandoffError, KVSender
 from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
 from shared.sequence import FinishReason
@@ -95,7 +95,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         queue = self.loop.subscribe(hid)
         done = False
         try:
-            with handoff_span(self.tracer, "socket", request_id=request.request_id) as span:
+            transport = getattr(channel, "transport", "socket")
+            with handoff_span(self.tracer, transport, request_id=request.request_id) as span:
                 await self.loop.call(lambda e: e.add_request(hid, prompt, params))
                 out = await queue.get()
                 done = True
@@ -132,7 +133,7 @@ async def serve(config: WorkerConfig) -> None:
     telemetry = start_process_telemetry("kvmesh-prefill", "prefill", config.metrics_port)
     loop = EngineLoop(Engine(config.engine))
     loop.start()
-    sender = SocketKVSender()
+    sender = AutoKVSender(loop.engine.device)  # NCCL to decode workers that offer it
     tracer = telemetry.tracing.tracer
     servicer = PrefillServicer(loop, sender, config.model_id, telemetry.metrics, tracer)
     server, port, health = create_server(

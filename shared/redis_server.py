@@ -19,6 +19,8 @@ from urllib.parse import quote
 
 import redis
 
+from shared.lifetime import die_with_parent
+
 _STOP_TIMEOUT_S = 5.0
 
 
@@ -97,8 +99,9 @@ class RedisServer:
             # its own session: a terminal's Ctrl-C must not kill Redis before the workers that
             # still need it to deregister have stopped; stop() ends it
             self._proc = subprocess.Popen(
-                self._command(binary), stdin=subprocess.DEVNULL, start_new_session=True
-            )
+                self._command(binary), stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
             self._wait_ready()
         except BaseException:
             self.stop()

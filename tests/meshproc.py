@@ -15,6 +15,7 @@ import grpc
 import redis.asyncio as aioredis
 
 from protos import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
+from shared.lifetime import die_with_parent
 from shared.ownership import Ledger
 
 
@@ -25,7 +26,7 @@ class Proc:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         self._seen = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()

@@ -2,9 +2,11 @@
 
 Prefill: `KVPusher` is the engine's export hook. When layer l of a completing prompt is written,
 it gathers that request's blocks of layer l into one contiguous buffer and queues it on the
-request's channel: one send per layer per request, overlapping the next layers' compute.
+request's channel: one send per layer per request, overlapping the next layers' compute. NCCL
+channels take the buffer on the GPU, and the sends of one layer for every request of the batch
+go out as one group; other channels (TCP) get a host copy.
 Decode: `scatter_into` returns the receiver callback that writes each arriving layer into the
-blocks reserved for it.
+blocks reserved for it, from host bytes (TCP) or a staging buffer on the device (NCCL).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 import torch
 
 from shared.engine import Engine
+from shared.handoff.nccl_transport import NcclSendChannel, send_layer_group
 from shared.handoff.transport import KVSendChannel, LayerCallback
 from shared.sequence import Sequence
 
@@ -41,6 +44,7 @@ class KVPusher:
             self._channels.pop(request_id, None)
 
     def __call__(self, layer: int, seqs: list[Sequence]) -> None:
+        on_device: list[tuple[str, NcclSendChannel, torch.Tensor]] = []
         for seq in seqs:
             with self._lock:
                 channel = self._channels.get(seq.request_id)
@@ -48,10 +52,23 @@ class KVPusher:
                 continue
             ids = torch.tensor(seq.block_table, dtype=torch.int64, device=self._engine.device)
             data = self._engine.model.ops.gather_blocks(self._engine.kv_cache[layer], ids)
+            if isinstance(channel, NcclSendChannel) and not channel.failed:
+                on_device.append((seq.request_id, channel, data))
+                continue
             try:
                 channel.send_layer(layer, data.cpu() if data.device.type != "cpu" else data)
             except Exception:  # the channel failed; finish() reports it to the handler
                 self.unregister(seq.request_id)
+        if on_device:
+            self._send_group(layer, on_device)
+
+    def _send_group(
+        self, layer: int, items: list[tuple[str, NcclSendChannel, torch.Tensor]]
+    ) -> None:
+        failed = send_layer_group(layer, [(channel, data) for _, channel, data in items])
+        for request_id, channel, _ in items:
+            if channel in failed:  # finish() reports the failure to the handler
+                self.unregister(request_id)
 
 
 def scatter_into(engine: Engine, block_ids: list[int]) -> LayerCallback:
