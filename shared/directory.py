@@ -25,6 +25,7 @@ from shared.ownership import Ledger, WorkerInfo
 from shared.rpc import channel
 
 SUSPECT_S = 5.0
+RETIRE_GRACE_S = 120.0  # a departed worker's streams may run this long (its drain + grace)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Directory:
         self._interceptors = interceptors
         self._workers: dict[str, WorkerInfo] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retiring: set[asyncio.Task[None]] = set()  # channels closing after their calls
         self._suspect: dict[str, float] = {}
         self._reserved: dict[str, int] = defaultdict(int)  # blocks reserved since refresh
         self.outstanding: dict[str, int] = defaultdict(int)  # prefills in flight, per worker
@@ -46,7 +48,9 @@ class Directory:
     async def refresh(self) -> None:
         live = {w.worker_id: w for w in await self.ledger.workers()}
         for gone in set(self._channels) - {w.address for w in live.values()}:
-            await self._channels.pop(gone).close()
+            # a worker leaves the registry when it starts draining: closing its channel now
+            # would cancel the streams it is still finishing
+            self._retire(self._channels.pop(gone))
         self._workers = live
         self._reserved.clear()
 
@@ -94,6 +98,14 @@ class Directory:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+        for task in list(self._retiring):
+            task.cancel()
+
+    def _retire(self, ch: grpc.aio.Channel) -> None:
+        """Close ch once its in-flight calls end (at most RETIRE_GRACE_S), without waiting."""
+        task = asyncio.ensure_future(ch.close(grace=RETIRE_GRACE_S))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _candidates(self, role: str, model: str, exclude: set[str]) -> list[WorkerInfo]:
         now = time.monotonic()
