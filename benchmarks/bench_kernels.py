@@ -1,6 +1,7 @@
 """GPU benchmark of kernels/ against the card's ceilings and torch's own implementations.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--results benchmarks/RESULTS.md]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--prefill-sweep]
+        [--results benchmarks/RESULTS.md]
 
 Ceilings are measured in the same run: device copy bandwidth (read + write bytes / time) and bf16
 matmul TFLOP/s. Times are triton.testing.do_bench medians. The table is printed and written to
@@ -23,7 +24,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
-from kernels.prefill_attention import _prefill_tuned, prefill_attention
+from kernels.prefill_attention import (
+    _config,
+    _prefill,
+    _prefill_tuned,
+    prefill_attention,
+    prefill_attention_ref,
+)
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.rope import Llama3RopeScaling, apply_rope, apply_rope_ref, rope_cos_sin
 
@@ -70,7 +77,45 @@ def paged(ctx: int, batch: int, page: int, kv_heads: int, dim: int) -> tuple[tor
     return kv, table
 
 
-def bench_prefill(rows: list[Row], mm: float) -> None:
+# prefill launch configs timed by --prefill-sweep: _config's arguments
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, PACK_GROUP, K_ROWS=True, maxnreg=None)
+PREFILL_SWEEP: list[tuple] = [
+    (128, 128, 8, 2, True),
+    (128, 128, 8, 2, False),
+    (128, 128, 8, 3, True),
+    (128, 64, 8, 3, True),
+    (64, 64, 4, 2, True),
+    (64, 64, 4, 3, False),
+    (128, 64, 8, 2, True, True, 128),
+    (128, 64, 8, 2, False, True, 128),
+    (128, 64, 8, 3, True, True, 128),
+    (128, 64, 8, 3, False, True, 128),
+    (128, 32, 8, 3, True, True, 128),
+    (64, 32, 4, 3, True, True, 128),
+]
+
+
+def prefill_variant_error(cfg: dict) -> float:
+    """Relative error of one launch config on a mixed bf16 batch (GQA 4, page 16, d128)."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    seqs = [(300, 300), (160, 2000), (1, 1500), (37, 101)]
+    page, heads, kv_heads, dim = 16, 8, 2, 128
+    need = [(c + page - 1) // page for _, c in seqs]
+    kv = torch.randn(2, sum(need) + 4, page, kv_heads, dim, generator=gen, device=DEV).to(BF16)
+    ids = torch.randperm(sum(need), generator=gen, device=DEV).int()
+    table = torch.full((len(seqs), max(need)), -1, dtype=torch.int32, device=DEV)
+    for b, blk in enumerate(torch.split(ids, need)):
+        table[b, : blk.numel()] = blk
+    q = torch.randn(sum(n for n, _ in seqs), heads, dim, generator=gen, device=DEV).to(BF16)
+    cu = torch.tensor([0, *torch.tensor([n for n, _ in seqs]).cumsum(0).tolist()],
+                      dtype=torch.int32, device=DEV)  # fmt: skip
+    lens = torch.tensor([c for _, c in seqs], dtype=torch.int32, device=DEV)
+    want = prefill_attention_ref(q.float(), kv[0].float(), kv[1].float(), table, cu, lens, 0.09)
+    got = _prefill(q, kv[0], kv[1], table, cu, lens, 0.09, config=cfg).float()
+    return float((got - want).norm() / want.norm())
+
+
+def bench_prefill(rows: list[Row], mm: float, sweep: bool) -> None:
     seq, heads, kv_heads, dim = 4096, 32, 8, 128
     flops = 2 * seq * seq * dim * heads  # 4 * S^2 * D * H / 2 (causal)
     kv, table = paged(seq, 1, 16, kv_heads, dim)
@@ -87,6 +132,8 @@ def bench_prefill(rows: list[Row], mm: float) -> None:
     qt = q.transpose(0, 1).unsqueeze(0)
     k = kv[0][table[0].long()].flatten(0, 1).transpose(0, 1).repeat_interleave(4, 0).unsqueeze(0)
     v = kv[1][table[0].long()].flatten(0, 1).transpose(0, 1).repeat_interleave(4, 0).unsqueeze(0)
+    add("torch SDPA, default backend",
+        ms(lambda: F.scaled_dot_product_attention(qt, k, v, is_causal=True)))  # fmt: skip
     for name, backend in [("torch SDPA flash", SDPBackend.FLASH_ATTENTION),
                           ("torch SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)]:  # fmt: skip
         try:
@@ -95,8 +142,26 @@ def bench_prefill(rows: list[Row], mm: float) -> None:
             add(name, t)
         except RuntimeError as exc:
             print(f"{name}: unavailable ({str(exc).splitlines()[0]})")
+    print("SDPA backend order:", sdpa_order())
     args = (q, kv[0], kv[1], table, cu, lens, scale)
-    add("kvmesh Triton (paged)", ms(lambda: prefill_attention(*args)), ">= 350 TFLOP/s, > SDPA")
+    want = F.scaled_dot_product_attention(qt, k, v, is_causal=True)[0].transpose(0, 1).float()
+    if sweep:
+        print("prefill sweep: config, rel. error (mixed batch vs fp32 ref; 4k vs SDPA), TFLOP/s")
+        for params in PREFILL_SWEEP:
+            cfg = _config(*params)
+            try:
+                err = prefill_variant_error(cfg)
+                out = _prefill(*args, config=cfg).float()
+                err4k = float((out - want).norm() / want.norm())
+                t = ms(functools.partial(_prefill, *args, config=cfg))
+                print(f"  {params}: err {err:.2e} / {err4k:.2e}, {t:.4f} ms = "
+                      f"{flops / t / 1e9:.0f} TFLOP/s")  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 (a config that fails to build or run)
+                print(f"  {params}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+    out = prefill_attention(*args).float()
+    print(f"prefill rel. error at 4k vs SDPA: {float((out - want).norm() / want.norm()):.2e}")
+    add("kvmesh Triton (paged)", ms(lambda: prefill_attention(*args)),
+        ">= 350 TFLOP/s, > SDPA default")  # fmt: skip
     print("prefill autotune pick:", _prefill_tuned.best_config)
     timings = getattr(_prefill_tuned, "configs_timings", None) or {}
     for cfg, t in sorted(timings.items(), key=lambda kv_: kv_[1][0]):
@@ -170,6 +235,15 @@ def bench_fused(rows: list[Row], copy_gbs: float) -> None:
     add(op, "kvmesh Triton", ms(lambda: silu_and_mul(gu)), nbytes, ">= 80% of copy")
 
 
+def sdpa_order() -> str:
+    """The order in which SDPA tries its backends (the first that accepts the inputs runs)."""
+    names = {0: "math", 1: "flash", 2: "mem-efficient", 3: "cuDNN", 4: "overrideable"}
+    try:
+        return ", ".join(names.get(int(i), str(i)) for i in torch._C._get_sdp_priority_order())
+    except AttributeError:
+        return "unknown"
+
+
 def commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
@@ -197,6 +271,8 @@ def write_section(path: Path, section: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sweep", action="store_true", help="time every decode tuning variant")
+    parser.add_argument("--prefill-sweep", action="store_true",
+                        help="time and check each prefill config in PREFILL_SWEEP")  # fmt: skip
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
@@ -208,7 +284,7 @@ def main() -> None:
         Row("ceiling: device copy (read+write)", "torch copy_ 512 MiB", 0, copy_gbs, "GB/s", 1),
         Row("ceiling: bf16 matmul 8192^3", "torch matmul (cuBLAS)", 0, mm, "TFLOP/s", 1),
     ]
-    bench_prefill(rows, mm)
+    bench_prefill(rows, mm, args.prefill_sweep)
     bench_decode(rows, copy_gbs, args.sweep)
     bench_fused(rows, copy_gbs)
     header = [
@@ -218,6 +294,7 @@ def main() -> None:
         "Command: `PYTHONPATH=. python benchmarks/bench_kernels.py`. Times: do_bench medians (ms).",
         "% = of the ceiling measured in the same run (bf16 matmul for attention prefill, "
         "device copy bandwidth for the rest).",
+        f"SDPA's default backend is the first of ({sdpa_order()}) that takes the inputs.",
         "",
         "| op | implementation | ms | rate | % of ceiling | target |",
         "| --- | --- | --- | --- | --- | --- |",

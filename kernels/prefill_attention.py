@@ -9,7 +9,8 @@ already in the cache, so every key is read through the block table.
     queries:                           ctx-q_len ........... ctx-1
     query j sits at position ctx - q_len + j and sees keys 0..ctx-q_len+j
 
-GQA: query head h reads kv head h // (num_heads // num_kv_heads).
+GQA: query head h reads kv head h // (num_heads // num_kv_heads). With PACK_GROUP a program
+serves all the query heads of one kv head, so each K/V tile is loaded once for the group.
 """
 
 import torch
@@ -57,32 +58,39 @@ def _attend_tiles(
     acc, m_i, l_i, q, k_base, v_base, table_row, q_pos,
     key_lo, key_hi, ctx, stride_k_blk, stride_k_off, stride_v_blk, stride_v_off, qk_scale,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr,
+    DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over keys [key_lo, key_hi), BLOCK_N at a time, in base 2:
-    #   m = running row max, l = running row sum of 2^(s - m), acc = running sum of p @ V.
+    #   m = running row max of s * qk_scale, l = running row sum of 2^(s * qk_scale - m),
+    #   acc = running sum of p @ V.
+    # DIAGONAL: the tiles a causal boundary or the context's end crosses (masks); else none.
     dims = tl.arange(0, HEAD_DIM)
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        # each key's page, from the block table; int64 so page * stride never wraps
-        page = tl.load(table_row + keys // PAGE, mask=keys < ctx, other=0).to(tl.int64)
+        # each key's page, from the block table; int64 so page * stride never wraps. (One lookup
+        # per page, through a reshape, stops Triton 3.6 from pipelining the K/V loads.)
+        if DIAGONAL:  # past the context's end: page 0 (in bounds; masked below)
+            page = tl.load(table_row + keys // PAGE, mask=keys < ctx, other=0).to(tl.int64)
+        else:
+            page = tl.load(table_row + keys // PAGE).to(tl.int64)
         k_rows = page * stride_k_blk + (keys % PAGE) * stride_k_off
         v_rows = page * stride_v_blk + (keys % PAGE) * stride_v_off
-        if K_ROWS:  # load K as stored ([BLOCK_N, HEAD_DIM] rows) and transpose in shared memory
+        if K_ROWS:  # load K as stored ([BLOCK_N, HEAD_DIM] rows) and transpose on chip
             k = tl.trans(tl.load(k_base + k_rows[:, None] + dims[None, :]))
         else:
             k = tl.load(k_base + k_rows[None, :] + dims[:, None])  # [HEAD_DIM, BLOCK_N]
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        if CAUSAL_MASK:
-            visible = (keys[None, :] <= q_pos[:, None]) & (keys[None, :] < ctx)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+        if DIAGONAL:
+            # q_pos < ctx, so the causal mask also hides keys past the context's end
+            s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
+        # qk_scale > 0: max(s) * qk_scale = max(s * qk_scale); one FMA per score below
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if CAUSAL_MASK:  # past the context's end the rows are block 0's: keep stale NaNs out
-            v_ok = (keys < ctx)[:, None]
-            v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=v_ok, other=0.0)
+        if DIAGONAL:  # past the context's end the rows are block 0's: keep stale NaNs out
+            v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=(keys < ctx)[:, None],
+                        other=0.0)  # fmt: skip
         else:
             v = tl.load(v_base + v_rows[:, None] + dims[None, :])  # [BLOCK_N, HEAD_DIM]
         acc = acc * alpha[:, None]
@@ -98,27 +106,42 @@ def _prefill_kernel(
     stride_k_blk, stride_k_off, stride_k_h, stride_v_blk, stride_v_off, stride_v_h,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    K_ROWS: tl.constexpr,
+    K_ROWS: tl.constexpr, PACK_GROUP: tl.constexpr,
 ):  # fmt: skip
-    # heaviest tiles (latest queries, most keys) first: less of a tail at the end of the grid
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    seq, head = tl.program_id(1), tl.program_id(2)
+    # PACK_GROUP: one program serves a KV head's whole GQA group, each K/V tile loaded once for
+    # GROUP query heads; its BLOCK_M rows are (new token, query head) pairs, token-major: row r
+    # is token (m_start + r) // GROUP, head (m_start + r) % GROUP of the group. Otherwise one
+    # query head per program, and rows are tokens.
+    seq = tl.program_id(1)
+    HEADS: tl.constexpr = GROUP if PACK_GROUP else 1
+    if PACK_GROUP:
+        kv_head = tl.program_id(0)
+        head0 = kv_head * GROUP
+    else:
+        head0 = tl.program_id(0)
+        kv_head = head0 // GROUP
+    # heaviest tiles (latest queries, most keys) first, over all heads and sequences (the tile
+    # is the slowest grid axis): less of a tail at the end of the grid
+    tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_start
     m_start = tile * BLOCK_M
-    if m_start >= q_len:  # the grid is sized for the longest sequence
+    if m_start >= q_len * HEADS:  # the grid is sized for the longest sequence
         return
     ctx = tl.load(lens_ptr + seq)
     first_pos = ctx - q_len  # position of this sequence's first new token
     rows = m_start + tl.arange(0, BLOCK_M)
+    token = rows // HEADS
+    head = head0 + rows % HEADS
     dims = tl.arange(0, HEAD_DIM)
-    row_ok = rows < q_len
-    q_off = (q_start + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :]
+    row_ok = token < q_len
+    t64 = (q_start + token).to(tl.int64)
+    q_off = t64[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
     # load q once: it stays on chip for the whole key loop
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
-    q_pos = first_pos + rows
+    # rows past q_len (not stored) see the whole context: no key past its end
+    q_pos = tl.minimum(first_pos + token, ctx - 1)
 
-    kv_head = head // GROUP
     k_base = k_ptr + kv_head * stride_k_h
     v_base = v_ptr + kv_head * stride_v_h
     table_row = table_ptr + seq.to(tl.int64) * stride_table
@@ -126,43 +149,60 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # keys below the tile's first position are visible to every row: no mask needed there
-    diag_lo = (first_pos + m_start) // BLOCK_N * BLOCK_N
+    pos_lo = first_pos + m_start // HEADS
+    diag_lo = pos_lo // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, table_row, q_pos, 0, diag_lo, ctx,
         stride_k_blk, stride_k_off, stride_v_blk, stride_v_off, qk_scale,
         PAGE, BLOCK_N, HEAD_DIM, False, DOT_PRECISION, K_ROWS,
     )  # fmt: skip
-    # the diagonal band: causal and end-of-context masks
-    diag_hi = tl.minimum(first_pos + m_start + BLOCK_M, ctx)
+    # the diagonal band, up to the tile's last position: causal and end-of-context masks
+    diag_hi = tl.minimum(first_pos + (m_start + BLOCK_M - 1) // HEADS + 1, ctx)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, table_row, q_pos, diag_lo, diag_hi, ctx,
         stride_k_blk, stride_k_off, stride_v_blk, stride_v_off, qk_scale,
         PAGE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION, K_ROWS,
     )  # fmt: skip
     out = acc / l_i[:, None]
-    o_off = (q_start + rows).to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :]
+    o_off = t64[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+# the H100 autotuner's candidates: _config's arguments (BLOCK_M, BLOCK_N, num_warps, num_stages,
+# PACK_GROUP, K_ROWS, maxnreg). A cap of 128 registers a thread (a few spills) lets two 8-warp
+# programs share an SM, one's softmax overlapping the other's matrix products: 415 TFLOP/s on the
+# H100 benchmark shape against 338 for the best one-program-per-SM config (BLOCK_N 128, 2 stages;
+# benchmarks/bench_kernels.py --prefill-sweep times the others).
+TUNING: list[tuple] = [
+    (128, 64, 8, 2, True, True, 128),
+    (128, 64, 8, 3, False, True, 128),
+]
+
+
+def _config(
+    bm: int, bn: int, warps: int, stages: int, pack: bool, k_rows: bool = True,
+    maxnreg: int | None = None,
+) -> dict:  # fmt: skip
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, K_ROWS=k_rows, PACK_GROUP=pack, num_warps=warps,
+               num_stages=stages)  # fmt: skip
+    return cfg if maxnreg is None else {**cfg, "maxnreg": maxnreg}
+
+
 def _tuning_configs() -> list[triton.Config]:
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "K_ROWS": k_rows}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 128, 8, 2),
-            (128, 128, 8, 3),
-            (128, 64, 8, 2),
-            (128, 64, 8, 3),
-            (64, 64, 4, 3),
-            (64, 128, 4, 3),
-        ]
-        for k_rows in (False, True)
-    ]
+    configs = []
+    for cfg in TUNING:
+        meta = _config(*cfg)
+        opts = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
+        configs.append(triton.Config(meta, **opts))
+    return configs
 
 
-_prefill_tuned = triton.autotune(configs=_tuning_configs(), key=["HEAD_DIM"])(_prefill_kernel)
+_prefill_tuned = triton.autotune(configs=_tuning_configs(), key=["HEAD_DIM", "GROUP"])(
+    _prefill_kernel
+)
 # no tuning for the interpreter (CPU tests) nor fp32 (exactness runs, not speed)
-_FIXED_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "K_ROWS": False}
-_FIXED_FP32_GPU = {"BLOCK_M": 64, "BLOCK_N": 32, "K_ROWS": False, "num_warps": 4, "num_stages": 2}
+_FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "K_ROWS": False, "PACK_GROUP": True}
+_FIXED_FP32_GPU = _config(64, 32, 4, 2, True, k_rows=False)
 
 
 def prefill_attention(
@@ -175,11 +215,26 @@ def prefill_attention(
     scale: float,
 ) -> torch.Tensor:
     """Triton version of `prefill_attention_ref` (same contract). FlashAttention-2 style."""
+    return _prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale)
+
+
+def _prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """`prefill_attention`, with an explicit launch config (`_config(...)`) for benchmarks."""
     total_q, num_heads, head_dim = q.shape
     num_blocks, page, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
     assert k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape
     assert num_heads % num_kv_heads == 0 and head_dim in (64, 128)
+    assert scale > 0  # the kernel takes row maxima before scaling
     assert q.dtype == k_cache.dtype == v_cache.dtype
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert block_table.dim() == 2 and block_table.shape[0] == batch
@@ -193,12 +248,16 @@ def prefill_attention(
     on_cpu = q.device.type == "cpu"
     # no host sync on GPU: a sequence has at most total_q - (batch - 1) new tokens
     max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if on_cpu else total_q - batch + 1
-    tuned = not on_cpu and q.dtype != torch.float32
+    tuned = config is None and not on_cpu and q.dtype != torch.float32
     kernel = _prefill_tuned if tuned else _prefill_kernel
-    extra: dict = {} if tuned else _FIXED_CONFIG if on_cpu else _FIXED_FP32_GPU
+    extra: dict = {} if tuned else config or (_FIXED_CONFIG if on_cpu else _FIXED_FP32_GPU)
+    group = num_heads // num_kv_heads
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (triton.cdiv(max(max_q, 1), meta["BLOCK_M"]), batch, num_heads)
+        heads, rows = (num_kv_heads, group) if meta["PACK_GROUP"] else (num_heads, 1)
+        tiles = triton.cdiv(max(max_q, 1) * rows, meta["BLOCK_M"])
+        assert on_cpu or tiles < 65536, "too many new tokens for one launch"
+        return (heads, batch, tiles)
 
     kernel[grid](
         q, k_cache, v_cache, out, block_table, cu_seqlens_q, seq_lens,
@@ -206,7 +265,7 @@ def prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        GROUP=num_heads // num_kv_heads, PAGE=page, HEAD_DIM=head_dim,
+        GROUP=group, PAGE=page, HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **extra,
     )  # fmt: skip

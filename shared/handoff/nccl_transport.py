@@ -276,8 +276,10 @@ class _Device:
     """Streams, events and buffers of one device; no-ops on CPU (the loopback fabric)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
         self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # "cuda": the current device
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
 
     def bind_thread(self) -> None:
         if self.cuda:

@@ -90,3 +90,12 @@ def test_k_loaded_as_rows(monkeypatch):
     monkeypatch.setitem(module._FIXED_CONFIG, "K_ROWS", True)
     run_case([(40, 40), (1, 77), (19, 300)], heads=4, kv_heads=1, head_dim=64, page=16,
              dtype=torch.float16, seed=9)  # fmt: skip
+
+
+def test_one_head_per_program(monkeypatch):
+    """PACK_GROUP off (one query head per program, rows are tokens): an autotuner candidate."""
+    module = importlib.import_module("kernels.prefill_attention")
+
+    monkeypatch.setitem(module._FIXED_CONFIG, "PACK_GROUP", False)
+    run_case([(40, 40), (1, 77), (19, 300)], heads=6, kv_heads=2, head_dim=64, page=32,
+             dtype=torch.float16, seed=11)  # fmt: skip
