@@ -33,6 +33,7 @@ class KVPusher:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._channels: dict[str, KVSendChannel] = {}
+        self._ids: dict[str, torch.Tensor] = {}  # request -> its block ids on the device
         self._lock = threading.Lock()
 
     def register(self, request_id: str, channel: KVSendChannel) -> None:
@@ -42,6 +43,7 @@ class KVPusher:
     def unregister(self, request_id: str) -> None:
         with self._lock:
             self._channels.pop(request_id, None)
+            self._ids.pop(request_id, None)
 
     def __call__(self, layer: int, seqs: list[Sequence]) -> None:
         on_device: list[tuple[str, NcclSendChannel, torch.Tensor]] = []
@@ -50,7 +52,7 @@ class KVPusher:
                 channel = self._channels.get(seq.request_id)
             if channel is None:
                 continue
-            ids = torch.tensor(seq.block_table, dtype=torch.int64, device=self._engine.device)
+            ids = self._block_ids(seq, layer)
             data = self._engine.model.ops.gather_blocks(self._engine.kv_cache[layer], ids)
             if isinstance(channel, NcclSendChannel) and not channel.failed:
                 on_device.append((seq.request_id, channel, data))
@@ -61,6 +63,21 @@ class KVPusher:
                 self.unregister(seq.request_id)
         if on_device:
             self._send_group(layer, on_device)
+
+    def _block_ids(self, seq: Sequence, layer: int) -> torch.Tensor:
+        """The sequence's block table on the device ([n] int64), copied once per export (at
+        layer 0) from pinned memory without a host sync: a blocking copy at every layer would
+        drain the compute stream's queue and leave the GPU idle while the next layer launches."""
+        with self._lock:
+            ids = self._ids.get(seq.request_id)
+        if ids is None or layer == 0:
+            table = torch.tensor(seq.block_table, dtype=torch.int64)
+            if self._engine.device.type == "cuda":
+                table = table.pin_memory()
+            ids = table.to(self._engine.device, non_blocking=True)
+            with self._lock:
+                self._ids[seq.request_id] = ids
+        return ids
 
     def _send_group(
         self, layer: int, items: list[tuple[str, NcclSendChannel, torch.Tensor]]

@@ -402,7 +402,7 @@ class _Landing:
     buf: torch.Tensor  # [nbytes] uint8 on the device, written by the recv stream
     checksums: torch.Tensor  # [k] int64, pinned host: the checksums of one burst of layers
     index: int  # this layer's entry in checksums
-    ready: _Event  # recvs + checksums of the burst done
+    ready: _Event  # recvs + checksums of the burst done (on the check stream)
 
 
 class _Link:
@@ -411,9 +411,10 @@ class _Link:
     def __init__(self, conn: socket.socket, dev: _Device) -> None:
         self.conn = conn
         self.comm: PairComm | None = None
-        self.recv_stream = dev.stream()
+        self.recv_stream = dev.stream()  # only recvs: they go back to back
+        self.check_stream = dev.stream()  # checksums of received layers, off the recv stream
         self.scatter_stream = dev.stream()
-        self.checksum = Checksummer(dev.device)  # on recv_stream
+        self.checksum = Checksummer(dev.device)  # on check_stream
         self.landings: dict[tuple[bytes, int], _Landing] = {}
         self.verify: queue.SimpleQueue[tuple[_Landing, int] | None] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
@@ -556,13 +557,14 @@ class NcclKVReceiver:
     def _on_burst(self, link: _Link, burst: list[tuple[Frame, bytes]]) -> None:
         """Frames that arrived together: one group of recvs for their DATA, then each in order."""
         datas = [frame for frame, _ in burst if frame.kind == Kind.DATA]
-        bufs = iter(self._post_recvs(link, datas))
+        posted, received = self._post_recvs(link, datas)
+        bufs = iter(posted)
         landed: list[tuple[Frame, _Expected, torch.Tensor]] = []
         for frame, payload in burst:
             if frame.kind == Kind.DATA:
                 self._accept_layer(link, frame, next(bufs), landed)
             elif frame.kind == Kind.CKSUM:
-                self._land(link, landed)
+                self._land(link, landed, received)
                 landed = []
                 landing = link.landings.pop((frame.handoff_id, frame.layer), None)
                 if landing is not None:
@@ -575,10 +577,11 @@ class NcclKVReceiver:
                     self._fail(state, f"aborted by sender: {reason}")
             else:
                 raise ProtocolError(f"unexpected {frame.kind.name} frame from a sender")
-        self._land(link, landed)
+        self._land(link, landed, received)
 
-    def _post_recvs(self, link: _Link, datas: list[Frame]) -> list[torch.Tensor]:
-        """A recv for every DATA frame (also rejected ones: NCCL's order must hold)."""
+    def _post_recvs(self, link: _Link, datas: list[Frame]) -> tuple[list[torch.Tensor], _Event]:
+        """A recv for every DATA frame (also rejected ones: NCCL's order must hold); the event
+        completes once they all landed."""
         if any(f.nbytes > self.max_layer_bytes for f in datas):
             raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
         assert link.comm is not None
@@ -588,7 +591,8 @@ class NcclKVReceiver:
                 with self.fabric.group():
                     for buf in bufs:
                         link.comm.recv(buf, 0, link.recv_stream)
-        return bufs
+            received = _Event(link.recv_stream)
+        return bufs, received
 
     def _accept_layer(
         self, link: _Link, frame: Frame, buf: torch.Tensor,
@@ -608,15 +612,21 @@ class NcclKVReceiver:
             return  # buf is freed in stream order: the recv still lands, then is dropped
         landed.append((frame, state, buf))
 
-    def _land(self, link: _Link, landed: list[tuple[Frame, _Expected, torch.Tensor]]) -> None:
-        """Checksum accepted layers on the recv stream; they wait there for their CKSUM."""
+    def _land(
+        self, link: _Link, landed: list[tuple[Frame, _Expected, torch.Tensor]], received: _Event
+    ) -> None:
+        """Checksum accepted layers on the check stream (the recv stream goes on receiving);
+        they wait for their CKSUM frames."""
         if not landed:
             return
-        with self.dev.on(link.recv_stream):
+        with self.dev.on(link.check_stream):
+            self.dev.wait(link.check_stream, received)
             sums = torch.stack([link.checksum(buf) for _, _, buf in landed])
             host = self.dev.host_int64(len(landed))
             host.copy_(sums, non_blocking=True)
-            ready = _Event(link.recv_stream)
+            for _, _, buf in landed:
+                self.dev.keep(buf, link.check_stream)
+            ready = _Event(link.check_stream)
         for i, (frame, state, buf) in enumerate(landed):
             landing = _Landing(state, frame.layer, buf, host, i, ready)
             link.landings[(frame.handoff_id, frame.layer)] = landing

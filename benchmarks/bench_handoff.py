@@ -1,0 +1,264 @@
+"""KV handoff over NCCL between two GPUs: bandwidth vs plain torch.distributed, and TTFT.
+
+    PYTHONPATH=. python benchmarks/bench_handoff.py [--layers 32] [--sizes-mib 4,16,64,256]
+
+This process is the prefill side on cuda:0; a spawned process is the decode side on cuda:1.
+
+1. Bandwidth: `layers` layers of S bytes each, all queued at once, for one handoff and for a
+   batch of 4 (four requests' layers sent as one group per layer). torch.distributed: rank 0
+   dist.send()s the same number of S-byte messages, rank 1 dist.recv()s them (one NCCL op each,
+   back to back), timed from a barrier to the sender's synchronize. Handoff: send_layer_group
+   for every layer, then finish() of every handoff (the receiver verified every checksum and
+   ACKed), timed from the first send to the last ACK, so it includes the control round trips.
+   Best of `reps`.
+2. TTFT, Llama-3-8B shape (synthetic weights), bf16, one 2,048-token prompt: the prefill engine
+   alone (add_request -> first token), and with the handoff to a decode engine on cuda:1 that
+   reserved blocks (add_request -> first token and the receiver's ACK). Median of `reps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import time
+import uuid
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from common import header, table
+
+from shared.engine import Engine, EngineConfig, Role
+from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
+from shared.handoff.nccl_transport import NcclKVReceiver, NcclKVSender, send_layer_group
+from shared.sequence import SamplingParams
+
+PREFILL_DEV, DECODE_DEV = torch.device("cuda:0"), torch.device("cuda:1")
+MIB = 1 << 20
+TTFT_MODEL = "synthetic:llama3-8b"
+
+
+def engine_config(role: Role, device: torch.device) -> EngineConfig:
+    return EngineConfig(
+        model=TTFT_MODEL, role=role, device=str(device), dtype="bfloat16", num_blocks=1024,
+        max_num_batched_tokens=2048, max_num_seqs=8,
+    )  # fmt: skip
+
+
+# ---- decode side -----------------------------------------------------------------------------
+
+
+def decode_main(conn: Connection, dist_port: int) -> None:
+    torch.cuda.set_device(DECODE_DEV)
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{dist_port}", rank=1, world_size=2,
+        device_id=DECODE_DEV,
+    )  # fmt: skip
+    rx = NcclKVReceiver(DECODE_DEV)
+    conn.send(rx.start())
+    engine: Engine | None = None
+    futures: dict[str, Any] = {}
+    while True:
+        op, args = conn.recv()
+        if op == "quit":
+            conn.send("bye")
+            os._exit(0)  # no teardown handshakes: the parent is exiting too
+        if op == "dist_recv":
+            nbytes, layers, reps = args
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=DECODE_DEV)
+            for _ in range(reps):
+                dist.barrier()
+                for _ in range(layers):
+                    dist.recv(buf, src=0)
+                torch.cuda.synchronize()
+            conn.send(True)
+        elif op == "expect":
+            hid, layers, nbytes = args
+            futures[hid] = rx.expect(hid, layers, nbytes, lambda layer, payload: None)
+            conn.send(True)
+        elif op == "engine":
+            engine = Engine(engine_config(Role.DECODE, DECODE_DEV))
+            conn.send(True)
+        elif op == "reserve":
+            assert engine is not None
+            hid, n = args
+            blocks = engine.reserve(hid, n)
+            assert blocks is not None
+            on_layer = scatter_into(engine, blocks)
+            nbytes = layer_nbytes(engine, len(blocks))
+            futures[hid] = rx.expect(hid, engine.model_config.num_layers, nbytes, on_layer)
+            conn.send(True)
+        elif op == "result":
+            result = futures.pop(args).result(120)
+            if engine is not None:
+                engine.abort(args)  # give the blocks back for the next repetition
+            conn.send((result.ok, result.error))
+
+
+class Decode:
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=decode_main, args=(child, port), daemon=True)
+        self.proc.start()
+        dist.init_process_group(
+            "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+            device_id=PREFILL_DEV,
+        )  # fmt: skip
+        self.endpoint: str = self.conn.recv()
+
+    def call(self, op: str, args: Any = None) -> Any:
+        self.conn.send((op, args))
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        self.call("quit")
+        self.proc.join(60)
+
+
+# ---- bandwidth -------------------------------------------------------------------------------
+
+
+def torch_dist_gbs(decode: Decode, nbytes: int, layers: int, reps: int) -> float:
+    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
+    decode.conn.send(("dist_recv", (nbytes, layers, reps + 1)))
+    best = float("inf")
+    for rep in range(reps + 1):  # the first is warm-up
+        dist.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(layers):
+            dist.send(buf, dst=1)
+        torch.cuda.synchronize()
+        if rep:
+            best = min(best, time.perf_counter() - start)
+    assert decode.conn.recv()
+    return nbytes * layers / best / 1e9
+
+
+def handoff_gbs(
+    decode: Decode, sender: NcclKVSender, nbytes: int, layers: int, reps: int, batch: int
+) -> float:  # fmt: skip
+    data = [
+        torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
+        for _ in range(layers)
+    ]
+    torch.cuda.synchronize()
+    best = float("inf")
+    for rep in range(reps + 1):
+        hids = [str(uuid.uuid4()) for _ in range(batch)]
+        for hid in hids:
+            assert decode.call("expect", (hid, layers, nbytes))
+        channels = [sender.open(decode.endpoint, hid, layers) for hid in hids]
+        start = time.perf_counter()
+        for layer in range(layers):
+            assert not send_layer_group(layer, [(ch, data[layer]) for ch in channels])
+        for channel in channels:
+            channel.finish(120)
+        elapsed = time.perf_counter() - start
+        for hid in hids:
+            ok, error = decode.call("result", hid)
+            assert ok, error
+        if rep:
+            best = min(best, elapsed)
+    return batch * nbytes * layers / best / 1e9
+
+
+# ---- TTFT ------------------------------------------------------------------------------------
+
+
+def ttft(
+    engine: Engine, prompt: list[int], decode: Decode | None, sender: NcclKVSender | None,
+    pusher: KVPusher | None,
+) -> tuple[float, float]:  # fmt: skip
+    """(seconds to the first token, seconds to first token + ACK) of one prompt."""
+    hid = str(uuid.uuid4())
+    channel = None
+    if decode is not None and sender is not None and pusher is not None:
+        assert decode.call("reserve", (hid, len(prompt)))
+        channel = sender.open(decode.endpoint, hid, engine.model_config.num_layers)
+        pusher.register(hid, channel)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.add_request(hid, prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+    outputs = engine.step()
+    first = time.perf_counter() - start
+    assert outputs and outputs[0].new_token_ids
+    if channel is None:
+        return first, first
+    channel.finish(120)
+    done = time.perf_counter() - start
+    assert pusher is not None and decode is not None
+    pusher.unregister(hid)
+    ok, error = decode.call("result", hid)
+    assert ok, error
+    return first, done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--sizes-mib", default="4,16,64,256")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=2048)
+    args = ap.parse_args()
+    assert torch.cuda.device_count() >= 2, "needs 2 GPUs"
+    torch.cuda.set_device(PREFILL_DEV)
+    print(header("KV handoff (NCCL)"), flush=True)
+    nvls = os.environ.get("NCCL_NVLS_ENABLE")
+    print(f"2 x {torch.cuda.get_device_name(0)}; NCCL_NVLS_ENABLE={nvls}", flush=True)
+    decode = Decode()
+    sender = NcclKVSender(PREFILL_DEV)
+    rows: list[tuple[str, ...]] = []
+    for mib in map(int, args.sizes_mib.split(",")):
+        nbytes = mib * MIB
+        for batch in (1, 4):
+            base = torch_dist_gbs(decode, nbytes, args.layers * batch, args.reps)
+            ours = handoff_gbs(decode, sender, nbytes, args.layers, args.reps, batch)
+            target = ">= 90%" if mib >= 16 else ""
+            what = f"bandwidth, {batch} handoff{'s' * (batch > 1)} x {args.layers} x {mib} MiB"
+            rows.append((what, f"{base:.1f} GB/s", f"{ours:.1f} GB/s",
+                         f"{100 * ours / base:.0f}%", target))  # fmt: skip
+            print(rows[-1], flush=True)
+
+    engine = Engine(engine_config(Role.PREFILL, PREFILL_DEV))
+    assert decode.call("engine")
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 100_000, (args.prompt,), generator=gen).tolist()
+    for _ in range(2):  # warm-up: kernels compiled
+        ttft(engine, prompt, None, None, None)
+    alone = [ttft(engine, prompt, None, None, None)[0] for _ in range(args.reps)]
+    pusher = KVPusher(engine)
+    engine.export_hook = pusher
+    for _ in range(2):  # warm-up: the pair exists
+        ttft(engine, prompt, decode, sender, pusher)
+    with_handoff = [ttft(engine, prompt, decode, sender, pusher) for _ in range(args.reps)]
+    t_alone = statistics.median(alone)
+    t_first = statistics.median(t for t, _ in with_handoff)
+    t_acked = statistics.median(t for _, t in with_handoff)
+    kv_mib = layer_nbytes(engine, -(-args.prompt // engine.config.block_size)) / MIB
+    name = f"TTFT llama3-8b bf16, {args.prompt}-token prompt ({kv_mib:.0f} MiB/layer)"
+    rows.append((name + ": prefill alone", f"{t_alone * 1e3:.2f} ms", "", "", ""))
+    rows.append((name + ": first token, with handoff", "", f"{t_first * 1e3:.2f} ms",
+                 f"{t_first / t_alone:.3f}x", ""))  # fmt: skip
+    rows.append((name + ": first token + ACK", "", f"{t_acked * 1e3:.2f} ms",
+                 f"{t_acked / t_alone:.3f}x", "<= 1.10x"))  # fmt: skip
+    for row in rows[-3:]:
+        print(row, flush=True)
+    print()
+    print(table(rows, ("what", "torch.distributed / alone", "kvmesh handoff", "ratio", "target")))
+    print(flush=True)
+    sender.close()
+    decode.stop()
+    os._exit(0)  # skip NCCL teardown at exit: the results are out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""The NCCL data plane on a CPU host: the binding says clearly why it cannot run, transport
+selection falls back to TCP, and the NCCL transport's control protocol (handshake, layer order,
+checksums, NACK, peer death, the pair cache) runs over an in-process loopback payload path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from shared.handoff import nccl
+from shared.handoff.auto import (
+    AutoKVSender,
+    MultiKVReceiver,
+    make_receiver,
+    nccl_unusable,
+    split_endpoints,
+)
+from shared.handoff.nccl_transport import (
+    MASK64,
+    NcclKVReceiver,
+    NcclKVSender,
+    checksum_value,
+    layer_checksum,
+    send_layer_group,
+)
+from shared.handoff.socket_transport import SocketKVReceiver
+from shared.handoff.transport import HandoffError, HandoffResult
+
+SHAPE = (2, 3, 16, 2, 8)  # [2 (k, v), n_blocks, block_size, kv_heads, head_dim]
+CPU = torch.device("cpu")
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
+
+
+# ---- the binding ---------------------------------------------------------------------------
+
+
+@needs_no_cuda
+def test_load_without_a_gpu_says_why() -> None:
+    with pytest.raises(nccl.NcclUnavailable, match="no CUDA device"):
+        nccl.load()
+    assert "no CUDA device" in nccl.unavailable_reason()
+
+
+def test_a_configured_library_that_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(nccl.ENV_LIBRARY, "/nowhere/libnccl.so.2")
+    assert nccl.candidates()[0] == ("$KVMESH_NCCL_LIBRARY", "/nowhere/libnccl.so.2")
+    monkeypatch.setattr(nccl, "_from_package", lambda: [])
+    monkeypatch.setattr(nccl, "_from_torch", lambda: [])
+    monkeypatch.setattr(nccl, "_from_ldconfig", lambda: [])
+    with pytest.raises(nccl.NcclUnavailable, match="/nowhere/libnccl.so.2"):
+        nccl.open_library()
+
+
+def test_no_library_anywhere_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(nccl.ENV_LIBRARY, raising=False)
+    for finder in ("_from_package", "_from_torch", "_from_ldconfig"):
+        monkeypatch.setattr(nccl, finder, lambda: [])
+    with pytest.raises(nccl.NcclUnavailable, match="nvidia-nccl-cu13.*nothing found"):
+        nccl.open_library()
+
+
+def test_a_unique_id_has_128_bytes() -> None:
+    with pytest.raises(ValueError, match="128 bytes"):
+        nccl.Communicator(None, 2, b"short", 0)  # type: ignore[arg-type]
+
+
+# ---- selection -----------------------------------------------------------------------------
+
+
+def test_split_endpoints() -> None:
+    assert split_endpoints("nccl://10.0.0.1:5,tcp://10.0.0.1:6") == {
+        "nccl": "nccl://10.0.0.1:5",
+        "tcp": "tcp://10.0.0.1:6",
+    }
+    assert split_endpoints("tcp://[::1]:7") == {"tcp": "tcp://[::1]:7"}
+    with pytest.raises(ValueError, match="scheme"):
+        split_endpoints("10.0.0.1:5")
+
+
+@needs_no_cuda
+def test_cpu_workers_select_the_socket_transport() -> None:
+    assert "not a CUDA device" in nccl_unusable(CPU)
+    rx = make_receiver(CPU, "127.0.0.1")
+    assert isinstance(rx, SocketKVReceiver)
+    endpoint = rx.start()
+    try:
+        assert endpoint.startswith("tcp://") and "," not in endpoint
+        tx = AutoKVSender(CPU)
+        assert tx.nccl is None
+        both = f"nccl://127.0.0.1:1,{endpoint}"
+        assert tx.transport_for(both) == "tcp"
+        hid = str(uuid.uuid4())
+        got = rx.expect(hid, 1, 8, lambda layer, payload: None)
+        channel = tx.open(both, hid, 1)
+        channel.send_layer(0, torch.arange(2, dtype=torch.int32))
+        channel.finish(10)
+        assert got.result(10).ok
+        with pytest.raises(HandoffError, match="NCCL: device cpu is not a CUDA device"):
+            tx.open("nccl://127.0.0.1:1", str(uuid.uuid4()), 1)
+        tx.close()
+    finally:
+        rx.close()
+
+
+# ---- checksum ------------------------------------------------------------------------------
+
+
+def reference_checksum(data: torch.Tensor) -> int:
+    raw = data.reshape(-1).view(torch.uint8).tolist()
+    n8 = len(raw) // 8 * 8
+    words = [int.from_bytes(bytes(raw[i : i + 8]), "little") for i in range(0, n8, 8)]
+    words += raw[n8:]
+    return sum(w * (2 * i + 1) for i, w in enumerate(words)) & MASK64
+
+
+@pytest.mark.parametrize("nbytes", [1, 7, 8, 64 * 8, 64 * 8 + 24, 5000 * 8 + 5])
+def test_checksum_matches_its_definition(nbytes: int) -> None:
+    data = torch.randint(
+        0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes)
+    )
+    assert checksum_value(data) == reference_checksum(data)
+    assert layer_checksum(data).dtype == torch.int64 and layer_checksum(data).dim() == 0
+
+
+def test_checksum_sees_a_flipped_bit_and_swapped_words() -> None:
+    data = torch.randn(SHAPE, dtype=torch.bfloat16)
+    base = checksum_value(data)
+    flipped = data.clone().view(torch.uint8).reshape(-1)
+    flipped[777] ^= 0x80
+    assert checksum_value(flipped) != base
+    words = data.clone().reshape(-1).view(torch.int64)
+    words[[3, 40]] = words[[40, 3]]
+    assert checksum_value(words) != base
+
+
+# ---- the NCCL transport over a loopback payload path ---------------------------------------
+
+
+class LoopbackComm:
+    """A PairComm whose sends land in a queue the peer's recvs read, in order."""
+
+    def __init__(self, fabric: LoopbackFabric, unique_id: bytes, rank: int) -> None:
+        self.fabric, self.rank = fabric, rank
+        self.pipe = fabric.pipe(unique_id)
+        self.closed = self.aborted = False
+
+    def init(self) -> None:
+        pass
+
+    def send(self, data: torch.Tensor, peer: int, stream: object) -> None:
+        self.pipe.put(data.clone())
+
+    def recv(self, data: torch.Tensor, peer: int, stream: object) -> None:
+        got = self.pipe.get(timeout=10)
+        data.copy_(self.fabric.corrupt(got))
+
+    def check(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
+
+
+class LoopbackFabric:
+    def __init__(self) -> None:
+        self._pipes: dict[bytes, queue.Queue[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self.comms: list[LoopbackComm] = []
+        self.corrupt: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+    def unique_id(self) -> bytes:
+        return os.urandom(nccl.UNIQUE_ID_BYTES)
+
+    def pipe(self, unique_id: bytes) -> queue.Queue[torch.Tensor]:
+        with self._lock:
+            return self._pipes.setdefault(unique_id, queue.Queue())
+
+    def communicator(self, unique_id: bytes, rank: int) -> LoopbackComm:
+        comm = LoopbackComm(self, unique_id, rank)
+        self.comms.append(comm)
+        return comm
+
+    def group(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+@pytest.fixture
+def fabric() -> LoopbackFabric:
+    return LoopbackFabric()
+
+
+@pytest.fixture
+def receiver(fabric: LoopbackFabric) -> Iterator[NcclKVReceiver]:
+    rx = NcclKVReceiver(CPU, fabric=fabric)
+    rx.endpoint = rx.start()  # type: ignore[attr-defined]
+    yield rx
+    rx.close()
+
+
+@pytest.fixture
+def sender(fabric: LoopbackFabric) -> Iterator[NcclKVSender]:
+    tx = NcclKVSender(CPU, fabric=fabric)
+    yield tx
+    tx.close()
+
+
+def collect(store: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], None]:
+    return lambda layer, payload: store.__setitem__(layer, payload.clone())
+
+
+def layers(n: int, shape: tuple[int, ...] = SHAPE) -> list[torch.Tensor]:
+    return [torch.randn(shape).to(torch.bfloat16) for _ in range(n)]
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def test_a_batch_of_handoffs_arrives_bit_identical(receiver, sender, fabric) -> None:
+    shapes = [SHAPE, (2, 1, 16, 2, 8), (2, 7, 16, 2, 8)]  # a mixed batch
+    data = {str(uuid.uuid4()): layers(4, s) for s in shapes}
+    stores: dict[str, dict[int, torch.Tensor]] = {hid: {} for hid in data}
+    futures = {
+        hid: receiver.expect(hid, 4, nbytes(kv[0]), collect(stores[hid]))
+        for hid, kv in data.items()
+    }
+    channels = {hid: sender.open(receiver.endpoint, hid, 4) for hid in data}
+    for layer in range(4):
+        assert send_layer_group(layer, [(channels[h], kv[layer]) for h, kv in data.items()]) == []
+    for hid, kv in data.items():
+        stats = channels[hid].finish(10)
+        result = futures[hid].result(10)
+        assert result.ok and result.nbytes == stats.nbytes == 4 * nbytes(kv[0])
+        for layer in range(4):
+            assert torch.equal(stores[hid][layer], kv[layer].view(torch.uint8).reshape(-1))
+    assert sender.peers == [receiver.endpoint]
+    assert len(fabric.comms) == 2  # one pair, both ranks, reused by every handoff
+
+
+def test_a_corrupt_layer_is_nacked_and_never_delivered(receiver, sender, fabric) -> None:
+    kv = layers(3)
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 3, nbytes(kv[0]), collect(store))
+    channel = sender.open(receiver.endpoint, hid, 3)
+    channel.send_layer(0, kv[0])
+    assert wait_for(lambda: 0 in store)
+
+    def flip(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[5] ^= 1
+        return t
+
+    fabric.corrupt = flip
+    channel.send_layer(1, kv[1])
+    channel.send_layer(2, kv[2])
+    with pytest.raises(HandoffError, match="checksum mismatch on layer 1"):
+        channel.finish(10)
+    result = future.result(10)
+    assert not result.ok and "checksum mismatch on layer 1" in result.error
+    assert 1 not in store
+    fabric.corrupt = lambda t: t
+    assert_pair_still_works(receiver, sender)
+
+
+def test_an_unexpected_handoff_is_rejected_and_the_pair_stays_in_order(receiver, sender) -> None:
+    channel = sender.open(receiver.endpoint, str(uuid.uuid4()), 2)
+    channel.send_layer(0, layers(1)[0])
+    assert wait_for(lambda: channel.failed)
+    with pytest.raises(HandoffError, match="not expected"):
+        channel.send_layer(1, layers(1)[0])
+    assert_pair_still_works(receiver, sender)
+
+
+def test_a_wrong_size_is_rejected(receiver, sender) -> None:
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 1, 999, collect({}))
+    channel = sender.open(receiver.endpoint, hid, 1)
+    channel.send_layer(0, layers(1)[0])
+    with pytest.raises(HandoffError, match="bytes != expected 999"):
+        channel.finish(10)
+    assert "bytes != expected 999" in future.result(10).error
+
+
+def test_sender_abort_fails_the_receiving_side(receiver, sender) -> None:
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 2, nbytes(layers(1)[0]), collect({}))
+    channel = sender.open(receiver.endpoint, hid, 2)
+    channel.send_layer(0, layers(1)[0])
+    channel.abort("prefill cancelled")
+    result = future.result(10)
+    assert not result.ok and "aborted by sender: prefill cancelled" in result.error
+    assert_pair_still_works(receiver, sender)
+
+
+def test_a_dead_receiver_fails_the_handoff_and_tears_the_pair_down(fabric, sender) -> None:
+    rx = NcclKVReceiver(CPU, fabric=fabric)
+    endpoint = rx.start()
+    hid = str(uuid.uuid4())
+    rx.expect(hid, 4, nbytes(layers(1)[0]), collect({}))
+    channel = sender.open(endpoint, hid, 4)
+    channel.send_layer(0, layers(1)[0])
+    rx.close()  # the decode worker goes away mid-handoff
+    assert wait_for(lambda: channel.failed)
+    with pytest.raises(HandoffError, match="connection to .* lost"):
+        channel.send_layer(1, layers(1)[0])
+    assert wait_for(lambda: sender.peers == [])
+    assert wait_for(lambda: all(c.aborted for c in fabric.comms))  # both ranks torn down
+
+
+def test_the_pair_cache_evicts_the_least_recently_used_idle_pair(fabric) -> None:
+    tx = NcclKVSender(CPU, fabric=fabric, max_peers=1)
+    a, b = NcclKVReceiver(CPU, fabric=fabric), NcclKVReceiver(CPU, fabric=fabric)
+    ea, eb = a.start(), b.start()
+    try:
+        for endpoint, rx in ((ea, a), (eb, b)):
+            assert_pair_still_works(rx, tx, endpoint)
+        assert tx.peers == [eb]
+        first_pair = fabric.comms[:2]
+        assert wait_for(lambda: all(c.aborted for c in first_pair))
+        assert wait_for(lambda: a.num_links == 0)  # the receiver dropped its side too
+        assert_pair_still_works(a, tx, ea)  # a new pair, made on demand
+        assert tx.peers == [ea]
+    finally:
+        tx.close()
+        a.close()
+        b.close()
+
+
+def test_multi_receiver_takes_either_transport(fabric, sender) -> None:
+    multi = MultiKVReceiver([NcclKVReceiver(CPU, fabric=fabric), SocketKVReceiver()])
+    endpoints = split_endpoints(multi.start())
+    try:
+        kv = layers(2)
+        store: dict[int, torch.Tensor] = {}
+        hid = str(uuid.uuid4())
+        future = multi.expect(hid, 2, nbytes(kv[0]), collect(store))
+        channel = sender.open(endpoints["nccl"], hid, 2)
+        for layer in range(2):
+            channel.send_layer(layer, kv[layer])
+        channel.finish(10)
+        result: HandoffResult = future.result(10)
+        assert result.ok and torch.equal(store[1], kv[1].view(torch.uint8).reshape(-1))
+    finally:
+        multi.close()
+
+
+def assert_pair_still_works(
+    receiver: NcclKVReceiver, sender: NcclKVSender, endpoint: str | None = None
+) -> None:
+    kv = layers(2)
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 2, nbytes(kv[0]), collect(store))
+    channel = sender.open(endpoint or receiver.endpoint, hid, 2)  # type: ignore[attr-defined]
+    for layer in range(2):
+        channel.send_layer(layer, kv[layer])
+    channel.finish(10)
+    assert future.result(10).ok
+    assert torch.equal(store[0], kv[0].view(torch.uint8).reshape(-1))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_disaggregated_engines_over_the_loopback_match_colocated(fabric, sender) -> None:
+    """KVPusher (grouped sends of a batch) -> NCCL transport -> scatter_into -> decode engine."""
+    from shared.engine import Engine, EngineConfig, Role
+    from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
+    from shared.sequence import SamplingParams
+
+    config = dict(model="synthetic:tiny", block_size=4, num_blocks=64, max_num_batched_tokens=64)
+    prompts = {str(uuid.uuid4()): [3 + (7 * i + j) % 50 for j in range(n)]
+               for i, n in enumerate((1, 5, 13))}  # fmt: skip
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    colocated = Engine(EngineConfig(**config))  # type: ignore[arg-type]
+    expected: dict[str, list[int]] = {hid: [] for hid in prompts}
+    for hid, prompt in prompts.items():
+        colocated.add_request(hid, prompt, params)
+    while colocated.has_work:
+        for o in colocated.step():
+            expected[o.request_id] += o.new_token_ids
+
+    prefill = Engine(EngineConfig(role=Role.PREFILL, **config))  # type: ignore[arg-type]
+    decode = Engine(EngineConfig(role=Role.DECODE, **config))  # type: ignore[arg-type]
+    pusher = KVPusher(prefill)
+    prefill.export_hook = pusher
+    rx = NcclKVReceiver(CPU, fabric=fabric)
+    endpoint = rx.start()
+    try:
+        futures, channels = {}, {}
+        layers = decode.model_config.num_layers
+        for hid, prompt in prompts.items():
+            blocks = decode.reserve(hid, len(prompt))
+            assert blocks is not None
+            on_layer = scatter_into(decode, blocks)
+            futures[hid] = rx.expect(hid, layers, layer_nbytes(decode, len(blocks)), on_layer)
+            channels[hid] = sender.open(endpoint, hid, layers)
+            pusher.register(hid, channels[hid])
+            prefill.add_request(hid, prompt, params)
+        first = {}
+        while prefill.has_work:
+            for o in prefill.step():
+                first[o.request_id] = o.new_token_ids[0]
+        for hid, prompt in prompts.items():
+            channels[hid].finish(10)
+            assert futures[hid].result(10).ok
+            decode.commit(hid, prompt, first[hid], params, 0)
+        got = {hid: [first[hid]] for hid in prompts}
+        while decode.has_work:
+            for o in decode.step():
+                got[o.request_id] += o.new_token_ids
+        assert got == expected
+        assert prefill.pool.num_free == prefill.pool.num_blocks
+    finally:
+        rx.close()
