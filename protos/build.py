@@ -82,7 +82,9 @@ def lower_guards(out_root: Path, proto: Path, root: Path = REPO_ROOT) -> None:
     grpc_py = out_root / proto.with_name(proto.stem + "_pb2_grpc.py")
     grpc_floor = ".".join(map(str, dependency_floor("grpcio", root)))
     text = _substitute_once(
-        _GRPC_GUARD, f"{_GUARD_NOTE}GRPC_GENERATED_VERSION = '{grpc_floor}'", grpc_py.read_text(),
+        _GRPC_GUARD,
+        f"{_GUARD_NOTE}GRPC_GENERATED_VERSION = '{grpc_floor}'",
+        grpc_py.read_text(),
         grpc_py,
     )
     grpc_py.write_text(text)
@@ -95,8 +97,13 @@ def generate(out_root: Path, root: Path = REPO_ROOT) -> list[Path]:
     for proto in proto_files(root):
         (out_root / proto.parent).mkdir(parents=True, exist_ok=True)
         args = [
-            "grpc_tools.protoc", f"-I{root}", f"-I{include}", f"--python_out={out_root}",
-            f"--grpc_python_out={out_root}", f"--pyi_out={out_root}", str(root / proto),
+            "grpc_tools.protoc",
+            f"-I{root}",
+            f"-I{include}",
+            f"--python_out={out_root}",
+            f"--grpc_python_out={out_root}",
+            f"--pyi_out={out_root}",
+            str(root / proto),
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {proto}")

@@ -198,8 +198,10 @@ def test_load_beyond_capacity_queues_then_is_refused(mesh: Mesh) -> None:
                    "--max-queue", "3", redis_url=mesh.redis_url)  # fmt: skip
     try:
         address = small.wait_for("gateway ready", timeout=120).split()[-1]
-        requests = [gateway_pb2.GenerateRequest(prompt=f"Count {i}:", max_tokens=24, ignore_eos=True)
-                    for i in range(12)]  # fmt: skip
+        requests = [
+            gateway_pb2.GenerateRequest(prompt=f"Count {i}:", max_tokens=24, ignore_eos=True)
+            for i in range(12)
+        ]
         results = asyncio.run(_all(address, requests))
         codes = [r.code for r in results]
         assert codes.count(Code.OK) >= 5  # 2 running + 3 queued are served

@@ -50,10 +50,13 @@ def traced_mesh(collector: OtlpCollector) -> Iterator[tuple[Proc, str]]:
 
 def _served(address: str) -> list:
     async def run() -> list:
-        requests = [gateway_pb2.GenerateRequest(request_id=f"traced-{i}",
-                                                prompt=f"Tell me about number {i}" + " and more" * (5 * i),
-                                                max_tokens=6, ignore_eos=True)
-                    for i in range(N)]  # fmt: skip
+        requests = [
+            gateway_pb2.GenerateRequest(
+                request_id=f"traced-{i}", prompt=f"About number {i}" + " and more" * (5 * i),
+                max_tokens=6, ignore_eos=True,
+            )
+            for i in range(N)
+        ]  # fmt: skip
         return await asyncio.gather(*(generate(address, r) for r in requests))
 
     return asyncio.run(run())
