@@ -48,7 +48,8 @@ def load_model(source: str, dtype: torch.dtype, device: torch.device, seed: int 
         return LoadedModel(config, weights, path)
     if (path / "config.json").is_file():
         config, weights = _load_safetensors(path, dtype, device)
-        return LoadedModel(config, weights, path)
+        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        return LoadedModel(config, weights, path if has_tokenizer else None)
     raise ValueError(
         f"unknown model {source!r}: expected {DEFAULT_MODEL!r}, a .gguf file, a Hugging Face "
         f"directory with config.json, or {SYNTHETIC_PREFIX}<{'|'.join(SHAPES)}>"
@@ -241,7 +242,13 @@ def _safetensors_index(files: list[Path]) -> Iterator[tuple[str, Path]]:
 
 def _hf_config(name: str, hf: dict) -> ModelConfig:
     heads = hf["num_attention_heads"]
-    scaling = hf.get("rope_scaling") or None
+    # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` and
+    # `rope_scaling`
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (
+        rope if rope.get("rope_type", "default") != "default" else None
+    )
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     eos = hf.get("eos_token_id")
     return ModelConfig(
         name=name,
@@ -252,7 +259,7 @@ def _hf_config(name: str, hf: dict) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         intermediate_size=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=float(theta),
         rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position=hf.get("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
