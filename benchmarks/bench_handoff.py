@@ -34,7 +34,9 @@ from common import header, table
 
 from shared.engine import Engine, EngineConfig, Role
 from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
-from shared.handoff.nccl_transport import NcclKVReceiver, NcclKVSender, send_layer_group
+from shared.handoff.nccl_channel import send_layer_group
+from shared.handoff.nccl_receiver import NcclKVReceiver
+from shared.handoff.nccl_sender import NcclKVSender
 from shared.sequence import SamplingParams
 
 PREFILL_DEV, DECODE_DEV = torch.device("cuda:0"), torch.device("cuda:1")

@@ -23,15 +23,11 @@ from shared.handoff.auto import (
     nccl_unusable,
     split_endpoints,
 )
-from shared.handoff.nccl_transport import (
-    MASK64,
-    NcclKVReceiver,
-    NcclKVSender,
-    checksum_value,
-    layer_checksum,
-    send_layer_group,
-)
-from shared.handoff.socket_transport import SocketKVReceiver
+from shared.handoff.nccl_channel import send_layer_group
+from shared.handoff.nccl_checksum import MASK64, checksum_value, layer_checksum
+from shared.handoff.nccl_receiver import NcclKVReceiver
+from shared.handoff.nccl_sender import NcclKVSender
+from shared.handoff.socket_receiver import SocketKVReceiver
 from shared.handoff.transport import HandoffError, HandoffResult
 
 SHAPE = (2, 3, 16, 2, 8)  # [2 (k, v), n_blocks, block_size, kv_heads, head_dim]

@@ -13,18 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from shared.handoff.socket_transport import (
-    HEADER,
-    Header,
-    Kind,
-    SocketKVReceiver,
-    SocketKVSender,
-    format_endpoint,
-    parse_endpoint,
-    read_header,
-    read_message,
-)
+from shared.handoff.socket_frames import HEADER, Header, Kind, read_header, read_message
+from shared.handoff.socket_receiver import SocketKVReceiver
+from shared.handoff.socket_sender import SocketKVSender
 from shared.handoff.transport import HandoffError, HandoffResult
+from shared.handoff.wire import format_endpoint, parse_endpoint
 
 SHAPE = (2, 3, 16, 2, 8)  # [2 (k, v), n_blocks, block_size, kv_heads, head_dim]
 

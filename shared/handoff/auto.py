@@ -14,7 +14,8 @@ from concurrent.futures import Future, InvalidStateError
 import torch
 
 from shared.handoff import nccl
-from shared.handoff.socket_transport import SocketKVReceiver, SocketKVSender
+from shared.handoff.socket_receiver import SocketKVReceiver
+from shared.handoff.socket_sender import SocketKVSender
 from shared.handoff.transport import (
     HandoffError,
     HandoffResult,
@@ -89,7 +90,7 @@ def make_receiver(
     if why := nccl_unusable(device):
         log.info("KV over TCP only: %s", why)
         return tcp
-    from shared.handoff.nccl_transport import NcclKVReceiver
+    from shared.handoff.nccl_receiver import NcclKVReceiver
 
     rx = NcclKVReceiver(device, bind_host=bind_host, advertise_host=advertise_host)
     return MultiKVReceiver([rx, tcp])
@@ -104,7 +105,7 @@ class AutoKVSender:
         self.why_not_nccl = nccl_unusable(device)
         self.nccl = None
         if not self.why_not_nccl:
-            from shared.handoff.nccl_transport import NcclKVSender
+            from shared.handoff.nccl_sender import NcclKVSender
 
             self.nccl = NcclKVSender(device)
 

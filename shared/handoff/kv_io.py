@@ -16,7 +16,7 @@ import threading
 import torch
 
 from shared.engine import Engine
-from shared.handoff.nccl_transport import NcclSendChannel, send_layer_group
+from shared.handoff.nccl_channel import NcclSendChannel, send_layer_group
 from shared.handoff.transport import KVSendChannel, LayerCallback
 from shared.sequence import Sequence
 

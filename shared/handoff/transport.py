@@ -16,7 +16,14 @@ dtype, moved as raw bytes with a checksum. Bytes for a handoff the receiver does
 rejected, never written; a corrupt layer fails the whole handoff and is never decoded.
 The receiver's HandoffResult is authoritative: a sender that gives up (timeout, abort) after its
 last layer went out may still see the receiver complete, so decode reports the outcome.
-Implementations: socket_transport (TCP, CPU hosts and tests); NCCL plugs in the same way.
+
+Implementations (one module per job):
+    wire, listener, channel     what both transports share: TCP plumbing, the receivers'
+                                listener + expected handoffs, the senders' channel + link
+    socket_frames, socket_receiver, socket_sender     TCP, crc32 per layer (CPU hosts, tests)
+    nccl_frames, nccl_checksum, nccl_device, nccl_pair, nccl_channel, nccl_receiver,
+    nccl_sender                 NCCL, GPU to GPU, control frames over TCP (nccl: the binding)
+auto picks the transport per endpoint; kv_io moves KV between the paged cache and them.
 """
 
 from __future__ import annotations

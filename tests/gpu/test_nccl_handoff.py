@@ -28,7 +28,9 @@ import torch
 
 from shared.engine import Engine, EngineConfig, Role
 from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
-from shared.handoff.nccl_transport import NcclKVReceiver, NcclKVSender, send_layer_group
+from shared.handoff.nccl_channel import send_layer_group
+from shared.handoff.nccl_receiver import NcclKVReceiver
+from shared.handoff.nccl_sender import NcclKVSender
 from shared.handoff.transport import HandoffError
 from shared.models.loader import load_model
 from shared.sequence import SamplingParams

@@ -1,0 +1,109 @@
+"""What both senders share: a handoff's sender-side state (SendChannel), and a connection's
+table of the handoffs open on it, which the receiver's ACK/NACK replies settle (SenderLink)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from shared.handoff.transport import HandoffError, handoff_id_bytes
+from shared.handoff.wire import ProtocolError, settle
+
+
+class SenderLink:
+    """One connection to a receiver, shared by the handoffs to it. `lock` guards `channels`
+    and `dead`."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.dead = ""  # why the connection died; empty while alive
+        self.lock = threading.Lock()
+        self.channels: dict[bytes, SendChannel] = {}
+
+    def add(self, channel: SendChannel) -> None:
+        with self.lock:
+            if self.dead:
+                raise HandoffError(f"connection to {self.endpoint} lost: {self.dead}")
+            if channel.key in self.channels:
+                raise ValueError(f"handoff {channel.handoff_id} is already open")
+            self.channels[channel.key] = channel
+
+    def remove(self, channel: SendChannel) -> None:
+        with self.lock:
+            if self.channels.get(channel.key) is channel:
+                del self.channels[channel.key]
+
+    def on_reply(self, handoff_id: bytes, kind: str, text: str) -> None:
+        """Settle a handoff by the receiver's reply: `kind` is the frame kind's name, ACK or
+        NACK (with `text` the reason); any other kind is a ProtocolError."""
+        with self.lock:
+            channel = self.channels.get(handoff_id)
+        if channel is None:
+            return  # a late reply for a handoff that already ended
+        if kind == "ACK":
+            channel.acked()
+        elif kind == "NACK":
+            channel.fail(HandoffError(f"receiver rejected handoff {channel.handoff_id}: {text}"))
+        else:
+            raise ProtocolError(f"unexpected {kind} frame from a receiver")
+
+
+class SendChannel(ABC):
+    """The bookkeeping of one handoff being pushed: the layers queued, and the future the
+    receiver's reply (or a failure) settles. A transport adds send_layer, finish and abort."""
+
+    def __init__(self, handoff_id: str, num_layers: int) -> None:
+        self.handoff_id, self.num_layers = handoff_id, num_layers
+        self.key = handoff_id_bytes(handoff_id)
+        self._done: Future[None] = Future()
+        self._queued: set[int] = set()
+        self._nbytes = 0
+        self._first_send = 0.0
+        self._acked_at = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self._done.done() and self._done.exception() is not None
+
+    def queue(self, layer: int) -> None:
+        """Bookkeeping of send_layer: HandoffError if failed, ValueError if repeated."""
+        if self.failed:
+            error = self._done.exception()
+            assert isinstance(error, HandoffError)
+            raise error
+        if not 0 <= layer < self.num_layers or layer in self._queued:
+            raise ValueError(f"layer {layer} out of range [0, {self.num_layers}) or repeated")
+        self._queued.add(layer)
+        self._first_send = self._first_send or time.perf_counter()
+
+    @abstractmethod
+    def abort(self, reason: str) -> None:
+        """Give up: the receiver fails the handoff with `reason` (best effort)."""
+
+    def _await_ack(self, timeout: float, link: SenderLink) -> None:
+        """Wait for the receiver's ACK (HandoffError, after aborting, if none comes), then
+        leave `link`'s table."""
+        try:
+            if len(self._queued) != self.num_layers:
+                raise HandoffError(f"finish() after {len(self._queued)}/{self.num_layers} layers")
+            self._done.result(timeout)
+        except FutureTimeout:
+            self.abort(f"sender saw no ACK within {timeout} s")
+            raise HandoffError(f"handoff {self.handoff_id}: no ACK within {timeout} s") from None
+        except HandoffError as exc:
+            self.abort(str(exc))
+            raise
+        finally:
+            link.remove(self)
+
+    # -- called from the connection's threads
+
+    def acked(self) -> None:
+        self._acked_at = time.perf_counter()
+        settle(self._done)
+
+    def fail(self, error: HandoffError) -> None:
+        settle(self._done, error)

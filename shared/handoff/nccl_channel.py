@@ -1,0 +1,96 @@
+"""A handoff being pushed over NCCL (NcclSendChannel), and `send_layer_group`, which queues one
+layer of several handoffs (one batch) for the sender thread to launch in one NCCL group."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from shared.handoff.channel import SendChannel
+from shared.handoff.nccl_device import Event
+from shared.handoff.transport import HandoffError, HandoffStats
+from shared.handoff.wire import settle
+
+if TYPE_CHECKING:
+    from shared.handoff.nccl_pair import Peer
+    from shared.handoff.nccl_sender import NcclKVSender
+
+
+@dataclass(frozen=True)
+class Job:
+    """One layer of one or more handoffs (a batch), or (reason set) an ABORT."""
+
+    layer: int
+    items: list[tuple[NcclSendChannel, torch.Tensor]]  # data: contiguous, on the device
+    ready: Event | None  # recorded on the compute stream after the gathers
+    abort: str = ""
+
+
+class NcclSendChannel(SendChannel):
+    """One handoff being pushed over NCCL (implements transport.KVSendChannel).
+
+    send_layer takes the layer on the device and returns at once: the data must not be
+    modified afterwards (the pusher's gather buffers never are); the sender thread keeps it
+    alive until the send and checksum that read it are done.
+    """
+
+    transport = "nccl"
+
+    def __init__(
+        self, sender: NcclKVSender, peer: Peer, handoff_id: str, num_layers: int
+    ) -> None:  # fmt: skip
+        super().__init__(handoff_id, num_layers)
+        self.sender, self.peer = sender, peer
+        self._spans: dict[int, tuple[Event, Event]] = {}  # layer -> (start, end) of its send
+
+    def send_layer(self, layer: int, data: torch.Tensor) -> None:
+        if send_layer_group(layer, [(self, data)]):
+            self.queue(layer)  # raises the channel's error
+
+    def finish(self, timeout: float) -> HandoffStats:
+        self._await_ack(timeout, self.peer)
+        return self._stats()
+
+    def abort(self, reason: str) -> None:
+        if settle(self._done, HandoffError(f"aborted: {reason}")):
+            self.sender._submit(Job(0, [(self, torch.empty(0))], None, reason or "aborted"))
+
+    # -- called from the sender's threads
+
+    def launched(self, layer: int, nbytes: int, start: Event, end: Event) -> None:
+        self._spans[layer] = (start, end)
+        self._nbytes += nbytes
+
+    def _stats(self) -> HandoffStats:
+        seconds = max(self._acked_at - self._first_send, 1e-9)
+        layer_seconds = [0.0] * self.num_layers
+        sharing = collections.Counter(id(span) for span in self._spans.values())
+        for layer, span in self._spans.items():  # layers launched together share one span
+            layer_seconds[layer] = span[0].seconds_until(span[1]) / sharing[id(span)]
+        return HandoffStats(self._nbytes, seconds, self._nbytes / seconds / 1e9, layer_seconds)
+
+
+def send_layer_group(
+    layer: int, items: list[tuple[NcclSendChannel, torch.Tensor]]
+) -> list[NcclSendChannel]:
+    """Queue layer `layer` of several handoffs (one batch, one NcclKVSender): their sends are
+    launched together, in one ncclGroupStart/End. Call on the stream that produced the data.
+    Returns the channels that had already failed (nothing is queued for them)."""
+    queued, failed = [], []
+    for channel, data in items:
+        try:
+            channel.queue(layer)
+        except HandoffError:
+            failed.append(channel)
+            continue
+        queued.append((channel, data.detach().contiguous()))
+    if queued:
+        sender = queued[0][0].sender
+        if any(ch.sender is not sender for ch, _ in queued):
+            raise ValueError("send_layer_group takes the channels of one sender")
+        ready = Event(sender.dev.current_stream())  # after the gathers (and copies above)
+        sender._submit(Job(layer, queued, ready))
+    return failed

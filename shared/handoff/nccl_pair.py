@@ -1,0 +1,242 @@
+"""The pairs of the NCCL transport: a 2-rank communicator per (prefill, decode) pair, made by a
+Fabric (NCCL on GPUs, an in-process loopback in CPU tests) and connected by `connect_pair`; the
+prefill side of a pair (Peer: control connection + communicator + send stream); and the
+sender's LRU cache of them (PairCache)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from shared.handoff import nccl
+from shared.handoff.channel import SenderLink
+from shared.handoff.nccl_device import Device
+from shared.handoff.nccl_frames import (
+    Frame,
+    Kind,
+    message,
+    parse_nccl_endpoint,
+    read_frame,
+    read_payload,
+)
+from shared.handoff.transport import HandoffError
+from shared.handoff.wire import ProtocolError, connect, settle, shutdown
+
+if TYPE_CHECKING:
+    from shared.handoff.nccl_sender import NcclKVSender
+
+log = logging.getLogger(__name__)
+
+
+class PairComm(Protocol):
+    """One rank of a 2-rank communicator (nccl.Communicator has this shape)."""
+
+    closed: bool
+
+    def init(self) -> None: ...
+    def send(self, data: torch.Tensor, peer: int, stream: Any) -> None: ...
+    def recv(self, data: torch.Tensor, peer: int, stream: Any) -> None: ...
+    def check(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Fabric(Protocol):
+    """Makes pair communicators: NCCL on GPUs; an in-process loopback in CPU tests."""
+
+    def unique_id(self) -> bytes: ...
+    def communicator(self, unique_id: bytes, rank: int) -> PairComm: ...
+    def group(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+class NcclFabric:
+    def __init__(self, lib: nccl.Nccl | None = None) -> None:
+        self.lib = lib or nccl.load()
+
+    def unique_id(self) -> bytes:
+        return self.lib.unique_id()
+
+    def communicator(self, unique_id: bytes, rank: int) -> PairComm:
+        return nccl.Communicator(self.lib, 2, unique_id, rank)
+
+    def group(self) -> contextlib.AbstractContextManager[None]:
+        return self.lib.group()
+
+
+def connect_pair(
+    fabric: Fabric, dev: Device, unique_id: bytes, rank: int, timeout: float
+) -> PairComm:
+    """Init rank `rank` of the pair's communicator and connect rank 0 -> 1 with a 1-byte probe
+    (NCCL connects lazily: afterwards a send only enqueues). Aborts it on failure or timeout."""
+    comm = fabric.communicator(unique_id, rank)
+    done: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            dev.bind_thread()
+            stream = dev.stream()
+            comm.init()
+            probe = torch.zeros(1, dtype=torch.uint8, device=dev.device)
+            with fabric.group():
+                (comm.send if rank == 0 else comm.recv)(probe, 1 - rank, stream)
+            if stream is not None:
+                stream.synchronize()
+            settle(done)
+        except BaseException as exc:  # reported to the caller through `done`
+            settle(done, exc)
+
+    threading.Thread(target=run, name="nccl-setup", daemon=True).start()
+    try:
+        done.result(timeout)
+    except FutureTimeout:
+        comm.abort()
+        raise HandoffError(f"NCCL pair setup timed out after {timeout} s") from None
+    except Exception as exc:
+        comm.abort()
+        raise HandoffError(f"NCCL pair setup failed: {exc}") from exc
+    return comm
+
+
+class Peer(SenderLink):
+    """Prefill side of one decode receiver: control connection + communicator + send stream.
+    `lock` also guards comm: launches vs abort; `dead` says why the pair was torn down."""
+
+    def __init__(self, sender: NcclKVSender, endpoint: str) -> None:
+        super().__init__(endpoint)
+        self.sender = sender
+        self._write_lock = threading.Lock()
+        self.sock = connect(endpoint, parse_nccl_endpoint(endpoint), sender.connect_timeout)
+        try:
+            self.comm = self._handshake()
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.settimeout(None)
+        self.stream = sender.dev.stream()
+        self._reader = threading.Thread(target=self._read_loop, name="nccl-ack", daemon=True)
+        self._reader.start()
+
+    def _handshake(self) -> PairComm:
+        sender = self.sender
+        unique_id = sender.fabric.unique_id()
+        self.sock.sendall(message(Kind.HELLO, text=unique_id))
+        reply: Future[Frame] = Future()
+
+        def read_reply() -> None:
+            try:
+                self.sock.settimeout(sender.setup_timeout)
+                frame = read_frame(self.sock)
+                if frame is None or frame.kind not in (Kind.READY, Kind.NACK):
+                    raise ProtocolError("receiver closed or answered HELLO with no READY")
+                if frame.kind == Kind.NACK:
+                    why = read_payload(self.sock, frame).decode(errors="replace")
+                    raise HandoffError(f"receiver could not set up NCCL: {why}")
+                settle(reply, value=frame)
+            except BaseException as exc:
+                settle(reply, exc)
+                shutdown(self.sock)  # the peer is gone: do not wait for its rank
+
+        threading.Thread(target=read_reply, name="nccl-hello", daemon=True).start()
+        comm = connect_pair(sender.fabric, sender.dev, unique_id, 0, sender.setup_timeout)
+        try:
+            reply.result(sender.setup_timeout)
+        except Exception as exc:
+            comm.abort()
+            raise HandoffError(f"NCCL setup with {self.endpoint} failed: {exc}") from exc
+        return comm
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.channels)
+
+    def write(self, data: bytes) -> None:
+        try:
+            with self._write_lock:
+                self.sock.sendall(data)
+        except OSError as exc:
+            self.die(f"send failed: {exc}")
+
+    def die(self, reason: str) -> None:
+        """Tear the pair down: fail its handoffs, abort the communicator, leave the cache."""
+        # a launch holds the lock only while enqueuing; if one hangs, abort without it
+        locked = self.lock.acquire(timeout=2.0)
+        try:
+            if self.dead:
+                return
+            self.dead = reason
+            channels, self.channels = list(self.channels.values()), {}
+        finally:
+            if locked:
+                self.lock.release()
+        log.warning("KV pair with %s torn down: %s", self.endpoint, reason)
+        self.sender.pairs.forget(self)
+        for channel in channels:
+            channel.fail(HandoffError(f"connection to {self.endpoint} lost: {reason}"))
+        shutdown(self.sock)
+        with contextlib.suppress(nccl.NcclError):
+            self.comm.abort()  # ends send kernels still waiting on the peer
+
+    def _read_loop(self) -> None:
+        reason = "receiver closed the connection"
+        try:
+            while (frame := read_frame(self.sock)) is not None:
+                text = read_payload(self.sock, frame).decode(errors="replace")
+                self.on_reply(frame.handoff_id, frame.kind.name, text)
+        except (OSError, ConnectionError) as exc:
+            reason = str(exc) or type(exc).__name__
+        finally:
+            self.die(reason)
+            self.sock.close()
+
+
+class PairCache:
+    """The sender's pairs, one per decode endpoint, least recently used first: making a pair
+    tears down (ncclCommAbort) the least recently used idle ones beyond `max_peers`."""
+
+    def __init__(self, max_peers: int) -> None:
+        self.max_peers = max_peers
+        self._lock = threading.Lock()
+        self._setup_lock = threading.Lock()
+        self._peers: collections.OrderedDict[str, Peer] = collections.OrderedDict()
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Endpoints with a live pair, least recently used first."""
+        with self._lock:
+            return list(self._peers)
+
+    def get(self, endpoint: str, make: Callable[[str], Peer]) -> Peer:
+        """The live pair with `endpoint`, made by `make` if there is none."""
+        with self._setup_lock:  # one setup at a time; others reuse what it made
+            with self._lock:
+                peer = self._peers.get(endpoint)
+                if peer is not None and not peer.dead:
+                    self._peers.move_to_end(endpoint)
+                    return peer
+            peer = make(endpoint)
+            with self._lock:
+                self._peers[endpoint] = peer
+                idle = [p for p in self._peers.values() if not p.busy and p is not peer]
+                evict = idle[: max(0, len(self._peers) - self.max_peers)]
+            for old in evict:
+                old.die("evicted from the pair cache")
+            return peer
+
+    def forget(self, peer: Peer) -> None:
+        with self._lock:
+            if self._peers.get(peer.endpoint) is peer:
+                del self._peers[peer.endpoint]
+
+    def clear(self, reason: str) -> None:
+        """Tear every pair down."""
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), collections.OrderedDict()
+        for peer in peers:
+            peer.die(reason)
