@@ -363,7 +363,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             call.cancel()
         span = trace.get_current_span()
         span.set_attribute("kvmesh.kv_bytes", response.kv_bytes)
-        span.set_attribute("kvmesh.handoff_seconds", response.handoff_seconds)
         return response
 
     def _decode_failed(

@@ -21,11 +21,13 @@ from protos import worker_pb2, worker_pb2_grpc
 from shared.engine import Engine, RequestError
 from shared.engine_loop import EngineLoop, publish_gauges
 from shared.handoff.auto import AutoKVSender
-from shared.handoff.kv_io import KVPusher
-from shared.handoff.transport import HandoffError, KVSender
+from shared.handoff.kv_io import KVPusher, layer_nbytes
+from shared.handoff.transport import HandoffError, KVSendChannel, KVSender
+from shared.kv_cache import blocks_for
 from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
 from shared.sequence import FinishReason
-from shared.telemetry import KvmeshMetrics, TracingServerInterceptor, handoff_span
+from shared.telemetry import KvmeshMetrics, TracingServerInterceptor
+from shared.telemetry.handoff import HandoffRecorder, start_handoff_span
 from shared.telemetry.process import start_process_telemetry
 from shared.worker import (
     Registration,
@@ -54,6 +56,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         loop.engine.export_hook = self.pusher
         self.draining = False
         self.active = 0
+        self._handoffs: set[asyncio.Task[None]] = set()  # pushes still waiting for their ACK
         self.worker_id = ""  # set once registered
 
     async def Model(self, request, context):  # noqa: N802 (gRPC method name)
@@ -85,47 +88,68 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
             self.active -= 1
 
     async def _prefill(self, request, prompt, params, context):
+        """Compute the prompt and answer with the first token as soon as it is sampled; the
+        KV push (queued layer by layer during the computation) completes in the background,
+        and decode verifies it before decoding (a failed push reaches the gateway as ABORTED
+        from Decode, and the gateway retries elsewhere)."""
         hid = request.handoff_id
-        layers = self.loop.engine.model_config.num_layers
+        engine = self.loop.engine
+        layers = engine.model_config.num_layers
         try:
             channel = await asyncio.to_thread(self.sender.open, request.kv_endpoint, hid, layers)
         except (HandoffError, ValueError) as e:
             await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode KV: {e}")
+        transport = getattr(channel, "transport", "socket")
+        recorder = start_handoff_span(self.tracer, transport, request_id=request.request_id)
         self.pusher.register(hid, channel)
         queue = self.loop.subscribe(hid)
-        done = False
+        out = None
         try:
-            transport = getattr(channel, "transport", "socket")
-            with handoff_span(self.tracer, transport, request_id=request.request_id) as span:
-                await self.loop.call(lambda e: e.add_request(hid, prompt, params))
-                out = await queue.get()
-                done = True
-                stats = await asyncio.to_thread(channel.finish, HANDOFF_TIMEOUT_S)
-                for layer, seconds in enumerate(stats.layer_seconds):
-                    span.layer_done(layer, stats.nbytes // max(layers, 1), seconds)
-        except HandoffError as e:
-            await abort(context, grpc.StatusCode.UNAVAILABLE, f"KV handoff failed: {e}")
+            await self.loop.call(lambda e: e.add_request(hid, prompt, params))
+            out = await queue.get()  # every layer was queued on the channel during that step
         except RequestError as e:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self.pusher.unregister(hid)
             self.loop.unsubscribe(hid)
-            if not done:  # cancelled or failed before the prompt was computed
+            if out is None:  # cancelled or failed before the prompt was computed
                 channel.abort("prefill cancelled")
+                recorder.end(RuntimeError("prefill cancelled"))
                 await self.loop.call(lambda e: e.abort(hid))
-        self.metrics.observe_handoff(stats.nbytes, stats.seconds)
+        task = asyncio.create_task(self._complete_handoff(channel, recorder, layers))
+        self._handoffs.add(task)
+        task.add_done_callback(self._handoffs.discard)
         self.metrics.queue_time.observe(out.queue_seconds)
         rpc_span = trace.get_current_span()
         rpc_span.set_attribute("kvmesh.prompt_tokens", len(prompt))
         rpc_span.set_attribute("kvmesh.queue_seconds", out.queue_seconds)
         rpc_span.set_attribute("kvmesh.batch_size", out.step_batch_size)
         reason = out.finish_reason
+        kv_bytes = layers * layer_nbytes(engine, blocks_for(len(prompt), engine.config.block_size))
         return worker_pb2.PrefillResponse(
             first_token=out.new_token_ids[0], text=out.text,
             finish_reason="" if reason in (None, FinishReason.HANDOFF) else reason.value,
-            prompt_tokens=len(prompt), kv_bytes=stats.nbytes, handoff_seconds=stats.seconds,
-            queue_seconds=out.queue_seconds,
+            prompt_tokens=len(prompt), kv_bytes=kv_bytes, queue_seconds=out.queue_seconds,
         )  # fmt: skip
+
+    async def _complete_handoff(
+        self, channel: KVSendChannel, recorder: HandoffRecorder, layers: int
+    ) -> None:
+        """Wait for the receiver's ACK; record the transfer on the span and the metrics."""
+        try:
+            stats = await asyncio.to_thread(channel.finish, HANDOFF_TIMEOUT_S)
+        except HandoffError as e:
+            log.warning("KV handoff failed after the first token: %s", e)
+            recorder.end(e)
+            return
+        for layer, seconds in enumerate(stats.layer_seconds):
+            recorder.layer_done(layer, stats.nbytes // max(layers, 1), seconds)
+        recorder.end()
+        self.metrics.observe_handoff(stats.nbytes, stats.seconds)
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and not self._handoffs
 
 
 async def serve(config: WorkerConfig) -> None:
@@ -155,7 +179,7 @@ async def serve(config: WorkerConfig) -> None:
         servicer.draining = True
         await registration.stop()
         deadline = time.monotonic() + config.drain_timeout_s
-        while servicer.active and time.monotonic() < deadline:
+        while not servicer.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
     await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)

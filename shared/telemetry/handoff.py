@@ -85,6 +85,15 @@ class HandoffRecorder:
         self._summary = summary
         return summary
 
+    def end(self, error: BaseException | None = None) -> HandoffSummary:
+        """Write the totals, mark a failure if any, and end the span."""
+        summary = self.finish()
+        if error is not None:
+            self.span.record_exception(error)
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+        self.span.end()
+        return summary
+
     @property
     def summary(self) -> HandoffSummary:
         """The totals; available once the ``handoff_span`` block has exited."""
@@ -93,19 +102,28 @@ class HandoffRecorder:
         return self._summary
 
 
-@contextmanager
-def handoff_span(
+def start_handoff_span(
     tracer: trace.Tracer, transport: str, *, request_id: str = "", peer: str = ""
-) -> Iterator[HandoffRecorder]:
-    """A current ``kv_handoff`` span whose attributes are filled in when the block exits."""
+) -> HandoffRecorder:
+    """A ``kv_handoff`` span, child of the current span but not made current: a handoff may
+    outlive the RPC that started it. End it with ``recorder.end()``."""
     attributes = {PREFIX + "transport": transport}
     if request_id:
         attributes["kvmesh.request_id"] = request_id
     if peer:
         attributes[PREFIX + "peer"] = peer
-    with tracer.start_as_current_span(SPAN_NAME, attributes=attributes) as span:
-        recorder = HandoffRecorder(span=span, transport=transport)
+    span = tracer.start_span(SPAN_NAME, attributes=attributes)
+    return HandoffRecorder(span=span, transport=transport)
+
+
+@contextmanager
+def handoff_span(
+    tracer: trace.Tracer, transport: str, *, request_id: str = "", peer: str = ""
+) -> Iterator[HandoffRecorder]:
+    """A current ``kv_handoff`` span whose attributes are filled in when the block exits."""
+    recorder = start_handoff_span(tracer, transport, request_id=request_id, peer=peer)
+    with trace.use_span(recorder.span, end_on_exit=False):
         try:
             yield recorder
         finally:
-            recorder.finish()
+            recorder.end()
