@@ -22,14 +22,12 @@ import grpc
 from opentelemetry import trace
 
 from protos import worker_pb2, worker_pb2_grpc
-from shared.engine import Engine
-from shared.engine_loop import EngineLoop, publish_gauges
+from shared.engine_loop import EngineLoop
 from shared.handoff.auto import make_receiver
 from shared.handoff.kv_io import layer_nbytes, scatter_into
 from shared.handoff.transport import HandoffResult, KVReceiver
-from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
-from shared.telemetry import KvmeshMetrics, TracingServerInterceptor
-from shared.telemetry.process import start_process_telemetry
+from shared.rpc import abort
+from shared.telemetry import KvmeshMetrics
 from shared.worker import (
     Registration,
     WorkerConfig,
@@ -38,6 +36,7 @@ from shared.worker import (
     model_response,
     sampling_from_proto,
 )
+from shared.worker_process import WorkerContext, WorkerParts, serve_worker
 
 log = logging.getLogger(__name__)
 
@@ -205,43 +204,21 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 await self._release(hid)
 
 
+def decode_parts(ctx: WorkerContext) -> WorkerParts:
+    """The decode role: a KV receiver (NCCL and TCP on a GPU, TCP on a CPU) and the servicer."""
+    config = ctx.config
+    host = config.resolved_advertise_host()
+    receiver = make_receiver(ctx.loop.engine.device, bind_host=config.host, advertise_host=host)
+    kv_endpoint = receiver.start()  # "nccl://...,tcp://..." on a GPU with NCCL
+    servicer = DecodeServicer(
+        ctx.loop, receiver, kv_endpoint, ctx.registration, config.model_id,
+        ctx.telemetry.metrics, config.reservation_ttl_s,
+    )  # fmt: skip
+    service = (worker_pb2_grpc.add_DecodeServicer_to_server, servicer, "kvmesh.worker.v1.Decode")
+    return WorkerParts(servicer, service, kv_endpoint, (servicer.expire_reservations,),
+                       receiver.close)  # fmt: skip
+
+
 async def serve(config: WorkerConfig) -> None:
     """Run a decode worker until SIGTERM/SIGINT, then drain and leave the registry."""
-    telemetry = start_process_telemetry("kvmesh-decode", "decode", config.metrics_port)
-    loop = EngineLoop(Engine(config.engine))
-    loop.start()
-    host = config.resolved_advertise_host()
-    receiver = make_receiver(loop.engine.device, bind_host=config.host, advertise_host=host)
-    kv_endpoint = receiver.start()  # "nccl://...,tcp://..." on a GPU with NCCL
-    registration = Registration(config, loop, kv_endpoint)
-    servicer = DecodeServicer(
-        loop, receiver, kv_endpoint, registration, config.model_id,
-        telemetry.metrics, config.reservation_ttl_s,
-    )  # fmt: skip
-    server, port, health = create_server(
-        f"{config.host}:{config.port}",
-        [(worker_pb2_grpc.add_DecodeServicer_to_server, servicer, "kvmesh.worker.v1.Decode")],
-        [TracingServerInterceptor(telemetry.tracing.tracer)],
-    )
-    await server.start()
-    await registration.start(f"{host}:{port}")
-    expiry = asyncio.create_task(servicer.expire_reservations())
-    gauges = asyncio.create_task(publish_gauges(loop, telemetry.metrics))
-    log.info("decode worker %s serving on %s:%d, KV at %s", registration.worker_id, host, port,
-             kv_endpoint)  # fmt: skip
-    stop = shutdown_signal()
-    print(f"decode ready {host}:{port}", flush=True)
-
-    async def drain() -> None:
-        servicer.draining = True
-        await registration.stop()  # the gateway stops routing here
-        deadline = time.monotonic() + config.drain_timeout_s
-        while not servicer.idle and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-
-    await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)
-    expiry.cancel()
-    gauges.cancel()
-    receiver.close()
-    loop.stop()
-    telemetry.stop()
+    await serve_worker(config, decode_parts)

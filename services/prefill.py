@@ -10,33 +10,30 @@ returns the first sampled token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 
 import grpc
 from opentelemetry import trace
 
 from protos import worker_pb2, worker_pb2_grpc
-from shared.engine import Engine, RequestError
-from shared.engine_loop import EngineLoop, publish_gauges
+from shared.engine import RequestError
+from shared.engine_loop import EngineLoop
 from shared.handoff.auto import AutoKVSender
 from shared.handoff.kv_io import KVPusher, layer_nbytes
 from shared.handoff.transport import HandoffError, KVSendChannel, KVSender
 from shared.kv_cache import blocks_for
-from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
+from shared.rpc import abort
 from shared.sequence import FinishReason
-from shared.telemetry import KvmeshMetrics, TracingServerInterceptor
+from shared.telemetry import KvmeshMetrics
 from shared.telemetry.handoff import HandoffRecorder, start_handoff_span
-from shared.telemetry.process import start_process_telemetry
 from shared.worker import (
-    Registration,
     WorkerConfig,
     inspect,
     kv_layout,
     model_response,
     sampling_from_proto,
 )
+from shared.worker_process import WorkerContext, WorkerParts, serve_worker
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +42,8 @@ HANDOFF_TIMEOUT_S = 30.0
 
 class PrefillServicer(worker_pb2_grpc.PrefillServicer):
     def __init__(
-        self, loop: EngineLoop, sender: KVSender, model_id: str, metrics: KvmeshMetrics, tracer
+        self, loop: EngineLoop, sender: KVSender, model_id: str, metrics: KvmeshMetrics,
+        tracer: trace.Tracer, worker_id: str,
     ) -> None:  # fmt: skip
         self.loop = loop
         self.sender = sender
@@ -57,7 +55,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         self.draining = False
         self.active = 0
         self._handoffs: set[asyncio.Task[None]] = set()  # pushes still waiting for their ACK
-        self.worker_id = ""  # set once registered
+        self.worker_id = worker_id
 
     async def Model(self, request, context):  # noqa: N802 (gRPC method name)
         return model_response(self.loop.engine, self.model_id)
@@ -152,39 +150,17 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         return self.active == 0 and not self._handoffs
 
 
+def prefill_parts(ctx: WorkerContext) -> WorkerParts:
+    """The prefill role: a KV sender (NCCL to decode workers that offer it) and the servicer."""
+    sender = AutoKVSender(ctx.loop.engine.device)
+    servicer = PrefillServicer(
+        ctx.loop, sender, ctx.config.model_id, ctx.telemetry.metrics,
+        ctx.telemetry.tracing.tracer, ctx.registration.worker_id,
+    )  # fmt: skip
+    service = (worker_pb2_grpc.add_PrefillServicer_to_server, servicer, "kvmesh.worker.v1.Prefill")
+    return WorkerParts(servicer, service, close=sender.close)
+
+
 async def serve(config: WorkerConfig) -> None:
     """Run a prefill worker until SIGTERM/SIGINT, then drain and leave the registry."""
-    telemetry = start_process_telemetry("kvmesh-prefill", "prefill", config.metrics_port)
-    loop = EngineLoop(Engine(config.engine))
-    loop.start()
-    sender = AutoKVSender(loop.engine.device)  # NCCL to decode workers that offer it
-    tracer = telemetry.tracing.tracer
-    servicer = PrefillServicer(loop, sender, config.model_id, telemetry.metrics, tracer)
-    server, port, health = create_server(
-        f"{config.host}:{config.port}",
-        [(worker_pb2_grpc.add_PrefillServicer_to_server, servicer, "kvmesh.worker.v1.Prefill")],
-        [TracingServerInterceptor(tracer)],
-    )
-    await server.start()
-    host = config.resolved_advertise_host()
-    registration = Registration(config, loop, "")
-    await registration.start(f"{host}:{port}")
-    servicer.worker_id = registration.worker_id
-    gauges = asyncio.create_task(publish_gauges(loop, telemetry.metrics))
-    log.info("prefill worker %s serving on %s:%d", registration.worker_id, host, port)
-    stop = shutdown_signal()
-    print(f"prefill ready {host}:{port}", flush=True)
-
-    async def drain() -> None:
-        servicer.draining = True
-        await registration.stop()
-        deadline = time.monotonic() + config.drain_timeout_s
-        while not servicer.idle and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-
-    await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)
-    gauges.cancel()
-    with contextlib.suppress(Exception):
-        sender.close()
-    loop.stop()
-    telemetry.stop()
+    await serve_worker(config, prefill_parts)

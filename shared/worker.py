@@ -106,7 +106,7 @@ async def inspect(
 class Registration:
     """A worker's record in Redis, kept alive by a heartbeat task carrying its capacity."""
 
-    def __init__(self, config: WorkerConfig, loop: EngineLoop, kv_endpoint: str) -> None:
+    def __init__(self, config: WorkerConfig, loop: EngineLoop) -> None:
         self.config = config
         self.worker_id = config.resolved_worker_id()
         self.redis = redis.from_url(config.redis_url)
@@ -114,15 +114,16 @@ class Registration:
         self._loop = loop
         self._info = WorkerInfo(
             worker_id=self.worker_id, role=config.engine.role.value, address="",
-            kv_endpoint=kv_endpoint, model=config.model_id,
+            kv_endpoint="", model=config.model_id,
             total_blocks=loop.engine.pool.num_blocks, free_blocks=loop.engine.pool.num_free,
         )  # fmt: skip
         self.generation = 0
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, address: str) -> None:
-        """Register as reachable at address (host:port of the gRPC server) and heartbeat."""
-        self._info = dataclasses.replace(self._info, address=address)
+    async def start(self, address: str, kv_endpoint: str) -> None:
+        """Register as reachable at address (host:port of the gRPC server), with its KV
+        data-plane endpoint (may be empty), and heartbeat."""
+        self._info = dataclasses.replace(self._info, address=address, kv_endpoint=kv_endpoint)
         self.generation = await self.ledger.register(self._info)
         self._task = asyncio.create_task(self._beat())
 
