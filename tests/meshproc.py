@@ -125,7 +125,7 @@ async def snapshot(redis_url: str) -> dict:
 
 
 async def inspect_all(redis_url: str) -> list[worker_pb2.InspectResponse]:
-    """Inspect every registered worker over gRPC."""
+    """Inspect every registered worker that answers over gRPC."""
     out = []
     for w in (await snapshot(redis_url))["workers"]:
         async with grpc.aio.insecure_channel(w["address"]) as channel:
@@ -134,7 +134,11 @@ async def inspect_all(redis_url: str) -> list[worker_pb2.InspectResponse]:
                 if w["role"] == "decode"
                 else worker_pb2_grpc.PrefillStub(channel)
             )
-            out.append(await stub.Inspect(worker_pb2.InspectRequest(), timeout=10))
+            try:
+                out.append(await stub.Inspect(worker_pb2.InspectRequest(), timeout=10))
+            except grpc.aio.AioRpcError as e:  # a killed worker until its record expires
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
     return out
 
 

@@ -213,6 +213,36 @@ def test_load_beyond_capacity_queues_then_is_refused(mesh: Mesh) -> None:
         small.stop(signal.SIGTERM)
 
 
+def test_kill_9_of_a_prefill_worker_is_retried_invisibly(mesh: Mesh, engine: Engine) -> None:
+    """Requests whose prefill dies are retried on the other prefill worker: every stream
+    completes with the tokens a healthy mesh gives."""
+
+    async def scenario() -> list:
+        requests = [gateway_pb2.GenerateRequest(prompt=f"Report {i}: " + long_text(420),
+                                                max_tokens=3)
+                    for i in range(6)]  # fmt: skip
+        tasks = [asyncio.create_task(generate(mesh.address, r, timeout=300)) for r in requests]
+        victim = None
+        while victim is None:  # a prefill worker that is computing a prompt
+            await asyncio.sleep(0.05)
+            busy = [s for s in await inspect_all(mesh.redis_url)
+                    if s.worker_id.startswith("prefill") and s.running > 0]  # fmt: skip
+            victim = busy[0].worker_id if busy else None
+        os.kill(int(victim.split("-")[-2]), signal.SIGKILL)
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
+
+    results = asyncio.run(scenario())
+    assert all(r.code == Code.OK for r in results), [(r.code, r.details) for r in results]
+    for i, r in enumerate(results):
+        prompt = _prompt_ids(
+            engine, gateway_pb2.GenerateRequest(prompt=f"Report {i}: " + long_text(420))
+        )
+        (want,) = _reference(engine, [prompt], [3])
+        assert r.tokens == want and r.usage == (len(prompt), 3)
+    states, snap = asyncio.run(wait_until_idle(mesh.redis_url, timeout=15))
+    assert not snap["block_sets"] and all(s.integrity_ok for s in states)
+
+
 def test_kill_9_of_a_decode_worker_mid_stream(mesh: Mesh) -> None:
     async def scenario() -> None:
         requests = [gateway_pb2.GenerateRequest(prompt=f"Story {i}: " + long_text(30),
