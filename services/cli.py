@@ -137,7 +137,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    from services.gateway import GatewayConfig, serve
+    from services.gateway.server import GatewayConfig, serve
     from shared.rpc import install_uvloop
 
     config = GatewayConfig(

@@ -38,7 +38,7 @@ from meshproc import Proc, generate, inspect_all, snapshot
 from otlp_collector import OtlpCollector
 
 from protos import gateway_pb2
-from services.gateway import GatewayConfig
+from services.gateway.server import GatewayConfig
 from shared.redis_server import RedisServer, free_port
 from shared.worker import WorkerConfig
 

@@ -1,10 +1,7 @@
-"""Gateway service: the public `kvmesh.v1.Gateway`. Loads a tokenizer, never a model.
+"""The gateway server: the public `kvmesh.v1.Gateway`. Loads a tokenizer, never a model.
 
-Per request: validate and tokenize -> admission (bounded queue) -> pick a decode worker and
-reserve KV blocks there -> pick a prefill worker, which computes the prompt and pushes the KV
--> stream the first token (sampled by prefill) -> stream the decode worker's tokens.
-A failed reservation, prefill or handoff is retried on other workers before any decode token has
-reached the client, so the client never sees it; the first token is not sent twice.
+Per request: validate and tokenize -> admission (bounded queue) -> a Route through the workers
+(route.py) -> metrics, span attributes and trailers from what the route reports.
 """
 
 from __future__ import annotations
@@ -23,7 +20,8 @@ import redis.asyncio as redis
 from opentelemetry import trace
 
 from protos import gateway_pb2, gateway_pb2_grpc, worker_pb2
-from shared.directory import Directory, Worker
+from services.gateway.route import Progress, RequestFailed, Route
+from shared.directory import Directory
 from shared.models.fetch import DEFAULT_MODEL
 from shared.models.loader import SYNTHETIC_PREFIX, resolve_source
 from shared.ownership import Ledger
@@ -52,32 +50,6 @@ class GatewayConfig:
     @property
     def model_id(self) -> str:
         return self.model or DEFAULT_MODEL
-
-
-class RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-@dataclass
-class _Progress:
-    """What has reached the client so far; retries never repeat it."""
-
-    sent_first: bool = False
-    decode_tokens: int = 0
-    first_token_at: float = 0.0
-    kv_bytes: int = 0  # KV pushed by prefill, all attempts
-    prefill_worker: str = ""
-    decode_worker: str = ""
-
-    def trailers(self) -> tuple[tuple[str, str], ...]:
-        """Trailing metadata telling the client how its request was served."""
-        return (
-            ("kvmesh-kv-bytes", str(self.kv_bytes)),
-            ("kvmesh-prefill-worker", self.prefill_worker),
-            ("kvmesh-decode-worker", self.decode_worker),
-        )
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -120,13 +92,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             model, prompt, sampling = await self._validate(request)
             span.set_attribute("kvmesh.prompt_tokens", len(prompt))
-            progress = _Progress()
+            route = Route(self.directory, rid, model, prompt, sampling, context,
+                          self.config.attempts)  # fmt: skip
             async with self._admit(span):
-                async for response in self._serve(
-                    rid, model, prompt, sampling, context, started, progress
-                ):
+                async for response in route.stream():
+                    if response.finish_reason:
+                        self._record(response, route.progress, started)
                     yield response
-            context.set_trailing_metadata(progress.trailers())
+            context.set_trailing_metadata(route.progress.trailers())
         except RequestFailed as e:
             self.metrics.finish_request("error")
             await abort(context, e.code, e.message)
@@ -227,175 +200,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.metrics.requests_in_flight.dec()
             self._slots.release()
 
-    async def _serve(
-        self, rid: str, model: str, prompt: list[int], sampling: worker_pb2.Sampling,
-        context: grpc.aio.ServicerContext, started: float, progress: _Progress,
-    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:  # fmt: skip
-        tried: set[str] = set()
-        last_error = "no worker pair was available"
-        for _ in range(self.config.attempts):
-            try:
-                async for response in self._attempt(rid, model, prompt, sampling, context,
-                                                    progress, tried):  # fmt: skip
-                    if response.finish_reason:
-                        self._record(response, progress, started)
-                    yield response
-                return
-            except _Retry as e:
-                last_error = str(e)
-                log.warning("request %s: %s; retrying on other workers", rid, e)
-        raise RequestFailed(Code.UNAVAILABLE, f"request {rid} failed: {last_error}")
-
-    async def _attempt(
-        self, rid: str, model: str, prompt: list[int], sampling: worker_pb2.Sampling,
-        context: grpc.aio.ServicerContext, progress: _Progress, tried: set[str],
-    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:  # fmt: skip
-        decode, reservation = await self._reserve(rid, model, prompt, sampling, context, tried)
-        hid = reservation.handoff_id
-        consumed = False
-        try:
-            first = await self._prefill(
-                rid, model, prompt, sampling, reservation, context, tried, progress
-            )
-            progress.kv_bytes += first.kv_bytes
-            progress.decode_worker = decode.info.worker_id
-            if not progress.sent_first:
-                progress.sent_first = True
-                progress.first_token_at = time.perf_counter()
-                yield gateway_pb2.GenerateResponse(
-                    request_id=rid, token_ids=[first.first_token], text=first.text
-                )
-            if first.finish_reason:
-                yield self._final(rid, first.finish_reason, len(prompt), 1)
-                return
-            consumed = True
-            call = decode.stub.Decode(
-                worker_pb2.DecodeRequest(
-                    request_id=rid, handoff_id=hid, prompt_token_ids=prompt,
-                    first_token=first.first_token, sampling=sampling,
-                ),
-                timeout=context.time_remaining(),
-            )  # fmt: skip
-            try:
-                async for msg in call:
-                    progress.decode_tokens += len(msg.token_ids)
-                    response = gateway_pb2.GenerateResponse(
-                        request_id=rid, token_ids=msg.token_ids, text=msg.text,
-                        finish_reason=msg.finish_reason,
-                    )  # fmt: skip
-                    if msg.finish_reason:
-                        response.usage.prompt_tokens = len(prompt)
-                        response.usage.completion_tokens = msg.completion_tokens
-                    yield response
-            except grpc.aio.AioRpcError as e:
-                self._decode_failed(decode, e, progress)
-            finally:
-                call.cancel()
-        finally:
-            if not consumed:
-                await self._release(decode, hid)
-
-    async def _reserve(
-        self, rid: str, model: str, prompt: list[int], sampling: worker_pb2.Sampling,
-        context: grpc.aio.ServicerContext, tried: set[str],
-    ) -> tuple[Worker, worker_pb2.ReserveResponse]:  # fmt: skip
-        deadline = time.monotonic() + (context.time_remaining() or 60.0)
-        while True:
-            decode = self.directory.pick_decode(model, tried)
-            if decode is None:
-                await self.directory.refresh()  # one may have joined since the last refresh
-                decode = self.directory.pick_decode(model, tried)
-            if decode is None:
-                raise _Retry("no decode worker is available")
-            request = worker_pb2.ReserveRequest(
-                request_id=rid, handoff_id=str(uuid.uuid4()), prompt_token_ids=prompt,
-                sampling=sampling,
-            )  # fmt: skip
-            try:
-                reservation = await decode.stub.Reserve(request, timeout=context.time_remaining())
-            except grpc.aio.AioRpcError as e:
-                if e.code() == Code.INVALID_ARGUMENT:
-                    raise RequestFailed(e.code(), e.details() or "invalid request") from e
-                if e.code() == Code.DEADLINE_EXCEEDED:
-                    raise RequestFailed(e.code(), "deadline exceeded while reserving KV") from e
-                if e.code() == Code.RESOURCE_EXHAUSTED and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)  # blocks free up as sequences finish
-                    continue
-                tried.add(decode.info.worker_id)
-                self.directory.mark_suspect(decode.info.worker_id)
-                raise _Retry(f"decode {decode.info.worker_id}: {e.details()}") from e
-            self.directory.note_reserved(decode.info.worker_id, reservation.num_blocks)
-            return decode, reservation
-
-    async def _prefill(
-        self, rid: str, model: str, prompt: list[int], sampling: worker_pb2.Sampling,
-        reservation: worker_pb2.ReserveResponse, context: grpc.aio.ServicerContext,
-        tried: set[str], progress: _Progress,
-    ) -> worker_pb2.PrefillResponse:  # fmt: skip
-        prefill = self.directory.pick_prefill(model, tried)
-        if prefill is None:
-            await self.directory.refresh()
-            prefill = self.directory.pick_prefill(model, tried)
-        if prefill is None:
-            raise _Retry("no prefill worker is available")
-        wid = prefill.info.worker_id
-        progress.prefill_worker = wid
-        self.directory.outstanding[wid] += 1
-        call = prefill.stub.Prefill(
-            worker_pb2.PrefillRequest(
-                request_id=rid, prompt_token_ids=prompt, sampling=sampling,
-                handoff_id=reservation.handoff_id, kv_endpoint=reservation.kv_endpoint,
-                layout=reservation.layout,
-            ),
-            timeout=context.time_remaining(),
-        )  # fmt: skip
-        try:
-            response: worker_pb2.PrefillResponse = await call
-        except grpc.aio.AioRpcError as e:
-            if e.code() in (Code.INVALID_ARGUMENT, Code.DEADLINE_EXCEEDED):
-                raise RequestFailed(e.code(), e.details() or "prefill failed") from e
-            tried.add(wid)
-            if e.code() == Code.UNAVAILABLE:
-                self.directory.mark_suspect(wid)
-            raise _Retry(f"prefill {wid}: {e.details()}") from e
-        finally:
-            self.directory.outstanding[wid] -= 1
-            call.cancel()
-        span = trace.get_current_span()
-        span.set_attribute("kvmesh.kv_bytes", response.kv_bytes)
-        return response
-
-    def _decode_failed(
-        self, decode: Worker, error: grpc.aio.AioRpcError, progress: _Progress
-    ) -> None:
-        code = error.code()
-        if code in (Code.CANCELLED, Code.DEADLINE_EXCEEDED):
-            raise RequestFailed(code, error.details() or code.name.lower())
-        if code == Code.UNAVAILABLE:
-            self.directory.mark_suspect(decode.info.worker_id)
-        if progress.decode_tokens == 0 and code in (Code.ABORTED, Code.UNAVAILABLE, Code.NOT_FOUND):
-            raise _Retry(f"decode {decode.info.worker_id}: {error.details()}")
-        raise RequestFailed(
-            Code.UNAVAILABLE,
-            f"decode worker {decode.info.worker_id} failed mid-stream: {error.details()}",
-        )
-
-    async def _release(self, decode: Worker, handoff_id: str) -> None:
-        request = worker_pb2.ReleaseRequest(handoff_id=handoff_id)
-        # shielded: this runs while a cancelled request unwinds, and must still reach decode
-        with contextlib.suppress(Exception):
-            await asyncio.shield(decode.stub.Release(request, timeout=5))
-
-    def _final(
-        self, rid: str, reason: str, prompt_tokens: int, completion_tokens: int
-    ) -> gateway_pb2.GenerateResponse:
-        response = gateway_pb2.GenerateResponse(request_id=rid, finish_reason=reason)
-        response.usage.prompt_tokens = prompt_tokens
-        response.usage.completion_tokens = completion_tokens
-        return response
-
     def _record(
-        self, final: gateway_pb2.GenerateResponse, progress: _Progress, started: float
+        self, final: gateway_pb2.GenerateResponse, progress: Progress, started: float
     ) -> None:
         now = time.perf_counter()
         ttft = progress.first_token_at - started
@@ -411,10 +217,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span.set_attribute("kvmesh.finish_reason", final.finish_reason)
         span.set_attribute("kvmesh.ttft_seconds", ttft)
         span.set_attribute("kvmesh.tpot_seconds", tpot)
-
-
-class _Retry(Exception):
-    """This attempt failed in a way another worker pair may not."""
 
 
 def gateway_tokenizer(model: str) -> Tokenizer:
