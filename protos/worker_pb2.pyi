@@ -51,20 +51,16 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., handoff_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("handoff_id", "kv_endpoint", "num_blocks", "layer_nbytes", "layout", "worker_id")
+    __slots__ = ("handoff_id", "kv_endpoint", "num_blocks", "layout")
     HANDOFF_ID_FIELD_NUMBER: _ClassVar[int]
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    LAYER_NBYTES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
-    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     handoff_id: str
     kv_endpoint: str
     num_blocks: int
-    layer_nbytes: int
     layout: KVLayout
-    worker_id: str
-    def __init__(self, handoff_id: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layer_nbytes: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, handoff_id: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "handoff_id", "kv_endpoint", "layout")
@@ -83,22 +79,16 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., handoff_id: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "text", "finish_reason", "prompt_tokens", "kv_bytes", "handoff_seconds", "queue_seconds")
+    __slots__ = ("first_token", "text", "finish_reason", "kv_bytes")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
-    HANDOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     text: str
     finish_reason: str
-    prompt_tokens: int
     kv_bytes: int
-    handoff_seconds: float
-    queue_seconds: float
-    def __init__(self, first_token: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., handoff_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, first_token: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "handoff_id", "prompt_token_ids", "first_token", "sampling")

@@ -112,7 +112,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         )
         return worker_pb2.ReserveResponse(
             handoff_id=hid, kv_endpoint=self.kv_endpoint, num_blocks=len(blocks),
-            layer_nbytes=nbytes, layout=kv_layout(self.loop.engine), worker_id=reg.worker_id,
+            layout=kv_layout(self.loop.engine),
         )  # fmt: skip
 
     async def Release(self, request, context):  # noqa: N802
@@ -156,9 +156,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         joined = time.perf_counter()
         steps = 0
         try:
-            await self.loop.call(
-                lambda e: e.commit(hid, prompt, request.first_token, params, params.seed or 0)
-            )
+            await self.loop.call(lambda e: e.commit(hid, prompt, request.first_token, params))
             await reg.ledger.transition(reg.worker_id, reg.generation, hid, "owned")
             while True:
                 out = await queue.get()

@@ -127,7 +127,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         return worker_pb2.PrefillResponse(
             first_token=out.new_token_ids[0], text=out.text,
             finish_reason="" if reason in (None, FinishReason.HANDOFF) else reason.value,
-            prompt_tokens=len(prompt), kv_bytes=kv_bytes, queue_seconds=out.queue_seconds,
+            kv_bytes=kv_bytes,
         )  # fmt: skip
 
     async def _complete_handoff(

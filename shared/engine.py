@@ -206,11 +206,12 @@ class Engine:
         prompt_token_ids: list[int],
         first_token: int,
         params: SamplingParams,
-        seed: int,
     ) -> None:
-        """The reserved blocks now hold the prompt's KV: decode from the first token on."""
+        """The reserved blocks now hold the prompt's KV: decode from the first token on.
+        params.seed must be the seed prefill sampled the first token with."""
         blocks = self._reserved.pop(request_id)
-        seq = self._new_sequence(request_id, list(prompt_token_ids), params, seed)
+        # the prefill worker drew the first token from params.seed's stream: continue it
+        seq = self._new_sequence(request_id, list(prompt_token_ids), params)
         seq.block_table = blocks
         seq.num_computed = len(prompt_token_ids)
         self._append(seq, first_token)
@@ -250,13 +251,10 @@ class Engine:
 
     # -------------------------------------------------------------------------------- helpers
 
-    def _new_sequence(
-        self, request_id: str, prompt: list[int], params: SamplingParams, seed: int | None = None
-    ) -> Sequence:
+    def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
         if request_id in self._seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
-        if seed is None:
-            seed = params.seed if params.seed is not None else secrets.randbits(62)
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
         self._arrivals += 1
         seq = Sequence(request_id, prompt, len(prompt), params, seed, self._arrivals)
         seq.arrival_time = time.perf_counter()

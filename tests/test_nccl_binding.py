@@ -416,7 +416,7 @@ def test_disaggregated_engines_over_the_loopback_match_colocated(fabric, sender)
         for hid, prompt in prompts.items():
             channels[hid].finish(10)
             assert futures[hid].result(10).ok
-            decode.commit(hid, prompt, first[hid], params, 0)
+            decode.commit(hid, prompt, first[hid], params)
         got = {hid: [first[hid]] for hid in prompts}
         while decode.has_work:
             for o in decode.step():

@@ -155,7 +155,7 @@ def test_decode_role_commits_received_kv_and_continues_like_colocated() -> None:
     assert sorted(exported) == list(range(prefill.model_config.num_layers))
     for layer, data in exported.items():
         decode.model.ops.scatter_blocks(decode.kv_cache[layer], torch.tensor(dst), data)
-    decode.commit("x", prompt, first.new_token_ids[0], params, seed=0)
+    decode.commit("x", prompt, first.new_token_ids[0], params)
     got = list(first.new_token_ids)
     while decode.has_work:
         got += [t for o in decode.step() for t in o.new_token_ids]

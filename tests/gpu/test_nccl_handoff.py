@@ -101,7 +101,7 @@ def decode_batch(engine: Engine, futures: dict[str, Any], requests: list) -> dic
             out[hid] = result.error
             engine.abort(hid)
             continue
-        engine.commit(hid, prompt, first, SamplingParams(max_tokens=max_tokens, ignore_eos=True), 0)
+        engine.commit(hid, prompt, first, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         out[hid] = [first]
     while engine.has_work:
         for o in engine.step():
