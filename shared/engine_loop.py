@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from shared.engine import Engine, RequestOutput
+from shared.sequence import FinishReason
 from shared.telemetry import KvmeshMetrics
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,6 @@ class EngineLoop:
                 loop.call_soon_threadsafe(queue.put_nowait, out)
 
     def _abort_all(self) -> list[RequestOutput]:
-        from shared.sequence import FinishReason
-
         outputs = []
         for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
             self.engine.abort(seq.request_id)
