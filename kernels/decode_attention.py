@@ -42,7 +42,7 @@ def decode_attention_ref(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_part_ptr, ml_part_ptr, qk_scale, split_len,
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_part_ptr, ml_part_ptr, qk_scale, min_split,
     stride_qb, stride_qh, stride_table,
     stride_k_blk, stride_k_off, stride_k_h, stride_v_blk, stride_v_off, stride_v_h,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
@@ -52,6 +52,9 @@ def _decode_split_kernel(
     # program (b, kv head, split): the GQA group's GROUP query heads share every K/V tile load
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(lens_ptr + seq)
+    # the context is cut on the device, from its real length: NUM_SPLITS pieces of at least
+    # min_split keys (whole tiles), so short contexts use fewer splits and the rest stay empty
+    split_len = tl.cdiv(tl.maximum(tl.cdiv(ctx, NUM_SPLITS), min_split), BLOCK_N) * BLOCK_N
     key_lo = split * split_len
     key_hi = tl.minimum(key_lo + split_len, ctx)
     g = tl.arange(0, GROUP_PAD)
@@ -130,15 +133,16 @@ class DecodeTuning:
     num_stages: int = 3
 
 
-def _split_len(
+def _num_splits(
     batch: int, num_kv_heads: int, max_ctx: int, device: torch.device, t: DecodeTuning
-) -> int:
-    # Enough programs to fill the card several times over, but splits of at least min_split keys
-    # (a split's fixed cost is its q load and a partial write). No host sync: max_ctx is the
-    # block table's capacity, so a CUDA graph sees the same split count every replay.
-    splits = max(1, triton.cdiv(t.waves * _num_sms(device), batch * num_kv_heads))
-    split = max(triton.cdiv(max_ctx, splits), t.min_split if device.type == "cuda" else t.block_n)
-    return triton.cdiv(split, t.block_n) * t.block_n
+) -> tuple[int, int]:
+    """(splits per sequence, fewest keys per split). Enough programs to fill the card several
+    times over, but splits of at least min_split keys (a split's fixed cost is its q load and a
+    partial write). No host sync: max_ctx is the block table's capacity and the kernel cuts each
+    context by its length, so a CUDA graph replays correctly for any context that fits."""
+    min_split = t.min_split if device.type == "cuda" else t.block_n
+    wanted = max(1, triton.cdiv(t.waves * _num_sms(device), batch * num_kv_heads))
+    return min(wanted, triton.cdiv(max_ctx, min_split)), min_split
 
 
 def decode_attention(
@@ -166,14 +170,13 @@ def decode_attention(
         return out
     group = num_heads // num_kv_heads
     max_ctx = block_table.shape[1] * page
-    split_len = _split_len(batch, num_kv_heads, max_ctx, q.device, tuning)
-    num_splits = triton.cdiv(max_ctx, split_len)
+    num_splits, min_split = _num_splits(batch, num_kv_heads, max_ctx, q.device, tuning)
     o_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
                          device=q.device)  # fmt: skip
     ml_part = torch.empty((batch, num_heads, num_splits, 2), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, o_part, ml_part,
-        scale * 1.4426950408889634, split_len,  # log2(e): the kernel works in base 2
+        scale * 1.4426950408889634, min_split,  # log2(e): the kernel works in base 2
         q.stride(0), q.stride(1), block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

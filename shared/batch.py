@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.scheduler import ScheduledSeq
+from shared.sequence import PENDING, Sequence
+
 
 @dataclass
 class ForwardBatch:
@@ -27,3 +30,127 @@ class ForwardBatch:
     @property
     def decode_only(self) -> bool:
         return self.max_q_len == 1
+
+
+# (rows of the input ids, rows of the in-flight step's sampled tokens to copy there), on device
+Fill = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """One decode step's inputs in host memory (pinned on CUDA), padded to a bucket of b rows."""
+
+    ids: torch.Tensor  # [b] int64; rows in the fill are overwritten on the device
+    positions: torch.Tensor  # [b] int64
+    slots: torch.Tensor  # [b] int64
+    seq_lens: torch.Tensor  # [b] int32
+    block_table: torch.Tensor  # [b, width] int32
+
+
+class StepInputs:
+    """Builds a step's inputs from the scheduled sequences: host lists -> (pinned) host tensors
+    -> asynchronous copies, so the host never waits for the device here.
+
+    A sequence's last token may be PENDING: sampled by the step still in flight. Its input row
+    is then filled on the device from that step's sampled tokens (row seq.pending_row).
+    """
+
+    def __init__(self, device: torch.device, block_size: int, scratch_block: int) -> None:
+        self.device = device
+        self.block_size = block_size
+        self.scratch_block = scratch_block  # padding rows of graphed steps read/write only here
+        self._pin = device.type == "cuda"
+
+    def pinned(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory() if self._pin else t
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return self.pinned(values, dtype).to(self.device, non_blocking=True)
+
+    def _fill(self, rows: list[int], sources: list[int]) -> Fill | None:
+        if not rows:
+            return None
+        both = self._to_device([rows, sources], torch.int64)
+        return both[0], both[1]
+
+    def batch(
+        self, scheduled: list[ScheduledSeq], prev_tokens: torch.Tensor | None
+    ) -> tuple[ForwardBatch, list[Sequence]]:
+        """Any mix of prompt chunks and decode tokens, packed; and the sequences to sample."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        fill_rows: list[int] = []
+        fill_sources: list[int] = []
+        for s in scheduled:
+            seq, start, end = s.seq, s.seq.num_computed, s.seq.num_computed + s.num_new_tokens
+            if seq.token_ids[end - 1] == PENDING:  # only ever the last token
+                fill_rows.append(cu[-1] + s.num_new_tokens - 1)
+                fill_sources.append(seq.pending_row)
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            cu.append(cu[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(cu[-1] - 1)
+                sampled.append(seq)
+        width = max(len(s.seq.block_table) for s in scheduled)
+        tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in scheduled]
+        input_ids = self._to_device(ids, torch.int64)
+        fill = self._fill(fill_rows, fill_sources)
+        if fill is not None:
+            assert prev_tokens is not None
+            input_ids.index_copy_(0, fill[0], prev_tokens.index_select(0, fill[1]))
+        batch = ForwardBatch(
+            input_ids=input_ids,
+            positions=self._to_device(positions, torch.int64),
+            slot_mapping=self._to_device(slots, torch.int64),
+            block_table=self._to_device(tables, torch.int32),
+            cu_seqlens_q=self._to_device(cu, torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            sample_indices=self._to_device(sample_rows, torch.int64),
+            max_q_len=max(s.num_new_tokens for s in scheduled),
+        )
+        return batch, sampled
+
+    def decode(
+        self, scheduled: list[ScheduledSeq], bucket: int
+    ) -> tuple[DecodeInputs, Fill | None, list[Sequence]]:
+        """One token per sequence, padded to `bucket` rows; every sequence is sampled."""
+        bs, scratch = self.block_size, self.scratch_block
+        n = len(scheduled)
+        pad = bucket - n
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        fill_rows: list[int] = []
+        fill_sources: list[int] = []
+        sampled = [s.seq for s in scheduled]
+        for row, seq in enumerate(sampled):
+            p = seq.num_computed
+            token = seq.token_ids[p]
+            if token == PENDING:
+                fill_rows.append(row)
+                fill_sources.append(seq.pending_row)
+                token = 0
+            ids.append(token)
+            positions.append(p)
+            slots.append(seq.block_table[p // bs] * bs + p % bs)
+        width = max(len(seq.block_table) for seq in sampled)
+        tables = [seq.block_table + [scratch] * (width - len(seq.block_table)) for seq in sampled]
+        inputs = DecodeInputs(
+            ids=self.pinned(ids + [0] * pad, torch.int64),
+            positions=self.pinned(positions + [0] * pad, torch.int64),
+            slots=self.pinned(slots + [scratch * bs] * pad, torch.int64),
+            seq_lens=self.pinned([p + 1 for p in positions] + [1] * pad, torch.int32),
+            block_table=self.pinned(tables + [[scratch] * width] * pad, torch.int32),
+        )
+        return inputs, self._fill(fill_rows, fill_sources), sampled

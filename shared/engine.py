@@ -14,11 +14,12 @@ import enum
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from shared.batch import ForwardBatch
+from shared.batch import StepInputs
+from shared.cuda_graphs import DecodeGraphs
 from shared.kv_cache import (
     BlockPool,
     allocate_kv_cache,
@@ -30,7 +31,7 @@ from shared.models.loader import LoadedModel, load_model
 from shared.ops import ops_for
 from shared.sampler import SamplingBatch, sample
 from shared.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
-from shared.sequence import FinishReason, SamplingParams, Sequence, Status
+from shared.sequence import PENDING, FinishReason, SamplingParams, Sequence, Status
 from shared.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,6 +58,8 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's context, capped by the cache
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     use_kernels: bool = True  # Triton kernels on CUDA
+    cuda_graphs: bool = True  # replay captured decode steps on CUDA
+    overlap: bool = True  # launch step N+1 before processing step N's tokens (not for prefill)
     seed: int = 0  # weights of synthetic models
 
     def __post_init__(self) -> None:
@@ -95,9 +98,16 @@ ExportHook = Callable[[int, list[Sequence]], None]
 
 
 @dataclass
-class _Step:
-    batch: ForwardBatch
-    sampled: list[Sequence] = field(default_factory=list)
+class _Launched:
+    """A step whose tokens are being sampled on the device; processed one step later."""
+
+    epoch: int
+    sampled: list[Sequence]  # in row order of tokens
+    indices: list[int]  # where each sampled token goes in its sequence's token_ids
+    tokens: torch.Tensor  # [S] int64 on the device (the next step may read them there)
+    host_tokens: torch.Tensor  # [S] int64 on the host, filled when `ready` completes
+    ready: torch.cuda.Event | None
+    batch_size: int  # sequences computed in the step
 
 
 class Engine:
@@ -127,9 +137,10 @@ class Engine:
             config.gpu_memory_fraction,
         )
         self.pool = BlockPool(num_blocks)
+        # one block more than the pool hands out: the scratch block padding rows write into
         self.kv_cache = allocate_kv_cache(
-            loaded.config, num_blocks, config.block_size, dtype, self.device
-        )  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
+            loaded.config, num_blocks + 1, config.block_size, dtype, self.device
+        )  # [L, 2, num_blocks + 1, block_size, kv_heads, head_dim]
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position, num_blocks * config.block_size
         )
@@ -143,6 +154,18 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._reserved: dict[str, list[int]] = {}
         self._arrivals = 0
+        self._inputs = StepInputs(self.device, config.block_size, scratch_block=num_blocks)
+        self._overlap = config.overlap and config.role is not Role.PREFILL
+        self._in_flight: _Launched | None = None
+        self._epoch = 0
+        self._graphs: DecodeGraphs | None = None
+        if config.cuda_graphs and self.device.type == "cuda" and config.role is not Role.PREFILL:
+            self._graphs = DecodeGraphs(
+                self.model, self.kv_cache, config.max_num_seqs,
+                table_width=blocks_for(self.max_model_len, config.block_size),
+                scratch_block=num_blocks,
+            )  # fmt: skip
+            self._graphs.capture()
 
     # ------------------------------------------------------------------------------- requests
 
@@ -188,6 +211,19 @@ class Engine:
         self._detok.pop(request_id, None)
         return True
 
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every request (after a step failed): an ABORT output for each."""
+        self._in_flight = None
+        self.pool.release(self._epoch)  # nothing runs on the device for us any more
+        outputs = [
+            RequestOutput(seq.request_id, [], "", seq.num_prompt_tokens,
+                          sum(t != PENDING for t in seq.output_ids), FinishReason.ABORT)
+            for seq in self._seqs.values()
+        ]  # fmt: skip
+        for out in outputs:
+            self.abort(out.request_id)
+        return outputs
+
     # ------------------------------------------------------------------------ decode handoff
 
     def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int] | None:
@@ -214,9 +250,10 @@ class Engine:
         seq = self._new_sequence(request_id, list(prompt_token_ids), params)
         seq.block_table = blocks
         seq.num_computed = len(prompt_token_ids)
-        self._append(seq, first_token)
+        seq.token_ids.append(first_token)
         detok = self._detok.get(request_id)
         if detok is not None:
+            detok.add(first_token)
             detok.delta(final=False)  # the prefill worker already emitted this text
         self.scheduler.add(seq)
 
@@ -224,25 +261,19 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        if not plan.scheduled:
-            return []
-        now = time.perf_counter()
-        for s in plan.scheduled:
-            if s.seq.first_scheduled_time is None:
-                s.seq.first_scheduled_time = now
-        step = self._prepare(plan.scheduled)
-        hook = self._layer_hook(step.sampled)
-        logits = self.model.forward(step.batch, self.kv_cache, hook)
-        for s in plan.scheduled:
-            s.seq.num_computed += s.num_new_tokens
-        tokens = sample(logits, self._sampling_batch(step.sampled)).tolist()
-        outputs = [self._advance(seq, t) for seq, t in zip(step.sampled, tokens, strict=True)]
-        for out in outputs:
-            out.step_batch_size = len(plan.scheduled)
+        """Launch the next step, then process the previous one while the device runs it; the
+        outputs returned belong to the previous step when overlapping, else to this one."""
+        launched = self._launch()
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None:
+            outputs = self._process(self._in_flight)
+        self._in_flight = launched
+        if launched is not None and not self._overlap:
+            outputs += self._process(launched)
+            self._in_flight = None
         return outputs
 
     def check_integrity(self) -> None:
@@ -263,44 +294,74 @@ class Engine:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
         return seq
 
-    def _prepare(self, scheduled: list[ScheduledSeq]) -> _Step:
-        bs = self.config.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        sampled: list[Sequence] = []
-        for s in scheduled:
-            seq, start, end = s.seq, s.seq.num_computed, s.seq.num_computed + s.num_new_tokens
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            cu.append(cu[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            if end == seq.num_tokens:
-                sample_rows.append(cu[-1] - 1)
-                sampled.append(seq)
-        width = max(len(s.seq.block_table) for s in scheduled)
-        tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in scheduled]
-        dev = self.device
+    def _launch(self) -> _Launched | None:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return None
+        self._epoch += 1
+        self.pool.epoch = self._epoch
+        now = time.perf_counter()
+        for s in plan.scheduled:
+            if s.seq.first_scheduled_time is None:
+                s.seq.first_scheduled_time = now
+        prev = self._in_flight.tokens if self._in_flight is not None else None
+        graphed = self._graph_bucket(plan.scheduled)
+        if graphed is not None:
+            assert self._graphs is not None
+            inputs, fill, sampled = self._inputs.decode(plan.scheduled, graphed)
+            logits = self._graphs.run(inputs, fill, prev, len(sampled))
+        else:
+            batch, sampled = self._inputs.batch(plan.scheduled, prev)
+            logits = self.model.forward(batch, self.kv_cache, self._layer_hook(sampled))
+        for s in plan.scheduled:
+            s.seq.num_computed += s.num_new_tokens
+        tokens = self._sample(logits, sampled)
+        host_tokens, ready = tokens, None
+        if tokens.is_cuda:
+            host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host_tokens.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        indices = []
+        for row, seq in enumerate(sampled):
+            indices.append(seq.num_tokens)
+            seq.token_ids.append(PENDING)
+            seq.pending_row = row
+            if self._certainly_done(seq):  # stop scheduling it now; its output comes later
+                self.scheduler.remove(seq)
+        return _Launched(self._epoch, sampled, indices, tokens, host_tokens, ready,
+                         len(plan.scheduled))  # fmt: skip
 
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+    def _process(self, step: _Launched) -> list[RequestOutput]:
+        if step.ready is not None:
+            step.ready.synchronize()
+        self.pool.release(step.epoch)
+        outputs = []
+        for seq, index, token in zip(step.sampled, step.indices, step.host_tokens.tolist(),
+                                     strict=True):  # fmt: skip
+            if self._seqs.get(seq.request_id) is not seq:
+                continue  # finished one step earlier, or aborted
+            seq.token_ids[index] = token
+            if seq.token_ids[-1] != PENDING:
+                seq.pending_row = -1
+            out = self._advance(seq, index)
+            out.step_batch_size = step.batch_size
+            outputs.append(out)
+        return outputs
 
-        batch = ForwardBatch(
-            input_ids=tensor(ids, torch.int64),
-            positions=tensor(positions, torch.int64),
-            slot_mapping=tensor(slots, torch.int64),
-            block_table=tensor(tables, torch.int32),
-            cu_seqlens_q=tensor(cu, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            sample_indices=tensor(sample_rows, torch.int64),
-            max_q_len=max(s.num_new_tokens for s in scheduled),
+    def _graph_bucket(self, scheduled: list[ScheduledSeq]) -> int | None:
+        """The graph bucket for a decode-only step, or None to run it eagerly."""
+        if self._graphs is None or any(s.num_new_tokens != 1 for s in scheduled):
+            return None
+        if self._layer_hook([s.seq for s in scheduled]) is not None:
+            return None
+        return self._graphs.bucket_for(len(scheduled))
+
+    def _certainly_done(self, seq: Sequence) -> bool:
+        """True if seq finishes by length whatever its pending token is."""
+        return (
+            seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
         )
-        return _Step(batch, sampled)
 
     def _layer_hook(self, sampled: list[Sequence]) -> Callable[[int], None] | None:
         hook = self.export_hook
@@ -311,45 +372,52 @@ class Engine:
             return None
         return lambda layer: hook(layer, done)
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        dev = self.device
-        temps = [s.params.temperature for s in seqs]
-        return SamplingBatch(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=dev),
-            top_p=torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev),
-            top_k=torch.tensor([s.params.top_k for s in seqs], dtype=torch.int64, device=dev),
-            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
-            steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=dev),
-            all_greedy=all(t == 0 for t in temps),
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        if all(s.params.temperature == 0 for s in seqs):
+            return logits.argmax(dim=-1)
+        pinned = self._inputs.pinned
+        floats = pinned([[s.params.temperature for s in seqs], [s.params.top_p for s in seqs]],
+                        torch.float32).to(self.device, non_blocking=True)  # fmt: skip
+        ints = pinned([[s.params.top_k for s in seqs], [s.seed for s in seqs],
+                       [s.num_output_tokens for s in seqs]],
+                      torch.int64).to(self.device, non_blocking=True)  # fmt: skip
+        batch = SamplingBatch(
+            temperature=floats[0],
+            top_p=floats[1],
+            top_k=ints[0],
+            seeds=ints[1],
+            steps=ints[2],
+            all_greedy=False,
             any_top_p_or_k=any(s.params.top_p < 1 or s.params.top_k > 0 for s in seqs),
         )
+        return sample(logits, batch)
 
-    def _append(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Append a sampled token and decide whether the sequence is finished."""
-        seq.token_ids.append(token)
-        detok = self._detok.get(seq.request_id)
-        hit_stop_string = detok.add(token) if detok is not None else False
-        p = seq.params
+    def _finish_reason(self, seq: Sequence, index: int, stop_string: bool) -> FinishReason | None:
+        """Whether seq ends with its token at token_ids[index]."""
+        token, p = seq.token_ids[index], seq.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             return FinishReason.STOP
-        if hit_stop_string:
+        if stop_string:
             return FinishReason.STOP
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if index + 1 - seq.num_prompt_tokens >= p.max_tokens or index + 1 >= self.max_model_len:
             return FinishReason.LENGTH
         if self.config.role is Role.PREFILL:
             return FinishReason.HANDOFF
         return None
 
-    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
-        reason = self._append(seq, token)
+    def _advance(self, seq: Sequence, index: int) -> RequestOutput:
+        """The token at token_ids[index] is known: detokenize it and decide whether seq ends."""
+        token = seq.token_ids[index]
         detok = self._detok.get(seq.request_id)
+        stop_string = detok.add(token) if detok is not None else False
+        reason = self._finish_reason(seq, index, stop_string)
         text = detok.delta(final=reason is not None) if detok is not None else ""
         if reason is not None:
             self._finish(seq, reason)
         queued = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
         return RequestOutput(
-            seq.request_id, [token], text, seq.num_prompt_tokens, seq.num_output_tokens, reason,
-            queued, seq.num_preemptions,
+            seq.request_id, [token], text, seq.num_prompt_tokens, index + 1 - seq.num_prompt_tokens,
+            reason, queued, seq.num_preemptions,
         )  # fmt: skip
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from shared.engine import Engine, RequestOutput
-from shared.sequence import FinishReason
 from shared.telemetry import KvmeshMetrics
 
 log = logging.getLogger(__name__)
@@ -110,7 +109,7 @@ class EngineLoop:
             outputs = self.engine.step()
         except Exception:
             log.exception("engine step failed; aborting its requests")
-            outputs = self._abort_all()
+            outputs = self.engine.abort_all()
         self._busy += time.perf_counter() - start
         self._steps += 1
         for out in outputs:
@@ -118,16 +117,6 @@ class EngineLoop:
             if target is not None:
                 loop, queue = target
                 loop.call_soon_threadsafe(queue.put_nowait, out)
-
-    def _abort_all(self) -> list[RequestOutput]:
-        outputs = []
-        for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
-            self.engine.abort(seq.request_id)
-            outputs.append(
-                RequestOutput(seq.request_id, [], "", seq.num_prompt_tokens,
-                              seq.num_output_tokens, FinishReason.ABORT)
-            )  # fmt: skip
-        return outputs
 
 
 async def publish_gauges(loop: EngineLoop, metrics: KvmeshMetrics, period_s: float = 1.0) -> None:

@@ -18,14 +18,24 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockPool:
-    """Free list plus reference counts. Invariant: free + used == total, no block listed twice."""
+    """Free list plus reference counts. Invariant: free + limbo + used == total, no block listed
+    twice.
+
+    Limbo: while device steps run ahead of the host, a block freed now may still be written by a
+    step already launched. Such a block waits in limbo, tagged with `epoch` (the latest launched
+    step) until `release(done)` says that step completed; only then can it be allocated (and
+    written by another stream, e.g. a KV handoff's scatter).
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self._limbo: deque[tuple[int, int]] = deque()  # (epoch, block), epochs ascending
         self._refs = [0] * num_blocks
+        self.epoch = 0  # the latest step launched
+        self.completed = 0  # the latest step known complete
 
     @property
     def num_free(self) -> int:
@@ -33,7 +43,13 @@ class BlockPool:
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - len(self._free) - len(self._limbo)
+
+    def release(self, done_epoch: int) -> None:
+        """Steps up to done_epoch completed: blocks freed while they ran become allocatable."""
+        self.completed = max(self.completed, done_epoch)
+        while self._limbo and self._limbo[0][0] <= done_epoch:
+            self._free.append(self._limbo.popleft()[1])
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
@@ -53,13 +69,16 @@ class BlockPool:
             assert self._refs[b] > 0, f"block {b} freed twice"
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                if self.completed >= self.epoch:
+                    self._free.append(b)
+                else:
+                    self._limbo.append((self.epoch, b))
 
     def check_integrity(self, owners: list[list[int]] | None = None) -> None:
         """Assert the pool is consistent; with `owners` (every live block table), also that the
         reference counts equal the number of tables holding each block."""
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block is on the free list twice"
+        free = set(self._free) | {b for _, b in self._limbo}
+        assert len(free) == len(self._free) + len(self._limbo), "a block is free twice"
         for b, refs in enumerate(self._refs):
             assert (refs == 0) == (b in free), f"block {b}: {refs} refs, free={b in free}"
         if owners is not None:

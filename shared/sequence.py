@@ -36,6 +36,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
 
+# a token sampled by a step still running on the device; its value arrives when the step's
+# outputs are processed (Sequence.pending_row is its row among that step's sampled tokens)
+PENDING = -1
+
+
 class Status(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -57,6 +62,7 @@ class Sequence:
     num_preemptions: int = 0
     arrival_time: float = 0.0  # time.perf_counter() when it entered the engine
     first_scheduled_time: float | None = None
+    pending_row: int = -1  # see PENDING
 
     @property
     def num_tokens(self) -> int:
