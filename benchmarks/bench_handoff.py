@@ -10,7 +10,10 @@ This process is the prefill side on cuda:0; a spawned process is the decode side
    back to back), timed from a barrier to the sender's synchronize. Handoff: send_layer_group
    for every layer, then finish() of every handoff (the receiver verified every checksum and
    ACKed), timed from the first send to the last ACK, so it includes the control round trips.
-   Best of `reps`.
+   Raw binding (a diagnostic row): the torch.distributed measurement, but through kvmesh's own
+   ctypes binding on a pair communicator made as the handoff makes its pairs (connect_pair):
+   no control frames, no checksums. Raw binding vs torch.distributed is the binding's cost;
+   handoff vs raw binding is the protocol's. Best of `reps`.
 2. TTFT, Llama-3-8B shape (synthetic weights), bf16, one 2,048-token prompt: the prefill engine
    alone (add_request -> first token), and with the handoff to a decode engine on cuda:1 that
    reserved blocks (add_request -> first token and the receiver's ACK). Median of `reps`.
@@ -35,6 +38,8 @@ from common import header, table
 from shared.engine import Engine, EngineConfig, Role
 from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
 from shared.handoff.nccl_channel import send_layer_group
+from shared.handoff.nccl_device import Device
+from shared.handoff.nccl_pair import NcclFabric, PairComm, connect_pair
 from shared.handoff.nccl_receiver import NcclKVReceiver
 from shared.handoff.nccl_sender import NcclKVSender
 from shared.sequence import SamplingParams
@@ -63,6 +68,7 @@ def decode_main(conn: Connection, dist_port: int) -> None:
     rx = NcclKVReceiver(DECODE_DEV)
     conn.send(rx.start())
     engine: Engine | None = None
+    raw: PairComm | None = None
     futures: dict[str, Any] = {}
     while True:
         op, args = conn.recv()
@@ -77,6 +83,20 @@ def decode_main(conn: Connection, dist_port: int) -> None:
                 for _ in range(layers):
                     dist.recv(buf, src=0)
                 torch.cuda.synchronize()
+            conn.send(True)
+        elif op == "raw_pair":
+            raw = connect_pair(NcclFabric(), Device(DECODE_DEV), args, 1, 120)
+            conn.send(True)
+        elif op == "raw_recv":
+            assert raw is not None
+            nbytes, layers, reps = args
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=DECODE_DEV)
+            stream = torch.cuda.Stream(DECODE_DEV)
+            for _ in range(reps):
+                dist.barrier()
+                for _ in range(layers):
+                    raw.recv(buf, 0, stream)
+                stream.synchronize()
             conn.send(True)
         elif op == "expect":
             hid, layers, nbytes = args
@@ -139,6 +159,35 @@ def torch_dist_gbs(decode: Decode, nbytes: int, layers: int, reps: int) -> float
         for _ in range(layers):
             dist.send(buf, dst=1)
         torch.cuda.synchronize()
+        if rep:
+            best = min(best, time.perf_counter() - start)
+    assert decode.conn.recv()
+    return nbytes * layers / best / 1e9
+
+
+def raw_pair(decode: Decode) -> PairComm:
+    """Rank 0 of a pair communicator through kvmesh's binding, as the handoff makes its pairs."""
+    fabric = NcclFabric()
+    unique_id = fabric.unique_id()
+    decode.conn.send(("raw_pair", unique_id))
+    pair = connect_pair(fabric, Device(PREFILL_DEV), unique_id, 0, 120)
+    assert decode.conn.recv()
+    return pair
+
+
+def raw_binding_gbs(decode: Decode, pair: PairComm, nbytes: int, layers: int, reps: int) -> float:
+    """torch_dist_gbs through the binding: one ncclSend/ncclRecv per message, back to back."""
+    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
+    stream = torch.cuda.Stream(PREFILL_DEV)
+    decode.conn.send(("raw_recv", (nbytes, layers, reps + 1)))
+    best = float("inf")
+    for rep in range(reps + 1):  # the first is warm-up
+        dist.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(layers):
+            pair.send(buf, 1, stream)
+        stream.synchronize()
         if rep:
             best = min(best, time.perf_counter() - start)
     assert decode.conn.recv()
@@ -218,17 +267,24 @@ def main() -> None:
     print(f"2 x {torch.cuda.get_device_name(0)}; NCCL_NVLS_ENABLE={nvls}", flush=True)
     decode = Decode()
     sender = NcclKVSender(PREFILL_DEV)
+    pair = raw_pair(decode)
     rows: list[tuple[str, ...]] = []
+
+    def row(what: str, base: float, ours: float, target: str = "") -> None:
+        rows.append((what, f"{base:.1f} GB/s", f"{ours:.1f} GB/s", f"{100 * ours / base:.0f}%",
+                     target))  # fmt: skip
+        print(rows[-1], flush=True)
+
     for mib in map(int, args.sizes_mib.split(",")):
         nbytes = mib * MIB
         for batch in (1, 4):
             base = torch_dist_gbs(decode, nbytes, args.layers * batch, args.reps)
+            if batch == 1:
+                raw = raw_binding_gbs(decode, pair, nbytes, args.layers, args.reps)
+                row(f"bandwidth, raw binding x {args.layers} x {mib} MiB (diagnostic)", base, raw)
             ours = handoff_gbs(decode, sender, nbytes, args.layers, args.reps, batch)
-            target = ">= 90%" if mib >= 16 else ""
             what = f"bandwidth, {batch} handoff{'s' * (batch > 1)} x {args.layers} x {mib} MiB"
-            rows.append((what, f"{base:.1f} GB/s", f"{ours:.1f} GB/s",
-                         f"{100 * ours / base:.0f}%", target))  # fmt: skip
-            print(rows[-1], flush=True)
+            row(what, base, ours, ">= 90%" if mib >= 16 else "")
 
     engine = Engine(engine_config(Role.PREFILL, PREFILL_DEV))
     assert decode.call("engine")

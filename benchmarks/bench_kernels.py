@@ -1,6 +1,6 @@
 """GPU benchmark of kernels/ against the card's ceilings and torch's own implementations.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--prefill-sweep]
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--prefill-sweep] [--prefill-only]
         [--results benchmarks/RESULTS.md]
 
 Ceilings are measured in the same run: device copy bandwidth (read + write bytes / time) and bf16
@@ -25,7 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
 from kernels.prefill_attention import (
-    _config,
+    TUNING,
+    PrefillTuning,
     _prefill,
     _prefill_tuned,
     prefill_attention,
@@ -77,25 +78,52 @@ def paged(ctx: int, batch: int, page: int, kv_heads: int, dim: int) -> tuple[tor
     return kv, table
 
 
-# prefill launch configs timed by --prefill-sweep: _config's arguments
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, PACK_GROUP, K_ROWS=True, maxnreg=None)
-PREFILL_SWEEP: list[tuple] = [
-    (128, 128, 8, 2, True),
-    (128, 128, 8, 2, False),
-    (128, 128, 8, 3, True),
-    (128, 64, 8, 3, True),
-    (64, 64, 4, 2, True),
-    (64, 64, 4, 3, False),
-    (128, 64, 8, 2, True, True, 128),
-    (128, 64, 8, 2, False, True, 128),
-    (128, 64, 8, 3, True, True, 128),
-    (128, 64, 8, 3, False, True, 128),
-    (128, 32, 8, 3, True, True, 128),
-    (64, 32, 4, 3, True, True, 128),
+# prefill launch configs timed by --prefill-sweep. What the kernel's SASS (triton 3.6, sm_90a,
+# offline) shows for each, on the benchmark shape (GQA 4, page 16, d128):
+# - M128 N64 8 warps, maxnreg 128 (the default): two programs an SM, but ptxas serializes every
+#   wgmma (too few registers: C7512) and spills ~100 bytes; 441 instructions a 64-key tile.
+#   lean: 402; lazy+lean: 348 when no row max moves (the usual case after the first tiles).
+# - M128 N32 8 warps, maxnreg 128: two programs an SM with no spills and unserialized wgmma;
+#   291 instructions a 32-key tile, 223 with lazy+lean.
+# - M64 4 warps (one warpgroup a program, so no barrier ties two warpgroups): N32 maxnreg 168 or
+#   128 fits three or four programs an SM, N64 (200 registers) two; twice the K/V traffic per
+#   FLOP of M128. ptxas serializes their wgmma with lazy (C7515), so these are lean only.
+# - M256 16 warps maxnreg 128: one program an SM, half the K/V traffic of two M128 programs.
+# - M128 N128 8 warps, no cap: one program an SM (the best such config measured 338 TFLOP/s).
+PREFILL_SWEEP: list[PrefillTuning] = [
+    *TUNING,
+    PrefillTuning(128, 128, 8, 2),
+    PrefillTuning(128, 128, 8, 2, pack_group=False),
+    PrefillTuning(128, 128, 8, 3),
+    PrefillTuning(128, 64, 8, 3),
+    PrefillTuning(64, 64, 4, 2),
+    PrefillTuning(64, 64, 4, 3, pack_group=False),
+    PrefillTuning(128, 64, 8, 2, pack_group=False, maxnreg=128),
+    PrefillTuning(128, 64, 8, 3, maxnreg=128),
+    PrefillTuning(128, 32, 8, 3, maxnreg=128),
+    PrefillTuning(64, 32, 4, 3, maxnreg=128),
+    # new: lazy rescaling and lean indexing
+    PrefillTuning(128, 64, 8, 2, maxnreg=128, lean_index=True),
+    PrefillTuning(128, 64, 8, 2, maxnreg=128, lazy_rescale=True),
+    PrefillTuning(128, 64, 8, 2, maxnreg=128, lazy_rescale=True, lean_index=True),
+    PrefillTuning(128, 64, 8, 3, maxnreg=128, lazy_rescale=True, lean_index=True),
+    PrefillTuning(128, 64, 8, 3, pack_group=False, maxnreg=128, lazy_rescale=True, lean_index=True),
+    PrefillTuning(128, 32, 8, 3, maxnreg=128, lean_index=True),
+    PrefillTuning(128, 32, 8, 3, maxnreg=128, lazy_rescale=True),
+    PrefillTuning(128, 32, 8, 3, maxnreg=128, lazy_rescale=True, lean_index=True),
+    PrefillTuning(128, 32, 8, 2, maxnreg=128, lazy_rescale=True, lean_index=True),
+    PrefillTuning(128, 32, 8, 3, pack_group=False, maxnreg=128, lazy_rescale=True, lean_index=True),
+    PrefillTuning(64, 32, 4, 3, maxnreg=168, lean_index=True),
+    PrefillTuning(64, 32, 4, 2, maxnreg=168, lean_index=True),
+    PrefillTuning(64, 32, 4, 2, maxnreg=128, lean_index=True),
+    PrefillTuning(64, 64, 4, 2, lean_index=True),
+    PrefillTuning(256, 32, 16, 3, maxnreg=128, lazy_rescale=True, lean_index=True),
+    PrefillTuning(256, 64, 16, 2, maxnreg=128, lazy_rescale=True, lean_index=True),
+    PrefillTuning(128, 128, 8, 2, lazy_rescale=True, lean_index=True),
 ]
 
 
-def prefill_variant_error(cfg: dict) -> float:
+def prefill_variant_error(tuning: PrefillTuning) -> float:
     """Relative error of one launch config on a mixed bf16 batch (GQA 4, page 16, d128)."""
     gen = torch.Generator(device=DEV).manual_seed(0)
     seqs = [(300, 300), (160, 2000), (1, 1500), (37, 101)]
@@ -111,8 +139,36 @@ def prefill_variant_error(cfg: dict) -> float:
                       dtype=torch.int32, device=DEV)  # fmt: skip
     lens = torch.tensor([c for _, c in seqs], dtype=torch.int32, device=DEV)
     want = prefill_attention_ref(q.float(), kv[0].float(), kv[1].float(), table, cu, lens, 0.09)
-    got = _prefill(q, kv[0], kv[1], table, cu, lens, 0.09, config=cfg).float()
+    got = _prefill(q, kv[0], kv[1], table, cu, lens, 0.09, tuning=tuning).float()
     return float((got - want).norm() / want.norm())
+
+
+# q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale
+PrefillArgs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                    torch.Tensor, float]  # fmt: skip
+
+
+def prefill_sweep(args: PrefillArgs, want: torch.Tensor, flops: float, sdpa_ms: float) -> None:
+    """Time and check every PREFILL_SWEEP config; a summary, fastest first, at the end."""
+    print("prefill sweep: config | rel. error mixed batch vs fp32 ref | 4k vs SDPA: rel. error, "
+          "max abs error | ms | TFLOP/s | x SDPA default", flush=True)  # fmt: skip
+    done: list[tuple[float, str]] = []
+    for tuning in PREFILL_SWEEP:
+        try:
+            err = prefill_variant_error(tuning)
+            out = _prefill(*args, tuning=tuning).float()
+            err4k = float((out - want).norm() / want.norm())
+            max_abs = float((out - want).abs().max())
+            t = ms(functools.partial(_prefill, *args, tuning=tuning))
+            line = (f"{tuning.label()} | {err:.2e} | {err4k:.2e}, {max_abs:.2e} | {t:.4f} | "
+                    f"{flops / t / 1e9:.0f} | {sdpa_ms / t:.2f}")  # fmt: skip
+            done.append((t, line))
+        except Exception as exc:  # noqa: BLE001 (a config that fails to build or run)
+            line = f"{tuning.label()} | failed ({type(exc).__name__}: {str(exc)[:200]})"
+        print("  " + line, flush=True)
+    print("prefill sweep, fastest first:")
+    for _, line in sorted(done)[:10]:
+        print("  " + line)
 
 
 def bench_prefill(rows: list[Row], mm: float, sweep: bool) -> None:
@@ -132,8 +188,8 @@ def bench_prefill(rows: list[Row], mm: float, sweep: bool) -> None:
     qt = q.transpose(0, 1).unsqueeze(0)
     k = kv[0][table[0].long()].flatten(0, 1).transpose(0, 1).repeat_interleave(4, 0).unsqueeze(0)
     v = kv[1][table[0].long()].flatten(0, 1).transpose(0, 1).repeat_interleave(4, 0).unsqueeze(0)
-    add("torch SDPA, default backend",
-        ms(lambda: F.scaled_dot_product_attention(qt, k, v, is_causal=True)))  # fmt: skip
+    sdpa_ms = ms(lambda: F.scaled_dot_product_attention(qt, k, v, is_causal=True))
+    add("torch SDPA, default backend", sdpa_ms)
     for name, backend in [("torch SDPA flash", SDPBackend.FLASH_ATTENTION),
                           ("torch SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)]:  # fmt: skip
         try:
@@ -143,21 +199,10 @@ def bench_prefill(rows: list[Row], mm: float, sweep: bool) -> None:
         except RuntimeError as exc:
             print(f"{name}: unavailable ({str(exc).splitlines()[0]})")
     print("SDPA backend order:", sdpa_order())
-    args = (q, kv[0], kv[1], table, cu, lens, scale)
+    args: PrefillArgs = (q, kv[0], kv[1], table, cu, lens, scale)
     want = F.scaled_dot_product_attention(qt, k, v, is_causal=True)[0].transpose(0, 1).float()
     if sweep:
-        print("prefill sweep: config, rel. error (mixed batch vs fp32 ref; 4k vs SDPA), TFLOP/s")
-        for params in PREFILL_SWEEP:
-            cfg = _config(*params)
-            try:
-                err = prefill_variant_error(cfg)
-                out = _prefill(*args, config=cfg).float()
-                err4k = float((out - want).norm() / want.norm())
-                t = ms(functools.partial(_prefill, *args, config=cfg))
-                print(f"  {params}: err {err:.2e} / {err4k:.2e}, {t:.4f} ms = "
-                      f"{flops / t / 1e9:.0f} TFLOP/s")  # fmt: skip
-            except Exception as exc:  # noqa: BLE001 (a config that fails to build or run)
-                print(f"  {params}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+        prefill_sweep(args, want, flops, sdpa_ms)
     out = prefill_attention(*args).float()
     print(f"prefill rel. error at 4k vs SDPA: {float((out - want).norm() / want.norm()):.2e}")
     add("kvmesh Triton (paged)", ms(lambda: prefill_attention(*args)),
@@ -273,6 +318,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time every decode tuning variant")
     parser.add_argument("--prefill-sweep", action="store_true",
                         help="time and check each prefill config in PREFILL_SWEEP")  # fmt: skip
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="the prefill rows only (with --prefill-sweep: the sweep), printed; "
+                        "the results file is left alone")  # fmt: skip
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
@@ -285,6 +333,9 @@ def main() -> None:
         Row("ceiling: bf16 matmul 8192^3", "torch matmul (cuBLAS)", 0, mm, "TFLOP/s", 1),
     ]
     bench_prefill(rows, mm, args.prefill_sweep)
+    if args.prefill_only:
+        print("\n".join(r.line() for r in rows))
+        return
     bench_decode(rows, copy_gbs, args.sweep)
     bench_fused(rows, copy_gbs)
     header = [

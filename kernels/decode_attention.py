@@ -127,7 +127,7 @@ def _num_sms(device: torch.device) -> int:
 @dataclass(frozen=True)
 class DecodeTuning:
     block_n: int = 64  # keys per tile
-    min_split: int = 256  # fewest keys per split on GPU
+    min_split: int = 64  # fewest keys per split on GPU (short contexts at small batches)
     waves: int = 8  # aim for this many programs per multiprocessor
     num_warps: int = 2  # H100 sweep: 2 warps, 3 stages, 64 keys best (94-95% of copy)
     num_stages: int = 3

@@ -13,10 +13,16 @@ GQA: query head h reads kv head h // (num_heads // num_kv_heads). With PACK_GROU
 serves all the query heads of one kv head, so each K/V tile is loaded once for the group.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+# lazy rescaling lets a row's running max lag its true max by up to this much (base 2): p <= 2^8,
+# far from overflow in bf16 P and in the fp32 sums
+RESCALE_SLACK = tl.constexpr(8.0)
 
 
 def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -59,22 +65,34 @@ def _attend_tiles(
     key_lo, key_hi, ctx, stride_k_blk, stride_k_off, stride_v_blk, stride_v_off, qk_scale,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     DIAGONAL: tl.constexpr, DOT_PRECISION: tl.constexpr, K_ROWS: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, INDEX_32: tl.constexpr, SAME_KV_ROWS: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over keys [key_lo, key_hi), BLOCK_N at a time, in base 2:
     #   m = running row max of s * qk_scale, l = running row sum of 2^(s * qk_scale - m),
     #   acc = running sum of p @ V.
     # DIAGONAL: the tiles a causal boundary or the context's end crosses (masks); else none.
+    # LAZY_RESCALE (unmasked tiles only): m moves, and acc and l are rescaled, only when some
+    # row's max grows by more than RESCALE_SLACK; any m works as long as acc and l share it.
     dims = tl.arange(0, HEAD_DIM)
     for start in range(key_lo, key_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        # each key's page, from the block table; int64 so page * stride never wraps. (One lookup
-        # per page, through a reshape, stops Triton 3.6 from pipelining the K/V loads.)
+        # each key's page, from the block table. (One lookup per page, through a reshape, stops
+        # Triton 3.6 from pipelining the K/V loads.)
         if DIAGONAL:  # past the context's end: page 0 (in bounds; masked below)
-            page = tl.load(table_row + keys // PAGE, mask=keys < ctx, other=0).to(tl.int64)
+            page = tl.load(table_row + keys // PAGE, mask=keys < ctx, other=0)
         else:
-            page = tl.load(table_row + keys // PAGE).to(tl.int64)
-        k_rows = page * stride_k_blk + (keys % PAGE) * stride_k_off
-        v_rows = page * stride_v_blk + (keys % PAGE) * stride_v_off
+            page = tl.load(table_row + keys // PAGE)
+        # element offset of each key's row; int64 unless the host checked the cache fits int32
+        if INDEX_32:
+            k_rows = page * stride_k_blk + (keys % PAGE) * stride_k_off
+        else:
+            k_rows = page.to(tl.int64) * stride_k_blk + (keys % PAGE) * stride_k_off
+        if SAME_KV_ROWS:  # K and V strides match: one set of offsets from two bases
+            v_rows = k_rows
+        elif INDEX_32:
+            v_rows = page * stride_v_blk + (keys % PAGE) * stride_v_off
+        else:
+            v_rows = page.to(tl.int64) * stride_v_blk + (keys % PAGE) * stride_v_off
         if K_ROWS:  # load K as stored ([BLOCK_N, HEAD_DIM] rows) and transpose on chip
             k = tl.trans(tl.load(k_base + k_rows[:, None] + dims[None, :]))
         else:
@@ -84,18 +102,31 @@ def _attend_tiles(
             # q_pos < ctx, so the causal mask also hides keys past the context's end
             s = tl.where(keys[None, :] <= q_pos[:, None], s, float("-inf"))
         # qk_scale > 0: max(s) * qk_scale = max(s * qk_scale); one FMA per score below
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_tile = tl.max(s, axis=1) * qk_scale
+        if LAZY_RESCALE and not DIAGONAL:
+            # one decision for the whole program (acc is spread over all its warps); the first
+            # tile always takes it (m = -inf)
+            if tl.max(m_tile - m_i, axis=0) > RESCALE_SLACK:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.math.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.math.exp2(s * qk_scale - m_i[:, None])
+            l_i += tl.sum(p, axis=1)
+        else:
+            m_new = tl.maximum(m_i, m_tile)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         if DIAGONAL:  # past the context's end the rows are block 0's: keep stale NaNs out
             v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=(keys < ctx)[:, None],
                         other=0.0)  # fmt: skip
         else:
             v = tl.load(v_base + v_rows[:, None] + dims[None, :])  # [BLOCK_N, HEAD_DIM]
-        acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -106,7 +137,8 @@ def _prefill_kernel(
     stride_k_blk, stride_k_off, stride_k_h, stride_v_blk, stride_v_off, stride_v_h,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    K_ROWS: tl.constexpr, PACK_GROUP: tl.constexpr,
+    K_ROWS: tl.constexpr, PACK_GROUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    LEAN_INDEX: tl.constexpr, FITS_INT32: tl.constexpr, SAME_KV_STRIDES: tl.constexpr,
 ):  # fmt: skip
     # PACK_GROUP: one program serves a KV head's whole GQA group, each K/V tile loaded once for
     # GROUP query heads; its BLOCK_M rows are (new token, query head) pairs, token-major: row r
@@ -148,61 +180,76 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # LEAN_INDEX: 32-bit key offsets where the cache allows, shared by K and V where it can
+    INDEX_32: tl.constexpr = LEAN_INDEX and FITS_INT32
+    SAME_KV_ROWS: tl.constexpr = LEAN_INDEX and SAME_KV_STRIDES
     # keys below the tile's first position are visible to every row: no mask needed there
     pos_lo = first_pos + m_start // HEADS
     diag_lo = pos_lo // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, table_row, q_pos, 0, diag_lo, ctx,
         stride_k_blk, stride_k_off, stride_v_blk, stride_v_off, qk_scale,
-        PAGE, BLOCK_N, HEAD_DIM, False, DOT_PRECISION, K_ROWS,
+        PAGE, BLOCK_N, HEAD_DIM, False, DOT_PRECISION, K_ROWS, LAZY_RESCALE, INDEX_32, SAME_KV_ROWS,
     )  # fmt: skip
     # the diagonal band, up to the tile's last position: causal and end-of-context masks
     diag_hi = tl.minimum(first_pos + (m_start + BLOCK_M - 1) // HEADS + 1, ctx)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, table_row, q_pos, diag_lo, diag_hi, ctx,
         stride_k_blk, stride_k_off, stride_v_blk, stride_v_off, qk_scale,
-        PAGE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION, K_ROWS,
+        PAGE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION, K_ROWS, False, INDEX_32, SAME_KV_ROWS,
     )  # fmt: skip
     out = acc / l_i[:, None]
     o_off = t64[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-# the H100 autotuner's candidates: _config's arguments (BLOCK_M, BLOCK_N, num_warps, num_stages,
-# PACK_GROUP, K_ROWS, maxnreg). A cap of 128 registers a thread (a few spills) lets two 8-warp
-# programs share an SM, one's softmax overlapping the other's matrix products: 415 TFLOP/s on the
-# H100 benchmark shape against 338 for the best one-program-per-SM config (BLOCK_N 128, 2 stages;
-# benchmarks/bench_kernels.py --prefill-sweep times the others).
-TUNING: list[tuple] = [
-    (128, 64, 8, 2, True, True, 128),
-    (128, 64, 8, 3, False, True, 128),
+@dataclass(frozen=True)
+class PrefillTuning:
+    """One launch config of the prefill kernel: an autotuner candidate or a benchmark variant."""
+
+    block_m: int  # rows per program: tokens, or (token, query head) pairs with pack_group
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+    pack_group: bool = True  # one program per KV head serves its whole GQA group
+    k_rows: bool = True  # load K as stored and transpose on chip (else load it transposed)
+    maxnreg: int | None = None  # register cap a thread (128: two 8-warp programs an SM)
+    lazy_rescale: bool = False  # rescale only when a row max grows by > 2^RESCALE_SLACK times
+    lean_index: bool = False  # 32-bit key offsets where the cache fits, one set for K and V
+
+    def meta(self) -> dict:
+        """The kernel's tuning constexprs."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, K_ROWS=self.k_rows,
+                    PACK_GROUP=self.pack_group, LAZY_RESCALE=self.lazy_rescale,
+                    LEAN_INDEX=self.lean_index)  # fmt: skip
+
+    def options(self) -> dict:
+        """Compiler options: warps, stages and the register cap."""
+        opts: dict = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        return opts if self.maxnreg is None else {**opts, "maxnreg": self.maxnreg}
+
+    def label(self) -> str:
+        flags = [("pack", self.pack_group), ("k_rows", self.k_rows), ("lazy", self.lazy_rescale),
+                 ("lean", self.lean_index)]  # fmt: skip
+        cap = f" maxnreg {self.maxnreg}" if self.maxnreg else ""
+        return (f"M{self.block_m} N{self.block_n} {self.num_warps}w {self.num_stages}s{cap} "
+                + "+".join(name for name, on in flags if on))  # fmt: skip
+
+
+# The H100 autotuner's candidates. A cap of 128 registers a thread (a few spills) lets two 8-warp
+# programs share an SM, one's softmax overlapping the other's matrix products: 415-421 TFLOP/s on
+# the H100 benchmark shape against 338 for the best one-program-per-SM config (BLOCK_N 128, 2
+# stages); benchmarks/bench_kernels.py --prefill-sweep times the variants.
+TUNING: list[PrefillTuning] = [
+    PrefillTuning(128, 64, 8, 2, maxnreg=128),
+    PrefillTuning(128, 64, 8, 3, pack_group=False, maxnreg=128),
 ]
-
-
-def _config(
-    bm: int, bn: int, warps: int, stages: int, pack: bool, k_rows: bool = True,
-    maxnreg: int | None = None,
-) -> dict:  # fmt: skip
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, K_ROWS=k_rows, PACK_GROUP=pack, num_warps=warps,
-               num_stages=stages)  # fmt: skip
-    return cfg if maxnreg is None else {**cfg, "maxnreg": maxnreg}
-
-
-def _tuning_configs() -> list[triton.Config]:
-    configs = []
-    for cfg in TUNING:
-        meta = _config(*cfg)
-        opts = {k: meta.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in meta}
-        configs.append(triton.Config(meta, **opts))
-    return configs
-
-
-_prefill_tuned = triton.autotune(configs=_tuning_configs(), key=["HEAD_DIM", "GROUP"])(
-    _prefill_kernel
-)
+_prefill_tuned = triton.autotune(
+    configs=[triton.Config(t.meta(), **t.options()) for t in TUNING], key=["HEAD_DIM", "GROUP"]
+)(_prefill_kernel)
 # no tuning for the interpreter (CPU tests) nor fp32 (exactness runs, not speed)
-_FIXED_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "K_ROWS": False, "PACK_GROUP": True}
-_FIXED_FP32_GPU = _config(64, 32, 4, 2, True, k_rows=False)
+_CPU_TUNING = PrefillTuning(64, 64, 4, 2, k_rows=False)
+_FP32_GPU_TUNING = PrefillTuning(64, 32, 4, 2, k_rows=False)
 
 
 def prefill_attention(
@@ -218,6 +265,11 @@ def prefill_attention(
     return _prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale)
 
 
+def _max_offset(cache: torch.Tensor) -> int:
+    """The largest element offset from cache's first element to any of its elements."""
+    return sum((n - 1) * st for n, st in zip(cache.shape, cache.stride(), strict=True))
+
+
 def _prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -226,9 +278,9 @@ def _prefill(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    config: dict | None = None,
+    tuning: PrefillTuning | None = None,
 ) -> torch.Tensor:
-    """`prefill_attention`, with an explicit launch config (`_config(...)`) for benchmarks."""
+    """`prefill_attention`, with an explicit launch config (benchmarks, tests of the variants)."""
     total_q, num_heads, head_dim = q.shape
     num_blocks, page, num_kv_heads, _ = k_cache.shape
     batch = seq_lens.shape[0]
@@ -248,9 +300,11 @@ def _prefill(
     on_cpu = q.device.type == "cpu"
     # no host sync on GPU: a sequence has at most total_q - (batch - 1) new tokens
     max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if on_cpu else total_q - batch + 1
-    tuned = config is None and not on_cpu and q.dtype != torch.float32
+    tuned = tuning is None and not on_cpu and q.dtype != torch.float32
+    if tuning is None:
+        tuning = _CPU_TUNING if on_cpu else _FP32_GPU_TUNING
     kernel = _prefill_tuned if tuned else _prefill_kernel
-    extra: dict = {} if tuned else config or (_FIXED_CONFIG if on_cpu else _FIXED_FP32_GPU)
+    extra: dict = {} if tuned else {**tuning.meta(), **({} if on_cpu else tuning.options())}
     group = num_heads // num_kv_heads
 
     def grid(meta: dict) -> tuple[int, int, int]:
@@ -267,6 +321,8 @@ def _prefill(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         GROUP=group, PAGE=page, HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FITS_INT32=max(_max_offset(k_cache), _max_offset(v_cache)) < 2**31,
+        SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
         **extra,
     )  # fmt: skip
     return out

@@ -159,7 +159,9 @@ class Engine:
         self._in_flight: _Launched | None = None
         self._epoch = 0
         self._graphs: DecodeGraphs | None = None
-        if config.cuda_graphs and self.device.type == "cuda" and config.role is not Role.PREFILL:
+        # the Triton ops are graph-safe; the torch references size tensors from values (syncs)
+        graphable = self.device.type == "cuda" and config.use_kernels
+        if config.cuda_graphs and graphable and config.role is not Role.PREFILL:
             self._graphs = DecodeGraphs(
                 self.model, self.kv_cache, config.max_num_seqs,
                 table_width=blocks_for(self.max_model_len, config.block_size),

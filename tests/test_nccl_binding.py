@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from shared.handoff import nccl
+from shared.handoff import nccl, nccl_receiver
 from shared.handoff.auto import (
     AutoKVSender,
     MultiKVReceiver,
@@ -24,9 +24,10 @@ from shared.handoff.auto import (
     split_endpoints,
 )
 from shared.handoff.nccl_channel import send_layer_group
-from shared.handoff.nccl_checksum import MASK64, checksum_value, layer_checksum
+from shared.handoff.nccl_device import Device, Event
 from shared.handoff.nccl_receiver import NcclKVReceiver
 from shared.handoff.nccl_sender import NcclKVSender
+from shared.handoff.nccl_staging import StagingPool, size_class
 from shared.handoff.socket_receiver import SocketKVReceiver
 from shared.handoff.transport import HandoffError, HandoffResult
 
@@ -107,37 +108,6 @@ def test_cpu_workers_select_the_socket_transport() -> None:
         rx.close()
 
 
-# ---- checksum ------------------------------------------------------------------------------
-
-
-def reference_checksum(data: torch.Tensor) -> int:
-    raw = data.reshape(-1).view(torch.uint8).tolist()
-    n8 = len(raw) // 8 * 8
-    words = [int.from_bytes(bytes(raw[i : i + 8]), "little") for i in range(0, n8, 8)]
-    words += raw[n8:]
-    return sum(w * (2 * i + 1) for i, w in enumerate(words)) & MASK64
-
-
-@pytest.mark.parametrize("nbytes", [1, 7, 8, 64 * 8, 64 * 8 + 24, 5000 * 8 + 5])
-def test_checksum_matches_its_definition(nbytes: int) -> None:
-    data = torch.randint(
-        0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(nbytes)
-    )
-    assert checksum_value(data) == reference_checksum(data)
-    assert layer_checksum(data).dtype == torch.int64 and layer_checksum(data).dim() == 0
-
-
-def test_checksum_sees_a_flipped_bit_and_swapped_words() -> None:
-    data = torch.randn(SHAPE, dtype=torch.bfloat16)
-    base = checksum_value(data)
-    flipped = data.clone().view(torch.uint8).reshape(-1)
-    flipped[777] ^= 0x80
-    assert checksum_value(flipped) != base
-    words = data.clone().reshape(-1).view(torch.int64)
-    words[[3, 40]] = words[[40, 3]]
-    assert checksum_value(words) != base
-
-
 # ---- the NCCL transport over a loopback payload path ---------------------------------------
 
 
@@ -154,10 +124,12 @@ class LoopbackComm:
 
     def send(self, data: torch.Tensor, peer: int, stream: object) -> None:
         self.pipe.put(data.clone())
+        self.fabric.on_send(data)
 
     def recv(self, data: torch.Tensor, peer: int, stream: object) -> None:
         got = self.pipe.get(timeout=10)
         data.copy_(self.fabric.corrupt(got))
+        self.fabric.opened.group.append(data.numel())
 
     def check(self) -> None:
         pass
@@ -172,6 +144,9 @@ class LoopbackFabric:
         self._lock = threading.Lock()
         self.comms: list[LoopbackComm] = []
         self.corrupt: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        self.on_send: Callable[[torch.Tensor], None] = lambda t: None  # after each send
+        self.recv_groups: list[list[int]] = []  # bytes of each recv, per group of recvs
+        self.opened = threading.local()  # .group: the recvs of this thread's open group
 
     def unique_id(self) -> bytes:
         return os.urandom(nccl.UNIQUE_ID_BYTES)
@@ -185,8 +160,12 @@ class LoopbackFabric:
         self.comms.append(comm)
         return comm
 
-    def group(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        self.opened.group = []
+        yield
+        if self.opened.group:
+            self.recv_groups.append(self.opened.group)
 
 
 @pytest.fixture
@@ -348,6 +327,86 @@ def test_multi_receiver_takes_either_transport(fabric, sender) -> None:
         assert result.ok and torch.equal(store[1], kv[1].view(torch.uint8).reshape(-1))
     finally:
         multi.close()
+
+
+# ---- staging buffers and recv groups -------------------------------------------------------
+
+
+def test_staging_size_classes_waste_under_an_eighth_or_4_kib() -> None:
+    for nbytes in [0, 1, 4096, 5000, 65536, (8 << 20) - 1, 8 << 20, (8 << 20) + 1, 130 << 20]:
+        size = size_class(nbytes)
+        assert size >= max(nbytes, 1) and size % 4096 == 0
+        assert size - nbytes <= max(nbytes / 8, 4096)
+        assert size_class(size) == size
+    assert size_class(8 << 20) == 8 << 20 and size_class((1 << 20) - 1000) == 1 << 20
+
+
+def test_the_staging_pool_reuses_buffers_of_a_size_class_oldest_first() -> None:
+    mib = 1 << 20
+    pool = StagingPool(Device(CPU), None, [None, None], max_free_bytes=2 * mib + 8192)
+    a, b, c = pool.take(mib), pool.take(mib), pool.take(5000)
+    assert (a.numel(), c.numel(), a.dtype) == (mib, 5000, torch.uint8)
+    for buf in (a, b, c):
+        pool.give(buf, Event(None))
+    a2 = pool.take(mib - 1000)  # the class of a and b: the oldest, a
+    assert a2.numel() == mib - 1000 and a2.data_ptr() == a.data_ptr()
+    assert pool.take(mib).data_ptr() == b.data_ptr()
+    c2 = pool.take(6000)  # 5000 and 6000 bytes: one 8 KiB class
+    assert c2.data_ptr() == c.data_ptr() and pool.allocated == 3
+    d = pool.take(mib)  # none free in the class: a new one
+    assert pool.allocated == 4
+    for buf in (a2, b, c2, d):  # d does not fit under max_free_bytes any more: dropped
+        pool.give(buf, Event(None))
+    assert {pool.take(mib).data_ptr() for _ in range(2)} == {a.data_ptr(), b.data_ptr()}
+    assert pool.allocated == 4
+    pool.take(mib)
+    assert pool.allocated == 5
+
+
+def test_staging_buffers_are_reused_from_handoff_to_handoff(receiver, sender) -> None:
+    for _ in range(6):
+        assert_pair_still_works(receiver, sender)
+    # two layers per handoff, one handoff at a time: never more than two buffers in use
+    assert 1 <= receiver.staging_allocations <= 2
+
+
+def test_layers_of_a_handoff_that_failed_before_their_checksums_free_their_staging(
+    receiver, sender, fabric
+) -> None:
+    for _ in range(6):
+        hid = str(uuid.uuid4())
+        kv = layers(3)
+        future = receiver.expect(hid, 3, nbytes(kv[0]), collect({}))
+        channel = sender.open(receiver.endpoint, hid, 3)
+        # the sender gives up between the layer's send and its checksum: no CKSUM follows
+        fabric.on_send = lambda data, channel=channel: channel.abort("gave up mid-launch")
+        channel.send_layer(0, kv[0])
+        result = future.result(10)
+        assert not result.ok and "gave up mid-launch" in result.error
+        fabric.on_send = lambda data: None
+        assert_pair_still_works(receiver, sender)
+    assert receiver.staging_allocations <= 2  # no buffer stayed with a dead handoff
+
+
+def test_a_burst_of_layers_is_received_in_bounded_groups(
+    receiver, sender, fabric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layer_bytes = nbytes(layers(1)[0])
+    monkeypatch.setattr(nccl_receiver, "RECV_GROUP_BYTES", 3 * layer_bytes)
+    data = {str(uuid.uuid4()): layers(2) for _ in range(7)}
+    stores: dict[str, dict[int, torch.Tensor]] = {hid: {} for hid in data}
+    futures = {hid: receiver.expect(hid, 2, layer_bytes, collect(stores[hid])) for hid in data}
+    channels = {hid: sender.open(receiver.endpoint, hid, 2) for hid in data}
+    for layer in range(2):  # one launch, one write of 7 DATA frames: one burst
+        assert send_layer_group(layer, [(channels[h], kv[layer]) for h, kv in data.items()]) == []
+    for hid, kv in data.items():
+        channels[hid].finish(10)
+        assert futures[hid].result(10).ok
+        assert all(torch.equal(stores[hid][i], kv[i].view(torch.uint8).reshape(-1)) for i in (0, 1))
+    groups = fabric.recv_groups[1:]  # after the pair's 1-byte probe
+    assert sum(map(len, groups)) == 14
+    assert all(sum(group) <= 3 * layer_bytes for group in groups)
+    assert max(map(len, groups)) == 3  # layers that arrived together share a launch
 
 
 def assert_pair_still_works(

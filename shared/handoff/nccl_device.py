@@ -1,5 +1,6 @@
-"""Streams, events and buffers of the NCCL transport's device, as no-ops on CPU (where the
-transport runs over an in-process loopback fabric in tests)."""
+"""Streams, events, buffers and layer checksums of the NCCL transport's device, as no-ops (and
+the torch reference of the checksum) on CPU, where the transport runs over an in-process
+loopback fabric in tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from typing import Any
 
 import torch
+
+from kernels.checksum import layer_checksum, layer_checksum_ref
 
 
 class Event:
@@ -66,3 +69,17 @@ class Device:
 
     def host_int64(self, n: int) -> torch.Tensor:
         return torch.empty(n, dtype=torch.int64, pin_memory=self.cuda)
+
+    def checksums(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """The layer checksum (kernels/checksum) of each tensor, as [len(layers)] int64 on the
+        host (pinned): enqueued on the current stream, valid once an event recorded after this
+        call completes. On CUDA, one small-grid Triton pass per layer, no host sync."""
+        checksum = layer_checksum if self.cuda else layer_checksum_ref
+        sums = torch.empty(len(layers), dtype=torch.int64, device=self.device)  # [k]
+        for i, data in enumerate(layers):
+            checksum(data, sums[i])
+        if not self.cuda:
+            return sums
+        host = self.host_int64(len(layers))
+        host.copy_(sums, non_blocking=True)
+        return host

@@ -8,10 +8,10 @@ decode = rank 1), set up on the first handoff between them:
     ncclCommInitRank(rank 0) + probe send          READY once both ranks are connected
                                         <-------
   per layer of a handoff, in one order on both sides (NCCL matches sends to recvs by order):
-    ncclSend on the peer's stream, then DATA(id, layer, nbytes) ->  ncclRecv into a staging
-    CKSUM(id, layer, checksum) once the GPU computed it      ->  buffer; on CKSUM: verify,
-                                        <-------                 scatter into the reserved
-                                          ACK / NACK(reason)     blocks; ACK after the last
+    DATA(id, layer, nbytes), then ncclSend on the peer's stream ->  ncclRecv into a staging
+    CKSUM(id, layer, checksum) once the GPU computed it         ->  buffer; on CKSUM: verify,
+                                        <-------                    scatter into the reserved
+                                          ACK / NACK(reason)        blocks; ACK after the last
 
 Every DATA frame is matched by a recv, also for handoffs the receiver rejects (into a buffer
 that is dropped), so the communicator's order never breaks; a corrupt layer NACKs the handoff.
@@ -34,6 +34,7 @@ from shared.handoff.wire import (
 )
 
 SCHEME = "nccl://"
+MASK64 = (1 << 64) - 1  # a CKSUM value is the int64 checksum's bit pattern, as uint64
 _NO_ID = bytes(16)
 
 
@@ -57,7 +58,7 @@ class Frame:
     layer: int = 0
     num_layers: int = 0
     nbytes: int = 0  # DATA: payload bytes on NCCL; others: bytes of the TCP payload that follows
-    value: int = 0  # CKSUM: the checksum (uint64)
+    value: int = 0  # CKSUM: the layer checksum (kernels/checksum), uint64
 
     def pack(self) -> bytes:
         return FRAME.pack(self)

@@ -1,14 +1,23 @@
 """Decode side of the NCCL transport (control protocol: nccl_frames).
 
-A thread per prefill connection reads control frames in bursts: one group of ncclRecvs for the
-DATA frames of a burst, on the link's recv stream (recvs only: they go back to back), into
-staging buffers; the check stream checksums accepted layers; a verify thread compares each with
-its CKSUM frame, then hands the layer to on_layer on the scatter stream.
+A thread per prefill connection reads control frames in bursts and posts an ncclRecv for every
+DATA frame on the link's recv stream (only recvs: they go back to back), in groups of at most
+RECV_GROUP_BYTES, into staging buffers the link reuses (nccl_staging). The check stream
+checksums a group's accepted layers as soon as that group landed, while the next groups are
+still on the wire; a verify thread compares each layer's checksum with its CKSUM frame, hands
+the layer to on_layer on the scatter stream and gives the staging buffer back:
+
+    recv stream:     | recv g0 | recv g1 | recv g2 | ...
+    check stream:              | sum g0 |  | sum g1 |  | sum g2 |
+    verify thread:                      compare, scatter g0 (scatter stream), ...
+
+Only the last group's checksum and scatter come after the last byte arrived.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import queue
 import socket
@@ -20,9 +29,9 @@ import torch
 
 from shared.handoff import nccl
 from shared.handoff.listener import Expected, ListeningReceiver
-from shared.handoff.nccl_checksum import MASK64, Checksummer
 from shared.handoff.nccl_device import Device, Event
 from shared.handoff.nccl_frames import (
+    MASK64,
     SCHEME,
     Frame,
     Kind,
@@ -32,10 +41,16 @@ from shared.handoff.nccl_frames import (
     read_payload,
 )
 from shared.handoff.nccl_pair import Fabric, NcclFabric, PairComm, connect_pair
+from shared.handoff.nccl_staging import StagingPool
 from shared.handoff.transport import HandoffError
 from shared.handoff.wire import JOIN_TIMEOUT_S, ProtocolError
 
 log = logging.getLogger(__name__)
+
+# The recvs of one group complete together (one NCCL kernel): small enough that the first
+# layers' checksums start while later layers are on the wire, large enough that small layers
+# share a launch.
+RECV_GROUP_BYTES = 64 << 20
 
 
 @dataclass(eq=False)
@@ -51,6 +66,16 @@ class _Expected(Expected):
         return self.mismatch(frame.layer, frame.num_layers, frame.nbytes, self.arrived)
 
 
+@dataclass(frozen=True)
+class _Arrival:
+    """An accepted layer whose recv is posted."""
+
+    frame: Frame
+    state: _Expected
+    buf: torch.Tensor  # [nbytes] uint8 staging buffer on the device
+    received: Event  # on the recv stream, after the recv group that writes buf
+
+
 @dataclass(eq=False)
 class _Landing:
     """A layer received into a staging buffer, waiting for its CKSUM frame."""
@@ -58,22 +83,36 @@ class _Landing:
     state: _Expected
     layer: int
     buf: torch.Tensor  # [nbytes] uint8 on the device, written by the recv stream
-    checksums: torch.Tensor  # [k] int64, pinned host: the checksums of one burst of layers
+    checksums: torch.Tensor  # [k] int64, pinned host: checksums of one recv group's layers
     index: int  # this layer's entry in checksums
-    ready: Event  # recvs + checksums of the burst done (on the check stream)
+    ready: Event  # the group's recvs and checksums done (on the check stream)
+
+
+def _recv_groups(frames: list[Frame]) -> list[list[Frame]]:
+    """Consecutive DATA frames in groups of at most RECV_GROUP_BYTES (a larger layer alone)."""
+    groups: list[list[Frame]] = []
+    size = 0
+    for frame in frames:
+        if not groups or size + frame.nbytes > RECV_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(frame)
+        size += frame.nbytes
+    return groups
 
 
 class _Link:
     """Decode side of one prefill's control connection and communicator."""
 
-    def __init__(self, conn: socket.socket, dev: Device) -> None:
+    def __init__(self, conn: socket.socket, dev: Device, staging_bytes: int) -> None:
         self.conn = conn
         self.comm: PairComm | None = None
         self.recv_stream = dev.stream()  # only recvs: they go back to back
         self.check_stream = dev.stream()  # checksums of received layers, off the recv stream
         self.scatter_stream = dev.stream()
-        self.checksum = Checksummer(dev.device)  # on check_stream
-        self.landings: dict[tuple[bytes, int], _Landing] = {}
+        readers = [self.check_stream, self.scatter_stream]
+        self.staging = StagingPool(dev, self.recv_stream, readers, staging_bytes)
+        self.landings: dict[tuple[bytes, int], _Landing] = {}  # only the connection's thread
         self.verify: queue.SimpleQueue[tuple[_Landing, int] | None] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
 
@@ -88,28 +127,40 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     Listens for control connections on `bind_host:port`; advertises nccl://advertise_host:port.
     Layers land in staging buffers on the device (never in memory that was not reserved), are
     checksummed on the GPU, verified, then handed to on_layer on this receiver's scatter stream,
-    with the staging buffer ([layer_nbytes] uint8 on the device) as the payload.
+    with the staging buffer ([layer_nbytes] uint8 on the device) as the payload. Each link keeps
+    up to `staging_bytes` of free staging buffers for the next layers.
     """
 
     def __init__(
         self, device: torch.device | str, bind_host: str = "127.0.0.1", port: int = 0,
         advertise_host: str | None = None, fabric: Fabric | None = None,
         setup_timeout: float = 60.0, max_layer_bytes: int = 1 << 34,
+        staging_bytes: int = 2 << 30,
     ) -> None:  # fmt: skip
         super().__init__(bind_host, port, advertise_host, _Expected, "nccl", SCHEME)
         self.dev = Device(torch.device(device))
         self.fabric = fabric or NcclFabric()
         self.setup_timeout = setup_timeout
         self.max_layer_bytes = max_layer_bytes
+        self.staging_bytes = staging_bytes
+        self._links: set[_Link] = set()  # guarded by _lock
 
     @property
     def num_links(self) -> int:
         with self._lock:
             return len(self._conns)
 
+    @property
+    def staging_allocations(self) -> int:
+        """Staging buffers the live links allocated so far: constant in steady state."""
+        with self._lock:
+            return sum(link.staging.allocated for link in self._links)
+
     def _serve(self, conn: socket.socket) -> None:
         self.dev.bind_thread()
-        link = _Link(conn, self.dev)
+        link = _Link(conn, self.dev, self.staging_bytes)
+        with self._lock:
+            self._links.add(link)
         verifier = threading.Thread(target=self._verify_loop, args=(link,), name="nccl-verify")
         verifier.daemon = True
         try:
@@ -135,6 +186,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         link.send(message(Kind.READY))
 
     def _drop(self, link: _Link, verifier: threading.Thread) -> None:
+        with self._lock:
+            self._links.discard(link)
         self._disconnected(link.conn, lambda s: s.link is link)
         if link.comm is not None:
             with contextlib.suppress(nccl.NcclError):
@@ -143,20 +196,26 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         if verifier.is_alive():
             verifier.join(JOIN_TIMEOUT_S)
         link.landings.clear()
+        link.staging.clear()
         link.conn.close()
 
+    # -- the connection's thread
+
     def _on_burst(self, link: _Link, burst: list[tuple[Frame, bytes]]) -> None:
-        """Frames that arrived together: one group of recvs for their DATA, then each in order."""
-        datas = [frame for frame, _ in burst if frame.kind == Kind.DATA]
-        posted, received = self._post_recvs(link, datas)
-        bufs = iter(posted)
-        landed: list[tuple[Frame, _Expected, torch.Tensor]] = []
+        """Frames that arrived together: recvs for all their DATA first, then each in order."""
+        posted = iter(self._post_recvs(link, [f for f, _ in burst if f.kind == Kind.DATA]))
+        arrivals: list[_Arrival] = []
         for frame, payload in burst:
             if frame.kind == Kind.DATA:
-                self._accept_layer(link, frame, next(bufs), landed)
+                buf, received = next(posted)
+                state = self._accept_layer(link, frame)
+                if state is None:  # the recv still lands (NCCL's order must hold), then frees
+                    link.staging.give(buf, received)
+                else:
+                    arrivals.append(_Arrival(frame, state, buf, received))
             elif frame.kind == Kind.CKSUM:
-                self._land(link, landed, received)
-                landed = []
+                self._checksum(link, arrivals)
+                arrivals = []
                 landing = link.landings.pop((frame.handoff_id, frame.layer), None)
                 if landing is not None:
                     link.verify.put((landing, frame.value))
@@ -167,27 +226,27 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     self._fail(state, f"aborted by sender: {reason}")
             else:
                 raise ProtocolError(f"unexpected {frame.kind.name} frame from a sender")
-        self._land(link, landed, received)
+        self._checksum(link, arrivals)
+        self._sweep(link)
 
-    def _post_recvs(self, link: _Link, datas: list[Frame]) -> tuple[list[torch.Tensor], Event]:
-        """A recv for every DATA frame (also rejected ones: NCCL's order must hold); the event
-        completes once they all landed."""
+    def _post_recvs(self, link: _Link, datas: list[Frame]) -> list[tuple[torch.Tensor, Event]]:
+        """A recv for every DATA frame (also rejected ones: NCCL's order must hold), in groups
+        of at most RECV_GROUP_BYTES: (staging buffer, event after its group) per frame."""
         if any(f.nbytes > self.max_layer_bytes for f in datas):
             raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
         assert link.comm is not None
-        with self.dev.on(link.recv_stream):
-            bufs = [torch.empty(f.nbytes, dtype=torch.uint8, device=self.dev.device) for f in datas]
-            if datas:
-                with self.fabric.group():
-                    for buf in bufs:
-                        link.comm.recv(buf, 0, link.recv_stream)
+        posted: list[tuple[torch.Tensor, Event]] = []
+        for group in _recv_groups(datas):
+            bufs = [link.staging.take(f.nbytes) for f in group]
+            with self.fabric.group():
+                for buf in bufs:
+                    link.comm.recv(buf, 0, link.recv_stream)
             received = Event(link.recv_stream)
-        return bufs, received
+            posted += [(buf, received) for buf in bufs]
+        return posted
 
-    def _accept_layer(
-        self, link: _Link, frame: Frame, buf: torch.Tensor,
-        landed: list[tuple[Frame, _Expected, torch.Tensor]],
-    ) -> None:  # fmt: skip
+    def _accept_layer(self, link: _Link, frame: Frame) -> _Expected | None:
+        """The handoff a DATA frame's layer belongs to, or None (rejected: NACKed)."""
         state = self._get(frame.handoff_id)
         error = "handoff not expected (reserve first)"
         if state is not None:
@@ -198,50 +257,61 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 state.link = link
         if state is None or error:
             self._reject(link, frame.handoff_id, state, error)
-            return  # buf is freed in stream order: the recv still lands, then is dropped
-        landed.append((frame, state, buf))
+            return None
+        return state
 
-    def _land(
-        self, link: _Link, landed: list[tuple[Frame, _Expected, torch.Tensor]], received: Event
-    ) -> None:
-        """Checksum accepted layers on the check stream (the recv stream goes on receiving);
-        they wait for their CKSUM frames."""
-        if not landed:
-            return
-        with self.dev.on(link.check_stream):
-            self.dev.wait(link.check_stream, received)
-            sums = torch.stack([link.checksum(buf) for _, _, buf in landed])
-            host = self.dev.host_int64(len(landed))
-            host.copy_(sums, non_blocking=True)
-            for _, _, buf in landed:
-                self.dev.keep(buf, link.check_stream)
-            ready = Event(link.check_stream)
-        for i, (frame, state, buf) in enumerate(landed):
-            landing = _Landing(state, frame.layer, buf, host, i, ready)
-            link.landings[(frame.handoff_id, frame.layer)] = landing
+    def _checksum(self, link: _Link, arrivals: list[_Arrival]) -> None:
+        """Checksum accepted layers on the check stream, each recv group's once it landed (the
+        recv stream goes on receiving); they wait for their CKSUM frames."""
+        for received, grouped in itertools.groupby(arrivals, key=lambda a: a.received):
+            group = list(grouped)
+            with self.dev.on(link.check_stream):
+                self.dev.wait(link.check_stream, received)
+                sums = self.dev.checksums([a.buf for a in group])
+                ready = Event(link.check_stream)
+            for i, a in enumerate(group):
+                landing = _Landing(a.state, a.frame.layer, a.buf, sums, i, ready)
+                link.landings[(a.frame.handoff_id, a.frame.layer)] = landing
+
+    def _sweep(self, link: _Link) -> None:
+        """Give back the buffers of layers whose handoff closed before their CKSUM came (the
+        sender stops checksumming a handoff once it failed)."""
+        for key in [key for key, landing in link.landings.items() if landing.state.closed]:
+            landing = link.landings.pop(key)
+            link.staging.give(landing.buf, landing.ready)
+
+    # -- the verify thread
 
     def _verify_loop(self, link: _Link) -> None:
         self.dev.bind_thread()
         while (item := link.verify.get()) is not None:
             landing, expected = item
             landing.ready.synchronize()
-            state = landing.state
-            if int(landing.checksums[landing.index]) & MASK64 != expected:
-                self._reject(link, state.key, state, f"checksum mismatch on layer {landing.layer}")
-                continue
-            with state.lock:
-                if state.closed:
-                    continue
-                with self.dev.on(link.scatter_stream):
-                    error = state.deliver(landing.layer, landing.buf)
-                    self.dev.keep(landing.buf, link.scatter_stream)
-                    done = not error and len(state.layers) == state.num_layers
-                    if done:  # the scatters must have landed before decode reads the blocks
-                        Event(link.scatter_stream).synchronize()
-            if error:
-                self._reject(link, state.key, state, error)
-            elif done:
-                self._complete(link, state)
+            self._verify(link, landing, expected)
+
+    def _verify(self, link: _Link, landing: _Landing, expected: int) -> None:
+        """Deliver a landed layer if its checksum is `expected`. Its staging buffer goes back to
+        the pool (after its last reader) before the handoff is settled."""
+        state = landing.state
+        if int(landing.checksums[landing.index]) & MASK64 != expected:
+            link.staging.give(landing.buf, landing.ready)
+            self._reject(link, state.key, state, f"checksum mismatch on layer {landing.layer}")
+            return
+        with state.lock:
+            if state.closed:
+                link.staging.give(landing.buf, landing.ready)
+                return
+            with self.dev.on(link.scatter_stream):
+                error = state.deliver(landing.layer, landing.buf)
+                released = Event(link.scatter_stream)
+            link.staging.give(landing.buf, released)
+            done = not error and len(state.layers) == state.num_layers
+            if done:  # the scatters must have landed before decode reads the blocks
+                released.synchronize()
+        if error:
+            self._reject(link, state.key, state, error)
+        elif done:
+            self._complete(link, state)
 
     def _complete(self, link: _Link, state: _Expected) -> None:
         if self._close(state, ok=True):

@@ -2,13 +2,14 @@
 
 Streams: the engine's compute stream records an event after each layer's gather; one sender
 thread makes the peer's stream wait on it and launches the send, and a checksum stream computes
-the checksum (nccl_checksum). The compute stream never waits on the network. Sends of one layer
-to several decode workers (one batch) are launched in one ncclGroupStart/End.
+the checksum (kernels/checksum) beside the send. A publisher thread waits for the checksums and
+sends the CKSUM frames, so the sender thread never waits on the GPU, and the compute stream
+never waits on the network. Sends of one layer to several decode workers (one batch), and every
+layer queued meanwhile, are launched in one ncclGroupStart/End.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -18,9 +19,8 @@ import torch
 
 from shared.handoff import nccl
 from shared.handoff.nccl_channel import Job, NcclSendChannel
-from shared.handoff.nccl_checksum import MASK64, Checksummer
 from shared.handoff.nccl_device import Device, Event
-from shared.handoff.nccl_frames import Frame, Kind, message
+from shared.handoff.nccl_frames import MASK64, Frame, Kind, message
 from shared.handoff.nccl_pair import Fabric, NcclFabric, PairCache, Peer
 from shared.handoff.wire import JOIN_TIMEOUT_S
 
@@ -31,7 +31,7 @@ _MAX_BATCH = 256  # layers launched together when they queued up
 
 @dataclass(frozen=True)
 class _Checksums:
-    """Checksums of launched layers, computed on the checksum stream."""
+    """Checksums of launched layers, being computed on the checksum stream."""
 
     done: Event
     layers: list[tuple[NcclSendChannel, int]]  # (handoff, layer) per entry of values
@@ -52,7 +52,8 @@ class NcclKVSender:
 
     Keeps one pair (control connection + communicator) per decode endpoint, created on the
     first handoff to it, in an LRU cache of `max_peers`: the least recently used idle pair is
-    torn down (ncclCommAbort) to make room. One thread launches every send, in queue order.
+    torn down (ncclCommAbort) to make room. One thread launches every send, in queue order;
+    another publishes the checksums.
     """
 
     def __init__(
@@ -64,10 +65,14 @@ class NcclKVSender:
         self.pairs = PairCache(max_peers)
         self.connect_timeout, self.setup_timeout = connect_timeout, setup_timeout
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._checksums: queue.SimpleQueue[_Checksums | None] = queue.SimpleQueue()
         self._checksum_stream = self.dev.stream()
-        self._checksum = Checksummer(self.dev.device)  # on the checksum stream
         self._thread = threading.Thread(target=self._send_loop, name="nccl-send", daemon=True)
+        self._publisher = threading.Thread(
+            target=self._publish_loop, name="nccl-cksum", daemon=True
+        )
         self._thread.start()
+        self._publisher.start()
 
     @property
     def peers(self) -> list[str]:
@@ -84,6 +89,8 @@ class NcclKVSender:
         self.pairs.clear("sender closed")
         self._jobs.put(None)
         self._thread.join(JOIN_TIMEOUT_S)
+        self._checksums.put(None)
+        self._publisher.join(JOIN_TIMEOUT_S)
 
     def _submit(self, job: Job) -> None:
         self._jobs.put(job)
@@ -92,14 +99,8 @@ class NcclKVSender:
 
     def _send_loop(self) -> None:
         self.dev.bind_thread()
-        pending: collections.deque[_Checksums] = collections.deque()
         while True:
-            try:
-                job = self._jobs.get(block=not pending)
-            except queue.Empty:  # idle: publish the oldest checksums as soon as they are ready
-                self._publish(pending, block=True)
-                continue
-            batch = [job]  # every layer queued by now goes out in one launch
+            batch = [self._jobs.get()]  # every layer queued by now goes out in one launch
             while batch[-1] is not None and not batch[-1].abort and len(batch) < _MAX_BATCH:
                 try:
                     batch.append(self._jobs.get_nowait())
@@ -107,17 +108,16 @@ class NcclKVSender:
                     break
             last = batch[-1]
             try:
-                self._launch([j for j in batch if j is not None and not j.abort], pending)
+                self._launch([j for j in batch if j is not None and not j.abort])
                 if last is not None and last.abort:
                     channel = last.items[0][0]
                     channel.peer.write(message(Kind.ABORT, channel.key, last.abort))
-                self._publish(pending, block=False)
             except Exception:  # never let one batch kill the thread every handoff relies on
                 log.exception("KV send failed")
             if last is None:
                 return
 
-    def _launch(self, jobs: list[Job], pending: collections.deque[_Checksums]) -> None:
+    def _launch(self, jobs: list[Job]) -> None:
         sends = [
             _Send(job, ch, d.view(torch.uint8).reshape(-1))
             for job in jobs
@@ -142,16 +142,16 @@ class NcclKVSender:
         if not launched:
             return
         stream = self._checksum_stream
-        with self.dev.on(stream):
+        with self.dev.on(stream):  # beside the sends: both only read the data
             for job in jobs:
                 if job.ready is not None:
                     self.dev.wait(stream, job.ready)
-            values = self.dev.host_int64(len(launched))
-            values.copy_(torch.stack([self._checksum(s.data) for s in launched]), non_blocking=True)
+            values = self.dev.checksums([s.data for s in launched])
             for s in launched:
                 self.dev.keep(s.data, stream)
             done = Event(stream)
-        pending.append(_Checksums(done, [(s.channel, s.job.layer) for s in launched], values))
+        # after the DATA frames above: a CKSUM never overtakes its DATA on the connection
+        self._checksums.put(_Checksums(done, [(s.channel, s.job.layer) for s in launched], values))
 
     def _launch_sends(
         self, jobs: list[Job], sends: list[_Send], peers: list[Peer]
@@ -188,16 +188,23 @@ class NcclKVSender:
             peer.die(f"NCCL send failed: {error}")
         return ([] if failed else live), spans
 
-    def _publish(self, pending: collections.deque[_Checksums], block: bool) -> None:
-        """Send CKSUM frames for launched layers whose checksums are computed."""
-        while pending and (block or pending[0].done.query()):
-            block = False
-            sums = pending.popleft()
-            sums.done.synchronize()
-            frames: dict[int, tuple[Peer, list[bytes]]] = {}
-            for (channel, layer), value in zip(sums.layers, sums.values.tolist(), strict=True):
-                if not channel.failed and not channel.peer.dead:
-                    frame = Frame(Kind.CKSUM, channel.key, layer, value=value & MASK64)
-                    frames.setdefault(id(channel.peer), (channel.peer, []))[1].append(frame.pack())
-            for peer, packed in frames.values():
-                peer.write(b"".join(packed))
+    # -- the publisher thread
+
+    def _publish_loop(self) -> None:
+        """Send the CKSUM frames of launched layers as their checksums complete, in order."""
+        self.dev.bind_thread()
+        while (sums := self._checksums.get()) is not None:
+            try:
+                sums.done.synchronize()
+                self._publish(sums)
+            except Exception:  # never let one batch kill the thread every handoff relies on
+                log.exception("KV checksum publishing failed")
+
+    def _publish(self, sums: _Checksums) -> None:
+        frames: dict[int, tuple[Peer, list[bytes]]] = {}
+        for (channel, layer), value in zip(sums.layers, sums.values.tolist(), strict=True):
+            if not channel.failed and not channel.peer.dead:
+                frame = Frame(Kind.CKSUM, channel.key, layer, value=value & MASK64)
+                frames.setdefault(id(channel.peer), (channel.peer, []))[1].append(frame.pack())
+        for peer, packed in frames.values():
+            peer.write(b"".join(packed))

@@ -21,8 +21,9 @@ Implementations (one module per job):
     wire, listener, channel     what both transports share: TCP plumbing, the receivers'
                                 listener + expected handoffs, the senders' channel + link
     socket_frames, socket_receiver, socket_sender     TCP, crc32 per layer (CPU hosts, tests)
-    nccl_frames, nccl_checksum, nccl_device, nccl_pair, nccl_channel, nccl_receiver,
-    nccl_sender                 NCCL, GPU to GPU, control frames over TCP (nccl: the binding)
+    nccl_frames, nccl_device, nccl_staging, nccl_pair, nccl_channel, nccl_receiver,
+    nccl_sender                 NCCL, GPU to GPU, control frames over TCP (nccl: the binding;
+                                kernels/checksum: the per-layer checksum)
 auto picks the transport per endpoint; kv_io moves KV between the paged cache and them.
 """
 

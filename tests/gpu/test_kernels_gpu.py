@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 
 import test_activation as activation_cases  # noqa: E402
 import test_block_copy as block_copy_cases  # noqa: E402
+import test_checksum as checksum_cases  # noqa: E402
 import test_decode_attention as decode_attention_cases  # noqa: E402
 import test_kv_write as kv_write_cases  # noqa: E402
 import test_prefill_attention as prefill_attention_cases  # noqa: E402
@@ -24,6 +25,7 @@ import test_rope as rope_cases  # noqa: E402
 from kernel_inputs import assert_close  # noqa: E402
 
 from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
+from kernels.checksum import layer_checksum  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from kernels.kv_write import write_kv  # noqa: E402
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
@@ -84,6 +86,31 @@ def test_write_kv(kv_heads, head_dim, page):
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
 def test_gather_scatter(id_dtype):
     block_copy_cases.run_case(200, 50, 16, 8, 128, BF16, id_dtype, "cuda")
+
+
+@pytest.mark.parametrize("offset", [0, 8, 3])  # 3: not 8-aligned (the byte path)
+@pytest.mark.parametrize("nbytes", [0, 1, 7, 9, 4096 * 8 + 5, (5 << 20) + 7, (256 << 20) + 3])
+def test_checksum(nbytes, offset):
+    exact = nbytes < 1 << 20  # the Python definition too; larger ones against the reference
+    checksum_cases.run_case(nbytes, offset, "cuda", seed=nbytes, exact=exact)
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_checksum_past_int32_offsets(offset):
+    """A 2 GiB + 43 byte layer, zero but for random bytes at known places (some past 2^31 and
+    in the tail): the value is a short sum in Python integers."""
+    nbytes = (1 << 31) + 8 * 5 + 3
+    data = torch.zeros(offset + nbytes, dtype=torch.uint8, device="cuda")[offset:]
+    gen = torch.Generator().manual_seed(offset)
+    places = torch.cat([torch.randint(0, nbytes, (200,), generator=gen),
+                        torch.arange(nbytes - 50, nbytes)]).unique()  # fmt: skip
+    values = torch.randint(1, 256, (places.numel(),), generator=gen, dtype=torch.uint8)
+    data[places.cuda()] = values.cuda()
+    n8 = nbytes // 8 * 8
+    want = 0
+    for j, b in zip(places.tolist(), values.tolist(), strict=True):
+        want += b * ((2 * (j // 8) + 1) << (8 * (j % 8)) if j < n8 else 2 * (j - 7 * n8 // 8) + 1)
+    assert checksum_cases.value(layer_checksum(data)) == want & checksum_cases.MASK64
 
 
 def test_cache_past_int32_indexing():

@@ -3,7 +3,8 @@ spawned process on cuda:1 (commands over a pipe, KV over NCCL).
 
     python -m pytest tests/gpu/test_nccl_handoff.py      # on a machine with 2 GPUs
 
-* a mixed batch of layers (sizes, dtypes, odd byte counts) arrives bit-identical;
+* a mixed batch of layers (sizes, dtypes, odd byte counts) arrives bit-identical, twice (the
+  second time through reused staging buffers);
 * greedy tokens of a disaggregated run (prefill engine -> NCCL -> decode engine) equal those of
   a colocated run, fp32 synthetic model;
 * a decode process killed mid-handoff leaves the prefill healthy: the handoff fails, the pair's
@@ -79,6 +80,8 @@ def decode_main(conn: Connection, engine_kwargs: dict[str, Any] | None) -> None:
         elif op == "result_raw":
             result = futures.pop(args).result(60)
             conn.send((result.ok, result.error, hashes.pop(args)))
+        elif op == "staging_allocations":
+            conn.send(rx.staging_allocations)
         elif op == "reserve":
             assert engine is not None
             hid, n_tokens = args
@@ -156,28 +159,39 @@ def test_a_mixed_batch_arrives_bit_identical(sender: NcclKVSender) -> None:
                  ((2, 5, 16, 2, 64), torch.float32), ((2, 3, 3, 1, 7), torch.bfloat16),
                  ((2, 256, 16, 8, 128), torch.float16)]  # fmt: skip
         layers = 6
-        data = {
-            str(uuid.uuid4()): [
-                torch.randn(shape, device=PREFILL_DEV, generator=gen).to(dtype)
-                for _ in range(layers)
-            ]
-            for shape, dtype in specs
-        }
-        for hid, kv in data.items():
-            assert peer.call("expect_raw", (hid, layers, kv[0].numel() * kv[0].element_size(), -1))
-        channels = {hid: sender.open(peer.endpoint, hid, layers) for hid in data}
-        for layer in range(layers):  # one grouped launch per layer for the whole batch
-            assert (
-                send_layer_group(layer, [(channels[h], kv[layer]) for h, kv in data.items()]) == []
-            )
-        for hid, kv in data.items():
-            stats = channels[hid].finish(60)
-            ok, error, hashes = peer.call("result_raw", hid)
-            assert ok, error
-            assert hashes == {layer: sha(kv[layer]) for layer in range(layers)}
-            assert stats.nbytes == layers * kv[0].numel() * kv[0].element_size()
+        allocated = []
+        for _ in range(2):  # the second round reuses the receiver's staging buffers
+            data = {
+                str(uuid.uuid4()): [
+                    torch.randn(shape, device=PREFILL_DEV, generator=gen).to(dtype)
+                    for _ in range(layers)
+                ]
+                for shape, dtype in specs
+            }
+            send_and_check(peer, sender, data, layers)
+            allocated.append(peer.call("staging_allocations"))
+        # every buffer came back before its handoff's ACK: in the second round, at least the
+        # first layer of each size found one free
+        assert allocated[1] - allocated[0] <= (layers - 1) * len(specs)
     finally:
         peer.stop()
+
+
+def send_and_check(
+    peer: DecodeProcess, sender: NcclKVSender, data: dict[str, list[torch.Tensor]], layers: int
+) -> None:
+    """One handoff per entry of `data`, sent as a batch; every layer arrives bit-identical."""
+    for hid, kv in data.items():
+        assert peer.call("expect_raw", (hid, layers, kv[0].numel() * kv[0].element_size(), -1))
+    channels = {hid: sender.open(peer.endpoint, hid, layers) for hid in data}
+    for layer in range(layers):  # one grouped launch per layer for the whole batch
+        assert send_layer_group(layer, [(channels[h], kv[layer]) for h, kv in data.items()]) == []
+    for hid, kv in data.items():
+        stats = channels[hid].finish(60)
+        ok, error, hashes = peer.call("result_raw", hid)
+        assert ok, error
+        assert hashes == {layer: sha(kv[layer]) for layer in range(layers)}
+        assert stats.nbytes == layers * kv[0].numel() * kv[0].element_size()
 
 
 def _prefill(

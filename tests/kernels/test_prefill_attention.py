@@ -1,3 +1,5 @@
+import dataclasses
+import functools
 import importlib
 
 import pytest
@@ -10,7 +12,12 @@ from kernel_inputs import (
     poison_unused_blocks,
 )
 
-from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from kernels.prefill_attention import (
+    _CPU_TUNING,
+    _prefill,
+    prefill_attention,
+    prefill_attention_ref,
+)
 
 
 def run_case(
@@ -83,19 +90,79 @@ def test_decode_tokens_only(dtype):
              dtype=dtype)  # fmt: skip
 
 
-def test_k_loaded_as_rows(monkeypatch):
+def variant(**changes) -> functools.partial:
+    """`_prefill` with the interpreter's launch config changed: an H100 tuning variant."""
+    return functools.partial(_prefill, tuning=dataclasses.replace(_CPU_TUNING, **changes))
+
+
+def test_k_loaded_as_rows():
     """The K_ROWS variant (K tile loaded as stored, transposed on chip): the H100 tuner's pick."""
-    module = importlib.import_module("kernels.prefill_attention")
-
-    monkeypatch.setitem(module._FIXED_CONFIG, "K_ROWS", True)
     run_case([(40, 40), (1, 77), (19, 300)], heads=4, kv_heads=1, head_dim=64, page=16,
-             dtype=torch.float16, seed=9)  # fmt: skip
+             dtype=torch.float16, seed=9, kernel=variant(k_rows=True))  # fmt: skip
 
 
-def test_one_head_per_program(monkeypatch):
+def test_one_head_per_program():
     """PACK_GROUP off (one query head per program, rows are tokens): an autotuner candidate."""
-    module = importlib.import_module("kernels.prefill_attention")
-
-    monkeypatch.setitem(module._FIXED_CONFIG, "PACK_GROUP", False)
     run_case([(40, 40), (1, 77), (19, 300)], heads=6, kv_heads=2, head_dim=64, page=32,
-             dtype=torch.float16, seed=11)  # fmt: skip
+             dtype=torch.float16, seed=11, kernel=variant(pack_group=False))  # fmt: skip
+
+
+# the sweep's variants (benchmarks/bench_kernels.py --prefill-sweep), on the interpreter's tiles
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(lazy_rescale=True),
+        dict(lean_index=True),
+        dict(lazy_rescale=True, lean_index=True, k_rows=True, block_n=32),
+        dict(lazy_rescale=True, pack_group=False, block_m=32),
+    ],
+)
+def test_tuning_variants(changes):
+    seqs = [(70, 70), (1, 77), (45, 300), (33, 129)]
+    run_case(seqs, heads=8, kv_heads=2, head_dim=64, page=16, dtype=torch.float16, seed=5,
+             kernel=variant(**changes))  # fmt: skip
+
+
+def test_lean_index_other_layouts(monkeypatch):
+    """lean_index where K and V strides differ (V padded per head), and with 64-bit offsets (the
+    host told the cache does not fit int32)."""
+    module = importlib.import_module("kernels.prefill_attention")
+    gen = torch.Generator().manual_seed(21)
+    seqs, page, heads, kv_heads, dim = [(33, 70), (1, 40), (20, 20)], 16, 4, 2, 64
+    kv = kv_layer(gen, 12, page, kv_heads, dim, torch.float16, "cpu")
+    table = block_table(gen, [c for _, c in seqs], page, 12, "cpu")
+    v_padded = torch.randn(12, page, kv_heads, dim + 16, generator=gen).half()[..., :dim]
+    v_padded.copy_(kv[1])
+    assert v_padded.stride() != kv[0].stride()
+    q = torch.randn(54, heads, dim, generator=gen).half()
+    cu = torch.tensor([0, 33, 34, 54], dtype=torch.int32)
+    lens = torch.tensor([c for _, c in seqs], dtype=torch.int32)
+    ref64 = prefill_attention_ref(q.double(), kv[0].double(), kv[1].double(), table, cu, lens, 0.1)
+    lean = variant(lean_index=True)
+    assert_close(lean(q, kv[0], v_padded, table, cu, lens, 0.1), ref64, torch.float16)
+    monkeypatch.setattr(module, "_max_offset", lambda cache: 2**31)
+    for v in (v_padded, kv[1]):
+        assert_close(lean(q, kv[0], v, table, cu, lens, 0.1), ref64, torch.float16)
+
+
+def test_lazy_rescale_growing_scores():
+    """Scores (base 2) grow along the keys by 0.05 a key, then by 1: the running max lags by up to
+    the slack over the first tiles and must move on the later ones, where the sums would
+    otherwise overflow fp32."""
+    gen = torch.Generator().manual_seed(3)
+    page, heads, dim, ctx, scale = 16, 4, 64, 448, 0.5
+    kv = kv_layer(gen, 32, page, 1, dim, torch.float32, "cpu")
+    table = block_table(gen, [ctx], page, 32, "cpu")
+    j = torch.arange(ctx, dtype=torch.float32)
+    score = torch.where(j < 192, 0.05 * j, 9.6 + (j - 192))
+    # k at position j: score / (dim * scale * log2(e)) in every dim, so q = 1 scores `score`
+    k_rows = score / (dim * scale * 1.4426950408889634)
+    kv[0][table[0, : ctx // page].long()] = k_rows.view(-1, page, 1, 1).expand(-1, -1, 1, dim)
+    q = 1 + 0.01 * torch.randn(ctx, heads, dim, generator=gen)
+    cu = torch.tensor([0, ctx], dtype=torch.int32)
+    lens = torch.tensor([ctx], dtype=torch.int32)
+    ref64 = prefill_attention_ref(
+        q.double(), kv[0].double(), kv[1].double(), table, cu, lens, scale
+    )
+    assert_close(variant(lazy_rescale=True)(q, kv[0], kv[1], table, cu, lens, scale), ref64,
+                 torch.float32)  # fmt: skip

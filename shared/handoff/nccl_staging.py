@@ -1,0 +1,87 @@
+"""The receiver's staging buffers, reused from layer to layer without a host sync.
+
+A layer is received into a staging buffer ([nbytes] uint8 on the device) on a link's recv
+stream, read by its checksum (check stream) and its scatter (scatter stream), then given back
+with an event recorded after its last reader. The next recv that takes it makes the recv stream
+wait for that event on the GPU:
+
+    recv stream:    recv A -> ... -> [wait A.released] recv A' -> ...
+    check stream:        checksum A
+    scatter stream:                scatter A -> A.released
+
+so in steady state no layer allocates, and nothing waits on the host.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+
+from shared.handoff.nccl_device import Device, Event
+
+
+def size_class(nbytes: int) -> int:
+    """The bytes of the buffer that stages `nbytes`: rounded up to a multiple of an eighth of its
+    power of two (less than 1/8 wasted) and of 4 KiB, so that layers of similar sizes (prompts
+    of similar lengths) share buffers."""
+    step = max(1 << max(nbytes.bit_length() - 4, 0), 4096)
+    return -(-max(nbytes, 1) // step) * step
+
+
+class StagingPool:
+    """Staging buffers of one link, by size class. `take` on the thread that posts the recvs;
+    `give` from any thread. Keeps at most `max_free_bytes` of free buffers; beyond that a
+    returned buffer goes back to torch's allocator, which knows the streams that read it."""
+
+    def __init__(
+        self, dev: Device, recv_stream: torch.cuda.Stream | None,
+        readers: list[torch.cuda.Stream | None], max_free_bytes: int,
+    ) -> None:  # fmt: skip
+        self.dev, self.recv_stream = dev, recv_stream
+        self.readers = readers
+        self.max_free_bytes = max_free_bytes
+        self.allocated = 0  # buffers made so far (a test's measure of reuse)
+        self._lock = threading.Lock()  # guards the three below
+        self._free: dict[int, collections.deque[tuple[torch.Tensor, Event]]] = {}  # by class
+        self._free_bytes = 0
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> the buffer a taken view is of
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A [nbytes] uint8 buffer that work enqueued next on the recv stream may overwrite."""
+        size = size_class(nbytes)
+        with self._lock:
+            free = self._free.get(size)
+            item = free.popleft() if free else None  # the oldest: its readers likely finished
+            if item is not None:
+                self._free_bytes -= size
+        if item is not None:
+            buf, released = item
+            self.dev.wait(self.recv_stream, released)
+        else:
+            buf = self._allocate(size)
+        with self._lock:
+            self._lent[buf.data_ptr()] = buf
+        return buf[:nbytes]
+
+    def give(self, view: torch.Tensor, released: Event) -> None:
+        """Return a buffer `take` gave; `released` completes after its last reader."""
+        with self._lock:
+            buf = self._lent.pop(view.data_ptr())
+            if self._free_bytes + buf.numel() <= self.max_free_bytes:
+                self._free.setdefault(buf.numel(), collections.deque()).append((buf, released))
+                self._free_bytes += buf.numel()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._free_bytes = 0
+
+    def _allocate(self, size: int) -> torch.Tensor:
+        with self.dev.on(self.recv_stream):
+            buf = torch.empty(size, dtype=torch.uint8, device=self.dev.device)
+        for stream in self.readers:  # if it is ever freed, not reused before they are done
+            self.dev.keep(buf, stream)
+        self.allocated += 1
+        return buf

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from kernels.checksum import BLOCK, PROGRAMS, layer_checksum, layer_checksum_ref
+
+MASK64 = (1 << 64) - 1
+WORDS_PER_GRID = BLOCK * PROGRAMS  # past this, every program loops more than once
+
+
+def definition(data: torch.Tensor) -> int:
+    """The checksum in Python integers: little-endian 8-byte words, then the tail's single
+    bytes, word i weighted by 2i + 1, mod 2^64."""
+    raw = bytes(data.reshape(-1).view(torch.uint8).cpu().tolist())
+    n8 = len(raw) // 8 * 8
+    words = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, n8, 8)] + list(raw[n8:])
+    return sum(w * (2 * i + 1) for i, w in enumerate(words)) & MASK64
+
+
+def value(checksum: torch.Tensor) -> int:
+    assert checksum.dtype == torch.int64 and checksum.numel() == 1
+    return int(checksum.item()) & MASK64
+
+
+def random_bytes(nbytes: int, offset: int, seed: int, device: str) -> torch.Tensor:
+    """nbytes fresh random bytes as a view `offset` bytes into a larger buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.randint(0, 256, (offset + nbytes + 5,), dtype=torch.uint8, generator=gen)
+    return buf.to(device)[offset : offset + nbytes]
+
+
+def run_case(nbytes, offset, device="cpu", seed=0, kernel=layer_checksum, exact=True):  # fmt: skip
+    data = random_bytes(nbytes, offset, seed, device)
+    got = kernel(data)
+    assert got.shape == () and got.device == data.device
+    want = value(layer_checksum_ref(data))
+    assert value(got) == want, f"{nbytes} bytes at offset {offset}"
+    if exact:  # the reference itself against the definition
+        assert want == definition(data)
+
+
+SIZES = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 100, 8 * BLOCK - 1, 8 * BLOCK, 8 * BLOCK + 3,
+         8 * BLOCK * 5 + 13]  # fmt: skip
+
+
+@pytest.mark.parametrize("offset", [0, 8, 3, 6])  # 3, 6: words not 8-aligned (the byte path)
+@pytest.mark.parametrize("nbytes", SIZES)
+def test_matches_the_definition(nbytes, offset):
+    run_case(nbytes, offset, seed=nbytes + offset)
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_several_mib(offset):
+    """More chunks than the grid has programs: each program strides over several."""
+    nbytes = 5 * 8 * WORDS_PER_GRID + 7  # 5 MiB + 7: each program takes 5 or 6 chunks
+    run_case(nbytes, offset, seed=1, exact=False)
+
+
+def test_words_past_the_sign_bit_wrap_mod_2_64():
+    """All-ones words are -1 as int64: every product and sum overflows, and must wrap."""
+    data = torch.full((8 * WORDS_PER_GRID + 8 * 7 + 5,), 255, dtype=torch.uint8)
+    assert value(layer_checksum(data)) == value(layer_checksum_ref(data)) == definition(data)
+    assert value(layer_checksum(data[1:])) == definition(data[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64])
+def test_any_dtype_is_checksummed_as_its_bytes(dtype):
+    gen = torch.Generator().manual_seed(3)
+    layer = torch.randn((2, 3, 16, 2, 8), generator=gen).to(dtype)  # [2, n, page, Hk, D]
+    want = definition(layer)
+    assert value(layer_checksum(layer)) == value(layer_checksum_ref(layer)) == want
+    assert value(layer_checksum(layer.view(torch.uint8))) == want
+
+
+@pytest.mark.parametrize("kernel", [layer_checksum, layer_checksum_ref])
+def test_writes_into_a_slot_of_out(kernel):
+    data = random_bytes(1000, 0, 4, "cpu")
+    out = torch.full((3,), 7, dtype=torch.int64)
+    assert kernel(data, out[1]) is not None
+    assert value(out[1]) == definition(data) and out[0] == 7 and out[2] == 7
+
+
+def test_sees_a_flipped_bit_and_swapped_words():
+    data = torch.randn((2, 3, 16, 2, 8), generator=torch.Generator().manual_seed(5)).bfloat16()
+    base = value(layer_checksum(data))
+    flipped = data.clone().view(torch.uint8).reshape(-1)
+    flipped[777] ^= 0x80
+    assert value(layer_checksum(flipped)) != base
+    words = data.clone().reshape(-1).view(torch.int64)
+    words[[3, 40]] = words[[40, 3]]
+    assert value(layer_checksum(words)) != base
+
+
+def test_needs_a_contiguous_tensor():
+    with pytest.raises(AssertionError, match="memory order"):
+        layer_checksum(torch.zeros(4, 4)[:, 0])
