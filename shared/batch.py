@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shared.scheduler import ScheduledSeq
@@ -68,6 +69,10 @@ class StepInputs:
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return self.pinned(values, dtype).to(self.device, non_blocking=True)
 
+    def _array_to_device(self, values: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(values)
+        return (t.pin_memory() if self._pin else t).to(self.device, non_blocking=True)
+
     def _fill(self, rows: list[int], sources: list[int]) -> Fill | None:
         if not rows:
             return None
@@ -79,9 +84,10 @@ class StepInputs:
     ) -> tuple[ForwardBatch, list[Sequence]]:
         """Any mix of prompt chunks and decode tokens, packed; and the sequences to sample."""
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        total = sum(s.num_new_tokens for s in scheduled)
+        ids = np.empty(total, np.int64)
+        positions = np.empty(total, np.int64)
+        slots = np.empty(total, np.int64)
         cu = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
@@ -89,30 +95,36 @@ class StepInputs:
         fill_rows: list[int] = []
         fill_sources: list[int] = []
         for s in scheduled:
-            seq, start, end = s.seq, s.seq.num_computed, s.seq.num_computed + s.num_new_tokens
+            seq, n, row = s.seq, s.num_new_tokens, cu[-1]
+            start, end = seq.num_computed, seq.num_computed + n
             if seq.token_ids[end - 1] == PENDING:  # only ever the last token
-                fill_rows.append(cu[-1] + s.num_new_tokens - 1)
+                fill_rows.append(row + n - 1)
                 fill_sources.append(seq.pending_row)
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            cu.append(cu[-1] + s.num_new_tokens)
+            if n == 1:  # a decode token: scalars beat array set-up
+                ids[row] = seq.token_ids[start]
+                positions[row] = start
+                slots[row] = seq.block_table[start // bs] * bs + start % bs
+            else:  # a prompt chunk: vectorised (chunks run to thousands of tokens)
+                pos = np.arange(start, end)
+                ids[row : row + n] = seq.token_ids[start:end]
+                positions[row : row + n] = pos
+                slots[row : row + n] = np.asarray(seq.block_table)[pos // bs] * bs + pos % bs
+            cu.append(row + n)
             seq_lens.append(end)
             if end == seq.num_tokens:
                 sample_rows.append(cu[-1] - 1)
                 sampled.append(seq)
         width = max(len(s.seq.block_table) for s in scheduled)
         tables = [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in scheduled]
-        input_ids = self._to_device(ids, torch.int64)
+        input_ids = self._array_to_device(ids)
         fill = self._fill(fill_rows, fill_sources)
         if fill is not None:
             assert prev_tokens is not None
             input_ids.index_copy_(0, fill[0], prev_tokens.index_select(0, fill[1]))
         batch = ForwardBatch(
             input_ids=input_ids,
-            positions=self._to_device(positions, torch.int64),
-            slot_mapping=self._to_device(slots, torch.int64),
+            positions=self._array_to_device(positions),
+            slot_mapping=self._array_to_device(slots),
             block_table=self._to_device(tables, torch.int32),
             cu_seqlens_q=self._to_device(cu, torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),
