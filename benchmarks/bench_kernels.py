@@ -1,7 +1,7 @@
 """GPU benchmark of kernels/ against the card's ceilings and torch's own implementations.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--prefill-sweep] [--prefill-only]
-        [--results benchmarks/RESULTS.md]
+        [--linear-only] [--results benchmarks/RESULTS.md]
 
 Ceilings are measured in the same run: device copy bandwidth (read + write bytes / time) and bf16
 matmul TFLOP/s. Times are triton.testing.do_bench medians. The table is printed and written to
@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
+from kernels.linear import _linear_tuned, linear
 from kernels.prefill_attention import (
     TUNING,
     PrefillTuning,
@@ -60,10 +61,15 @@ class Row:
         )
 
 
-def ceilings() -> tuple[float, float]:
+def copy_ceiling() -> float:
+    """Device copy bandwidth, GB/s of bytes read + written."""
     x = torch.empty(1 << 29, dtype=torch.uint8, device=DEV).random_()  # 512 MiB
     y = torch.empty_like(x)
-    copy_gbs = 2 * x.numel() / ms(lambda: y.copy_(x)) / 1e6
+    return 2 * x.numel() / ms(lambda: y.copy_(x)) / 1e6
+
+
+def ceilings() -> tuple[float, float]:
+    copy_gbs = copy_ceiling()
     a = torch.randn(8192, 8192, dtype=BF16, device=DEV)
     b = torch.randn(8192, 8192, dtype=BF16, device=DEV)
     mm_tflops = 2 * 8192**3 / ms(lambda: a @ b) / 1e9
@@ -280,6 +286,36 @@ def bench_fused(rows: list[Row], copy_gbs: float) -> None:
     add(op, "kvmesh Triton", ms(lambda: silu_and_mul(gu)), nbytes, ">= 80% of copy")
 
 
+# Llama-3-8B's projections (N, K): at decode batch sizes each is a stream of its bf16 weight
+LINEAR_SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
+                 ("down", 4096, 14336), ("lm_head", 128256, 4096)]  # fmt: skip
+
+
+def bench_linear(rows: list[Row], copy_gbs: float) -> None:
+    """Skinny linear vs cuBLAS at M = 1 and 16; rate = weight bytes / time (x and y are tiny)."""
+
+    def add(op: str, impl: str, t: float, nbytes: int, target: str = "") -> None:
+        gbs = nbytes / t / 1e6
+        rows.append(Row(op, impl, t, gbs, "GB/s", gbs / copy_gbs, target))
+
+    for name, n, k in LINEAR_SHAPES:
+        w = torch.randn(n, k, dtype=BF16, device=DEV)
+        nbytes = n * k * 2
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, dtype=BF16, device=DEV)
+            op = f"linear {name} M{m} [{n}, {k}], weight bytes"
+            add(op, "torch F.linear (cuBLAS)", ms(functools.partial(F.linear, x, w)), nbytes)
+            want = F.linear(x, w).float()
+            err = float((linear(x, w).float() - want).norm() / want.norm())  # tunes the shape
+            print(f"linear {name} M{m}: rel. error vs cuBLAS {err:.2e}; autotune pick "
+                  f"{_linear_tuned.best_config}")  # fmt: skip
+            timings = getattr(_linear_tuned, "configs_timings", None) or {}
+            for cfg, t in sorted(timings.items(), key=lambda kv_: kv_[1][0]):
+                print(f"  {cfg}: {t[0] * 1e3:.1f} us = {nbytes / t[0] / 1e6:,.0f} GB/s")
+            target = ">= 90% of copy" if n * k <= 6144 * 4096 else ">= cuBLAS"
+            add(op, "kvmesh Triton skinny", ms(functools.partial(linear, x, w)), nbytes, target)
+
+
 def sdpa_order() -> str:
     """The order in which SDPA tries its backends (the first that accepts the inputs runs)."""
     names = {0: "math", 1: "flash", 2: "mem-efficient", 3: "cuDNN", 4: "overrideable"}
@@ -321,12 +357,23 @@ def main() -> None:
     parser.add_argument("--prefill-only", action="store_true",
                         help="the prefill rows only (with --prefill-sweep: the sweep), printed; "
                         "the results file is left alone")  # fmt: skip
+    parser.add_argument("--linear-only", action="store_true",
+                        help="the skinny linear rows (with autotune timings) and the copy "
+                        "ceiling only, printed; the results file is left alone")  # fmt: skip
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = parser.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     card = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    if args.linear_only:
+        copy_gbs = copy_ceiling()
+        rows = [Row("ceiling: device copy (read+write)", "torch copy_ 512 MiB", 0, copy_gbs,
+                    "GB/s", 1)]  # fmt: skip
+        bench_linear(rows, copy_gbs)
+        print(f"{card}; {versions}")
+        print("\n".join(r.line() for r in rows))
+        return
     copy_gbs, mm = ceilings()
     rows = [
         Row("ceiling: device copy (read+write)", "torch copy_ 512 MiB", 0, copy_gbs, "GB/s", 1),
@@ -338,6 +385,7 @@ def main() -> None:
         return
     bench_decode(rows, copy_gbs, args.sweep)
     bench_fused(rows, copy_gbs)
+    bench_linear(rows, copy_gbs)
     header = [
         "## Kernels",
         "",

@@ -17,6 +17,7 @@ from kernels import (
     block_copy,
     decode_attention,
     kv_write,
+    linear,
     prefill_attention,
     rms_norm,
     rope,
@@ -33,6 +34,7 @@ class Ops:
     decode_attention: Callable[..., torch.Tensor]
     gather_blocks: Callable[..., torch.Tensor]
     scatter_blocks: Callable[..., None]
+    linear: Callable[..., torch.Tensor]  # y = x @ w.T
 
 
 # the kernel module of each op
@@ -45,6 +47,7 @@ _MODULES: dict[str, ModuleType] = {
     "decode_attention": decode_attention,
     "gather_blocks": block_copy,
     "scatter_blocks": block_copy,
+    "linear": linear,
 }
 
 

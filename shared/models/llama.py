@@ -74,11 +74,11 @@ class LlamaModel:
             if on_layer is not None:
                 on_layer(index)
             x, residual = ops.rms_norm(h, layer.mlp_norm, self.config.rms_eps, residual)
-            h = F.linear(ops.silu_and_mul(F.linear(x, layer.gate_up)), layer.down)
+            h = ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up)), layer.down)
         h = h[batch.sample_indices]
         assert residual is not None
         x, _ = ops.rms_norm(h, w.norm, self.config.rms_eps, residual[batch.sample_indices])
-        return F.linear(x, w.lm_head).float()
+        return ops.linear(x, w.lm_head).float()
 
     def _attention(
         self,
@@ -90,7 +90,7 @@ class LlamaModel:
     ) -> torch.Tensor:
         cfg, ops = self.config, self.ops
         tokens = x.shape[0]
-        qkv = F.linear(x, layer.qkv)  # [T, q_size + 2 * kv_size]
+        qkv = ops.linear(x, layer.qkv)  # [T, q_size + 2 * kv_size]
         q = qkv[:, : cfg.q_size].view(tokens, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(tokens, cfg.num_kv_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -111,4 +111,4 @@ class LlamaModel:
                 batch.seq_lens,
                 self.scale,
             )
-        return F.linear(out.reshape(tokens, cfg.q_size), layer.o)
+        return ops.linear(out.reshape(tokens, cfg.q_size), layer.o)

@@ -19,6 +19,7 @@ import test_block_copy as block_copy_cases  # noqa: E402
 import test_checksum as checksum_cases  # noqa: E402
 import test_decode_attention as decode_attention_cases  # noqa: E402
 import test_kv_write as kv_write_cases  # noqa: E402
+import test_linear as linear_cases  # noqa: E402
 import test_prefill_attention as prefill_attention_cases  # noqa: E402
 import test_rms_norm as rms_norm_cases  # noqa: E402
 import test_rope as rope_cases  # noqa: E402
@@ -28,6 +29,7 @@ from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
 from kernels.checksum import layer_checksum  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from kernels.kv_write import write_kv  # noqa: E402
+from kernels.linear import _CAPTURE_TUNING, linear  # noqa: E402
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -159,3 +161,43 @@ def test_cache_past_int32_indexing():
     write_kv(k, -k, layer[0], layer[1], slots)
     torch.testing.assert_close(layer[0, ids[:50], 5], k, rtol=0, atol=0)
     torch.testing.assert_close(layer[1, ids[:50], 5], -k, rtol=0, atol=0)
+
+
+# Llama-3-8B's projections (N, K): qkv, o, gate_up, down, lm_head
+LLAMA3_8B_LINEAR = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 24, 64])
+@pytest.mark.parametrize("n,k", LLAMA3_8B_LINEAR)
+def test_linear(n, k, m):
+    """The autotuned default path (the first call tunes) against a float64 reference."""
+    linear_cases.run_case(m, n, k, BF16, device="cuda", seed=n + m)
+
+
+@pytest.mark.parametrize("m,n,k", [(3, 1000, 1000), (1, 77, 4100), (16, 300, 130), (40, 300, 130)])
+def test_linear_odd_shapes(m, n, k):
+    """N and K not multiples of any candidate's blocks, rows of x strided."""
+    linear_cases.run_case(m, n, k, BF16, device="cuda", seed=k, row_pad=24)
+
+
+def test_linear_graph_capture():
+    """A tuned shape replays in a CUDA graph; an untuned one met in a capture runs the fallback
+    config (benchmarking there would break the capture)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 4096, generator=gen, device="cuda").to(BF16)
+    w = torch.randn(4096, 4096, generator=gen, device="cuda").to(BF16)
+    x2 = torch.randn(2, 1040, generator=gen, device="cuda").to(BF16)
+    w2 = torch.randn(272, 1040, generator=gen, device="cuda").to(BF16)
+    linear(x, w)  # tunes (4096, 4096, bucket 4)
+    linear(x2, w2, _CAPTURE_TUNING)  # compiles the capture config; tunes nothing
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x, w)
+        y2 = linear(x2, w2)
+    x.copy_(torch.randn(x.shape, generator=gen, device="cuda"))
+    x2.copy_(torch.randn(x2.shape, generator=gen, device="cuda"))
+    graph.replay()
+    torch.testing.assert_close(y, linear(x, w), rtol=0, atol=0)
+    torch.testing.assert_close(y2, linear(x2, w2, _CAPTURE_TUNING), rtol=0, atol=0)
+    assert_close(y, x.double() @ w.double().T, BF16)
+    assert_close(y2, x2.double() @ w2.double().T, BF16)
