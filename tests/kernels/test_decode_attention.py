@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from kernel_inputs import (
@@ -8,7 +10,7 @@ from kernel_inputs import (
     poison_unused_blocks,
 )
 
-from kernels.decode_attention import decode_attention, decode_attention_ref
+from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
 from kernels.prefill_attention import prefill_attention_ref
 
 
@@ -54,3 +56,13 @@ def test_long_contexts():
 def test_small_batches(dtype, group, page, head_dim):
     run_case([1, 15, 64, 130, 333, 2], heads=2 * group, kv_heads=2, head_dim=head_dim, page=page,
              dtype=dtype, seed=group + page)  # fmt: skip
+
+
+@pytest.mark.parametrize("waves", [1, 16, 64])
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_split_counts(waves, block_n):
+    """Few or many splits per sequence (the default finds one on the interpreter's 4 'SMs'),
+    each cut on the device from the real context: empty splits, uneven ones, the merge."""
+    kernel = functools.partial(decode_attention, tuning=DecodeTuning(block_n=block_n, waves=waves))
+    run_case([1, 40, 700, 129], heads=8, kv_heads=2, head_dim=64, page=16, dtype=torch.float32,
+             seed=waves + block_n, kernel=kernel)  # fmt: skip
