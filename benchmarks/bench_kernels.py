@@ -11,8 +11,6 @@ the "Kernels" section of the results file (card, date, commit).
 import argparse
 import datetime
 import functools
-import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from common import commit, write_section
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
@@ -323,30 +322,6 @@ def sdpa_order() -> str:
         return ", ".join(names.get(int(i), str(i)) for i in torch._C._get_sdp_priority_order())
     except AttributeError:
         return "unknown"
-
-
-def commit() -> str:
-    if os.environ.get("GIT_COMMIT"):
-        return os.environ["GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
-        return out.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the '## Kernels' section of the results file, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find("## Kernels")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
