@@ -17,6 +17,9 @@ This process is the prefill side on cuda:0; a spawned process is the decode side
 2. TTFT, Llama-3-8B shape (synthetic weights), bf16, one 2,048-token prompt: the prefill engine
    alone (add_request -> first token), and with the handoff to a decode engine on cuda:1 that
    reserved blocks (add_request -> first token and the receiver's ACK). Median of `reps`.
+3. --timeline (a diagnostic): where each layer's time goes, from both processes' marks
+   (shared/handoff/timeline), for one handoff of 32 x --timeline-mib MiB (all queued at once)
+   and for one TTFT prompt, in ms from the first send_layer (TTFT: from add_request).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from shared.handoff.nccl_device import Device
 from shared.handoff.nccl_pair import NcclFabric, PairComm, connect_pair
 from shared.handoff.nccl_receiver import NcclKVReceiver
 from shared.handoff.nccl_sender import NcclKVSender
+from shared.handoff.timeline import RECEIVER_POINTS, SENDER_POINTS, WHOLE, Timeline, by_layer
 from shared.sequence import SamplingParams
 
 PREFILL_DEV, DECODE_DEV = torch.device("cuda:0"), torch.device("cuda:1")
@@ -119,6 +123,13 @@ def decode_main(conn: Connection, dist_port: int) -> None:
             if engine is not None:
                 engine.abort(args)  # give the blocks back for the next repetition
             conn.send((result.ok, result.error))
+        elif op == "timeline":  # start recording (True), or stop and return the marks
+            marks = []
+            if rx.timeline is not None:
+                rx.timeline.close()  # its watchers marked what they were given
+                marks = rx.timeline.marks
+            rx.timeline = Timeline() if args else None
+            conn.send(marks)
 
 
 class Decode:
@@ -227,9 +238,10 @@ def handoff_gbs(
 
 def ttft(
     engine: Engine, prompt: list[int], decode: Decode | None, sender: NcclKVSender | None,
-    pusher: KVPusher | None,
+    pusher: KVPusher | None, clock: list[float] | None = None,
 ) -> tuple[float, float]:  # fmt: skip
-    """(seconds to the first token, seconds to first token + ACK) of one prompt."""
+    """(seconds to the first token, seconds to first token + ACK) of one prompt; `clock`, if
+    given, gets the perf_counter of add_request."""
     hid = str(uuid.uuid4())
     channel = None
     if decode is not None and sender is not None and pusher is not None:
@@ -238,6 +250,8 @@ def ttft(
         pusher.register(hid, channel)
     torch.cuda.synchronize()
     start = time.perf_counter()
+    if clock is not None:
+        clock.append(start)
     engine.add_request(hid, prompt, SamplingParams(max_tokens=2, ignore_eos=True))
     outputs = engine.step()
     first = time.perf_counter() - start
@@ -253,12 +267,109 @@ def ttft(
     return first, done
 
 
+# ---- timeline --------------------------------------------------------------------------------
+
+_POINTS = ("queued", "launched", "data", "posted", "landed", "summed", "published", "cksum",
+           "delivered")  # fmt: skip
+_GAPS = [  # (what, from, to) per layer: where its time goes
+    ("sender thread: DATA written, sends enqueued", "queued", "launched"),
+    ("its DATA frame read by the receiver", "queued", "data"),
+    ("receiver enqueues its recv", "data", "posted"),
+    ("its recv group lands", "posted", "landed"),
+    ("receiver checksum", "landed", "summed"),
+    ("data exists, sender checksum, CKSUM written", "launched", "published"),
+    ("CKSUM frame read by the receiver", "published", "cksum"),
+    ("delivered after its checksum", "summed", "delivered"),
+    ("delivered after its CKSUM frame", "cksum", "delivered"),
+]
+
+
+def record(decode: Decode, sender: NcclKVSender, on: bool) -> list[tuple[str, bytes, int, float]]:
+    """Start recording both sides' marks (on), or stop and return them all."""
+    marks = sender.timeline.marks if sender.timeline is not None else []
+    sender.timeline = Timeline() if on else None
+    return marks + decode.call("timeline", on)
+
+
+def print_timeline(title: str, marks: list[tuple[str, bytes, int, float]], key: bytes,
+                   t0: float, extra: dict[str, float]) -> None:  # fmt: skip
+    """One handoff's marks per layer, in ms from t0, then the median of each gap per layer."""
+    at = by_layer(marks, key)
+    missing = [p for p in (*SENDER_POINTS, *RECEIVER_POINTS) if p not in at]
+    print(f"\n## timeline: {title} (ms from {'add_request' if extra else 'the first send'})")
+    if missing:
+        print(f"(no marks for {', '.join(missing)})")
+    layers = sorted(at.get("queued", {}))
+    rows: list[tuple[str, ...]] = []
+    for layer in layers:
+        cells = [f"{(at[p][layer] - t0) * 1e3:.3f}" if layer in at.get(p, {}) else "-"
+                 for p in _POINTS]  # fmt: skip
+        rows.append((str(layer), *cells))
+    print(table(rows, ("layer", *_POINTS)))
+    ends = {"receiver ACK written": at.get("ack", {}).get(WHOLE),
+            "sender ACK read": at.get("acked", {}).get(WHOLE), **extra}  # fmt: skip
+    print("  ".join(f"{k}: {(v - t0) * 1e3:.3f}" for k, v in ends.items() if v is not None))
+    gaps: list[tuple[str, ...]] = []
+    for what, a, b in _GAPS:
+        d = [at[b][i] - at[a][i] for i in layers if i in at.get(a, {}) and i in at.get(b, {})]
+        if d:
+            gaps.append((what, f"{a} -> {b}", f"{statistics.median(d) * 1e6:.0f} us",
+                         f"{max(d) * 1e6:.0f} us"))  # fmt: skip
+    print(table(gaps, ("per layer", "marks", "median", "max")))
+    pace = []  # queued: the engine's (or caller's) thread; published: the GPU's progress
+    for point in ("queued", "published", "delivered"):
+        ts = sorted(at.get(point, {}).values())
+        if len(ts) > 1:
+            step = statistics.median(b - a for a, b in zip(ts, ts[1:], strict=False))
+            pace.append(f"{point} every {step * 1e6:.0f} us")
+    print("median interval between layers: " + ", ".join(pace))
+    print(flush=True)
+
+
+def timeline_handoff(decode: Decode, sender: NcclKVSender, nbytes: int, layers: int) -> None:
+    handoff_gbs(decode, sender, nbytes, layers, 0, 1)  # warm: staging buffers, kernels
+    data = [
+        torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
+        for _ in range(layers)
+    ]
+    torch.cuda.synchronize()
+    hid = str(uuid.uuid4())
+    assert decode.call("expect", (hid, layers, nbytes))
+    channel = sender.open(decode.endpoint, hid, layers)
+    record(decode, sender, True)
+    start = time.perf_counter()
+    for layer in range(layers):
+        assert not send_layer_group(layer, [(channel, data[layer])])
+    channel.finish(120)
+    elapsed = time.perf_counter() - start
+    ok, error = decode.call("result", hid)
+    assert ok, error
+    marks = record(decode, sender, False)
+    gbs = nbytes * layers / elapsed / 1e9
+    title = f"1 handoff x {layers} x {nbytes >> 20} MiB, {gbs:.1f} GB/s"
+    print_timeline(title, marks, uuid.UUID(hid).bytes, start, {})
+
+
+def timeline_ttft(engine: Engine, prompt: list[int], decode: Decode, sender: NcclKVSender,
+                  pusher: KVPusher) -> None:  # fmt: skip
+    record(decode, sender, True)
+    clock: list[float] = []
+    first, done = ttft(engine, prompt, decode, sender, pusher, clock)
+    marks = record(decode, sender, False)
+    key = next(k for p, k, _, _ in marks if p == "queued")
+    extra = {"first token": clock[0] + first, "finish() returned": clock[0] + done}
+    title = f"TTFT, {len(prompt)}-token prompt, {engine.model_config.num_layers} layers"
+    print_timeline(title, marks, key, clock[0], extra)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--sizes-mib", default="4,16,64,256")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--timeline", action="store_true", help="also print where the time goes")
+    ap.add_argument("--timeline-mib", type=int, default=16)
     args = ap.parse_args()
     assert torch.cuda.device_count() >= 2, "needs 2 GPUs"
     torch.cuda.set_device(PREFILL_DEV)
@@ -308,11 +419,15 @@ def main() -> None:
                  f"{t_first / t_alone:.3f}x", ""))  # fmt: skip
     rows.append((name + ": first token + ACK", "", f"{t_acked * 1e3:.2f} ms",
                  f"{t_acked / t_alone:.3f}x", "<= 1.10x"))  # fmt: skip
-    for row in rows[-3:]:
-        print(row, flush=True)
+    for line in rows[-3:]:
+        print(line, flush=True)
     print()
     print(table(rows, ("what", "torch.distributed / alone", "kvmesh handoff", "ratio", "target")))
     print(flush=True)
+    if args.timeline:
+        timeline_ttft(engine, prompt, decode, sender, pusher)
+        engine.export_hook = None
+        timeline_handoff(decode, sender, args.timeline_mib * MIB, args.layers)
     sender.close()
     decode.stop()
     os._exit(0)  # skip NCCL teardown at exit: the results are out

@@ -1,4 +1,5 @@
-"""The KV handoff's layer checksum: one pass over the bytes, on a small grid.
+"""The KV handoff's layer checksum: one pass over the bytes, on a small grid, for a whole list of
+layers in one launch.
 
     the layer's bytes as little-endian int64 words w_i, then the tail (< 8 bytes) as single
     bytes, each its own word:      checksum = sum_i w_i * (2i + 1)   mod 2^64
@@ -8,13 +9,19 @@ changes the sum. Integer sums are exact and order-free: every device and every g
 the same value (int64 multiply and add wrap mod 2^64 on the GPU, in numpy under
 TRITON_INTERPRET, and in torch).
 
-The Triton version runs beside NCCL's copy kernels, so it keeps out of their way: a persistent
-grid of PROGRAMS programs, each striding over chunks of BLOCK words and reading every byte once
-(no temporaries), writes one int64 partial; a one-program kernel adds the partials and the tail.
-Both are enqueued on the current stream; nothing waits on the host.
+The Triton version runs beside NCCL's copy kernels, so it keeps out of their way: one launch of
+a persistent grid of PROGRAMS programs walks a table of layers (address, words, tail bytes,
+alignment; any sizes, anywhere in memory). For each layer, program p strides over chunks of
+BLOCK words (bytes, when the layer is not 8-aligned), reading every byte once, and writes one
+int64 partial; program 0 also takes the last, partial chunk and the tail. A layer's partials
+add up to its checksum: on the host (`fold`, Python integers), or on the device
+(`layer_checksum`). Everything is enqueued on the current stream; nothing waits on the host.
 
-    chunks:  | c0 | c1 | c2 | ... | cP | cP+1 | ...      program p takes c_p, c_p+P, c_p+2P, ...
+    chunks of a layer:  | c0 | c1 | c2 | ... | cP | cP+1 | ...   program p: c_p, c_p+P, ...
+    partials:           [num_layers, PROGRAMS] int64
 """
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -22,6 +29,7 @@ import triton.language as tl
 
 PROGRAMS = 32  # a fraction of an H100's 132 SMs; 32 KiB in flight each reads at > 1 TB/s
 BLOCK = 4096  # words (or bytes, when unaligned) per program per iteration
+MASK64 = (1 << 64) - 1
 
 
 def _bytes_of(data: torch.Tensor) -> torch.Tensor:
@@ -62,52 +70,94 @@ def _weighted(src_ptr, j, n, MASKED: tl.constexpr, BYTES: tl.constexpr):
 
 
 @triton.jit
-def _partials_kernel(src_ptr, partials_ptr, n, num_full, BYTES: tl.constexpr,
-                     BLOCK: tl.constexpr):  # fmt: skip
-    # src: n int64 words, or (BYTES) the 8 * n8 bytes of the words when they are not 8-aligned;
-    # num_full = n // BLOCK chunks need no mask (their loads vectorize whatever n is)
-    pid = tl.program_id(0)
+def _share(src_ptr, n, pid, programs, BYTES: tl.constexpr, BLOCK: tl.constexpr):
+    """Program pid's share of sum_j x_j * weight_j over the n elements of src: chunks pid,
+    pid + programs, ... of the full ones (unmasked: their loads vectorize), and for program 0
+    the last, partial one."""
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.int64)
-    for chunk in range(pid, num_full, tl.num_programs(0)):
+    num_full = (n // BLOCK).to(tl.int32)
+    for chunk in range(pid, num_full, programs):
         j = tl.cast(chunk, tl.int64) * BLOCK + lanes  # int64: offsets may pass 2^31
         acc += _weighted(src_ptr, j, n, False, BYTES)
-    if pid == 0:  # the last, partial chunk
+    if pid == 0:
         j = tl.cast(num_full, tl.int64) * BLOCK + lanes
         acc += _weighted(src_ptr, j, n, True, BYTES)
-    tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+    return tl.sum(acc, axis=0)
 
 
-@triton.jit
-def _finish_kernel(partials_ptr, num_partials, tail_ptr, num_tail, num_words, out_ptr,
-                   P: tl.constexpr):  # fmt: skip
-    p = tl.arange(0, P)
-    total = tl.sum(tl.load(partials_ptr + p, mask=p < num_partials, other=0), axis=0)
+@triton.jit(do_not_specialize=["num_layers"])
+def _partials_kernel(table_ptr, partials_ptr, num_layers, BLOCK: tl.constexpr):
+    # table: [num_layers, 4] int64 rows (address, n8 whole words, tail bytes, alignment);
+    # partials: [num_layers, programs] int64
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     t = tl.arange(0, 8).to(tl.int64)
-    tail = tl.load(tail_ptr + t, mask=t < num_tail, other=0).to(tl.int64)  # words n8, n8 + 1, ..
-    total += tl.sum(tail * (2 * (num_words + t) + 1), axis=0)
-    tl.store(out_ptr, total)
+    for layer in range(num_layers):
+        row = table_ptr + 4 * layer
+        address = tl.load(row)
+        n8 = tl.load(row + 1)
+        num_tail = tl.load(row + 2)
+        alignment = tl.load(row + 3)
+        # each path casts the address itself: multiple_of marks the value it is given
+        if alignment == 16:  # loads of 2 words at once
+            words = tl.multiple_of(address.to(tl.pointer_type(tl.int64)), 16)
+            total = _share(words, n8, pid, programs, False, BLOCK)
+        elif alignment == 8:  # loads of a word
+            total = _share(address.to(tl.pointer_type(tl.int64)), n8, pid, programs, False, BLOCK)
+        else:  # the bytes of the words
+            src = address.to(tl.pointer_type(tl.uint8))
+            total = _share(src, 8 * n8, pid, programs, True, BLOCK)
+        if pid == 0:  # the tail's bytes are words n8, n8 + 1, ...
+            tail_ptr = (address + 8 * n8).to(tl.pointer_type(tl.uint8))
+            tail = tl.load(tail_ptr + t, mask=t < num_tail, other=0).to(tl.int64)
+            total += tl.sum(tail * (2 * (n8 + t) + 1), axis=0)
+        tl.store(partials_ptr + layer * programs + pid, total)
+
+
+def _row(data: torch.Tensor) -> tuple[int, int, int, int]:
+    assert data.is_contiguous(), "the checksum reads the tensor's bytes in memory order"
+    nbytes = data.numel() * data.element_size()
+    address = data.data_ptr()
+    alignment = 16 if address % 16 == 0 else 8 if address % 8 == 0 else 1
+    return address, nbytes // 8, nbytes % 8, alignment
+
+
+def layer_table(layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The kernel's table of contiguous tensors (all on one device): [len(layers) * 4] int64
+    on that device, copied up on the current stream (it reads only their addresses and
+    sizes, so it may go ahead of the work that writes them)."""
+    assert layers, "no layers to checksum"
+    device = layers[0].device
+    assert all(x.device == device for x in layers), "the layers of one launch share a device"
+    rows = [v for x in layers for v in _row(x)]
+    table = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return table.to(device, non_blocking=True)
+
+
+def checksum_partials(
+    layers: Sequence[torch.Tensor], programs: int = PROGRAMS, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Partial sums of the checksum of each contiguous tensor (all on one device), as
+    [len(layers), programs] int64 on that device: row i adds up to layer i's checksum (`fold`).
+    One launch (of `table`, else `layer_table(layers)`), enqueued on the current stream without
+    a host sync; the tensors must stay alive and unchanged until it ran."""
+    table = layer_table(layers) if table is None else table
+    assert table.numel() == 4 * len(layers) and table.device == layers[0].device
+    partials = torch.empty((len(layers), programs), dtype=torch.int64, device=table.device)
+    _partials_kernel[(programs,)](table, partials, len(layers), BLOCK=BLOCK, num_warps=8)
+    return partials
+
+
+def fold(partials: torch.Tensor) -> list[int]:
+    """The checksums (uint64 values) whose partial sums are the rows of `partials` ([k, P]
+    int64, on the host)."""
+    return [sum(row) & MASK64 for row in partials.tolist()]
 
 
 def layer_checksum(data: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `layer_checksum_ref` (same contract), without a host sync."""
-    raw = _bytes_of(data)
-    result = _output(raw, out)
-    n8 = raw.numel() // 8
-    aligned = raw.storage_offset() % 8 == 0 and raw.data_ptr() % 8 == 0
-    src = raw[: 8 * n8].view(torch.int64) if aligned else raw  # int64 loads need 8-alignment
-    n = n8 if aligned else 8 * n8
-    programs = min(triton.cdiv(n, BLOCK), PROGRAMS)
-    partials = torch.empty(max(programs, 1), dtype=torch.int64, device=raw.device)
-    if programs:
-        _partials_kernel[(programs,)](
-            src, partials, n, n // BLOCK, BYTES=not aligned, BLOCK=BLOCK, num_warps=8
-        )
-    tail = raw[8 * n8 :]
-    # an empty tensor may have no address to pass: point at the partials, read nothing
-    tail_src = tail if tail.numel() else partials.view(torch.uint8)
-    _finish_kernel[(1,)](
-        partials, programs, tail_src, tail.numel(), n8, result,
-        P=triton.next_power_of_2(max(programs, 1)), num_warps=1,
-    )  # fmt: skip
+    result = _output(_bytes_of(data), out)
+    total = checksum_partials([data]).sum()  # int64: wraps mod 2^64 like the partials
+    result.copy_(total.reshape(result.shape))
     return result

@@ -24,11 +24,12 @@ from shared.handoff.auto import (
     split_endpoints,
 )
 from shared.handoff.nccl_channel import send_layer_group
-from shared.handoff.nccl_device import Device, Event
+from shared.handoff.nccl_device import Device, Event, latest
 from shared.handoff.nccl_receiver import NcclKVReceiver
 from shared.handoff.nccl_sender import NcclKVSender
 from shared.handoff.nccl_staging import StagingPool, size_class
 from shared.handoff.socket_receiver import SocketKVReceiver
+from shared.handoff.timeline import WHOLE, Timeline, by_layer
 from shared.handoff.transport import HandoffError, HandoffResult
 
 SHAPE = (2, 3, 16, 2, 8)  # [2 (k, v), n_blocks, block_size, kv_heads, head_dim]
@@ -112,10 +113,12 @@ def test_cpu_workers_select_the_socket_transport() -> None:
 
 
 class LoopbackComm:
-    """A PairComm whose sends land in a queue the peer's recvs read, in order."""
+    """A PairComm whose sends land in a queue the peer's recvs read, in order. A recv blocks
+    until its send comes, or fails once either rank was aborted (NCCL's recv kernel would wait
+    on the GPU until the receiver aborts its communicator)."""
 
     def __init__(self, fabric: LoopbackFabric, unique_id: bytes, rank: int) -> None:
-        self.fabric, self.rank = fabric, rank
+        self.fabric, self.rank, self.unique_id = fabric, rank, unique_id
         self.pipe = fabric.pipe(unique_id)
         self.closed = self.aborted = False
 
@@ -123,11 +126,20 @@ class LoopbackComm:
         pass
 
     def send(self, data: torch.Tensor, peer: int, stream: object) -> None:
-        self.pipe.put(data.clone())
+        self.pipe.put(data.reshape(-1).view(torch.uint8).clone())  # NCCL moves the bytes
+        self.fabric.opened.sends += 1
         self.fabric.on_send(data)
 
     def recv(self, data: torch.Tensor, peer: int, stream: object) -> None:
-        got = self.pipe.get(timeout=10)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                got = self.pipe.get(timeout=0.01)
+                break
+            except queue.Empty:
+                pair = [c for c in self.fabric.comms if c.unique_id == self.unique_id]
+                if any(c.aborted for c in pair) or time.monotonic() > deadline:
+                    raise nccl.NcclError("ncclRecv", 6, "the pair was aborted") from None
         data.copy_(self.fabric.corrupt(got))
         self.fabric.opened.group.append(data.numel())
 
@@ -146,7 +158,8 @@ class LoopbackFabric:
         self.corrupt: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
         self.on_send: Callable[[torch.Tensor], None] = lambda t: None  # after each send
         self.recv_groups: list[list[int]] = []  # bytes of each recv, per group of recvs
-        self.opened = threading.local()  # .group: the recvs of this thread's open group
+        self.send_groups: list[int] = []  # sends per group of sends
+        self.opened = threading.local()  # .group, .sends: this thread's open group's ops
 
     def unique_id(self) -> bytes:
         return os.urandom(nccl.UNIQUE_ID_BYTES)
@@ -162,10 +175,12 @@ class LoopbackFabric:
 
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
-        self.opened.group = []
+        self.opened.group, self.opened.sends = [], 0
         yield
         if self.opened.group:
             self.recv_groups.append(self.opened.group)
+        if self.opened.sends:
+            self.send_groups.append(self.opened.sends)
 
 
 @pytest.fixture
@@ -363,6 +378,17 @@ def test_the_staging_pool_reuses_buffers_of_a_size_class_oldest_first() -> None:
     assert pool.allocated == 5
 
 
+def test_a_wait_for_many_events_is_one_per_stream_on_its_latest() -> None:
+    def event(stream: int, order: int) -> Event:
+        e = Event.__new__(Event)  # as if recorded on CUDA stream `stream`, order-th overall
+        e.cuda, e.stream, e.order, e.wall = object(), stream, order, 0.0  # type: ignore[assignment]
+        return e
+
+    events = [event(7, 3), event(9, 1), event(7, 5), event(9, 0), event(7, 4), Event(None)]
+    assert {(e.stream, e.order) for e in latest(events)} == {(7, 5), (9, 1)}
+    assert latest([Event(None)]) == []  # CPU events are always complete
+
+
 def test_staging_buffers_are_reused_from_handoff_to_handoff(receiver, sender) -> None:
     for _ in range(6):
         assert_pair_still_works(receiver, sender)
@@ -406,7 +432,72 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
     groups = fabric.recv_groups[1:]  # after the pair's 1-byte probe
     assert sum(map(len, groups)) == 14
     assert all(sum(group) <= 3 * layer_bytes for group in groups)
-    assert max(map(len, groups)) == 3  # layers that arrived together share a launch
+    # layers that arrived together share a launch; a handoff's last layer is alone, so that
+    # after the last byte only it waits for its checksum
+    assert [len(group) for group in groups] == [3, 3, 1] + [1] * 7
+
+
+def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> None:
+    """Layers queued while the sender thread is busy: one group of sends, one checksum launch
+    and one write of CKSUM frames for all of them."""
+    launches: list[int] = []
+    partial_sums = sender.dev.partial_sums
+
+    def count(layers: list[torch.Tensor]) -> torch.Tensor:
+        launches.append(len(layers))
+        return partial_sums(layers)
+
+    sender.dev.partial_sums = count  # type: ignore[method-assign]
+    busy, go = threading.Event(), threading.Event()
+
+    def hold(data: torch.Tensor) -> None:  # the first send holds the sender thread
+        if not busy.is_set():
+            busy.set()
+            go.wait(10)
+
+    kv = layers(8)
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 8, nbytes(kv[0]), collect(store))
+    channel = sender.open(receiver.endpoint, hid, 8)
+    fabric.on_send = hold  # once the pair exists (its setup sends a probe)
+    channel.send_layer(0, kv[0])
+    assert busy.wait(10)
+    for layer in range(1, 8):
+        channel.send_layer(layer, kv[layer])
+    go.set()
+    channel.finish(10)
+    assert future.result(10).ok
+    assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
+    assert launches == [1, 7]
+    assert fabric.send_groups[1:] == [1, 7]  # after the pair's 1-byte probe
+
+
+def test_the_timeline_marks_every_point_of_every_layer(receiver, sender) -> None:
+    sender.timeline, receiver.timeline = Timeline(), Timeline()
+    kv = layers(3)
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 3, nbytes(kv[0]), collect({}))
+    channel = sender.open(receiver.endpoint, hid, 3)
+    for layer in range(3):
+        channel.send_layer(layer, kv[layer])
+    channel.finish(10)
+    assert future.result(10).ok
+    assert wait_for(lambda: any(p == "ack" for p, *_ in receiver.timeline.marks))
+    receiver.timeline.close()  # its watchers marked the GPU milestones they were given
+    key = uuid.UUID(hid).bytes
+    marks = by_layer(sender.timeline.marks + receiver.timeline.marks, key)
+    chains = [  # (landed and summed come from watcher threads: after posted, in no set order)
+        ["queued", "launched", "published", "cksum", "delivered"],  # the sender's, then its CKSUM
+        ["queued", "data", "posted", "delivered"],  # the data's way
+        ["posted", "landed"],
+        ["posted", "summed"],
+    ]
+    for layer in range(3):
+        for chain in chains:
+            at = [marks[point][layer] for point in chain]
+            assert at == sorted(at), dict(zip(chain, at, strict=True))
+    assert marks["delivered"][2] <= marks["ack"][WHOLE] <= marks["acked"][WHOLE]
 
 
 def assert_pair_still_works(

@@ -118,10 +118,10 @@ class ListeningReceiver(ABC, Generic[S]):
             self._listener.close()
         with self._lock:
             conns, states = dict(self._conns), list(self._expected.values())
+        for conn in conns:  # first: a sender sees the connection go, not its handoffs rejected
+            shutdown(conn)
         for state in states:
             self._fail(state, "receiver closed")
-        for conn in conns:
-            shutdown(conn)
         for thread in [*conns.values(), *([self._acceptor] if self._acceptor else [])]:
             thread.join(JOIN_TIMEOUT_S)
 

@@ -11,6 +11,7 @@ import torch
 
 from shared.handoff.channel import SendChannel
 from shared.handoff.nccl_device import Event
+from shared.handoff.timeline import WHOLE
 from shared.handoff.transport import HandoffError, HandoffStats
 from shared.handoff.wire import settle
 
@@ -25,7 +26,7 @@ class Job:
 
     layer: int
     items: list[tuple[NcclSendChannel, torch.Tensor]]  # data: contiguous, on the device
-    ready: Event | None  # recorded on the compute stream after the gathers
+    ready: Event  # recorded on the compute stream after the gathers
     abort: str = ""
 
 
@@ -56,20 +57,29 @@ class NcclSendChannel(SendChannel):
 
     def abort(self, reason: str) -> None:
         if settle(self._done, HandoffError(f"aborted: {reason}")):
-            self.sender._submit(Job(0, [(self, torch.empty(0))], None, reason or "aborted"))
+            job = Job(0, [(self, torch.empty(0))], Event(None), reason or "aborted")
+            self.sender._submit(job)
 
     # -- called from the sender's threads
 
-    def launched(self, layer: int, nbytes: int, start: Event, end: Event) -> None:
-        self._spans[layer] = (start, end)
+    def launched(self, layer: int, nbytes: int, span: tuple[Event, Event]) -> None:
+        self._spans[layer] = span
         self._nbytes += nbytes
+
+    def acked(self) -> None:
+        super().acked()
+        if (timeline := self.sender.timeline) is not None:
+            timeline.mark("acked", self.key, WHOLE, self._acked_at)
 
     def _stats(self) -> HandoffStats:
         seconds = max(self._acked_at - self._first_send, 1e-9)
         layer_seconds = [0.0] * self.num_layers
         sharing = collections.Counter(id(span) for span in self._spans.values())
-        for layer, span in self._spans.items():  # layers launched together share one span
-            layer_seconds[layer] = span[0].seconds_until(span[1]) / sharing[id(span)]
+        elapsed: dict[int, float] = {}  # layers launched together share one span: time it once
+        for layer, span in self._spans.items():
+            if id(span) not in elapsed:
+                elapsed[id(span)] = span[0].seconds_until(span[1]) / sharing[id(span)]
+            layer_seconds[layer] = elapsed[id(span)]
         return HandoffStats(self._nbytes, seconds, self._nbytes / seconds / 1e9, layer_seconds)
 
 
@@ -86,11 +96,13 @@ def send_layer_group(
         except HandoffError:
             failed.append(channel)
             continue
-        queued.append((channel, data.detach().contiguous()))
+        queued.append((channel, data if data.is_contiguous() else data.contiguous()))
     if queued:
         sender = queued[0][0].sender
         if any(ch.sender is not sender for ch, _ in queued):
             raise ValueError("send_layer_group takes the channels of one sender")
         ready = Event(sender.dev.current_stream())  # after the gathers (and copies above)
         sender._submit(Job(layer, queued, ready))
+        if (timeline := sender.timeline) is not None:
+            timeline.mark_all("queued", [(ch.key, layer) for ch, _ in queued])
     return failed

@@ -5,21 +5,33 @@ loopback fabric in tests."""
 from __future__ import annotations
 
 import contextlib
+import itertools
+import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from kernels.checksum import layer_checksum, layer_checksum_ref
+from kernels.checksum import checksum_partials, fold, layer_checksum_ref, layer_table
+
+_order = itertools.count()
+_order_lock = threading.Lock()  # an event's place in `_order` is its place on its stream
+HIGH_PRIORITY = -1  # streams of the handoff: their few small kernels go ahead of compute's
 
 
 class Event:
     """A CUDA event, or (on CPU) one that is always complete."""
 
+    __slots__ = ("cuda", "stream", "order", "wall")
+
     def __init__(self, stream: torch.cuda.Stream | None, timing: bool = False) -> None:
         self.cuda = torch.cuda.Event(enable_timing=timing) if stream is not None else None
-        if self.cuda is not None:
-            self.cuda.record(stream)
+        self.stream = stream.cuda_stream if stream is not None else 0  # the stream's handle
+        with _order_lock:
+            if self.cuda is not None:
+                self.cuda.record(stream)
+            self.order = next(_order)
         self.wall = time.perf_counter()
 
     def query(self) -> bool:
@@ -36,6 +48,17 @@ class Event:
         return self.cuda.elapsed_time(later.cuda) / 1e3
 
 
+def latest(events: Iterable[Event]) -> list[Event]:
+    """The last recorded of `events` on each stream: waiting for them waits for all."""
+    last: dict[int, Event] = {}
+    for event in events:
+        if event.cuda is not None and (
+            (seen := last.get(event.stream)) is None or seen.order < event.order
+        ):
+            last[event.stream] = event
+    return list(last.values())
+
+
 class Device:
     """Streams, events and buffers of one device; no-ops on CPU (the loopback fabric)."""
 
@@ -49,8 +72,8 @@ class Device:
         if self.cuda:
             torch.cuda.set_device(self.device)
 
-    def stream(self) -> torch.cuda.Stream | None:
-        return torch.cuda.Stream(device=self.device) if self.cuda else None
+    def stream(self, priority: int = 0) -> torch.cuda.Stream | None:
+        return torch.cuda.Stream(device=self.device, priority=priority) if self.cuda else None
 
     def on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[Any]:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -62,24 +85,38 @@ class Device:
         if stream is not None and event.cuda is not None:
             stream.wait_event(event.cuda)
 
+    def wait_all(self, stream: torch.cuda.Stream | None, events: Iterable[Event]) -> None:
+        """`stream` waits for every event, with one wait per stream they were recorded on."""
+        if stream is not None:
+            for event in latest(events):
+                self.wait(stream, event)
+
     def keep(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
         """The allocator must not reuse `tensor` before `stream`'s queued work is done."""
         if stream is not None:
             tensor.record_stream(stream)
 
-    def host_int64(self, n: int) -> torch.Tensor:
-        return torch.empty(n, dtype=torch.int64, pin_memory=self.cuda)
+    def partial_sums(self, layers: list[torch.Tensor], after: Event | None = None) -> torch.Tensor:
+        """Partial sums of the layer checksum (kernels/checksum) of each tensor, [len(layers),
+        P] int64 on the host (pinned), that `checksums` folds: enqueued on the current stream
+        (after `after`, if given), valid once an event recorded after this call completes. On
+        CUDA one Triton launch for all of them (plus a table up, ahead of `after`, and the
+        partials down), no host sync."""
+        if not self.cuda:  # the reference: each row is the whole checksum
+            return torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1)
+        table = layer_table(layers)
+        if after is not None:
+            self.wait(torch.cuda.current_stream(self.device), after)
+        return checksum_partials(layers, table=table).to("cpu", non_blocking=True)  # pinned
 
-    def checksums(self, layers: list[torch.Tensor]) -> torch.Tensor:
-        """The layer checksum (kernels/checksum) of each tensor, as [len(layers)] int64 on the
-        host (pinned): enqueued on the current stream, valid once an event recorded after this
-        call completes. On CUDA, one small-grid Triton pass per layer, no host sync."""
-        checksum = layer_checksum if self.cuda else layer_checksum_ref
-        sums = torch.empty(len(layers), dtype=torch.int64, device=self.device)  # [k]
-        for i, data in enumerate(layers):
-            checksum(data, sums[i])
-        if not self.cuda:
-            return sums
-        host = self.host_int64(len(layers))
-        host.copy_(sums, non_blocking=True)
-        return host
+    @staticmethod
+    def checksums(partials: torch.Tensor) -> list[int]:
+        """The checksums (uint64) of `partial_sums`' layers, once their event completed."""
+        return fold(partials)
+
+    def warm_up(self) -> None:
+        """Compile the checksum kernel now, not on the first handoff's thread."""
+        if self.cuda:
+            with torch.cuda.device(self.device):
+                self.partial_sums([torch.zeros(24, dtype=torch.uint8, device=self.device)])
+                torch.cuda.synchronize(self.device)

@@ -21,7 +21,6 @@ wait on a dead peer), fails its handoffs, and drops the pair from the sender's L
 
 from __future__ import annotations
 
-import select
 import socket
 from dataclasses import dataclass
 from enum import IntEnum
@@ -29,6 +28,7 @@ from enum import IntEnum
 from shared.handoff.wire import (
     MAX_MESSAGE_BYTES,
     HeaderFormat,
+    ProtocolError,
     parse_endpoint,
     read_bounded,
 )
@@ -49,6 +49,8 @@ class Kind(IntEnum):
 
 
 FRAME = HeaderFormat("16sHHQQ", b"KVMN", 1, Kind, "control frame")
+_LAYOUT = FRAME.layout
+_KINDS = frozenset(Kind)
 
 
 @dataclass(frozen=True)
@@ -69,17 +71,55 @@ def read_frame(sock: socket.socket) -> Frame | None:
     return FRAME.read(sock, Frame)
 
 
-def read_burst(sock: socket.socket, limit: int = 256) -> list[tuple[Frame, bytes]]:
-    """The next frame, and those already waiting behind it (up to `limit`), with the TCP
-    payloads of ABORT frames; [] once the peer closed cleanly."""
-    burst: list[tuple[Frame, bytes]] = []
-    while len(burst) < limit and (not burst or select.select([sock], [], [], 0)[0]):
-        frame = read_frame(sock)
-        if frame is None:
-            break
-        payload = read_payload(sock, frame) if frame.kind == Kind.ABORT else b""
-        burst.append((frame, payload))
-    return burst
+def pack(kind: Kind, handoff_id: bytes, layer: int = 0, num_layers: int = 0, nbytes: int = 0,
+         value: int = 0) -> bytes:  # fmt: skip
+    """Frame(...).pack(), without making the Frame (the hot path: DATA and CKSUM frames)."""
+    return _LAYOUT.pack(FRAME.magic, FRAME.version, kind, handoff_id, layer, num_layers, nbytes,
+                        value)  # fmt: skip
+
+
+class FrameReader:
+    """Reads a connection's frames in bursts: one recv takes every byte that has arrived, and
+    `burst` returns all the complete frames in them (with the TCP payloads of the frames that
+    have one: all but DATA, whose nbytes travel on NCCL)."""
+
+    def __init__(self, sock: socket.socket, chunk: int = 1 << 16) -> None:
+        self.sock, self.chunk = sock, chunk
+        self._buf = bytearray()
+
+    def burst(self) -> list[tuple[Frame, bytes]]:
+        """The frames that arrived, at least one (waits for it); [] once the peer closed
+        cleanly between frames. ProtocolError on bytes that are not this protocol's frames."""
+        while True:
+            frames, used = self._parse()
+            if frames:
+                del self._buf[:used]
+                return frames
+            data = self.sock.recv(self.chunk)
+            if not data:
+                if self._buf:
+                    raise ConnectionError("peer closed the connection mid-frame")
+                return []
+            self._buf += data
+
+    def _parse(self) -> tuple[list[tuple[Frame, bytes]], int]:
+        buf, at, size = self._buf, 0, FRAME.size
+        frames: list[tuple[Frame, bytes]] = []
+        while len(buf) - at >= size:
+            magic, version, kind, hid, layer, num_layers, nbytes, value = _LAYOUT.unpack_from(
+                buf, at
+            )
+            if magic != FRAME.magic or version != FRAME.version or kind not in _KINDS:
+                raise ProtocolError(f"bad control frame (magic {magic!r}, version {version})")
+            payload = nbytes if kind != Kind.DATA else 0
+            if payload > MAX_MESSAGE_BYTES:
+                raise ProtocolError(f"control payload of {nbytes} bytes")
+            if len(buf) - at - size < payload:
+                break
+            frame = Frame(Kind(kind), hid, layer, num_layers, nbytes, value)
+            frames.append((frame, bytes(buf[at + size : at + size + payload])))
+            at += size + payload
+        return frames, at
 
 
 def read_payload(sock: socket.socket, frame: Frame) -> bytes:

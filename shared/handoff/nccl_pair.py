@@ -18,7 +18,7 @@ import torch
 
 from shared.handoff import nccl
 from shared.handoff.channel import SenderLink
-from shared.handoff.nccl_device import Device
+from shared.handoff.nccl_device import HIGH_PRIORITY, Device
 from shared.handoff.nccl_frames import (
     Frame,
     Kind,
@@ -119,7 +119,7 @@ class Peer(SenderLink):
             self.sock.close()
             raise
         self.sock.settimeout(None)
-        self.stream = sender.dev.stream()
+        self.stream = sender.dev.stream(HIGH_PRIORITY)
         self._reader = threading.Thread(target=self._read_loop, name="nccl-ack", daemon=True)
         self._reader.start()
 

@@ -1,23 +1,23 @@
 """Decode side of the NCCL transport (control protocol: nccl_frames).
 
-A thread per prefill connection reads control frames in bursts and posts an ncclRecv for every
-DATA frame on the link's recv stream (only recvs: they go back to back), in groups of at most
-RECV_GROUP_BYTES, into staging buffers the link reuses (nccl_staging). The check stream
-checksums a group's accepted layers as soon as that group landed, while the next groups are
-still on the wire; a verify thread compares each layer's checksum with its CKSUM frame, hands
-the layer to on_layer on the scatter stream and gives the staging buffer back:
+A thread per prefill connection reads the control frames that arrived (one recv a burst) and,
+for all the burst's DATA frames at once, posts an ncclRecv each on the link's recv stream (only
+recvs: they go back to back) into staging buffers the link reuses (nccl_staging), in groups of
+at most RECV_GROUP_BYTES; a handoff's last layer is a group of its own, so that after the last
+byte only that layer waits for its checksum. The check stream checksums each group's accepted
+layers in one launch as soon as the group landed, while the next groups are still on the wire.
+A verify thread takes every layer whose CKSUM frame came, waits once per group for its
+checksums, compares, hands the layers to on_layer on the scatter stream, and gives their
+staging buffers back after one event:
 
     recv stream:     | recv g0 | recv g1 | recv g2 | ...
     check stream:              | sum g0 |  | sum g1 |  | sum g2 |
     verify thread:                      compare, scatter g0 (scatter stream), ...
-
-Only the last group's checksum and scatter come after the last byte arrived.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import queue
 import socket
@@ -29,27 +29,27 @@ import torch
 
 from shared.handoff import nccl
 from shared.handoff.listener import Expected, ListeningReceiver
-from shared.handoff.nccl_device import Device, Event
+from shared.handoff.nccl_device import HIGH_PRIORITY, Device, Event
 from shared.handoff.nccl_frames import (
-    MASK64,
     SCHEME,
     Frame,
+    FrameReader,
     Kind,
     message,
-    read_burst,
     read_frame,
     read_payload,
 )
 from shared.handoff.nccl_pair import Fabric, NcclFabric, PairComm, connect_pair
 from shared.handoff.nccl_staging import StagingPool
+from shared.handoff.timeline import WHOLE, Timeline
 from shared.handoff.transport import HandoffError
 from shared.handoff.wire import JOIN_TIMEOUT_S, ProtocolError
 
 log = logging.getLogger(__name__)
 
-# The recvs of one group complete together (one NCCL kernel): small enough that the first
-# layers' checksums start while later layers are on the wire, large enough that small layers
-# share a launch.
+# The recvs of one group complete together (one NCCL kernel) and are checksummed together (one
+# launch): small enough that the first layers' checksums run while later layers are on the
+# wire, large enough that small layers share the host's work.
 RECV_GROUP_BYTES = 64 << 20
 
 
@@ -66,38 +66,48 @@ class _Expected(Expected):
         return self.mismatch(frame.layer, frame.num_layers, frame.nbytes, self.arrived)
 
 
-@dataclass(frozen=True)
-class _Arrival:
-    """An accepted layer whose recv is posted."""
+@dataclass(frozen=True, slots=True)
+class _Data:
+    """A DATA frame, and the handoff that accepted it (None: rejected, NACKed)."""
 
     frame: Frame
-    state: _Expected
-    buf: torch.Tensor  # [nbytes] uint8 staging buffer on the device
-    received: Event  # on the recv stream, after the recv group that writes buf
+    state: _Expected | None
+    last: bool  # the last of its handoff's layers to arrive
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
+class _Sums:
+    """The checksums of one recv group's accepted layers."""
+
+    layers: list[tuple[bytes, int]]  # (handoff id, layer) of each row of partials
+    ready: Event  # on the check stream, after the checksums and their copy to the host
+    partials: torch.Tensor  # [len(layers), P] int64 on the host (Device.partial_sums)
+    values: list[int] | None = None  # the checksums: the verify thread folds them once ready
+
+
+@dataclass(eq=False, slots=True)
 class _Landing:
     """A layer received into a staging buffer, waiting for its CKSUM frame."""
 
     state: _Expected
     layer: int
     buf: torch.Tensor  # [nbytes] uint8 on the device, written by the recv stream
-    checksums: torch.Tensor  # [k] int64, pinned host: checksums of one recv group's layers
-    index: int  # this layer's entry in checksums
-    ready: Event  # the group's recvs and checksums done (on the check stream)
+    sums: _Sums  # its recv group's checksums
+    index: int  # its row in sums
 
 
-def _recv_groups(frames: list[Frame]) -> list[list[Frame]]:
-    """Consecutive DATA frames in groups of at most RECV_GROUP_BYTES (a larger layer alone)."""
-    groups: list[list[Frame]] = []
+def _recv_groups(datas: list[_Data]) -> list[list[_Data]]:
+    """Consecutive DATA frames in groups of at most RECV_GROUP_BYTES (a larger layer alone); a
+    handoff's last layer alone."""
+    groups: list[list[_Data]] = []
     size = 0
-    for frame in frames:
-        if not groups or size + frame.nbytes > RECV_GROUP_BYTES:
+    for data in datas:
+        nbytes = data.frame.nbytes
+        if not groups or size + nbytes > RECV_GROUP_BYTES or data.last or groups[-1][-1].last:
             groups.append([])
             size = 0
-        groups[-1].append(frame)
-        size += frame.nbytes
+        groups[-1].append(data)
+        size += nbytes
     return groups
 
 
@@ -107,13 +117,14 @@ class _Link:
     def __init__(self, conn: socket.socket, dev: Device, staging_bytes: int) -> None:
         self.conn = conn
         self.comm: PairComm | None = None
-        self.recv_stream = dev.stream()  # only recvs: they go back to back
-        self.check_stream = dev.stream()  # checksums of received layers, off the recv stream
-        self.scatter_stream = dev.stream()
+        self.recv_stream = dev.stream(HIGH_PRIORITY)  # only recvs: they go back to back
+        self.check_stream = dev.stream(HIGH_PRIORITY)  # checksums, off the recv stream
+        self.scatter_stream = dev.stream(HIGH_PRIORITY)
         readers = [self.check_stream, self.scatter_stream]
         self.staging = StagingPool(dev, self.recv_stream, readers, staging_bytes)
         self.landings: dict[tuple[bytes, int], _Landing] = {}  # only the connection's thread
-        self.verify: queue.SimpleQueue[tuple[_Landing, int] | None] = queue.SimpleQueue()
+        # (landing, the CKSUM frame's value) of layers whose CKSUM came, a list per burst
+        self.verify: queue.SimpleQueue[list[tuple[_Landing, int]] | None] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
@@ -128,7 +139,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     Layers land in staging buffers on the device (never in memory that was not reserved), are
     checksummed on the GPU, verified, then handed to on_layer on this receiver's scatter stream,
     with the staging buffer ([layer_nbytes] uint8 on the device) as the payload. Each link keeps
-    up to `staging_bytes` of free staging buffers for the next layers.
+    up to `staging_bytes` of free staging buffers for the next layers. `timeline`, if set,
+    records when each layer passes each point (a diagnostic).
     """
 
     def __init__(
@@ -139,10 +151,12 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     ) -> None:  # fmt: skip
         super().__init__(bind_host, port, advertise_host, _Expected, "nccl", SCHEME)
         self.dev = Device(torch.device(device))
+        self.dev.warm_up()
         self.fabric = fabric or NcclFabric()
         self.setup_timeout = setup_timeout
         self.max_layer_bytes = max_layer_bytes
         self.staging_bytes = staging_bytes
+        self.timeline: Timeline | None = None
         self._links: set[_Link] = set()  # guarded by _lock
 
     @property
@@ -166,7 +180,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         try:
             self._handshake(link)
             verifier.start()
-            while burst := read_burst(conn):
+            reader = FrameReader(conn)
+            while burst := reader.burst():
                 self._on_burst(link, burst)
         except (OSError, ConnectionError, HandoffError, RuntimeError) as exc:
             log.info("KV control connection dropped: %s", exc)
@@ -202,23 +217,15 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     # -- the connection's thread
 
     def _on_burst(self, link: _Link, burst: list[tuple[Frame, bytes]]) -> None:
-        """Frames that arrived together: recvs for all their DATA first, then each in order."""
-        posted = iter(self._post_recvs(link, [f for f, _ in burst if f.kind == Kind.DATA]))
-        arrivals: list[_Arrival] = []
+        """Frames that arrived together, in order; then recvs for all their DATA frames; then
+        the layers whose CKSUM came go to the verify thread."""
+        datas: list[_Data] = []
+        checks: list[Frame] = []
         for frame, payload in burst:
             if frame.kind == Kind.DATA:
-                buf, received = next(posted)
-                state = self._accept_layer(link, frame)
-                if state is None:  # the recv still lands (NCCL's order must hold), then frees
-                    link.staging.give(buf, received)
-                else:
-                    arrivals.append(_Arrival(frame, state, buf, received))
-            elif frame.kind == Kind.CKSUM:
-                self._checksum(link, arrivals)
-                arrivals = []
-                landing = link.landings.pop((frame.handoff_id, frame.layer), None)
-                if landing is not None:
-                    link.verify.put((landing, frame.value))
+                datas.append(self._accept_layer(link, frame))
+            elif frame.kind == Kind.CKSUM:  # its DATA came first: its landing is made below
+                checks.append(frame)
             elif frame.kind == Kind.ABORT:
                 state = self._get(frame.handoff_id)
                 if state is not None:
@@ -226,95 +233,167 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     self._fail(state, f"aborted by sender: {reason}")
             else:
                 raise ProtocolError(f"unexpected {frame.kind.name} frame from a sender")
-        self._checksum(link, arrivals)
+        if (timeline := self.timeline) is not None:
+            timeline.mark_all("data", [(d.frame.handoff_id, d.frame.layer) for d in datas])
+            timeline.mark_all("cksum", [(f.handoff_id, f.layer) for f in checks])
+        if datas:
+            self._receive(link, datas)
+        verify = []
+        for frame in checks:
+            landing = link.landings.pop((frame.handoff_id, frame.layer), None)
+            if landing is not None:
+                verify.append((landing, frame.value))
+        if verify:
+            link.verify.put(verify)
         self._sweep(link)
 
-    def _post_recvs(self, link: _Link, datas: list[Frame]) -> list[tuple[torch.Tensor, Event]]:
-        """A recv for every DATA frame (also rejected ones: NCCL's order must hold), in groups
-        of at most RECV_GROUP_BYTES: (staging buffer, event after its group) per frame."""
-        if any(f.nbytes > self.max_layer_bytes for f in datas):
-            raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
-        assert link.comm is not None
-        posted: list[tuple[torch.Tensor, Event]] = []
-        for group in _recv_groups(datas):
-            bufs = [link.staging.take(f.nbytes) for f in group]
-            with self.fabric.group():
-                for buf in bufs:
-                    link.comm.recv(buf, 0, link.recv_stream)
-            received = Event(link.recv_stream)
-            posted += [(buf, received) for buf in bufs]
-        return posted
-
-    def _accept_layer(self, link: _Link, frame: Frame) -> _Expected | None:
-        """The handoff a DATA frame's layer belongs to, or None (rejected: NACKed)."""
+    def _accept_layer(self, link: _Link, frame: Frame) -> _Data:
+        """A DATA frame with the handoff its layer belongs to, or None (rejected: NACKed)."""
         state = self._get(frame.handoff_id)
         error = "handoff not expected (reserve first)"
+        last = False
         if state is not None:
             with state.lock:
                 state.started = state.started or time.perf_counter()
                 error = state.rejects(frame)
                 state.arrived.add(frame.layer)
                 state.link = link
+                last = len(state.arrived) == state.num_layers
         if state is None or error:
             self._reject(link, frame.handoff_id, state, error)
-            return None
-        return state
+            return _Data(frame, None, False)
+        return _Data(frame, state, last)
 
-    def _checksum(self, link: _Link, arrivals: list[_Arrival]) -> None:
-        """Checksum accepted layers on the check stream, each recv group's once it landed (the
-        recv stream goes on receiving); they wait for their CKSUM frames."""
-        for received, grouped in itertools.groupby(arrivals, key=lambda a: a.received):
-            group = list(grouped)
-            with self.dev.on(link.check_stream):
-                self.dev.wait(link.check_stream, received)
-                sums = self.dev.checksums([a.buf for a in group])
-                ready = Event(link.check_stream)
-            for i, a in enumerate(group):
-                landing = _Landing(a.state, a.frame.layer, a.buf, sums, i, ready)
-                link.landings[(a.frame.handoff_id, a.frame.layer)] = landing
+    def _receive(self, link: _Link, datas: list[_Data]) -> None:
+        """A recv for every DATA frame (also rejected ones: NCCL's order must hold), in groups
+        (_recv_groups); then each group's accepted layers are checksummed once it landed, and
+        wait for their CKSUM frames."""
+        if any(d.frame.nbytes > self.max_layer_bytes for d in datas):
+            raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
+        assert link.comm is not None
+        posted: list[tuple[list[_Data], list[torch.Tensor], Event]] = []
+        for group in _recv_groups(datas):  # first every recv: the wire goes on meanwhile
+            bufs = link.staging.take_all([d.frame.nbytes for d in group])
+            with self.fabric.group():
+                for buf in bufs:
+                    link.comm.recv(buf, 0, link.recv_stream)
+            posted.append((group, bufs, Event(link.recv_stream)))
+        if (timeline := self.timeline) is not None:
+            timeline.mark_all("posted", [(d.frame.handoff_id, d.frame.layer) for d in datas])
+        with self.dev.on(link.check_stream):
+            for group, bufs, received in posted:
+                pairs = list(zip(group, bufs, strict=True))
+                accepted = [(d, buf) for d, buf in pairs if d.state is not None]
+                rejected = [buf for d, buf in pairs if d.state is None]
+                if rejected:  # the recvs still land (NCCL's order must hold), then free
+                    link.staging.give_all(rejected, received)
+                if not accepted:
+                    continue
+                partials = self.dev.partial_sums([buf for _, buf in accepted], after=received)
+                sums = _Sums([], Event(link.check_stream), partials)
+                for i, (d, buf) in enumerate(accepted):
+                    assert d.state is not None
+                    key = (d.frame.handoff_id, d.frame.layer)
+                    sums.layers.append(key)
+                    link.landings[key] = _Landing(d.state, d.frame.layer, buf, sums, i)
+                if timeline is not None:
+                    self._watch(timeline, link, received, sums)
+
+    def _watch(self, timeline: Timeline, link: _Link, received: Event, sums: _Sums) -> None:
+        """Mark the group's layers when they land and when their checksums are ready."""
+        for point, event in (("landed", received), ("summed", sums.ready)):
+
+            def wait(event: Event = event) -> None:
+                self.dev.bind_thread()
+                event.synchronize()
+
+            timeline.watch(point, id(link), wait, sums.layers)
 
     def _sweep(self, link: _Link) -> None:
         """Give back the buffers of layers whose handoff closed before their CKSUM came (the
         sender stops checksumming a handoff once it failed)."""
         for key in [key for key, landing in link.landings.items() if landing.state.closed]:
             landing = link.landings.pop(key)
-            link.staging.give(landing.buf, landing.ready)
+            link.staging.give(landing.buf, landing.sums.ready)
 
     # -- the verify thread
 
     def _verify_loop(self, link: _Link) -> None:
         self.dev.bind_thread()
-        while (item := link.verify.get()) is not None:
-            landing, expected = item
-            landing.ready.synchronize()
-            self._verify(link, landing, expected)
-
-    def _verify(self, link: _Link, landing: _Landing, expected: int) -> None:
-        """Deliver a landed layer if its checksum is `expected`. Its staging buffer goes back to
-        the pool (after its last reader) before the handoff is settled."""
-        state = landing.state
-        if int(landing.checksums[landing.index]) & MASK64 != expected:
-            link.staging.give(landing.buf, landing.ready)
-            self._reject(link, state.key, state, f"checksum mismatch on layer {landing.layer}")
-            return
-        with state.lock:
-            if state.closed:
-                link.staging.give(landing.buf, landing.ready)
+        while (items := link.verify.get()) is not None:
+            closing = False
+            while True:  # every layer whose CKSUM came by now
+                try:
+                    more = link.verify.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                items += more
+            self._verify(link, items)
+            if closing:
                 return
-            with self.dev.on(link.scatter_stream):
-                error = state.deliver(landing.layer, landing.buf)
-                released = Event(link.scatter_stream)
-            link.staging.give(landing.buf, released)
-            done = not error and len(state.layers) == state.num_layers
-            if done:  # the scatters must have landed before decode reads the blocks
-                released.synchronize()
-        if error:
-            self._reject(link, state.key, state, error)
-        elif done:
-            self._complete(link, state)
+
+    def _verify(self, link: _Link, items: list[tuple[_Landing, int]]) -> None:
+        """Deliver each landed layer whose checksum is its CKSUM frame's value, in order; their
+        staging buffers go back to the pool (after their last reader) before the handoffs they
+        complete are settled."""
+        delivered: list[torch.Tensor] = []  # staging buffers the scatter stream reads
+        completed: list[_Expected] = []
+        timeline = self.timeline
+        with self.dev.on(link.scatter_stream):  # where on_layer scatters
+            for landing, expected in items:
+                sums = landing.sums
+                if sums.values is None:
+                    if not sums.ready.query():  # what is delivered so far goes on meanwhile
+                        self._release(link, delivered, completed)
+                        delivered, completed = [], []
+                    self._wait(sums)
+                assert sums.values is not None
+                state = landing.state
+                if sums.values[landing.index] != expected:
+                    link.staging.give(landing.buf, sums.ready)
+                    error = f"checksum mismatch on layer {landing.layer}"
+                    self._reject(link, state.key, state, error)
+                    continue
+                with state.lock:
+                    if state.closed:
+                        link.staging.give(landing.buf, sums.ready)
+                        continue
+                    error = state.deliver(landing.layer, landing.buf)
+                    delivered.append(landing.buf)
+                    if not error and len(state.layers) == state.num_layers:
+                        completed.append(state)
+                if timeline is not None:
+                    timeline.mark("delivered", state.key, landing.layer)
+                if error:
+                    self._reject(link, state.key, state, error)
+            self._release(link, delivered, completed)
+
+    def _wait(self, sums: _Sums) -> None:
+        """Wait for a recv group's checksums and fold them."""
+        sums.ready.synchronize()
+        sums.values = self.dev.checksums(sums.partials)
+
+    def _release(
+        self, link: _Link, delivered: list[torch.Tensor], completed: list[_Expected]
+    ) -> None:
+        """Give delivered layers' staging buffers back after their scatters, and complete the
+        handoffs they finished once the scatters landed (decode reads the blocks next)."""
+        if not delivered:
+            return
+        released = Event(link.scatter_stream)
+        link.staging.give_all(delivered, released)
+        if completed:
+            released.synchronize()
+            for state in completed:
+                self._complete(link, state)
 
     def _complete(self, link: _Link, state: _Expected) -> None:
         if self._close(state, ok=True):
+            if (timeline := self.timeline) is not None:
+                timeline.mark("ack", state.key, WHOLE)
             link.send(message(Kind.ACK, state.key))
 
     def _reject(self, link: _Link, key: bytes, state: _Expected | None, error: str) -> None:

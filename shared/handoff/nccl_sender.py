@@ -1,15 +1,26 @@
 """Prefill side of the NCCL transport (control protocol: nccl_frames).
 
-Streams: the engine's compute stream records an event after each layer's gather; one sender
-thread makes the peer's stream wait on it and launches the send, and a checksum stream computes
-the checksum (kernels/checksum) beside the send. A publisher thread waits for the checksums and
-sends the CKSUM frames, so the sender thread never waits on the GPU, and the compute stream
-never waits on the network. Sends of one layer to several decode workers (one batch), and every
-layer queued meanwhile, are launched in one ncclGroupStart/End.
+The engine's thread only records an event on its compute stream after each layer's gather and
+queues the layer (send_layer_group). One sender thread does the rest, in rounds that each take
+every layer queued so far, however many:
+
+    DATA frames     one write per peer
+    sends           one ncclGroupStart/End; each peer's stream waits for the newest gathers
+    ...             then, once the oldest launched layer's data exists on the GPU (the thread
+                    waits for its event without the GIL; layers queued meanwhile join the
+                    next round), for every launched layer whose data exists:
+    checksums       one Triton launch (kernels/checksum) on the checksum stream
+    CKSUM frames    one write per peer, once the checksums are computed
+
+So the receiver has its recvs posted before the data exists (a send never spins on the GPU
+waiting for them), a round costs a few dozen host calls whatever its size, the thread that
+shares the GIL with the engine wakes about once per layer the GPU produces (layers the engine
+queues ahead of the GPU batch up), and the compute stream never waits on the network.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -19,32 +30,30 @@ import torch
 
 from shared.handoff import nccl
 from shared.handoff.nccl_channel import Job, NcclSendChannel
-from shared.handoff.nccl_device import Device, Event
-from shared.handoff.nccl_frames import MASK64, Frame, Kind, message
+from shared.handoff.nccl_device import HIGH_PRIORITY, Device, Event
+from shared.handoff.nccl_frames import MASK64, Kind, message, pack
 from shared.handoff.nccl_pair import Fabric, NcclFabric, PairCache, Peer
+from shared.handoff.timeline import Timeline
 from shared.handoff.wire import JOIN_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
-_MAX_BATCH = 256  # layers launched together when they queued up
+_MAX_BATCH = 256  # jobs taken into one round when they queued up
 
 
-@dataclass(frozen=True)
-class _Checksums:
-    """Checksums of launched layers, being computed on the checksum stream."""
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """One layer of one handoff whose send is launched; its checksum follows once its data
+    exists."""
 
-    done: Event
-    layers: list[tuple[NcclSendChannel, int]]  # (handoff, layer) per entry of values
-    values: torch.Tensor  # [len(layers)] int64, pinned host
-
-
-@dataclass(frozen=True)
-class _Send:
-    """One layer of one handoff, about to be launched."""
-
-    job: Job
     channel: NcclSendChannel
-    data: torch.Tensor  # [nbytes] uint8 view of the layer, on the device
+    layer: int
+    data: torch.Tensor  # contiguous, on the device
+    ready: Event  # the data exists once it completes
+
+    @property
+    def live(self) -> bool:
+        return not self.channel.failed and not self.channel.peer.dead
 
 
 class NcclKVSender:
@@ -52,8 +61,8 @@ class NcclKVSender:
 
     Keeps one pair (control connection + communicator) per decode endpoint, created on the
     first handoff to it, in an LRU cache of `max_peers`: the least recently used idle pair is
-    torn down (ncclCommAbort) to make room. One thread launches every send, in queue order;
-    another publishes the checksums.
+    torn down (ncclCommAbort) to make room. One thread launches every send and checksum, in
+    queue order. `timeline`, if set, records when each layer passes each point (a diagnostic).
     """
 
     def __init__(
@@ -61,18 +70,15 @@ class NcclKVSender:
         connect_timeout: float = 5.0, setup_timeout: float = 60.0,
     ) -> None:  # fmt: skip
         self.dev = Device(torch.device(device))
+        self.dev.warm_up()
         self.fabric = fabric or NcclFabric()
         self.pairs = PairCache(max_peers)
         self.connect_timeout, self.setup_timeout = connect_timeout, setup_timeout
+        self.timeline: Timeline | None = None
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._checksums: queue.SimpleQueue[_Checksums | None] = queue.SimpleQueue()
-        self._checksum_stream = self.dev.stream()
+        self._checksum_stream = self.dev.stream(HIGH_PRIORITY)
         self._thread = threading.Thread(target=self._send_loop, name="nccl-send", daemon=True)
-        self._publisher = threading.Thread(
-            target=self._publish_loop, name="nccl-cksum", daemon=True
-        )
         self._thread.start()
-        self._publisher.start()
 
     @property
     def peers(self) -> list[str]:
@@ -89,8 +95,6 @@ class NcclKVSender:
         self.pairs.clear("sender closed")
         self._jobs.put(None)
         self._thread.join(JOIN_TIMEOUT_S)
-        self._checksums.put(None)
-        self._publisher.join(JOIN_TIMEOUT_S)
 
     def _submit(self, job: Job) -> None:
         self._jobs.put(job)
@@ -99,63 +103,79 @@ class NcclKVSender:
 
     def _send_loop(self) -> None:
         self.dev.bind_thread()
+        unchecked: collections.deque[_Sent] = collections.deque()  # launched, in launch order
         while True:
-            batch = [self._jobs.get()]  # every layer queued by now goes out in one launch
-            while batch[-1] is not None and not batch[-1].abort and len(batch) < _MAX_BATCH:
-                try:
-                    batch.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
-            last = batch[-1]
+            if unchecked:  # wait (no GIL held) until the oldest one's data exists
+                unchecked[0].ready.synchronize()
+            jobs = self._take(block=not unchecked)
             try:
-                self._launch([j for j in batch if j is not None and not j.abort])
-                if last is not None and last.abort:
-                    channel = last.items[0][0]
-                    channel.peer.write(message(Kind.ABORT, channel.key, last.abort))
-            except Exception:  # never let one batch kill the thread every handoff relies on
+                closing = self._launch_jobs(jobs, unchecked)
+            except Exception:  # never let one round kill the thread every handoff relies on
                 log.exception("KV send failed")
-            if last is None:
+                closing = any(job is None for job in jobs)
+            try:
+                self._checksum(unchecked)
+            except Exception:
+                log.exception("KV checksum failed")
+            if closing:
                 return
 
-    def _launch(self, jobs: list[Job]) -> None:
+    def _take(self, block: bool) -> list[Job | None]:
+        """The jobs queued so far (waiting for one if `block`)."""
+        jobs = [self._jobs.get()] if block else []
+        while len(jobs) < _MAX_BATCH:
+            try:
+                jobs.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
+    def _launch_jobs(self, jobs: list[Job | None], unchecked: collections.deque[_Sent]) -> bool:
+        """Launch the sends of `jobs` in order, an ABORT where one is; True at the end (None)."""
+        run: list[Job] = []
+        for job in jobs:
+            if job is None:
+                self._launch(run, unchecked)
+                return True
+            if job.abort:  # after the DATA of the layers queued before it
+                self._launch(run, unchecked)
+                run = []
+                channel = job.items[0][0]
+                channel.peer.write(message(Kind.ABORT, channel.key, job.abort))
+            else:
+                run.append(job)
+        self._launch(run, unchecked)
+        return False
+
+    def _launch(self, jobs: list[Job], unchecked: collections.deque[_Sent]) -> None:
         sends = [
-            _Send(job, ch, d.view(torch.uint8).reshape(-1))
+            _Sent(channel, job.layer, data, job.ready)
             for job in jobs
-            for ch, d in job.items
-            if not ch.failed and not ch.peer.dead
+            for channel, data in job.items
+            if not channel.failed and not channel.peer.dead
         ]
         if not sends:
             return
         peers = list({id(s.channel.peer): s.channel.peer for s in sends}.values())
         for peer in peers:  # DATA before the sends: the receiver posts its recvs on them, so
             # a send that must first connect more NCCL channels never waits for nothing
-            frames = [
-                Frame(Kind.DATA, s.channel.key, s.job.layer, s.channel.num_layers, s.data.numel())
-                for s in sends
-                if s.channel.peer is peer
-            ]
-            peer.write(b"".join(f.pack() for f in frames))
+            peer.write(
+                b"".join(
+                    pack(Kind.DATA, s.channel.key, s.layer, s.channel.num_layers, s.data.nbytes)
+                    for s in sends
+                    if s.channel.peer is peer
+                )
+            )
         launched, spans = self._launch_sends(jobs, sends, peers)
         for s in launched:
-            start, end = spans[id(s.channel.peer)]
-            s.channel.launched(s.job.layer, s.data.numel(), start, end)
-        if not launched:
-            return
-        stream = self._checksum_stream
-        with self.dev.on(stream):  # beside the sends: both only read the data
-            for job in jobs:
-                if job.ready is not None:
-                    self.dev.wait(stream, job.ready)
-            values = self.dev.checksums([s.data for s in launched])
-            for s in launched:
-                self.dev.keep(s.data, stream)
-            done = Event(stream)
-        # after the DATA frames above: a CKSUM never overtakes its DATA on the connection
-        self._checksums.put(_Checksums(done, [(s.channel, s.job.layer) for s in launched], values))
+            s.channel.launched(s.layer, s.data.nbytes, spans[id(s.channel.peer)])
+        unchecked.extend(launched)
+        if (timeline := self.timeline) is not None:
+            timeline.mark_all("launched", [(s.channel.key, s.layer) for s in launched])
 
     def _launch_sends(
-        self, jobs: list[Job], sends: list[_Send], peers: list[Peer]
-    ) -> tuple[list[_Send], dict[int, tuple[Event, Event]]]:
+        self, jobs: list[Job], sends: list[_Sent], peers: list[Peer]
+    ) -> tuple[list[_Sent], dict[int, tuple[Event, Event]]]:
         """One group of sends, each peer's on its own stream after the compute stream's events."""
         for peer in sorted(peers, key=id):
             peer.lock.acquire()
@@ -165,9 +185,7 @@ class NcclKVSender:
             live = [s for s in sends if not s.channel.peer.dead]
             starts = {}
             for peer in peers:
-                for job in jobs:
-                    if job.ready is not None:
-                        self.dev.wait(peer.stream, job.ready)
+                self.dev.wait_all(peer.stream, [job.ready for job in jobs])
                 starts[id(peer)] = Event(peer.stream, timing=True)
             try:
                 with self.fabric.group():
@@ -188,23 +206,28 @@ class NcclKVSender:
             peer.die(f"NCCL send failed: {error}")
         return ([] if failed else live), spans
 
-    # -- the publisher thread
-
-    def _publish_loop(self) -> None:
-        """Send the CKSUM frames of launched layers as their checksums complete, in order."""
-        self.dev.bind_thread()
-        while (sums := self._checksums.get()) is not None:
-            try:
-                sums.done.synchronize()
-                self._publish(sums)
-            except Exception:  # never let one batch kill the thread every handoff relies on
-                log.exception("KV checksum publishing failed")
-
-    def _publish(self, sums: _Checksums) -> None:
+    def _checksum(self, unchecked: collections.deque[_Sent]) -> None:
+        """Checksum the launched layers whose data exists (the oldest first: a stream's events
+        complete in order), then send their CKSUM frames: one launch, one write per peer."""
+        batch: list[_Sent] = []
+        seen: Event | None = None  # the layers of one job share its event
+        while unchecked and (unchecked[0].ready is seen or unchecked[0].ready.query()):
+            seen = unchecked[0].ready
+            batch.append(unchecked.popleft())
+        batch = [s for s in batch if s.live]  # a failed handoff needs no more checksums
+        if not batch:
+            return
+        with self.dev.on(self._checksum_stream):  # beside the sends: both only read the data
+            partials = self.dev.partial_sums([s.data for s in batch])
+            done = Event(self._checksum_stream)
+        done.synchronize()
+        values = self.dev.checksums(partials)
         frames: dict[int, tuple[Peer, list[bytes]]] = {}
-        for (channel, layer), value in zip(sums.layers, sums.values.tolist(), strict=True):
-            if not channel.failed and not channel.peer.dead:
-                frame = Frame(Kind.CKSUM, channel.key, layer, value=value & MASK64)
-                frames.setdefault(id(channel.peer), (channel.peer, []))[1].append(frame.pack())
+        for s, value in zip(batch, values, strict=True):
+            if s.live:  # after the DATA frames: a CKSUM never overtakes its DATA
+                frame = pack(Kind.CKSUM, s.channel.key, s.layer, value=value & MASK64)
+                frames.setdefault(id(s.channel.peer), (s.channel.peer, []))[1].append(frame)
+        if (timeline := self.timeline) is not None:
+            timeline.mark_all("published", [(s.channel.key, s.layer) for s in batch])
         for peer, packed in frames.values():
             peer.write(b"".join(packed))

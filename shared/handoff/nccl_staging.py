@@ -50,28 +50,42 @@ class StagingPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         """A [nbytes] uint8 buffer that work enqueued next on the recv stream may overwrite."""
-        size = size_class(nbytes)
+        return self.take_all([nbytes])[0]
+
+    def take_all(self, sizes: list[int]) -> list[torch.Tensor]:
+        """`take` for each size, with one wait of the recv stream per stream that released the
+        reused buffers."""
+        classes = [size_class(n) for n in sizes]
         with self._lock:
-            free = self._free.get(size)
-            item = free.popleft() if free else None  # the oldest: its readers likely finished
-            if item is not None:
-                self._free_bytes -= size
-        if item is not None:
-            buf, released = item
-            self.dev.wait(self.recv_stream, released)
-        else:
-            buf = self._allocate(size)
+            reused: list[tuple[torch.Tensor, Event] | None] = []
+            for size in classes:
+                free = self._free.get(size)
+                item = free.popleft() if free else None  # the oldest: its readers likely done
+                if item is not None:
+                    self._free_bytes -= size
+                reused.append(item)
+        self.dev.wait_all(self.recv_stream, [item[1] for item in reused if item is not None])
+        bufs = [
+            item[0] if item is not None else self._allocate(size)
+            for item, size in zip(reused, classes, strict=True)
+        ]
         with self._lock:
-            self._lent[buf.data_ptr()] = buf
-        return buf[:nbytes]
+            for buf in bufs:
+                self._lent[buf.data_ptr()] = buf
+        return [buf[:n] for buf, n in zip(bufs, sizes, strict=True)]
 
     def give(self, view: torch.Tensor, released: Event) -> None:
         """Return a buffer `take` gave; `released` completes after its last reader."""
+        self.give_all([view], released)
+
+    def give_all(self, views: list[torch.Tensor], released: Event) -> None:
         with self._lock:
-            buf = self._lent.pop(view.data_ptr())
-            if self._free_bytes + buf.numel() <= self.max_free_bytes:
-                self._free.setdefault(buf.numel(), collections.deque()).append((buf, released))
-                self._free_bytes += buf.numel()
+            for view in views:
+                buf = self._lent.pop(view.data_ptr())
+                if self._free_bytes + buf.numel() <= self.max_free_bytes:
+                    free = self._free.setdefault(buf.numel(), collections.deque())
+                    free.append((buf, released))
+                    self._free_bytes += buf.numel()
 
     def clear(self) -> None:
         with self._lock:

@@ -23,7 +23,8 @@ Implementations (one module per job):
     socket_frames, socket_receiver, socket_sender     TCP, crc32 per layer (CPU hosts, tests)
     nccl_frames, nccl_device, nccl_staging, nccl_pair, nccl_channel, nccl_receiver,
     nccl_sender                 NCCL, GPU to GPU, control frames over TCP (nccl: the binding;
-                                kernels/checksum: the per-layer checksum)
+                                kernels/checksum: the per-layer checksum; timeline: an
+                                optional per-layer diagnostic)
 auto picks the transport per endpoint; kv_io moves KV between the paged cache and them.
 """
 

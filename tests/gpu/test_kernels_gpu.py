@@ -115,6 +115,12 @@ def test_checksum_past_int32_offsets(offset):
     assert checksum_cases.value(layer_checksum(data)) == want & checksum_cases.MASK64
 
 
+@pytest.mark.parametrize("programs", [32, 7])
+def test_checksum_of_a_list_of_layers_in_one_launch(programs):
+    """Sizes, alignments (16, 8, 1 bytes) and an empty layer in one table, one launch."""
+    checksum_cases.run_batch_case("cuda", programs)
+
+
 def test_cache_past_int32_indexing():
     """A layer of 2 x 140k blocks x 16 x 8 x 128 bf16 (4.6e9 elements, 9 GB): for the top blocks
     block * stride passes 2^31, and V's offset alone (2.3e9 elements) does too."""

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from kernels.checksum import BLOCK, PROGRAMS, layer_checksum, layer_checksum_ref
+from kernels.checksum import (
+    BLOCK,
+    PROGRAMS,
+    checksum_partials,
+    fold,
+    layer_checksum,
+    layer_checksum_ref,
+)
 
 MASK64 = (1 << 64) - 1
 WORDS_PER_GRID = BLOCK * PROGRAMS  # past this, every program loops more than once
@@ -93,3 +100,36 @@ def test_sees_a_flipped_bit_and_swapped_words():
 def test_needs_a_contiguous_tensor():
     with pytest.raises(AssertionError, match="memory order"):
         layer_checksum(torch.zeros(4, 4)[:, 0])
+
+
+# one launch for a list of layers: sizes, alignments (16, 8, 1) and an empty one, in one table
+BATCH = [(8 * BLOCK * 3 + 21, 0), (100, 8), (8 * BLOCK + 5, 3), (0, 0), (7, 6), (4096, 0),
+         (8 * BLOCK * 2, 8)]  # fmt: skip
+
+
+def run_batch_case(device: str = "cpu", programs: int = PROGRAMS, exact: bool = True) -> None:
+    """Every layer of BATCH in one launch: each row of partials folds to its checksum."""
+    layers = [random_bytes(n, off, seed=i, device=device) for i, (n, off) in enumerate(BATCH)]
+    partials = checksum_partials(layers, programs)
+    assert partials.shape == (len(layers), programs) and partials.device == layers[0].device
+    got = fold(partials.cpu())
+    assert got == [value(layer_checksum_ref(x)) for x in layers]
+    if exact:
+        assert got == [definition(x) for x in layers]
+
+
+@pytest.mark.parametrize("programs", [PROGRAMS, 1, 5])
+def test_one_launch_checksums_a_list_of_layers(programs):
+    run_batch_case(programs=programs)
+
+
+def test_layers_of_any_dtype_share_a_launch():
+    gen = torch.Generator().manual_seed(7)
+    layers = [torch.randn((2, 3, 16, 2, 8), generator=gen).to(dtype)
+              for dtype in (torch.bfloat16, torch.float32, torch.float16)]  # fmt: skip
+    assert fold(checksum_partials(layers)) == [definition(x) for x in layers]
+
+
+def test_fold_wraps_mod_2_64():
+    partials = torch.tensor([[-1, 2], [2**62, 2**62 + 2**62 - 1]], dtype=torch.int64)
+    assert fold(partials) == [1, (2**63 - 1 + 2**62) & MASK64]
