@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import redis.asyncio as redis
@@ -54,7 +55,7 @@ class GatewayConfig:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(
-        self, config: GatewayConfig, directory: Directory, tokenizer: Tokenizer,
+        self, config: GatewayConfig, directory: Directory, tokenizer: Tokenizer | None,
         metrics: KvmeshMetrics,
     ) -> None:  # fmt: skip
         self.config = config
@@ -155,6 +156,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         if r.prompt_token_ids:
             return list(r.prompt_token_ids)
+        if self.tokenizer is None:
+            raise RequestFailed(
+                Code.INVALID_ARGUMENT,
+                f"this gateway has no tokenizer for {self.config.model}: send prompt_token_ids",
+            )
         try:
             if r.prompt:
                 ids = self.tokenizer.encode(r.prompt)
@@ -219,12 +225,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span.set_attribute("kvmesh.tpot_seconds", tpot)
 
 
-def gateway_tokenizer(model: str) -> Tokenizer:
-    """The tokenizer of the served model; synthetic models use the default model's."""
-    source = resolve_source("" if model.startswith(SYNTHETIC_PREFIX) else model)
-    from pathlib import Path
-
-    return load_tokenizer(Path(source))
+def gateway_tokenizer(model: str) -> Tokenizer | None:
+    """The tokenizer of the served model. Synthetic models borrow the default model's when it
+    can be had; without it (no network, no cache) they take token-id prompts only."""
+    synthetic = model.startswith(SYNTHETIC_PREFIX)
+    try:
+        return load_tokenizer(Path(resolve_source("" if synthetic else model)))
+    except RuntimeError as e:
+        if not synthetic:
+            raise
+        log.warning("no tokenizer for %s (%s): text prompts will be refused", model, e)
+        return None
 
 
 async def serve(config: GatewayConfig) -> None:
