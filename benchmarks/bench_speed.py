@@ -550,6 +550,8 @@ def mesh_part(plan: Plan) -> MeshFigures:
             mesh.stop()
     mesh_ms = percentile(report.tpot, 0.5) * 1e3
     log(f"  mesh: TPOT p50 {mesh_ms:.2f} ms, {report.errors} errors")
+    for why, n in report.failures.most_common(3):
+        log(f"    {n} x {why}")
     return MeshFigures(mesh_ms, percentile(colocated.tpot, 0.5) * 1e3, report.errors)
 
 

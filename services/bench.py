@@ -8,6 +8,7 @@ for exactly `new_tokens` tokens (ignore_eos), and reports TTFT, TPOT and end-to-
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,14 @@ class Report:
     e2e: list[float] = field(default_factory=list)  # seconds
     output_tokens: int = 0
     seconds: float = 0.0
-    errors: int = 0
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def errors(self) -> int:
+        return sum(self.failures.values())
+
+    def fail(self, error: grpc.aio.AioRpcError) -> None:
+        self.failures[f"{error.code().name}: {error.details()}"] += 1
 
     def record(self, start: float, first: float, end: float, tokens: int) -> None:
         self.ttft.append(first - start)
@@ -67,6 +75,7 @@ class Report:
             f"{len(self.e2e) / self.seconds:.2f} req/s over {self.seconds:.1f} s; "
             f"{self.errors} errors"
         )
+        lines += [f"  {n} x {why}" for why, n in self.failures.most_common(3)]
         return "\n".join(lines)
 
 
@@ -113,8 +122,8 @@ async def bench_mesh(address: str, workload: Workload, progress: bool = True) ->
                     if msg.token_ids:
                         first = first or time.perf_counter()
                         tokens += len(msg.token_ids)
-            except grpc.aio.AioRpcError:
-                report.errors += 1
+            except grpc.aio.AioRpcError as e:
+                report.fail(e)
                 return
             report.record(start, first, time.perf_counter(), tokens)
 
