@@ -73,7 +73,7 @@ class DecodeGraphs:
         padding rows only, so capture's own forwards touch nothing but the scratch block."""
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.kv_cache.device)
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(torch.cuda.current_stream(self.kv_cache.device))
         with torch.cuda.stream(stream):
             for b in reversed(self.buckets):
                 batch = self._batch(b)
@@ -82,7 +82,7 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     self._logits[b] = self.model.forward(batch, self.kv_cache)
                 self._graphs[b] = graph
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(self.kv_cache.device).wait_stream(stream)
         torch.cuda.synchronize(self.kv_cache.device)
 
     def run(self, inputs: DecodeInputs, fill: Fill | None, prev_tokens: torch.Tensor | None,

@@ -10,6 +10,7 @@ The role decides what it admits (DESIGN invariant 4):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import secrets
 import time
@@ -167,7 +168,8 @@ class Engine:
                 table_width=blocks_for(self.max_model_len, config.block_size),
                 scratch_block=num_blocks,
             )  # fmt: skip
-            self._graphs.capture()
+            with self._on_device():
+                self._graphs.capture()
 
     # ------------------------------------------------------------------------------- requests
 
@@ -268,15 +270,21 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Launch the next step, then process the previous one while the device runs it; the
         outputs returned belong to the previous step when overlapping, else to this one."""
-        launched = self._launch()
-        outputs: list[RequestOutput] = []
-        if self._in_flight is not None:
-            outputs = self._process(self._in_flight)
-        self._in_flight = launched
-        if launched is not None and not self._overlap:
-            outputs += self._process(launched)
-            self._in_flight = None
+        with self._on_device():  # any thread: Triton and events use the current device
+            launched = self._launch()
+            outputs: list[RequestOutput] = []
+            if self._in_flight is not None:
+                outputs = self._process(self._in_flight)
+            self._in_flight = launched
+            if launched is not None and not self._overlap:
+                outputs += self._process(launched)
+                self._in_flight = None
         return outputs
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
 
     def check_integrity(self) -> None:
         owners = [s.block_table for s in self._seqs.values()] + list(self._reserved.values())
@@ -323,7 +331,7 @@ class Engine:
             host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host_tokens.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))
         indices = []
         for row, seq in enumerate(sampled):
             indices.append(seq.num_tokens)

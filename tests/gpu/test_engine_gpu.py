@@ -8,6 +8,7 @@ Run on a GPU machine: `python -m pytest tests/gpu/test_engine_gpu.py`.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -93,3 +94,25 @@ def test_graphs_and_overlap_give_the_eager_tokens() -> None:
     assert all(len(got[str(i)]) == 40 - i for i in range(len(prompts)))
     assert fast._graphs.replays > 0
     assert fast.pool.num_free == fast.pool.num_blocks
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_engine_on_a_second_gpu_stepped_from_another_thread() -> None:
+    """A decode worker's engine lives on cuda:1 and steps on a thread whose current device is
+    cuda:0: kernels, graphs and the token copies must still run on (and wait for) cuda:1."""
+    config = dict(model="synthetic:llama3.2-1b", dtype="bfloat16", num_blocks=512,
+                  max_num_batched_tokens=256, max_num_seqs=8)  # fmt: skip
+    prompts = [[5 + i] * (10 + 37 * i) for i in range(6)]
+    loaded = load_model(config["model"], torch.bfloat16, torch.device("cuda:0"), seed=2)  # type: ignore[arg-type]
+    want = _run(Engine(EngineConfig(**config, device="cuda:0"), loaded), prompts, 20)  # type: ignore[arg-type]
+    result: list[dict[str, list[int]]] = []
+
+    def on_cuda1() -> None:
+        assert torch.cuda.current_device() == 0
+        loaded1 = load_model(config["model"], torch.bfloat16, torch.device("cuda:1"), seed=2)  # type: ignore[arg-type]
+        result.append(_run(Engine(EngineConfig(**config, device="cuda:1"), loaded1), prompts, 20))  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=on_cuda1)
+    thread.start()
+    thread.join()
+    assert result == [want]
