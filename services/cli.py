@@ -40,6 +40,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=float(env("KVMESH_GPU_MEMORY_FRACTION", "0.85")),
     )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        default=env("KVMESH_EAGER", "") not in ("", "0"),
+        help="no CUDA graphs and no overlapped steps (debugging)",
+    )
 
 
 def engine_config(args: argparse.Namespace, role: Role) -> EngineConfig:
@@ -54,6 +60,8 @@ def engine_config(args: argparse.Namespace, role: Role) -> EngineConfig:
         max_num_seqs=args.max_seqs,
         kv_cache_bytes=args.kv_cache_mb << 20,
         gpu_memory_fraction=args.gpu_memory_fraction,
+        cuda_graphs=not args.eager,
+        overlap=not args.eager,
     )
 
 
