@@ -2,7 +2,10 @@
 
     PYTHONPATH=. python benchmarks/bench_handoff.py [--layers 32] [--sizes-mib 4,16,64,256]
 
-This process is the prefill side on cuda:0; a spawned process is the decode side on cuda:1.
+This process is the prefill side on cuda:0; a spawned process is the decode side on cuda:1. The
+decode process serves Decode.OpenKVLink (nccl_link.serve_links), so the handoff sets up its pair
+as the mesh does: unique id over gRPC, HELLO(link id) on the control connection (once, before
+any timing).
 
 1. Bandwidth: `layers` layers of S bytes each, all queued at once, for one handoff and for a
    batch of 4 (four requests' layers sent as one group per layer). torch.distributed: rank 0
@@ -42,6 +45,7 @@ from shared.engine import Engine, EngineConfig, Role
 from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
 from shared.handoff.nccl_channel import send_layer_group
 from shared.handoff.nccl_device import Device
+from shared.handoff.nccl_link import serve_links
 from shared.handoff.nccl_pair import NcclFabric, PairComm, connect_pair
 from shared.handoff.nccl_receiver import NcclKVReceiver
 from shared.handoff.nccl_sender import NcclKVSender
@@ -70,7 +74,9 @@ def decode_main(conn: Connection, dist_port: int) -> None:
         device_id=DECODE_DEV,
     )  # fmt: skip
     rx = NcclKVReceiver(DECODE_DEV)
-    conn.send(rx.start())
+    endpoint = rx.start()
+    _links, address = serve_links(rx)  # Decode.OpenKVLink: the pair's unique id
+    conn.send((endpoint, address))
     engine: Engine | None = None
     raw: PairComm | None = None
     futures: dict[str, Any] = {}
@@ -145,7 +151,7 @@ class Decode:
             "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
             device_id=PREFILL_DEV,
         )  # fmt: skip
-        self.endpoint: str = self.conn.recv()
+        self.endpoint, self.address = self.conn.recv()  # KV (nccl://), gRPC (OpenKVLink)
 
     def call(self, op: str, args: Any = None) -> Any:
         self.conn.send((op, args))
@@ -218,7 +224,7 @@ def handoff_gbs(
         hids = [str(uuid.uuid4()) for _ in range(batch)]
         for hid in hids:
             assert decode.call("expect", (hid, layers, nbytes))
-        channels = [sender.open(decode.endpoint, hid, layers) for hid in hids]
+        channels = [sender.open(decode.endpoint, hid, layers, decode.address) for hid in hids]
         start = time.perf_counter()
         for layer in range(layers):
             assert not send_layer_group(layer, [(ch, data[layer]) for ch in channels])
@@ -246,7 +252,8 @@ def ttft(
     channel = None
     if decode is not None and sender is not None and pusher is not None:
         assert decode.call("reserve", (hid, len(prompt)))
-        channel = sender.open(decode.endpoint, hid, engine.model_config.num_layers)
+        layers = engine.model_config.num_layers
+        channel = sender.open(decode.endpoint, hid, layers, decode.address)
         pusher.register(hid, channel)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -335,7 +342,7 @@ def timeline_handoff(decode: Decode, sender: NcclKVSender, nbytes: int, layers: 
     torch.cuda.synchronize()
     hid = str(uuid.uuid4())
     assert decode.call("expect", (hid, layers, nbytes))
-    channel = sender.open(decode.endpoint, hid, layers)
+    channel = sender.open(decode.endpoint, hid, layers, decode.address)
     record(decode, sender, True)
     start = time.perf_counter()
     for layer in range(layers):

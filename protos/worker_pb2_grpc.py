@@ -208,6 +208,11 @@ class DecodeStub:
                 request_serializer=protos_dot_worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.OpenKVLink = channel.unary_unary(
+                '/kvmesh.worker.v1.Decode/OpenKVLink',
+                request_serializer=protos_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.OpenKVLinkResponse.FromString,
+                _registered_method=True)
         self.Model = channel.unary_unary(
                 '/kvmesh.worker.v1.Decode/Model',
                 request_serializer=protos_dot_worker__pb2.ModelRequest.SerializeToString,
@@ -241,6 +246,15 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenKVLink(self, request, context):
+        """INVALID_ARGUMENT: malformed link id or unique id; FAILED_PRECONDITION: this worker has no
+        NCCL receiver (e.g. a CPU worker); ALREADY_EXISTS: the link id holds another unique id;
+        RESOURCE_EXHAUSTED: too many pair setups pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Model(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -270,6 +284,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=protos_dot_worker__pb2.ReleaseRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'OpenKVLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenKVLink,
+                    request_deserializer=protos_dot_worker__pb2.OpenKVLinkRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.OpenKVLinkResponse.SerializeToString,
             ),
             'Model': grpc.unary_unary_rpc_method_handler(
                     servicer.Model,
@@ -363,6 +382,33 @@ class Decode:
             '/kvmesh.worker.v1.Decode/Release',
             protos_dot_worker__pb2.ReleaseRequest.SerializeToString,
             protos_dot_worker__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenKVLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.worker.v1.Decode/OpenKVLink',
+            protos_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
+            protos_dot_worker__pb2.OpenKVLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ plane, and decodes every committed sequence in one in-flight batch, streaming to
     (prefill pushes KV layer by layer; each layer is checksummed and scattered into the blocks)
     Decode   -> all layers intact? commit (Redis `owned`), join the running batch, stream
     Release  -> give back a reservation that will not be used
+    OpenKVLink -> a prefill worker's new NCCL pair: its unique id, for the NCCL receiver
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from protos import worker_pb2, worker_pb2_grpc
 from shared.engine_loop import EngineLoop
 from shared.handoff.auto import make_receiver
 from shared.handoff.kv_io import layer_nbytes, scatter_into
+from shared.handoff.nccl_link import LinkRefused, offer_link
 from shared.handoff.transport import HandoffResult, KVReceiver
 from shared.rpc import abort
 from shared.telemetry import KvmeshMetrics
@@ -114,6 +116,15 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             handoff_id=hid, kv_endpoint=self.kv_endpoint, num_blocks=len(blocks),
             layout=kv_layout(self.loop.engine),
         )  # fmt: skip
+
+    async def OpenKVLink(self, request, context):  # noqa: N802
+        """A prefill worker's new NCCL pair: its unique id, before the pair's HELLO names it."""
+        try:
+            offer_link(self.receiver, request.link_id, request.nccl_unique_id)
+        except LinkRefused as e:
+            await abort(context, e.code, str(e))
+        log.info("NCCL link %s offered by prefill %r", request.link_id, request.prefill_worker_id)
+        return worker_pb2.OpenKVLinkResponse()
 
     async def Release(self, request, context):  # noqa: N802
         return worker_pb2.ReleaseResponse(released=await self._release(request.handoff_id))

@@ -94,7 +94,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         engine = self.loop.engine
         layers = engine.model_config.num_layers
         try:
-            channel = await asyncio.to_thread(self.sender.open, request.kv_endpoint, hid, layers)
+            channel = await asyncio.to_thread(
+                self.sender.open, request.kv_endpoint, hid, layers, request.decode_address
+            )
         except (HandoffError, ValueError) as e:
             await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode KV: {e}")
         transport = getattr(channel, "transport", "socket")
@@ -152,7 +154,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
 
 def prefill_parts(ctx: WorkerContext) -> WorkerParts:
     """The prefill role: a KV sender (NCCL to decode workers that offer it) and the servicer."""
-    sender = AutoKVSender(ctx.loop.engine.device)
+    sender = AutoKVSender(ctx.loop.engine.device, ctx.registration.worker_id)
     servicer = PrefillServicer(
         ctx.loop, sender, ctx.config.model_id, ctx.telemetry.metrics,
         ctx.telemetry.tracing.tracer, ctx.registration.worker_id,

@@ -1,17 +1,21 @@
 """The NCCL data plane on a CPU host: the binding says clearly why it cannot run, transport
 selection falls back to TCP, and the NCCL transport's control protocol (handshake, layer order,
-checksums, NACK, peer death, the pair cache) runs over an in-process loopback payload path."""
+checksums, NACK, peer death, the pair cache) runs over an in-process loopback payload path; a
+pair's unique id travels over real gRPC on loopback (Decode.OpenKVLink, the rendezvous)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
+import grpc
 import pytest
 import torch
 
@@ -25,6 +29,14 @@ from shared.handoff.auto import (
 )
 from shared.handoff.nccl_channel import send_layer_group
 from shared.handoff.nccl_device import Device, Event, latest
+from shared.handoff.nccl_frames import Kind, message, parse_nccl_endpoint, read_frame, read_payload
+from shared.handoff.nccl_link import (
+    GrpcLinkOpener,
+    LinkRefused,
+    Rendezvous,
+    offer_link,
+    serve_links,
+)
 from shared.handoff.nccl_receiver import NcclKVReceiver
 from shared.handoff.nccl_sender import NcclKVSender
 from shared.handoff.nccl_staging import StagingPool, size_class
@@ -150,8 +162,32 @@ class LoopbackComm:
         self.closed = self.aborted = True
 
 
+class LocalLinks:
+    """A LinkOpener for receivers in this process: hands a pair's unique id straight to the
+    receiver behind the pair's endpoint, as Decode.OpenKVLink does over gRPC (tested over real
+    gRPC at the end of this file)."""
+
+    def __init__(self) -> None:
+        self.receivers: dict[str, object] = {}
+        self.opened: list[str] = []  # link ids, in order
+
+    def add(self, endpoint: str, receiver: object) -> str:
+        self.receivers[endpoint] = receiver
+        return endpoint
+
+    def __call__(
+        self, decode_address: str, endpoint: str, link_id: str, unique_id: bytes, timeout: float
+    ) -> None:
+        self.opened.append(link_id)
+        try:
+            offer_link(self.receivers.get(endpoint), link_id, unique_id)
+        except LinkRefused as exc:
+            raise HandoffError(f"OpenKVLink refused: {exc}") from exc
+
+
 class LoopbackFabric:
     def __init__(self) -> None:
+        self.links = LocalLinks()  # the receivers of this fabric, by endpoint
         self._pipes: dict[bytes, queue.Queue[torch.Tensor]] = {}
         self._lock = threading.Lock()
         self.comms: list[LoopbackComm] = []
@@ -191,14 +227,14 @@ def fabric() -> LoopbackFabric:
 @pytest.fixture
 def receiver(fabric: LoopbackFabric) -> Iterator[NcclKVReceiver]:
     rx = NcclKVReceiver(CPU, fabric=fabric)
-    rx.endpoint = rx.start()  # type: ignore[attr-defined]
+    rx.endpoint = fabric.links.add(rx.start(), rx)  # type: ignore[attr-defined]
     yield rx
     rx.close()
 
 
 @pytest.fixture
 def sender(fabric: LoopbackFabric) -> Iterator[NcclKVSender]:
-    tx = NcclKVSender(CPU, fabric=fabric)
+    tx = NcclKVSender(CPU, fabric=fabric, links=fabric.links)
     yield tx
     tx.close()
 
@@ -294,7 +330,7 @@ def test_sender_abort_fails_the_receiving_side(receiver, sender) -> None:
 
 def test_a_dead_receiver_fails_the_handoff_and_tears_the_pair_down(fabric, sender) -> None:
     rx = NcclKVReceiver(CPU, fabric=fabric)
-    endpoint = rx.start()
+    endpoint = fabric.links.add(rx.start(), rx)
     hid = str(uuid.uuid4())
     rx.expect(hid, 4, nbytes(layers(1)[0]), collect({}))
     channel = sender.open(endpoint, hid, 4)
@@ -308,9 +344,9 @@ def test_a_dead_receiver_fails_the_handoff_and_tears_the_pair_down(fabric, sende
 
 
 def test_the_pair_cache_evicts_the_least_recently_used_idle_pair(fabric) -> None:
-    tx = NcclKVSender(CPU, fabric=fabric, max_peers=1)
+    tx = NcclKVSender(CPU, fabric=fabric, max_peers=1, links=fabric.links)
     a, b = NcclKVReceiver(CPU, fabric=fabric), NcclKVReceiver(CPU, fabric=fabric)
-    ea, eb = a.start(), b.start()
+    ea, eb = fabric.links.add(a.start(), a), fabric.links.add(b.start(), b)
     try:
         for endpoint, rx in ((ea, a), (eb, b)):
             assert_pair_still_works(rx, tx, endpoint)
@@ -329,6 +365,7 @@ def test_the_pair_cache_evicts_the_least_recently_used_idle_pair(fabric) -> None
 def test_multi_receiver_takes_either_transport(fabric, sender) -> None:
     multi = MultiKVReceiver([NcclKVReceiver(CPU, fabric=fabric), SocketKVReceiver()])
     endpoints = split_endpoints(multi.start())
+    fabric.links.add(endpoints["nccl"], multi)  # OpenKVLink reaches the NCCL one through it
     try:
         kv = layers(2)
         store: dict[int, torch.Tensor] = {}
@@ -501,13 +538,15 @@ def test_the_timeline_marks_every_point_of_every_layer(receiver, sender) -> None
 
 
 def assert_pair_still_works(
-    receiver: NcclKVReceiver, sender: NcclKVSender, endpoint: str | None = None
-) -> None:
+    receiver: NcclKVReceiver, sender: NcclKVSender, endpoint: str | None = None,
+    decode_address: str = "",
+) -> None:  # fmt: skip
     kv = layers(2)
     store: dict[int, torch.Tensor] = {}
     hid = str(uuid.uuid4())
     future = receiver.expect(hid, 2, nbytes(kv[0]), collect(store))
-    channel = sender.open(endpoint or receiver.endpoint, hid, 2)  # type: ignore[attr-defined]
+    endpoint = endpoint or receiver.endpoint  # type: ignore[attr-defined]
+    channel = sender.open(endpoint, hid, 2, decode_address)
     for layer in range(2):
         channel.send_layer(layer, kv[layer])
     channel.finish(10)
@@ -547,7 +586,7 @@ def test_disaggregated_engines_over_the_loopback_match_colocated(fabric, sender)
     pusher = KVPusher(prefill)
     prefill.export_hook = pusher
     rx = NcclKVReceiver(CPU, fabric=fabric)
-    endpoint = rx.start()
+    endpoint = fabric.links.add(rx.start(), rx)
     try:
         futures, channels = {}, {}
         layers = decode.model_config.num_layers
@@ -575,3 +614,219 @@ def test_disaggregated_engines_over_the_loopback_match_colocated(fabric, sender)
         assert prefill.pool.num_free == prefill.pool.num_blocks
     finally:
         rx.close()
+
+
+# ---- a pair's unique id over gRPC (Decode.OpenKVLink), real servers on loopback ---------------
+
+
+class DecodeServer:
+    """The decode service's real gRPC server (shared.rpc.create_server, grpc.aio) on its own
+    event loop thread, around a receiver; only OpenKVLink is called, so the servicer's engine
+    parts are left out."""
+
+    def __init__(self, receiver: object) -> None:
+        from protos import worker_pb2_grpc
+        from services.decode import DecodeServicer
+        from shared.rpc import create_server
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        servicer = DecodeServicer(None, receiver, "", None, "test", None, 60.0)  # type: ignore[arg-type]
+        spec = (worker_pb2_grpc.add_DecodeServicer_to_server, servicer, "kvmesh.worker.v1.Decode")
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server, port, _ = create_server("127.0.0.1:0", [spec])
+            await server.start()
+            return server, port
+
+        self.server, port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        self.address = f"127.0.0.1:{port}"
+
+    def open_link(self, link_id: str, unique_id: bytes) -> None:
+        """Decode.OpenKVLink from a plain client; grpc.RpcError if refused."""
+        from protos import worker_pb2, worker_pb2_grpc
+
+        request = worker_pb2.OpenKVLinkRequest(link_id=link_id, nccl_unique_id=unique_id)
+        with grpc.insecure_channel(self.address) as channel:
+            worker_pb2_grpc.DecodeStub(channel).OpenKVLink(request, timeout=10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(None), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def decode_server(receiver: object) -> Iterator[DecodeServer]:
+    server = DecodeServer(receiver)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def hello(endpoint: str, link_id: str) -> socket.socket:
+    """A control connection to `endpoint` that sent HELLO(link_id)."""
+    sock = socket.create_connection(parse_nccl_endpoint(endpoint), timeout=10)
+    sock.sendall(message(Kind.HELLO, text=link_id))
+    return sock
+
+
+def test_a_pair_is_set_up_with_its_unique_id_over_grpc(fabric: LoopbackFabric) -> None:
+    """The production path end to end: GrpcLinkOpener -> Decode.OpenKVLink (the decode
+    service's servicer) -> MultiKVReceiver -> the NCCL receiver's rendezvous <- HELLO(link id)."""
+    nccl_rx = NcclKVReceiver(CPU, fabric=fabric)
+    multi = MultiKVReceiver([nccl_rx, SocketKVReceiver()])
+    endpoint = split_endpoints(multi.start())["nccl"]
+    tx = NcclKVSender(CPU, fabric=fabric, worker_id="prefill-1")  # links: over gRPC
+    try:
+        with decode_server(multi) as server:
+            for _ in range(2):  # the second handoff reuses the pair: one OpenKVLink only
+                kv = layers(2)
+                store: dict[int, torch.Tensor] = {}
+                hid = str(uuid.uuid4())
+                future = multi.expect(hid, 2, nbytes(kv[0]), collect(store))
+                channel = tx.open(endpoint, hid, 2, decode_address=server.address)
+                for layer in range(2):
+                    channel.send_layer(layer, kv[layer])
+                channel.finish(10)
+                assert future.result(10).ok
+                assert torch.equal(store[1], kv[1].view(torch.uint8).reshape(-1))
+            assert len(fabric.comms) == 2  # one pair: rank 0 here, rank 1 there...
+            assert fabric.comms[0].unique_id == fabric.comms[1].unique_id  # ...on one id
+            assert nccl_rx.links.pending == 0
+    finally:
+        tx.close()
+        multi.close()
+
+
+def test_the_hello_may_arrive_before_the_unique_id(fabric: LoopbackFabric) -> None:
+    rx = NcclKVReceiver(CPU, fabric=fabric)
+    endpoint = rx.start()
+    link_id, unique_id = str(uuid.uuid4()), fabric.unique_id()
+    try:
+        with decode_server(rx) as server, hello(endpoint, link_id) as sock:
+            assert wait_for(lambda: rx.links.pending == 1)  # the HELLO waits for its id
+            server.open_link(link_id, unique_id)
+            rank0 = fabric.communicator(unique_id, 0)  # what the prefill side does next
+            with fabric.group():
+                rank0.send(torch.zeros(1, dtype=torch.uint8), 1, None)  # the probe
+            frame = read_frame(sock)
+            assert frame is not None and frame.kind == Kind.READY
+            assert [c.unique_id for c in fabric.comms] == [unique_id, unique_id]
+            assert rx.links.pending == 0
+    finally:
+        rx.close()
+
+
+def test_an_unclaimed_unique_id_expires(fabric: LoopbackFabric) -> None:
+    rx = NcclKVReceiver(CPU, fabric=fabric, setup_timeout=0.3)
+    endpoint = rx.start()
+    link_id = str(uuid.uuid4())
+    try:
+        with decode_server(rx) as server:
+            server.open_link(link_id, fabric.unique_id())
+            assert rx.links.pending == 1
+            time.sleep(0.5)
+            assert rx.links.pending == 0  # dropped after the setup timeout
+            with hello(endpoint, link_id) as sock:  # too late: it waits, then is refused
+                frame = read_frame(sock)
+                assert frame is not None and frame.kind == Kind.NACK
+                why = read_payload(sock, frame).decode()
+                assert "no NCCL unique id for link" in why and "Decode.OpenKVLink" in why
+            assert rx.links.pending == 0
+            assert fabric.comms == []  # no communicator was made
+    finally:
+        rx.close()
+
+
+def test_a_sender_whose_unique_id_never_comes_is_refused(fabric: LoopbackFabric) -> None:
+    rx = NcclKVReceiver(CPU, fabric=fabric, setup_timeout=0.3)
+    endpoint = rx.start()
+    lost = LocalLinks()  # knows no receiver: the id goes nowhere...
+    tx = NcclKVSender(CPU, fabric=fabric, links=lambda *args: None, setup_timeout=5)
+    try:
+        with pytest.raises(HandoffError, match="no NCCL unique id for link"):
+            tx.open(endpoint, str(uuid.uuid4()), 1)
+        assert tx.peers == []
+        tx.links = lost  # ...or is refused at once: no control connection is made
+        with pytest.raises(HandoffError, match="OpenKVLink refused: .*no NCCL receiver"):
+            tx.open(endpoint, str(uuid.uuid4()), 1)
+        assert rx.num_links == 0
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_open_kv_link_refuses_bad_input_with_precise_statuses(fabric: LoopbackFabric) -> None:
+    rx = NcclKVReceiver(CPU, fabric=fabric)
+    uid = fabric.unique_id()
+    try:
+        with decode_server(rx) as server:
+            cases = [
+                ("not-a-uuid", uid, grpc.StatusCode.INVALID_ARGUMENT, "UUID"),
+                (str(uuid.uuid4()), b"short", grpc.StatusCode.INVALID_ARGUMENT, "128 bytes"),
+            ]
+            for link_id, unique_id, code, text in cases:
+                with pytest.raises(grpc.RpcError) as info:
+                    server.open_link(link_id, unique_id)
+                assert info.value.code() == code and text in info.value.details()
+            link_id = str(uuid.uuid4())
+            server.open_link(link_id, uid)
+            server.open_link(link_id, uid)  # a retried call is fine
+            with pytest.raises(grpc.RpcError) as info:
+                server.open_link(link_id, fabric.unique_id())  # another id for the link
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert rx.links.pending == 1
+        with decode_server(SocketKVReceiver()) as server:  # a CPU decode worker
+            with pytest.raises(grpc.RpcError) as info:
+                server.open_link(str(uuid.uuid4()), uid)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "no NCCL receiver" in info.value.details()
+            # the sender maps the status into a HandoffError that names it
+            opener = GrpcLinkOpener("prefill-1")
+            with pytest.raises(HandoffError, match="OpenKVLink on .* failed .*FAILED_PRECOND"):
+                opener(server.address, "nccl://x:1", str(uuid.uuid4()), uid, 5.0)
+        with pytest.raises(HandoffError, match="needs the decode worker's gRPC address"):
+            opener("", "nccl://x:1", str(uuid.uuid4()), uid, 5.0)
+        with pytest.raises(HandoffError, match="UNAVAILABLE"):  # nobody listens there
+            opener(f"127.0.0.1:{free_port()}", "nccl://x:1", str(uuid.uuid4()), uid, 2.0)
+    finally:
+        rx.close()
+
+
+def test_the_rendezvous_is_bounded() -> None:
+    links = Rendezvous(timeout=10, max_pending=2)
+    for _ in range(2):
+        links.offer(str(uuid.uuid4()), bytes(nccl.UNIQUE_ID_BYTES))
+    with pytest.raises(LinkRefused) as info:
+        links.offer(str(uuid.uuid4()), bytes(nccl.UNIQUE_ID_BYTES))
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(HandoffError, match="already pending"):
+        links.take(str(uuid.uuid4()))
+    links.close()
+    assert links.pending == 0
+
+
+def test_serve_links_sets_up_pairs_for_a_receiver_without_a_decode_service(
+    fabric: LoopbackFabric,
+) -> None:
+    """What the GPU tests and bench_handoff run in their decode process."""
+    rx = NcclKVReceiver(CPU, fabric=fabric)
+    endpoint = rx.start()
+    server, address = serve_links(rx)
+    tx = NcclKVSender(CPU, fabric=fabric)
+    try:
+        assert_pair_still_works(rx, tx, endpoint, decode_address=address)
+    finally:
+        tx.close()
+        server.stop(None)
+        rx.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

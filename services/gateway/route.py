@@ -88,7 +88,7 @@ class Route:
         decode, reservation = await self._reserve()
         consumed = False
         try:
-            first = await self._prefill(reservation)
+            first = await self._prefill(decode, reservation)
             self.progress.kv_bytes += first.kv_bytes
             self.progress.decode_worker = decode.info.worker_id
             if not self.progress.sent_first:
@@ -127,7 +127,9 @@ class Route:
             self.directory.note_reserved(decode.info.worker_id, reservation.num_blocks)
             return decode, reservation
 
-    async def _prefill(self, reservation: worker_pb2.ReserveResponse) -> worker_pb2.PrefillResponse:
+    async def _prefill(
+        self, decode: Worker, reservation: worker_pb2.ReserveResponse
+    ) -> worker_pb2.PrefillResponse:
         prefill = await self._pick("prefill")
         wid = prefill.info.worker_id
         self.progress.prefill_worker = wid
@@ -136,7 +138,7 @@ class Route:
             worker_pb2.PrefillRequest(
                 request_id=self.request_id, prompt_token_ids=self.prompt, sampling=self.sampling,
                 handoff_id=reservation.handoff_id, kv_endpoint=reservation.kv_endpoint,
-                layout=reservation.layout,
+                layout=reservation.layout, decode_address=decode.info.address,
             ),
             timeout=self._timeout(),
         )  # fmt: skip

@@ -3,7 +3,9 @@
 A decode worker advertises every transport it accepts as one comma-separated kv_endpoint,
 `nccl://host:p1,tcp://host:p2` on a GPU with NCCL, `tcp://host:p2` otherwise. A prefill worker
 takes the NCCL endpoint when it runs on CUDA and NCCL loads, the TCP endpoint otherwise (also
-when the NCCL pair cannot be set up and the decode worker offers TCP too).
+when the NCCL pair cannot be set up and the decode worker offers TCP too). A new NCCL pair's
+unique id reaches the decode worker over gRPC (nccl_link): MultiKVReceiver.offer_link passes it
+to its NCCL receiver.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from concurrent.futures import Future, InvalidStateError
 import torch
 
 from shared.handoff import nccl
+from shared.handoff.nccl_link import LinkReceiver, offer_link
 from shared.handoff.socket_receiver import SocketKVReceiver
 from shared.handoff.socket_sender import SocketKVSender
 from shared.handoff.transport import (
@@ -77,6 +80,14 @@ class MultiKVReceiver:
         for r in self.receivers:
             r.cancel(handoff_id)
 
+    def offer_link(self, link_id: str, unique_id: bytes) -> None:
+        """A new NCCL pair's unique id (Decode.OpenKVLink) for the NCCL receiver among these."""
+        for r in self.receivers:
+            if isinstance(r, LinkReceiver):
+                r.offer_link(link_id, unique_id)
+                return
+        offer_link(None, link_id, unique_id)  # refused: no NCCL receiver
+
     def close(self) -> None:
         for r in self.receivers:
             r.close()
@@ -100,24 +111,26 @@ class AutoKVSender:
     """The prefill worker's sender (implements transport.KVSender): NCCL to endpoints that
     offer it when this worker can use it, TCP otherwise."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, worker_id: str = "") -> None:
         self.tcp = SocketKVSender()
         self.why_not_nccl = nccl_unusable(device)
         self.nccl = None
         if not self.why_not_nccl:
             from shared.handoff.nccl_sender import NcclKVSender
 
-            self.nccl = NcclKVSender(device)
+            self.nccl = NcclKVSender(device, worker_id=worker_id)
 
     def transport_for(self, kv_endpoint: str) -> str:
         """'nccl' or 'tcp': what open() tries first for this endpoint."""
         return "nccl" if self.nccl is not None and "nccl" in split_endpoints(kv_endpoint) else "tcp"
 
-    def open(self, endpoint: str, handoff_id: str, num_layers: int) -> KVSendChannel:
+    def open(
+        self, endpoint: str, handoff_id: str, num_layers: int, decode_address: str = ""
+    ) -> KVSendChannel:
         endpoints = split_endpoints(endpoint)
         if self.nccl is not None and "nccl" in endpoints:
             try:
-                return self.nccl.open(endpoints["nccl"], handoff_id, num_layers)
+                return self.nccl.open(endpoints["nccl"], handoff_id, num_layers, decode_address)
             except HandoffError as exc:
                 if "tcp" not in endpoints:
                     raise

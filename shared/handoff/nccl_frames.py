@@ -4,7 +4,9 @@ Each pair shares one TCP control connection and one 2-rank NCCL communicator (pr
 decode = rank 1), set up on the first handoff between them:
 
     prefill (NcclKVSender)                         decode (NcclKVReceiver, nccl://host:port)
-    connect, HELLO(unique id)           ------->   ncclCommInitRank(rank 1) + 1-byte probe recv
+    (the unique id went over gRPC: nccl_link)
+    connect, HELLO(link id)             ------->   its unique id (nccl_link.Rendezvous),
+                                                   ncclCommInitRank(rank 1) + 1-byte probe recv
     ncclCommInitRank(rank 0) + probe send          READY once both ranks are connected
                                         <-------
   per layer of a handoff, in one order on both sides (NCCL matches sends to recvs by order):
@@ -39,7 +41,7 @@ _NO_ID = bytes(16)
 
 
 class Kind(IntEnum):
-    HELLO = 1  # payload: the NCCL unique id (prefill -> decode)
+    HELLO = 1  # payload: the link id whose NCCL unique id came over gRPC (prefill -> decode)
     READY = 2  # the communicator is up (decode -> prefill)
     DATA = 3  # a layer of `nbytes` follows on the communicator
     CKSUM = 4  # value: the layer's checksum

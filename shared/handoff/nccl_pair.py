@@ -1,7 +1,7 @@
 """The pairs of the NCCL transport: a 2-rank communicator per (prefill, decode) pair, made by a
 Fabric (NCCL on GPUs, an in-process loopback in CPU tests) and connected by `connect_pair`; the
-prefill side of a pair (Peer: control connection + communicator + send stream); and the
-sender's LRU cache of them (PairCache)."""
+prefill side of a pair (Peer: unique id over gRPC (nccl_link), control connection +
+communicator + send stream); and the sender's LRU cache of them (PairCache)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import collections
 import contextlib
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -108,13 +109,18 @@ class Peer(SenderLink):
     """Prefill side of one decode receiver: control connection + communicator + send stream.
     `lock` also guards comm: launches vs abort; `dead` says why the pair was torn down."""
 
-    def __init__(self, sender: NcclKVSender, endpoint: str) -> None:
+    def __init__(self, sender: NcclKVSender, endpoint: str, decode_address: str) -> None:
         super().__init__(endpoint)
         self.sender = sender
         self._write_lock = threading.Lock()
-        self.sock = connect(endpoint, parse_nccl_endpoint(endpoint), sender.connect_timeout)
+        address = parse_nccl_endpoint(endpoint)
+        # the unique id goes over gRPC first (nccl_link); the HELLO names only its link
+        self.link_id = str(uuid.uuid4())
+        unique_id = sender.fabric.unique_id()
+        sender.links(decode_address, endpoint, self.link_id, unique_id, sender.connect_timeout)
+        self.sock = connect(endpoint, address, sender.connect_timeout)
         try:
-            self.comm = self._handshake()
+            self.comm = self._handshake(unique_id)
         except BaseException:
             self.sock.close()
             raise
@@ -123,10 +129,9 @@ class Peer(SenderLink):
         self._reader = threading.Thread(target=self._read_loop, name="nccl-ack", daemon=True)
         self._reader.start()
 
-    def _handshake(self) -> PairComm:
+    def _handshake(self, unique_id: bytes) -> PairComm:
         sender = self.sender
-        unique_id = sender.fabric.unique_id()
-        self.sock.sendall(message(Kind.HELLO, text=unique_id))
+        self.sock.sendall(message(Kind.HELLO, text=self.link_id))
         reply: Future[Frame] = Future()
 
         def read_reply() -> None:

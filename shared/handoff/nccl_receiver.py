@@ -39,6 +39,7 @@ from shared.handoff.nccl_frames import (
     read_frame,
     read_payload,
 )
+from shared.handoff.nccl_link import Rendezvous
 from shared.handoff.nccl_pair import Fabric, NcclFabric, PairComm, connect_pair
 from shared.handoff.nccl_staging import StagingPool
 from shared.handoff.timeline import WHOLE, Timeline
@@ -140,7 +141,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     checksummed on the GPU, verified, then handed to on_layer on this receiver's scatter stream,
     with the staging buffer ([layer_nbytes] uint8 on the device) as the payload. Each link keeps
     up to `staging_bytes` of free staging buffers for the next layers. `timeline`, if set,
-    records when each layer passes each point (a diagnostic).
+    records when each layer passes each point (a diagnostic). A new pair's unique id comes over
+    gRPC (offer_link, from Decode.OpenKVLink), its HELLO names the link (nccl_link).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         self.dev.warm_up()
         self.fabric = fabric or NcclFabric()
         self.setup_timeout = setup_timeout
+        self.links = Rendezvous(setup_timeout)
         self.max_layer_bytes = max_layer_bytes
         self.staging_bytes = staging_bytes
         self.timeline: Timeline | None = None
@@ -163,6 +166,14 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     def num_links(self) -> int:
         with self._lock:
             return len(self._conns)
+
+    def offer_link(self, link_id: str, unique_id: bytes) -> None:
+        """A new pair's NCCL unique id, from Decode.OpenKVLink; nccl_link.LinkRefused if refused."""
+        self.links.offer(link_id, unique_id)
+
+    def close(self) -> None:
+        self.links.close()
+        super().close()
 
     @property
     def staging_allocations(self) -> int:
@@ -192,8 +203,9 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         hello = read_frame(link.conn)
         if hello is None or hello.kind != Kind.HELLO:
             raise ProtocolError("expected HELLO")
-        unique_id = read_payload(link.conn, hello)
+        link_id = read_payload(link.conn, hello).decode(errors="replace")
         try:
+            unique_id = self.links.take(link_id)  # sent over gRPC, before or after the HELLO
             link.comm = connect_pair(self.fabric, self.dev, unique_id, 1, self.setup_timeout)
         except HandoffError as exc:
             link.send(message(Kind.NACK, text=str(exc)))

@@ -32,6 +32,7 @@ from shared.handoff import nccl
 from shared.handoff.nccl_channel import Job, NcclSendChannel
 from shared.handoff.nccl_device import HIGH_PRIORITY, Device, Event
 from shared.handoff.nccl_frames import MASK64, Kind, message, pack
+from shared.handoff.nccl_link import GrpcLinkOpener, LinkOpener
 from shared.handoff.nccl_pair import Fabric, NcclFabric, PairCache, Peer
 from shared.handoff.timeline import Timeline
 from shared.handoff.wire import JOIN_TIMEOUT_S
@@ -61,17 +62,21 @@ class NcclKVSender:
 
     Keeps one pair (control connection + communicator) per decode endpoint, created on the
     first handoff to it, in an LRU cache of `max_peers`: the least recently used idle pair is
-    torn down (ncclCommAbort) to make room. One thread launches every send and checksum, in
-    queue order. `timeline`, if set, records when each layer passes each point (a diagnostic).
+    torn down (ncclCommAbort) to make room. A pair's unique id goes to the decode worker by
+    `links` (default: Decode.OpenKVLink at open's `decode_address`, as `worker_id`). One thread
+    launches every send and checksum, in queue order. `timeline`, if set, records when each
+    layer passes each point (a diagnostic).
     """
 
     def __init__(
         self, device: torch.device | str, fabric: Fabric | None = None, max_peers: int = 8,
         connect_timeout: float = 5.0, setup_timeout: float = 60.0,
+        links: LinkOpener | None = None, worker_id: str = "",
     ) -> None:  # fmt: skip
         self.dev = Device(torch.device(device))
         self.dev.warm_up()
         self.fabric = fabric or NcclFabric()
+        self.links: LinkOpener = links or GrpcLinkOpener(worker_id)
         self.pairs = PairCache(max_peers)
         self.connect_timeout, self.setup_timeout = connect_timeout, setup_timeout
         self.timeline: Timeline | None = None
@@ -85,8 +90,10 @@ class NcclKVSender:
         """Endpoints with a live pair, least recently used first."""
         return self.pairs.endpoints
 
-    def open(self, endpoint: str, handoff_id: str, num_layers: int) -> NcclSendChannel:
-        peer = self.pairs.get(endpoint, lambda e: Peer(self, e))
+    def open(
+        self, endpoint: str, handoff_id: str, num_layers: int, decode_address: str = ""
+    ) -> NcclSendChannel:
+        peer = self.pairs.get(endpoint, lambda e: Peer(self, e, decode_address))
         channel = NcclSendChannel(self, peer, handoff_id, num_layers)
         peer.add(channel)
         return channel

@@ -162,7 +162,9 @@ class SocketKVSender:
         self._lock = threading.Lock()
         self._conns: dict[str, _Connection] = {}
 
-    def open(self, endpoint: str, handoff_id: str, num_layers: int) -> _SocketChannel:
+    def open(
+        self, endpoint: str, handoff_id: str, num_layers: int, decode_address: str = ""
+    ) -> _SocketChannel:
         channel = _SocketChannel(self._connection(endpoint), handoff_id, num_layers)
         channel.conn.add(channel)
         return channel

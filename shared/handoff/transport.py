@@ -21,8 +21,9 @@ Implementations (one module per job):
     wire, listener, channel     what both transports share: TCP plumbing, the receivers'
                                 listener + expected handoffs, the senders' channel + link
     socket_frames, socket_receiver, socket_sender     TCP, crc32 per layer (CPU hosts, tests)
-    nccl_frames, nccl_device, nccl_staging, nccl_pair, nccl_channel, nccl_receiver,
-    nccl_sender                 NCCL, GPU to GPU, control frames over TCP (nccl: the binding;
+    nccl_frames, nccl_device, nccl_staging, nccl_link, nccl_pair, nccl_channel,
+    nccl_receiver, nccl_sender  NCCL, GPU to GPU, a pair's unique id over gRPC (nccl_link),
+                                control frames over TCP (nccl: the binding;
                                 kernels/checksum: the per-layer checksum; timeline: an
                                 optional per-layer diagnostic)
 auto picks the transport per endpoint; kv_io moves KV between the paged cache and them.
@@ -117,8 +118,11 @@ class KVSendChannel(Protocol):
 class KVSender(Protocol):
     """Prefill side: opens handoffs to receivers, reusing connections per endpoint."""
 
-    def open(self, endpoint: str, handoff_id: str, num_layers: int) -> KVSendChannel:
-        """Start a handoff to the receiver at `endpoint`; raises HandoffError if unreachable."""
+    def open(
+        self, endpoint: str, handoff_id: str, num_layers: int, decode_address: str = ""
+    ) -> KVSendChannel:
+        """Start a handoff to the receiver at `endpoint`; raises HandoffError if unreachable.
+        `decode_address`: the decode worker's gRPC address (an NCCL pair's setup needs it)."""
         ...
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """The NCCL KV handoff between two processes on two GPUs: prefill here on cuda:0, decode in a
-spawned process on cuda:1 (commands over a pipe, KV over NCCL).
+spawned process on cuda:1 (commands over a pipe, KV over NCCL; each pair's NCCL unique id over
+gRPC: the decode process serves Decode.OpenKVLink with nccl_link.serve_links).
 
     python -m pytest tests/gpu/test_nccl_handoff.py      # on a machine with 2 GPUs
 
@@ -30,6 +31,7 @@ import torch
 from shared.engine import Engine, EngineConfig, Role
 from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
 from shared.handoff.nccl_channel import send_layer_group
+from shared.handoff.nccl_link import serve_links
 from shared.handoff.nccl_receiver import NcclKVReceiver
 from shared.handoff.nccl_sender import NcclKVSender
 from shared.handoff.transport import HandoffError
@@ -57,12 +59,15 @@ def decode_main(conn: Connection, engine_kwargs: dict[str, Any] | None) -> None:
     if engine_kwargs is not None:
         engine = Engine(EngineConfig(role=Role.DECODE, device=str(DECODE_DEV), **engine_kwargs))
     rx = NcclKVReceiver(DECODE_DEV)
-    conn.send(rx.start())
+    endpoint = rx.start()
+    links, address = serve_links(rx)  # Decode.OpenKVLink: new pairs' unique ids
+    conn.send((endpoint, address))
     futures: dict[str, Any] = {}
     hashes: dict[str, dict[int, str]] = {}
     while True:
         op, args = conn.recv()
         if op == "quit":
+            links.stop(None)
             rx.close()
             conn.send("bye")
             return
@@ -119,7 +124,7 @@ class DecodeProcess:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=decode_main, args=(child, engine_kwargs), daemon=True)
         self.proc.start()
-        self.endpoint: str = self.call_raw(timeout=300)
+        self.endpoint, self.address = self.call_raw(timeout=300)  # KV, gRPC (OpenKVLink)
 
     def call_raw(self, timeout: float = 120) -> Any:
         if not self.conn.poll(timeout):
@@ -183,7 +188,7 @@ def send_and_check(
     """One handoff per entry of `data`, sent as a batch; every layer arrives bit-identical."""
     for hid, kv in data.items():
         assert peer.call("expect_raw", (hid, layers, kv[0].numel() * kv[0].element_size(), -1))
-    channels = {hid: sender.open(peer.endpoint, hid, layers) for hid in data}
+    channels = {hid: sender.open(peer.endpoint, hid, layers, peer.address) for hid in data}
     for layer in range(layers):  # one grouped launch per layer for the whole batch
         assert send_layer_group(layer, [(channels[h], kv[layer]) for h, kv in data.items()]) == []
     for hid, kv in data.items():
@@ -195,12 +200,12 @@ def send_and_check(
 
 
 def _prefill(
-    engine: Engine, pusher: KVPusher, sender: NcclKVSender, endpoint: str,
+    engine: Engine, pusher: KVPusher, sender: NcclKVSender, peer: DecodeProcess,
     prompts: dict[str, list[int]],
 ) -> tuple[dict[str, int], dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Prefill a batch, pushing its KV; returns first tokens, per-handoff outcome, channels."""
     layers = engine.model_config.num_layers
-    channels = {hid: sender.open(endpoint, hid, layers) for hid in prompts}
+    channels = {hid: sender.open(peer.endpoint, hid, layers, peer.address) for hid in prompts}
     for hid, prompt in prompts.items():
         pusher.register(hid, channels[hid])
         engine.add_request(hid, prompt, SamplingParams(max_tokens=2, ignore_eos=True))
@@ -247,7 +252,7 @@ def test_disaggregated_greedy_tokens_equal_colocated(sender: NcclKVSender) -> No
         engine.export_hook = pusher
         for hid, prompt in prompts.items():
             assert peer.call("reserve", (hid, len(prompt)))
-        first, outcome, _ = _prefill(engine, pusher, sender, peer.endpoint, prompts)
+        first, outcome, _ = _prefill(engine, pusher, sender, peer, prompts)
         assert all(not isinstance(o, Exception) for o in outcome.values()), outcome
         got = peer.call("decode", [(h, p, first[h], new_tokens) for h, p in prompts.items()])
         assert got == expected
@@ -269,7 +274,7 @@ def test_a_decode_killed_mid_handoff_leaves_the_prefill_healthy(sender: NcclKVSe
     try:
         hid = next(iter(prompt))
         assert doomed.call("expect_raw", (hid, layers, nbytes, 3))  # dies on layer 3
-        _, outcome, channels = _prefill(engine, pusher, sender, doomed.endpoint, prompt)
+        _, outcome, channels = _prefill(engine, pusher, sender, doomed, prompt)
         assert isinstance(outcome[hid], HandoffError), outcome
         doomed.proc.join(30)
         assert doomed.proc.exitcode == -signal.SIGKILL
@@ -291,7 +296,7 @@ def test_a_decode_killed_mid_handoff_leaves_the_prefill_healthy(sender: NcclKVSe
         hid = next(iter(prompt))
         nbytes = layer_nbytes(engine, -(-700 // engine.config.block_size))
         assert healthy.call("expect_raw", (hid, layers, nbytes, -1))
-        _, outcome, _ = _prefill(engine, pusher, sender, healthy.endpoint, prompt)
+        _, outcome, _ = _prefill(engine, pusher, sender, healthy, prompt)
         assert not isinstance(outcome[hid], Exception), outcome
         ok, error, _ = healthy.call("result_raw", hid)
         assert ok, error
