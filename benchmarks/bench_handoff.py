@@ -34,6 +34,7 @@ import socket
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -165,21 +166,31 @@ class Decode:
 # ---- bandwidth -------------------------------------------------------------------------------
 
 
-def torch_dist_gbs(decode: Decode, nbytes: int, layers: int, reps: int) -> float:
+def _sends_gbs(
+    decode: Decode, op: str, nbytes: int, layers: int, reps: int,
+    send: Callable[[torch.Tensor], None], wait: Callable[[], None],
+) -> float:  # fmt: skip
+    """Best GB/s of `layers` back-to-back sends of nbytes while the decode side runs `op` (its
+    matching recvs); each rep starts at a barrier and ends when the sends completed here."""
     buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
-    decode.conn.send(("dist_recv", (nbytes, layers, reps + 1)))
+    decode.conn.send((op, (nbytes, layers, reps + 1)))
     best = float("inf")
     for rep in range(reps + 1):  # the first is warm-up
         dist.barrier()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(layers):
-            dist.send(buf, dst=1)
-        torch.cuda.synchronize()
+            send(buf)
+        wait()
         if rep:
             best = min(best, time.perf_counter() - start)
     assert decode.conn.recv()
     return nbytes * layers / best / 1e9
+
+
+def torch_dist_gbs(decode: Decode, nbytes: int, layers: int, reps: int) -> float:
+    return _sends_gbs(decode, "dist_recv", nbytes, layers, reps,
+                      lambda buf: dist.send(buf, dst=1), torch.cuda.synchronize)  # fmt: skip
 
 
 def raw_pair(decode: Decode) -> PairComm:
@@ -194,21 +205,9 @@ def raw_pair(decode: Decode) -> PairComm:
 
 def raw_binding_gbs(decode: Decode, pair: PairComm, nbytes: int, layers: int, reps: int) -> float:
     """torch_dist_gbs through the binding: one ncclSend/ncclRecv per message, back to back."""
-    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
     stream = torch.cuda.Stream(PREFILL_DEV)
-    decode.conn.send(("raw_recv", (nbytes, layers, reps + 1)))
-    best = float("inf")
-    for rep in range(reps + 1):  # the first is warm-up
-        dist.barrier()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(layers):
-            pair.send(buf, 1, stream)
-        stream.synchronize()
-        if rep:
-            best = min(best, time.perf_counter() - start)
-    assert decode.conn.recv()
-    return nbytes * layers / best / 1e9
+    return _sends_gbs(decode, "raw_recv", nbytes, layers, reps,
+                      lambda buf: pair.send(buf, 1, stream), stream.synchronize)  # fmt: skip
 
 
 def handoff_gbs(
