@@ -751,6 +751,11 @@ def test_a_sender_whose_unique_id_never_comes_is_refused(fabric: LoopbackFabric)
         with pytest.raises(HandoffError, match="no NCCL unique id for link"):
             tx.open(endpoint, str(uuid.uuid4()), 1)
         assert tx.peers == []
+        # that attempt's connection was NACKed; the receiver's thread drops it in its own time
+        deadline = time.monotonic() + 5
+        while rx.num_links and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rx.num_links == 0
         tx.links = lost  # ...or is refused at once: no control connection is made
         with pytest.raises(HandoffError, match="OpenKVLink refused: .*no NCCL receiver"):
             tx.open(endpoint, str(uuid.uuid4()), 1)
