@@ -12,6 +12,7 @@ import queue
 import socket
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -19,7 +20,7 @@ import grpc
 import pytest
 import torch
 
-from shared.handoff import nccl, nccl_receiver
+from shared.handoff import nccl, nccl_receiver, nccl_sender
 from shared.handoff.auto import (
     AutoKVSender,
     MultiKVReceiver,
@@ -510,6 +511,135 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     assert fabric.send_groups[1:] == [1, 7]  # after the pair's 1-byte probe
 
 
+class GatedQueue:
+    """A sender's job queue whose blocking get (the sender thread idle) waits for `gate`: layers
+    queued meanwhile are all there when the thread wakes, as when the engine's thread holds the
+    GIL while it queues a burst."""
+
+    def __init__(self) -> None:
+        self.inner: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.gate = threading.Event()
+
+    def put(self, job: object) -> None:
+        self.inner.put(job)
+
+    def get(self) -> object:
+        assert self.gate.wait(10)
+        return self.inner.get()
+
+    def get_nowait(self) -> object:
+        return self.inner.get_nowait()
+
+    def empty(self) -> bool:
+        return self.inner.empty()
+
+
+def test_a_burst_that_finds_the_sender_idle_goes_out_in_growing_rounds(
+    receiver, fabric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first send of layers queued while the sender thread was idle goes out alone, after
+    one layer's host work; the rest in rounds of 2, 4, ...; their checksums in one launch once
+    the backlog's sends are launched."""
+    jobs = GatedQueue()
+    gated_queue = types.SimpleNamespace(SimpleQueue=lambda: jobs, Empty=queue.Empty)
+    monkeypatch.setattr(nccl_sender, "queue", gated_queue)
+    sender = NcclKVSender(CPU, fabric=fabric, links=fabric.links)
+    try:
+        launches: list[int] = []
+        partial_sums = sender.dev.partial_sums
+
+        def count(layers: list[torch.Tensor]) -> torch.Tensor:
+            launches.append(len(layers))
+            return partial_sums(layers)
+
+        sender.dev.partial_sums = count  # type: ignore[method-assign]
+        kv = layers(8)
+        store: dict[int, torch.Tensor] = {}
+        hid = str(uuid.uuid4())
+        future = receiver.expect(hid, 8, nbytes(kv[0]), collect(store))
+        channel = sender.open(receiver.endpoint, hid, 8)  # type: ignore[attr-defined]
+        for layer in range(8):  # all queued before the idle sender thread wakes
+            channel.send_layer(layer, kv[layer])
+        jobs.gate.set()
+        channel.finish(10)
+        assert future.result(10).ok
+        assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
+        assert fabric.send_groups[1:] == [1, 2, 4, 1]  # after the pair's 1-byte probe
+        assert launches == [8]
+        # once the backlog was sent, a burst queued while the thread is busy is one round
+        fabric.send_groups.clear()
+        assert_pair_still_works(receiver, sender)
+        assert sum(fabric.send_groups) == 2
+    finally:
+        jobs.gate.set()
+        sender.close()
+
+
+def test_cksum_frames_are_read_while_checksums_are_still_being_enqueued(receiver, sender) -> None:
+    """The connection thread only reads frames and posts recvs: with the check thread held in
+    the first group's checksum launch, the handoff's CKSUM frames are still read; no layer is
+    delivered before its checksum was computed and matched."""
+    held, go = threading.Event(), threading.Event()
+    partial_sums = receiver.dev.partial_sums
+
+    def hold(layers: list[torch.Tensor], after: Event | None = None) -> torch.Tensor:
+        held.set()
+        assert go.wait(10)
+        return partial_sums(layers, after=after)
+
+    receiver.dev.partial_sums = hold  # type: ignore[method-assign]
+    receiver.timeline = Timeline()
+    kv = layers(3)
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    key = uuid.UUID(hid).bytes
+    future = receiver.expect(hid, 3, nbytes(kv[0]), collect(store))
+    channel = sender.open(receiver.endpoint, hid, 3)
+    try:
+        for layer in range(3):
+            channel.send_layer(layer, kv[layer])
+        assert held.wait(10)
+
+        def cksums_read() -> set[int]:
+            return {layer for p, k, layer, _ in receiver.timeline.marks if (p, k) == ("cksum", key)}
+
+        assert wait_for(lambda: cksums_read() == {0, 1, 2}, timeout=5)
+        assert not store and not future.done()
+    finally:
+        go.set()
+    channel.finish(10)
+    assert future.result(10).ok
+    assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(3))
+    receiver.timeline.close()
+
+
+def test_a_checksum_that_cannot_be_enqueued_fails_its_handoff_and_the_pair_goes_on(
+    receiver, sender
+) -> None:
+    partial_sums = receiver.dev.partial_sums
+    failures = [RuntimeError("no memory for the checksum table")]
+
+    def fail_once(layers: list[torch.Tensor], after: Event | None = None) -> torch.Tensor:
+        if failures:
+            raise failures.pop()
+        return partial_sums(layers, after=after)
+
+    receiver.dev.partial_sums = fail_once  # type: ignore[method-assign]
+    kv = layers(2)
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 2, nbytes(kv[0]), collect(store))
+    channel = sender.open(receiver.endpoint, hid, 2)
+    for layer in range(2):
+        channel.send_layer(layer, kv[layer])
+    result = future.result(10)
+    assert not result.ok and "no memory for the checksum table" in result.error
+    assert 0 not in store  # the layer of the failed launch was never delivered
+    with pytest.raises(HandoffError):
+        channel.finish(10)
+    assert_pair_still_works(receiver, sender)
+
+
 def test_the_timeline_marks_every_point_of_every_layer(receiver, sender) -> None:
     sender.timeline, receiver.timeline = Timeline(), Timeline()
     kv = layers(3)
@@ -528,7 +658,7 @@ def test_the_timeline_marks_every_point_of_every_layer(receiver, sender) -> None
         ["queued", "launched", "published", "cksum", "delivered"],  # the sender's, then its CKSUM
         ["queued", "data", "posted", "delivered"],  # the data's way
         ["posted", "landed"],
-        ["posted", "summed"],
+        ["posted", "enqueued", "summed"],  # the check thread's, then its watcher's
     ]
     for layer in range(3):
         for chain in chains:

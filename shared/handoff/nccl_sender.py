@@ -2,7 +2,10 @@
 
 The engine's thread only records an event on its compute stream after each layer's gather and
 queues the layer (send_layer_group). One sender thread does the rest, in rounds that each take
-every layer queued so far, however many:
+every layer queued so far, however many (but when layers queue up while the thread is idle, it
+takes them in rounds of 1, 2, 4, ...: the first send goes out after one layer's host work, and
+the next rounds are launched, back to back, while the first layers are on the wire; their
+checksums follow once the backlog is launched):
 
     DATA frames     one write per peer
     sends           one ncclGroupStart/End; each peer's stream waits for the newest gathers
@@ -111,26 +114,39 @@ class NcclKVSender:
     def _send_loop(self) -> None:
         self.dev.bind_thread()
         unchecked: collections.deque[_Sent] = collections.deque()  # launched, in launch order
+        ramp = 0  # > 0 while a burst that found the thread idle is sent: the next round's size
         while True:
-            if unchecked:  # wait (no GIL held) until the oldest one's data exists
-                unchecked[0].ready.synchronize()
-            jobs = self._take(block=not unchecked)
+            if ramp:  # a backlog: its sends first, without waiting for any data
+                jobs = self._take(ramp)
+            else:
+                if unchecked:  # wait (no GIL held) until the oldest one's data exists
+                    unchecked[0].ready.synchronize()
+                jobs = self._take(_MAX_BATCH)
+                if not jobs and not unchecked:  # idle: the first job to come goes out alone
+                    jobs, ramp = [self._jobs.get()], 1
+            # rounds of 1, 2, 4, ... layers while they leave a backlog: the first send goes out
+            # after one layer's host work, and later rounds are launched while it is on the wire
+            ramp = 2 * ramp if 0 < len(jobs) == ramp < _MAX_BATCH // 2 and self._queued() else 0
             try:
                 closing = self._launch_jobs(jobs, unchecked)
             except Exception:  # never let one round kill the thread every handoff relies on
                 log.exception("KV send failed")
                 closing = any(job is None for job in jobs)
-            try:
-                self._checksum(unchecked)
-            except Exception:
-                log.exception("KV checksum failed")
+            if not ramp or closing:  # the checksums once the backlog's sends are launched
+                try:
+                    self._checksum(unchecked)
+                except Exception:
+                    log.exception("KV checksum failed")
             if closing:
                 return
 
-    def _take(self, block: bool) -> list[Job | None]:
-        """The jobs queued so far (waiting for one if `block`)."""
-        jobs = [self._jobs.get()] if block else []
-        while len(jobs) < _MAX_BATCH:
+    def _queued(self) -> bool:
+        return not self._jobs.empty()
+
+    def _take(self, limit: int) -> list[Job | None]:
+        """Up to `limit` of the jobs queued so far."""
+        jobs: list[Job | None] = []
+        while len(jobs) < limit:
             try:
                 jobs.append(self._jobs.get_nowait())
             except queue.Empty:

@@ -5,8 +5,9 @@ each point; `by_layer` lays them out for printing.
     prefill (NcclKVSender)            decode (NcclKVReceiver)
     queued     send_layer returned    data       its DATA frame read
     launched   its send enqueued      posted     its recv enqueued
-    published  its CKSUM written      landed     its recv group complete
-    acked      the ACK read (-1)      summed     its checksum computed
+    published  its CKSUM written      enqueued   its checksum enqueued (the check thread)
+    acked      the ACK read (-1)      landed     its recv group complete
+                                      summed     its checksum computed
                                       cksum      its CKSUM frame read
                                       delivered  on_layer returned
                                       ack        the ACK written (-1)
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Hashable
 
 SENDER_POINTS = ("queued", "launched", "published")
-RECEIVER_POINTS = ("data", "posted", "landed", "summed", "cksum", "delivered")
+RECEIVER_POINTS = ("data", "posted", "enqueued", "landed", "summed", "cksum", "delivered")
 WHOLE = -1  # the layer of marks about a whole handoff (its ACK)
 
 
