@@ -475,9 +475,8 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
     assert [len(group) for group in groups] == [3, 3, 1] + [1] * 7
 
 
-def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> None:
-    """Layers queued while the sender thread is busy: one group of sends, one checksum launch
-    and one write of CKSUM frames for all of them."""
+def count_checksum_launches(sender: NcclKVSender) -> list[int]:
+    """The number of layers of each checksum launch the sender makes from now on."""
     launches: list[int] = []
     partial_sums = sender.dev.partial_sums
 
@@ -486,6 +485,13 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
         return partial_sums(layers)
 
     sender.dev.partial_sums = count  # type: ignore[method-assign]
+    return launches
+
+
+def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> None:
+    """Layers queued while the sender thread is busy: one group of sends, one checksum launch
+    and one write of CKSUM frames for all of them."""
+    launches = count_checksum_launches(sender)
     busy, go = threading.Event(), threading.Event()
 
     def hold(data: torch.Tensor) -> None:  # the first send holds the sender thread
@@ -545,14 +551,7 @@ def test_a_burst_that_finds_the_sender_idle_goes_out_in_growing_rounds(
     monkeypatch.setattr(nccl_sender, "queue", gated_queue)
     sender = NcclKVSender(CPU, fabric=fabric, links=fabric.links)
     try:
-        launches: list[int] = []
-        partial_sums = sender.dev.partial_sums
-
-        def count(layers: list[torch.Tensor]) -> torch.Tensor:
-            launches.append(len(layers))
-            return partial_sums(layers)
-
-        sender.dev.partial_sums = count  # type: ignore[method-assign]
+        launches = count_checksum_launches(sender)
         kv = layers(8)
         store: dict[int, torch.Tensor] = {}
         hid = str(uuid.uuid4())
