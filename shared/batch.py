@@ -63,15 +63,16 @@ class StepInputs:
         self._pin = device.type == "cuda"
 
     def pinned(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
+        return self._pinned(torch.tensor(values, dtype=dtype))
+
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
         return t.pin_memory() if self._pin else t
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return self.pinned(values, dtype).to(self.device, non_blocking=True)
 
     def _array_to_device(self, values: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(values)
-        return (t.pin_memory() if self._pin else t).to(self.device, non_blocking=True)
+        return self._pinned(torch.from_numpy(values)).to(self.device, non_blocking=True)
 
     def _fill(self, rows: list[int], sources: list[int]) -> Fill | None:
         if not rows:

@@ -361,9 +361,8 @@ class Engine:
 
     def _graph_bucket(self, scheduled: list[ScheduledSeq]) -> int | None:
         """The graph bucket for a decode-only step, or None to run it eagerly."""
+        # no graphs on prefill engines, so no export hook runs inside one
         if self._graphs is None or any(s.num_new_tokens != 1 for s in scheduled):
-            return None
-        if self._layer_hook([s.seq for s in scheduled]) is not None:
             return None
         return self._graphs.bucket_for(len(scheduled))
 
