@@ -32,6 +32,7 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -68,7 +69,8 @@ def engine_config(role: Role, device: torch.device) -> EngineConfig:
 # ---- decode side -----------------------------------------------------------------------------
 
 
-def decode_main(conn: Connection, dist_port: int) -> None:
+def decode_main(conn: Connection, dist_port: int, switch_interval: float) -> None:
+    sys.setswitchinterval(switch_interval)
     torch.cuda.set_device(DECODE_DEV)
     dist.init_process_group(
         "nccl", init_method=f"tcp://127.0.0.1:{dist_port}", rank=1, world_size=2,
@@ -140,13 +142,15 @@ def decode_main(conn: Connection, dist_port: int) -> None:
 
 
 class Decode:
-    def __init__(self) -> None:
+    def __init__(self, switch_interval: float) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=decode_main, args=(child, port), daemon=True)
+        self.proc = ctx.Process(
+            target=decode_main, args=(child, port, switch_interval), daemon=True
+        )
         self.proc.start()
         dist.init_process_group(
             "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
@@ -369,6 +373,41 @@ def timeline_ttft(engine: Engine, prompt: list[int], decode: Decode, sender: Ncc
     print_timeline(title, marks, key, clock[0], extra)
 
 
+def prompt_of(length: int) -> list[int]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(3, 100_000, (length,), generator=gen).tolist()
+
+
+def ttft_rows(decode: Decode, sender: NcclKVSender, prompt_len: int, reps: int
+              ) -> tuple[list[tuple[str, ...]], Engine, KVPusher]:  # fmt: skip
+    """The TTFT rows: the prefill engine alone, then with the handoff."""
+    engine = Engine(engine_config(Role.PREFILL, PREFILL_DEV))
+    assert decode.call("engine")
+    prompt = prompt_of(prompt_len)
+    for _ in range(2):  # warm-up: kernels compiled
+        ttft(engine, prompt, None, None, None)
+    alone = [ttft(engine, prompt, None, None, None)[0] for _ in range(reps)]
+    pusher = KVPusher(engine)
+    engine.export_hook = pusher
+    for _ in range(2):  # warm-up: the pair exists
+        ttft(engine, prompt, decode, sender, pusher)
+    with_handoff = [ttft(engine, prompt, decode, sender, pusher) for _ in range(reps)]
+    t_alone = statistics.median(alone)
+    t_first = statistics.median(t for t, _ in with_handoff)
+    t_acked = statistics.median(t for _, t in with_handoff)
+    kv_mib = layer_nbytes(engine, -(-prompt_len // engine.config.block_size)) / MIB
+    name = f"TTFT llama3-8b bf16, {prompt_len}-token prompt ({kv_mib:.0f} MiB/layer)"
+    rows: list[tuple[str, ...]] = []
+    rows.append((name + ": prefill alone", f"{t_alone * 1e3:.2f} ms", "", "", ""))
+    rows.append((name + ": first token, with handoff", "", f"{t_first * 1e3:.2f} ms",
+                 f"{t_first / t_alone:.3f}x", ""))  # fmt: skip
+    rows.append((name + ": first token + ACK", "", f"{t_acked * 1e3:.2f} ms",
+                 f"{t_acked / t_alone:.3f}x", "<= 1.10x"))  # fmt: skip
+    for line in rows:
+        print(line, flush=True)
+    return rows, engine, pusher
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=32)
@@ -377,13 +416,17 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--timeline", action="store_true", help="also print where the time goes")
     ap.add_argument("--timeline-mib", type=int, default=16)
+    ap.add_argument("--skip-ttft", action="store_true", help="bandwidth rows only")
+    ap.add_argument("--switch-interval", type=float, default=sys.getswitchinterval(),
+                    help="sys.setswitchinterval in both processes (seconds)")  # fmt: skip
     args = ap.parse_args()
+    sys.setswitchinterval(args.switch_interval)
     assert torch.cuda.device_count() >= 2, "needs 2 GPUs"
     torch.cuda.set_device(PREFILL_DEV)
     print(header("KV handoff (NCCL)"), flush=True)
     nvls = os.environ.get("NCCL_NVLS_ENABLE")
     print(f"2 x {torch.cuda.get_device_name(0)}; NCCL_NVLS_ENABLE={nvls}", flush=True)
-    decode = Decode()
+    decode = Decode(args.switch_interval)
     sender = NcclKVSender(PREFILL_DEV)
     pair = raw_pair(decode)
     rows: list[tuple[str, ...]] = []
@@ -404,36 +447,16 @@ def main() -> None:
             what = f"bandwidth, {batch} handoff{'s' * (batch > 1)} x {args.layers} x {mib} MiB"
             row(what, base, ours, ">= 90%" if mib >= 16 else "")
 
-    engine = Engine(engine_config(Role.PREFILL, PREFILL_DEV))
-    assert decode.call("engine")
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, 100_000, (args.prompt,), generator=gen).tolist()
-    for _ in range(2):  # warm-up: kernels compiled
-        ttft(engine, prompt, None, None, None)
-    alone = [ttft(engine, prompt, None, None, None)[0] for _ in range(args.reps)]
-    pusher = KVPusher(engine)
-    engine.export_hook = pusher
-    for _ in range(2):  # warm-up: the pair exists
-        ttft(engine, prompt, decode, sender, pusher)
-    with_handoff = [ttft(engine, prompt, decode, sender, pusher) for _ in range(args.reps)]
-    t_alone = statistics.median(alone)
-    t_first = statistics.median(t for t, _ in with_handoff)
-    t_acked = statistics.median(t for _, t in with_handoff)
-    kv_mib = layer_nbytes(engine, -(-args.prompt // engine.config.block_size)) / MIB
-    name = f"TTFT llama3-8b bf16, {args.prompt}-token prompt ({kv_mib:.0f} MiB/layer)"
-    rows.append((name + ": prefill alone", f"{t_alone * 1e3:.2f} ms", "", "", ""))
-    rows.append((name + ": first token, with handoff", "", f"{t_first * 1e3:.2f} ms",
-                 f"{t_first / t_alone:.3f}x", ""))  # fmt: skip
-    rows.append((name + ": first token + ACK", "", f"{t_acked * 1e3:.2f} ms",
-                 f"{t_acked / t_alone:.3f}x", "<= 1.10x"))  # fmt: skip
-    for line in rows[-3:]:
-        print(line, flush=True)
+    if not args.skip_ttft:
+        ttft_part, engine, pusher = ttft_rows(decode, sender, args.prompt, args.reps)
+        rows += ttft_part
     print()
     print(table(rows, ("what", "torch.distributed / alone", "kvmesh handoff", "ratio", "target")))
     print(flush=True)
     if args.timeline:
-        timeline_ttft(engine, prompt, decode, sender, pusher)
-        engine.export_hook = None
+        if not args.skip_ttft:
+            timeline_ttft(engine, prompt_of(args.prompt), decode, sender, pusher)
+            engine.export_hook = None
         timeline_handoff(decode, sender, args.timeline_mib * MIB, args.layers)
     sender.close()
     decode.stop()
