@@ -457,6 +457,14 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
 ) -> None:
     layer_bytes = nbytes(layers(1)[0])
     monkeypatch.setattr(nccl_receiver, "RECV_GROUP_BYTES", 3 * layer_bytes)
+    calls: list[list[int]] = []  # the layers of each group, per group_sums call
+    group_sums = receiver.dev.group_sums
+
+    def count(groups: list[tuple[list[torch.Tensor], Event | None]]) -> list:
+        calls.append([len(layers) for layers, _ in groups])
+        return group_sums(groups)
+
+    receiver.dev.group_sums = count  # type: ignore[method-assign]
     data = {str(uuid.uuid4()): layers(2) for _ in range(7)}
     stores: dict[str, dict[int, torch.Tensor]] = {hid: {} for hid in data}
     futures = {hid: receiver.expect(hid, 2, layer_bytes, collect(stores[hid])) for hid in data}
@@ -473,6 +481,9 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
     # layers that arrived together share a launch; a handoff's last layer is alone, so that
     # after the last byte only it waits for its checksum
     assert [len(group) for group in groups] == [3, 3, 1] + [1] * 7
+    # each burst's checksums: one call (one table up), one launch per recv group
+    assert [n for call in calls for n in call] == [3, 3, 1] + [1] * 7
+    assert 1 <= len(calls) <= 2  # the two layers' DATA frames came in one or two bursts
 
 
 def count_checksum_launches(sender: NcclKVSender) -> list[int]:
@@ -489,8 +500,8 @@ def count_checksum_launches(sender: NcclKVSender) -> list[int]:
 
 
 def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> None:
-    """Layers queued while the sender thread is busy: one group of sends, one checksum launch
-    and one write of CKSUM frames for all of them."""
+    """Layers queued while the sender thread is busy: one group of sends for all of them, and
+    their checksums, with the busy round's, in one launch once they are on the wire."""
     launches = count_checksum_launches(sender)
     busy, go = threading.Event(), threading.Event()
 
@@ -513,8 +524,8 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     channel.finish(10)
     assert future.result(10).ok
     assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-    assert launches == [1, 7]
     assert fabric.send_groups[1:] == [1, 7]  # after the pair's 1-byte probe
+    assert launches == [8]
 
 
 class GatedQueue:
@@ -540,12 +551,12 @@ class GatedQueue:
         return self.inner.empty()
 
 
-def test_a_burst_that_finds_the_sender_idle_goes_out_in_growing_rounds(
+def test_a_burst_that_finds_the_sender_idle_is_on_the_wire_before_any_checksum(
     receiver, fabric, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first send of layers queued while the sender thread was idle goes out alone, after
-    one layer's host work; the rest in rounds of 2, 4, ...; their checksums in one launch once
-    the backlog's sends are launched."""
+    one layer's host work; the rest in one round; their checksums in one launch once the
+    backlog's sends are launched."""
     jobs = GatedQueue()
     gated_queue = types.SimpleNamespace(SimpleQueue=lambda: jobs, Empty=queue.Empty)
     monkeypatch.setattr(nccl_sender, "queue", gated_queue)
@@ -563,7 +574,7 @@ def test_a_burst_that_finds_the_sender_idle_goes_out_in_growing_rounds(
         channel.finish(10)
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-        assert fabric.send_groups[1:] == [1, 2, 4, 1]  # after the pair's 1-byte probe
+        assert fabric.send_groups[1:] == [1, 7]  # after the pair's 1-byte probe
         assert launches == [8]
         # once the backlog was sent, a burst queued while the thread is busy is one round
         fabric.send_groups.clear()
@@ -574,56 +585,18 @@ def test_a_burst_that_finds_the_sender_idle_goes_out_in_growing_rounds(
         sender.close()
 
 
-def test_cksum_frames_are_read_while_checksums_are_still_being_enqueued(receiver, sender) -> None:
-    """The connection thread only reads frames and posts recvs: with the check thread held in
-    the first group's checksum launch, the handoff's CKSUM frames are still read; no layer is
-    delivered before its checksum was computed and matched."""
-    held, go = threading.Event(), threading.Event()
-    partial_sums = receiver.dev.partial_sums
-
-    def hold(layers: list[torch.Tensor], after: Event | None = None) -> torch.Tensor:
-        held.set()
-        assert go.wait(10)
-        return partial_sums(layers, after=after)
-
-    receiver.dev.partial_sums = hold  # type: ignore[method-assign]
-    receiver.timeline = Timeline()
-    kv = layers(3)
-    store: dict[int, torch.Tensor] = {}
-    hid = str(uuid.uuid4())
-    key = uuid.UUID(hid).bytes
-    future = receiver.expect(hid, 3, nbytes(kv[0]), collect(store))
-    channel = sender.open(receiver.endpoint, hid, 3)
-    try:
-        for layer in range(3):
-            channel.send_layer(layer, kv[layer])
-        assert held.wait(10)
-
-        def cksums_read() -> set[int]:
-            return {layer for p, k, layer, _ in receiver.timeline.marks if (p, k) == ("cksum", key)}
-
-        assert wait_for(lambda: cksums_read() == {0, 1, 2}, timeout=5)
-        assert not store and not future.done()
-    finally:
-        go.set()
-    channel.finish(10)
-    assert future.result(10).ok
-    assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(3))
-    receiver.timeline.close()
-
-
 def test_a_checksum_that_cannot_be_enqueued_fails_its_handoff_and_the_pair_goes_on(
     receiver, sender
 ) -> None:
-    partial_sums = receiver.dev.partial_sums
+    group_sums = receiver.dev.group_sums
     failures = [RuntimeError("no memory for the checksum table")]
 
-    def fail_once(layers: list[torch.Tensor], after: Event | None = None) -> torch.Tensor:
+    def fail_once(groups: list[tuple[list[torch.Tensor], Event | None]]) -> list:
         if failures:
             raise failures.pop()
-        return partial_sums(layers, after=after)
+        return group_sums(groups)
 
-    receiver.dev.partial_sums = fail_once  # type: ignore[method-assign]
+    receiver.dev.group_sums = fail_once  # type: ignore[method-assign]
     kv = layers(2)
     store: dict[int, torch.Tensor] = {}
     hid = str(uuid.uuid4())
@@ -657,7 +630,7 @@ def test_the_timeline_marks_every_point_of_every_layer(receiver, sender) -> None
         ["queued", "launched", "published", "cksum", "delivered"],  # the sender's, then its CKSUM
         ["queued", "data", "posted", "delivered"],  # the data's way
         ["posted", "landed"],
-        ["posted", "enqueued", "summed"],  # the check thread's, then its watcher's
+        ["posted", "enqueued", "summed"],  # the connection thread's, then a watcher's
     ]
     for layer in range(3):
         for chain in chains:

@@ -11,6 +11,12 @@
 Communicators are blocking (NCCL's default): a send or recv only enqueues a kernel once the
 pair is connected, and `abort` is the one way out of a hung peer, as in PyTorch's watchdog.
 
+Calls that can block (init, teardown, ncclGroupEnd, which launches and may connect) release the
+GIL, as ctypes does. ncclGroupStart, and ncclSend/ncclRecv inside a group (where they only
+record the operation), keep it: each release would let the process's other Python threads (the
+engine's) run until they give the GIL back, so a burst of sends or recvs would pay one such
+wait per call instead of one per group.
+
 The library is found, in order, at: $KVMESH_NCCL_LIBRARY; the installed nvidia-nccl-cu13/cu12
 package; the NCCL the process (torch) already mapped or torch's lib dir; ldconfig's cache.
 """
@@ -123,6 +129,8 @@ class Nccl:
     def __init__(self, lib: ctypes.CDLL, path: str) -> None:
         self.path = path
         self._lib = lib
+        self._held = ctypes.PyDLL(path)  # the same library; its calls keep the GIL
+        self._grouped = threading.local()  # depth: how many group()s this thread is inside
         vp, c_int, c_size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
         sigs: dict[str, list] = {
             "ncclGetVersion": [ctypes.POINTER(c_int)],
@@ -137,16 +145,18 @@ class Nccl:
             "ncclGroupEnd": [],
         }
         for name, argtypes in sigs.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, c_int
+            for handle in (lib, self._held):
+                fn = getattr(handle, name)
+                fn.argtypes, fn.restype = argtypes, c_int
         lib.ncclGetErrorString.argtypes, lib.ncclGetErrorString.restype = [c_int], ctypes.c_char_p
         self._last_error = getattr(lib, "ncclGetLastError", None)  # NCCL >= 2.13
         if self._last_error is not None:
             self._last_error.argtypes, self._last_error.restype = [vp], ctypes.c_char_p
 
-    def call(self, name: str, *args: object) -> int:
-        """Call `name`; NcclError unless it returns ncclSuccess (or ncclInProgress)."""
-        code = getattr(self._lib, name)(*args)
+    def call(self, name: str, *args: object, hold_gil: bool = False) -> int:
+        """Call `name` (keeping the GIL if hold_gil: only for calls that never block); NcclError
+        unless it returns ncclSuccess (or ncclInProgress)."""
+        code = getattr(self._held if hold_gil else self._lib, name)(*args)
         if code not in (0, IN_PROGRESS):
             raise NcclError(name, code, self.error_text(code))
         return int(code)
@@ -168,13 +178,20 @@ class Nccl:
         self.call("ncclGetUniqueId", ctypes.byref(uid))
         return bytes(ctypes.string_at(ctypes.addressof(uid), UNIQUE_ID_BYTES))
 
+    @property
+    def in_group(self) -> bool:
+        """Whether this thread is inside group(): a send or recv only records itself there."""
+        return getattr(self._grouped, "depth", 0) > 0
+
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
         """ncclGroupStart/End: the sends and recvs issued inside launch together."""
-        self.call("ncclGroupStart")
+        self.call("ncclGroupStart", hold_gil=True)
+        self._grouped.depth = getattr(self._grouped, "depth", 0) + 1
         try:
             yield
         finally:
+            self._grouped.depth -= 1
             self.call("ncclGroupEnd")
 
 
@@ -203,11 +220,11 @@ class Communicator:
 
     def send(self, data: torch.Tensor, peer: int, stream: torch.cuda.Stream) -> None:
         """Enqueue sending `data`'s bytes (contiguous, on this rank's device) on `stream`."""
-        self.lib.call("ncclSend", *self._p2p_args(data, peer, stream))
+        self.lib.call("ncclSend", *self._p2p_args(data, peer, stream), hold_gil=self.lib.in_group)
 
     def recv(self, data: torch.Tensor, peer: int, stream: torch.cuda.Stream) -> None:
         """Enqueue receiving into `data`'s bytes (contiguous, on this rank's device)."""
-        self.lib.call("ncclRecv", *self._p2p_args(data, peer, stream))
+        self.lib.call("ncclRecv", *self._p2p_args(data, peer, stream), hold_gil=self.lib.in_group)
 
     def _p2p_args(self, data: torch.Tensor, peer: int, stream: torch.cuda.Stream) -> tuple:
         if self.closed or not self._handle.value:

@@ -96,18 +96,37 @@ class Device:
         if stream is not None:
             tensor.record_stream(stream)
 
-    def partial_sums(self, layers: list[torch.Tensor], after: Event | None = None) -> torch.Tensor:
-        """Partial sums of the layer checksum (kernels/checksum) of each tensor, [len(layers),
-        P] int64 on the host (pinned), that `checksums` folds: enqueued on the current stream
-        (after `after`, if given), valid once an event recorded after this call completes. On
-        CUDA one Triton launch for all of them (plus a table up, ahead of `after`, and the
-        partials down), no host sync."""
-        if not self.cuda:  # the reference: each row is the whole checksum
-            return torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1)
-        table = layer_table(layers)
-        if after is not None:
-            self.wait(torch.cuda.current_stream(self.device), after)
-        return checksum_partials(layers, table=table).to("cpu", non_blocking=True)  # pinned
+    def partial_sums(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """`group_sums` of one group, after nothing: the partials (valid once an event recorded
+        after this call completes)."""
+        return self.group_sums([(layers, None)])[0][0]
+
+    def group_sums(
+        self, groups: list[tuple[list[torch.Tensor], Event | None]]
+    ) -> list[tuple[torch.Tensor, Event]]:
+        """Partial sums of the layer checksum (kernels/checksum) of each group's tensors, each
+        enqueued on the current stream after its group's event (if any): per group, [len(layers),
+        P] int64 on the host (pinned), that `checksums` folds once the event returned with them
+        completed. On CUDA: one table up for all groups (it reads only addresses, so it goes
+        ahead of the events), then per group one Triton launch and its partials down; no host
+        sync. On CPU the reference: each row is the whole checksum."""
+        stream = self.current_stream()
+        if stream is None:
+            return [
+                (torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1), Event(None))
+                for layers, _ in groups
+            ]
+        table = layer_table([x for layers, _ in groups for x in layers])
+        out = []
+        row = 0
+        for layers, after in groups:
+            if after is not None:
+                self.wait(stream, after)
+            rows = table[4 * row : 4 * (row + len(layers))]
+            partials = checksum_partials(layers, table=rows).to("cpu", non_blocking=True)
+            out.append((partials, Event(stream)))
+            row += len(layers)
+        return out
 
     @staticmethod
     def checksums(partials: torch.Tensor) -> list[int]:

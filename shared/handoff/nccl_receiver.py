@@ -1,19 +1,16 @@
 """Decode side of the NCCL transport (control protocol: nccl_frames).
 
-Three threads per prefill connection, so that the one that reads the control connection does
-nothing else than read frames and post recvs (a CKSUM frame is read as soon as it arrives):
+Two threads per prefill connection:
 
     connection thread  reads the frames that arrived (one recv a burst); for all the burst's DATA
                        frames at once, posts an ncclRecv each on the link's recv stream (only
                        recvs: they go back to back) into staging buffers the link reuses
                        (nccl_staging), in groups of at most RECV_GROUP_BYTES (a handoff's last
                        layer alone, so that after the last byte only it waits for its checksum);
-                       then hands the posted groups to the check thread, and the layers whose
-                       CKSUM came to the verify thread. It never waits for the GPU.
-    check thread       enqueues each group's checksums on the check stream (a table up, one
-                       launch for the group's accepted layers, the partials down): they run as
-                       soon as the group landed, while the next groups are still on the wire.
-                       It never waits for the GPU either.
+                       then enqueues the groups' checksums on the check stream (one table up for
+                       the burst, then per group one launch after its recvs and its partials
+                       down), and hands the layers whose CKSUM came to the verify thread. It
+                       never waits for the GPU, and a burst costs a few host calls per group.
     verify thread      takes every layer whose CKSUM frame came, waits once per group for its
                        checksums, compares, hands the layers to on_layer on the scatter stream,
                        and gives their staging buffers back after one event.
@@ -21,6 +18,10 @@ nothing else than read frames and post recvs (a CKSUM frame is read as soon as i
     recv stream:     | recv g0 | recv g1 | recv g2 | ...
     check stream:              | sum g0 |  | sum g1 |  | sum g2 |
     verify thread:                      compare, scatter g0 (scatter stream), ...
+
+Few threads on purpose: they share the GIL with each other and with the engine, and every
+handover between Python threads costs a wake-up, so the per-layer work is batched per burst
+instead of being passed along a pipeline of threads.
 """
 
 from __future__ import annotations
@@ -86,23 +87,19 @@ class _Data:
 
 @dataclass(eq=False, slots=True)
 class _Sums:
-    """The checksums of one recv group's accepted layers: made by the connection thread when it
-    posts the group's recvs, enqueued by the check thread (then `launched` is set), folded by
-    the verify thread."""
+    """The checksums of one recv group's accepted layers: enqueued by the connection thread
+    when it posts the group's recvs, folded by the verify thread."""
 
     layers: list[tuple[bytes, int]]  # (handoff id, layer) of each row of partials
     received: Event  # on the recv stream, after the group's recvs
-    launched: threading.Event = field(default_factory=threading.Event)  # the three below set
     ready: Event | None = None  # on the check stream, after the checksums and their copy down
-    partials: torch.Tensor | None = None  # [len(layers), P] int64 on the host (partial_sums)
+    partials: torch.Tensor | None = None  # [len(layers), P] int64 on the host (group_sums)
     error: str = ""  # the checksums could not be enqueued
     values: list[int] | None = None  # the checksums: the verify thread folds them once ready
 
     def settled(self) -> bool:
-        """Whether the verify thread can go on with the group without waiting: enqueued, and
-        its checksums computed (or failed)."""
-        if not self.launched.is_set():
-            return False
+        """Whether the verify thread can go on with the group without waiting: its checksums
+        computed (or failed)."""
         return self.values is not None or self.ready is None or self.ready.query()
 
     @property
@@ -113,7 +110,7 @@ class _Sums:
 
 @dataclass(frozen=True, slots=True)
 class _Posted:
-    """A recv group whose recvs are posted, for the check thread."""
+    """A recv group whose recvs are posted."""
 
     group: list[_Data]
     bufs: list[torch.Tensor]  # the staging buffers the recvs write, one per DATA frame
@@ -158,8 +155,6 @@ class _Link:
         readers = [self.check_stream, self.scatter_stream]
         self.staging = StagingPool(dev, self.recv_stream, readers, staging_bytes)
         self.landings: dict[tuple[bytes, int], _Landing] = {}  # only the connection's thread
-        # the recv groups posted, a list per burst, for the check thread
-        self.checks: queue.SimpleQueue[list[_Posted] | None] = queue.SimpleQueue()
         # (landing, the CKSUM frame's value) of layers whose CKSUM came, a list per burst
         self.verify: queue.SimpleQueue[list[tuple[_Landing, int]] | None] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
@@ -222,12 +217,10 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         link = _Link(conn, self.dev, self.staging_bytes)
         with self._lock:
             self._links.add(link)
-        checker = threading.Thread(target=self._check_loop, args=(link,), name="nccl-check")
         verifier = threading.Thread(target=self._verify_loop, args=(link,), name="nccl-verify")
-        checker.daemon = verifier.daemon = True
+        verifier.daemon = True
         try:
             self._handshake(link)
-            checker.start()
             verifier.start()
             reader = FrameReader(conn)
             while burst := reader.burst():
@@ -235,7 +228,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         except (OSError, ConnectionError, HandoffError, RuntimeError) as exc:
             log.info("KV control connection dropped: %s", exc)
         finally:
-            self._drop(link, checker, verifier)
+            self._drop(link, verifier)
 
     def _handshake(self, link: _Link) -> None:
         hello = read_frame(link.conn)
@@ -250,16 +243,13 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             raise
         link.send(message(Kind.READY))
 
-    def _drop(self, link: _Link, checker: threading.Thread, verifier: threading.Thread) -> None:
+    def _drop(self, link: _Link, verifier: threading.Thread) -> None:
         with self._lock:
             self._links.discard(link)
         self._disconnected(link.conn, lambda s: s.link is link)
         if link.comm is not None:
             with contextlib.suppress(nccl.NcclError):
                 link.comm.abort()  # ends recvs still waiting on the dead peer
-        link.checks.put(None)  # after the groups posted: the verify thread waits for them
-        if checker.is_alive():
-            checker.join(JOIN_TIMEOUT_S)
         link.verify.put(None)
         if verifier.is_alive():
             verifier.join(JOIN_TIMEOUT_S)
@@ -270,9 +260,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     # -- the connection's thread
 
     def _on_burst(self, link: _Link, burst: list[tuple[Frame, bytes]]) -> None:
-        """Frames that arrived together, in order; then recvs for all their DATA frames (their
-        checksums go to the check thread); then the layers whose CKSUM came go to the verify
-        thread."""
+        """Frames that arrived together, in order; then recvs and checksums for all their DATA
+        frames; then the layers whose CKSUM came go to the verify thread."""
         datas: list[_Data] = []
         checks: list[Frame] = []
         for frame, payload in burst:
@@ -320,8 +309,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
 
     def _receive(self, link: _Link, datas: list[_Data]) -> None:
         """A recv for every DATA frame (also rejected ones: NCCL's order must hold), in groups
-        (_recv_groups); each group's accepted layers wait for their CKSUM frames (landings),
-        and the check thread enqueues their checksums, to run once the group landed."""
+        (_recv_groups); then each group's checksums, to run once it landed; each group's
+        accepted layers wait for their CKSUM frames (landings)."""
         if any(d.frame.nbytes > self.max_layer_bytes for d in datas):
             raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
         assert link.comm is not None
@@ -341,53 +330,46 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     index = len(p.sums.layers)
                     link.landings[key] = _Landing(d.state, d.frame.layer, buf, p.sums, index)
                     p.sums.layers.append(key)
-        link.checks.put(posted)
+        self._checksum(link, posted)
         if timeline is not None:  # a diagnostic: it waits on its own thread
             for p in posted:
                 if p.sums.layers:
                     self._watch(timeline, link, "landed", p.sums.received, p.sums.layers)
+                    self._watch(timeline, link, "summed", p.sums.released, p.sums.layers)
 
     def _sweep(self, link: _Link) -> None:
         """Give back the buffers of layers whose handoff closed before their CKSUM came (the
-        sender stops checksumming a handoff once it failed), after their checksums' reads: only
-        after a failure does this wait (for the check thread to enqueue them, never the GPU)."""
+        sender stops checksumming a handoff once it failed), after their checksums' reads."""
         for key in [key for key, landing in link.landings.items() if landing.state.closed]:
             landing = link.landings.pop(key)
-            if landing.sums.launched.wait(JOIN_TIMEOUT_S):
-                link.staging.give(landing.buf, landing.sums.released)
-
-    # -- the check thread
-
-    def _check_loop(self, link: _Link) -> None:
-        self.dev.bind_thread()
-        while (posted := link.checks.get()) is not None:
-            self._checksum(link, posted)
+            link.staging.give(landing.buf, landing.sums.released)
 
     def _checksum(self, link: _Link, posted: list[_Posted]) -> None:
         """Enqueue the checksums of each posted group's accepted layers on the check stream
-        (after the group's recvs), and give rejected layers' buffers back once they landed.
-        Never waits for the GPU; `launched` is set on every group, also if this failed."""
-        timeline = self.timeline
-        with self.dev.on(link.check_stream):
-            for p in posted:
-                sums = p.sums
-                pairs = list(zip(p.group, p.bufs, strict=True))
-                accepted = [buf for d, buf in pairs if d.state is not None]
-                rejected = [buf for d, buf in pairs if d.state is None]
-                try:
-                    if rejected:  # the recvs still land (NCCL's order must hold), then free
-                        link.staging.give_all(rejected, sums.received)
-                    if accepted:
-                        sums.partials = self.dev.partial_sums(accepted, after=sums.received)
-                        sums.ready = Event(link.check_stream)
-                except Exception as exc:  # the verify thread fails the group's handoffs
-                    log.exception("KV checksum launch failed")
-                    sums.error = f"checksum failed: {exc}"
-                finally:
-                    sums.launched.set()
-                if timeline is not None and accepted:
-                    timeline.mark_all("enqueued", sums.layers)
-                    self._watch(timeline, link, "summed", sums.released, sums.layers)
+        (each after its group's recvs), and give rejected layers' buffers back once they
+        landed. Never waits for the GPU; if the launch fails, the groups' handoffs fail."""
+        checked = []
+        for p in posted:
+            pairs = list(zip(p.group, p.bufs, strict=True))
+            rejected = [buf for d, buf in pairs if d.state is None]
+            if rejected:  # the recvs still land (NCCL's order must hold), then free
+                link.staging.give_all(rejected, p.sums.received)
+            if p.sums.layers:
+                checked.append((p.sums, [buf for d, buf in pairs if d.state is not None]))
+        if not checked:
+            return
+        try:
+            with self.dev.on(link.check_stream):
+                sums = self.dev.group_sums([(bufs, s.received) for s, bufs in checked])
+        except Exception as exc:  # the verify thread fails the groups' handoffs
+            log.exception("KV checksum launch failed")
+            for s, _ in checked:
+                s.error = f"checksum failed: {exc}"
+            return
+        for (s, _), (partials, ready) in zip(checked, sums, strict=True):
+            s.partials, s.ready = partials, ready
+        if (timeline := self.timeline) is not None:
+            timeline.mark_all("enqueued", [key for s, _ in checked for key in s.layers])
 
     def _watch(
         self, timeline: Timeline, link: _Link, point: str, event: Event,
@@ -433,7 +415,6 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 if not sums.settled():  # what is delivered so far goes on meanwhile
                     self._release(link, delivered, completed)
                     delivered, completed = [], []
-                sums.launched.wait()  # the check thread enqueued the group's checksums
                 state = landing.state
                 if sums.error:
                     link.staging.give(landing.buf, sums.released)

@@ -2,16 +2,16 @@
 
 The engine's thread only records an event on its compute stream after each layer's gather and
 queues the layer (send_layer_group). One sender thread does the rest, in rounds that each take
-every layer queued so far, however many (but when layers queue up while the thread is idle, it
-takes them in rounds of 1, 2, 4, ...: the first send goes out after one layer's host work, and
-the next rounds are launched, back to back, while the first layers are on the wire; their
-checksums follow once the backlog is launched):
+every layer queued so far, however many (a layer that finds the thread idle goes out alone,
+after one layer's host work):
 
     DATA frames     one write per peer
     sends           one ncclGroupStart/End; each peer's stream waits for the newest gathers
-    ...             then, once the oldest launched layer's data exists on the GPU (the thread
-                    waits for its event without the GIL; layers queued meanwhile join the
-                    next round), for every launched layer whose data exists:
+    ...             while layers are queued, their rounds first (a backlog is on the wire
+                    before any checksum work); then, once the oldest launched layer's data
+                    exists on the GPU (the thread waits for its event without the GIL; layers
+                    queued meanwhile are launched first), for every launched layer whose data
+                    exists:
     checksums       one Triton launch (kernels/checksum) on the checksum stream
     CKSUM frames    one write per peer, once the checksums are computed
 
@@ -114,29 +114,26 @@ class NcclKVSender:
     def _send_loop(self) -> None:
         self.dev.bind_thread()
         unchecked: collections.deque[_Sent] = collections.deque()  # launched, in launch order
-        ramp = 0  # > 0 while a burst that found the thread idle is sent: the next round's size
         while True:
-            if ramp:  # a backlog: its sends first, without waiting for any data
-                jobs = self._take(ramp)
-            else:
-                if unchecked:  # wait (no GIL held) until the oldest one's data exists
-                    unchecked[0].ready.synchronize()
-                jobs = self._take(_MAX_BATCH)
-                if not jobs and not unchecked:  # idle: the first job to come goes out alone
-                    jobs, ramp = [self._jobs.get()], 1
-            # rounds of 1, 2, 4, ... layers while they leave a backlog: the first send goes out
-            # after one layer's host work, and later rounds are launched while it is on the wire
-            ramp = 2 * ramp if 0 < len(jobs) == ramp < _MAX_BATCH // 2 and self._queued() else 0
-            try:
-                closing = self._launch_jobs(jobs, unchecked)
-            except Exception:  # never let one round kill the thread every handoff relies on
-                log.exception("KV send failed")
-                closing = any(job is None for job in jobs)
-            if not ramp or closing:  # the checksums once the backlog's sends are launched
+            jobs = self._take(_MAX_BATCH)
+            if not jobs and unchecked:  # wait (no GIL held) until the oldest one's data exists
+                unchecked[0].ready.synchronize()
+                jobs = self._take(_MAX_BATCH)  # queued meanwhile: their sends go first
+            elif not jobs:  # idle: the first job to come goes out alone
+                jobs = [self._jobs.get()]
+            closing = False
+            if jobs:
                 try:
-                    self._checksum(unchecked)
-                except Exception:
-                    log.exception("KV checksum failed")
+                    closing = self._launch_jobs(jobs, unchecked)
+                except Exception:  # never let one round kill the thread every handoff relies on
+                    log.exception("KV send failed")
+                    closing = any(job is None for job in jobs)
+                if not closing and self._queued():  # a backlog: on the wire before checksums
+                    continue
+            try:
+                self._checksum(unchecked)
+            except Exception:
+                log.exception("KV checksum failed")
             if closing:
                 return
 
