@@ -285,7 +285,7 @@ _GAPS = [  # (what, from, to) per layer: where its time goes
     ("sender thread: DATA written, sends enqueued", "queued", "launched"),
     ("its DATA frame read by the receiver", "queued", "data"),
     ("receiver enqueues its recv", "data", "posted"),
-    ("check thread queues its checksum", "posted", "enqueued"),
+    ("its checksum enqueued", "posted", "enqueued"),
     ("its recv group lands", "posted", "landed"),
     ("receiver checksum", "landed", "summed"),
     ("data exists, sender checksum, CKSUM written", "launched", "published"),
