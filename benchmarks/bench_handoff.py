@@ -13,6 +13,8 @@ any timing).
    back to back), timed from a barrier to the sender's synchronize. Handoff: send_layer_group
    for every layer, then finish() of every handoff (the receiver verified every checksum and
    ACKed), timed from the first send to the last ACK, so it includes the control round trips.
+   A handoff's layers are slices of one buffer, as KVPusher gathers them (so layers queued
+   together may go as one message).
    Raw binding (a diagnostic row): the torch.distributed measurement, but through kvmesh's own
    ctypes binding on a pair communicator made as the handoff makes its pairs (connect_pair):
    no control frames, no checksums. Raw binding vs torch.distributed is the binding's cost;
@@ -214,13 +216,16 @@ def raw_binding_gbs(decode: Decode, pair: PairComm, nbytes: int, layers: int, re
                       lambda buf: pair.send(buf, 1, stream), stream.synchronize)  # fmt: skip
 
 
+def handoff_layers(nbytes: int, layers: int) -> list[torch.Tensor]:
+    """A handoff's layers as KVPusher lays them out: slices of one buffer, back to back."""
+    buf = torch.randint(0, 255, (layers, nbytes), dtype=torch.uint8, device=PREFILL_DEV)
+    return list(buf.unbind(0))
+
+
 def handoff_gbs(
     decode: Decode, sender: NcclKVSender, nbytes: int, layers: int, reps: int, batch: int
 ) -> float:  # fmt: skip
-    data = [
-        torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
-        for _ in range(layers)
-    ]
+    data = handoff_layers(nbytes, layers)
     torch.cuda.synchronize()
     best = float("inf")
     for rep in range(reps + 1):
@@ -339,10 +344,7 @@ def print_timeline(title: str, marks: list[tuple[str, bytes, int, float]], key: 
 
 def timeline_handoff(decode: Decode, sender: NcclKVSender, nbytes: int, layers: int) -> None:
     handoff_gbs(decode, sender, nbytes, layers, 0, 1)  # warm: staging buffers, kernels
-    data = [
-        torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
-        for _ in range(layers)
-    ]
+    data = handoff_layers(nbytes, layers)
     torch.cuda.synchronize()
     hid = str(uuid.uuid4())
     assert decode.call("expect", (hid, layers, nbytes))

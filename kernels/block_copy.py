@@ -11,8 +11,14 @@ import triton
 import triton.language as tl
 
 
-def gather_blocks_ref(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    return kv_layer[:, block_ids.long()].contiguous()
+def gather_blocks_ref(
+    kv_layer: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """kv_layer[:, block_ids] as a contiguous tensor, written into `out` if given."""
+    gathered = kv_layer[:, block_ids.long()]
+    if out is None:
+        return gathered.contiguous()
+    return out.copy_(gathered)
 
 
 def scatter_blocks_ref(kv_layer: torch.Tensor, block_ids: torch.Tensor, src: torch.Tensor) -> None:
@@ -58,9 +64,16 @@ def _launch(cache: torch.Tensor, buf: torch.Tensor, ids: torch.Tensor, gather: b
     )  # fmt: skip
 
 
-def gather_blocks(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-    """Triton version of `gather_blocks_ref`: [2, n, block_size, Hk, D], contiguous."""
-    out = kv_layer.new_empty((2, block_ids.numel(), *kv_layer.shape[2:]))
+def gather_blocks(
+    kv_layer: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Triton version of `gather_blocks_ref`: [2, n, block_size, Hk, D], contiguous (`out`, if
+    given: a contiguous tensor of that shape and kv_layer's dtype, e.g. one layer's slice of a
+    request's buffer of all layers)."""
+    shape = (2, block_ids.numel(), *kv_layer.shape[2:])
+    if out is None:
+        out = kv_layer.new_empty(shape)
+    assert out.shape == shape and out.dtype == kv_layer.dtype and out.is_contiguous()
     _launch(kv_layer, out, block_ids, gather=True)
     return out
 

@@ -528,6 +528,114 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     assert launches == [8]
 
 
+def held_sender_thread(fabric: LoopbackFabric) -> threading.Event:
+    """Hold the sender thread in its next send until the returned event is set: layers queued
+    meanwhile are all there when it goes on."""
+    busy, go = threading.Event(), threading.Event()
+
+    def hold(data: torch.Tensor) -> None:
+        if not busy.is_set():
+            busy.set()
+            go.wait(10)
+
+    fabric.on_send = hold
+    fabric.held = busy  # type: ignore[attr-defined]
+    return go
+
+
+def test_adjacent_layers_queued_together_go_as_one_message(receiver, sender, fabric) -> None:
+    """Layers of one handoff that lie back to back in memory (slices of one buffer, as KVPusher
+    gathers them) and are launched together go as one NCCL message; the handoff's last layer
+    alone. Every layer arrives bit-identical, and the message's staging buffer is reused."""
+    for _ in range(3):
+        buf = torch.randn(6, *SHAPE).to(torch.bfloat16)
+        kv = list(buf.unbind(0))  # contiguous slices, back to back
+        store: dict[int, torch.Tensor] = {}
+        hid = str(uuid.uuid4())
+        future = receiver.expect(hid, 6, nbytes(kv[0]), collect(store))
+        channel = sender.open(receiver.endpoint, hid, 6)
+        fabric.send_groups.clear()
+        fabric.recv_groups.clear()
+        go = held_sender_thread(fabric)
+        channel.send_layer(0, kv[0])
+        assert fabric.held.wait(10)  # type: ignore[attr-defined]
+        for layer in range(1, 6):
+            channel.send_layer(layer, kv[layer])
+        go.set()
+        channel.finish(10)
+        assert future.result(10).ok
+        assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(6))
+        assert fabric.send_groups == [1, 2]  # layer 0; then layers 1-4 as one, 5 alone
+        one = nbytes(kv[0])
+        assert [n for group in fabric.recv_groups for n in group] == [one, 4 * one, one]
+        fabric.on_send = lambda data: None
+    assert receiver.staging_allocations <= 3  # one buffer per message size, reused
+
+
+def test_a_corrupt_layer_inside_a_message_fails_its_handoff(receiver, sender, fabric) -> None:
+    buf = torch.randn(4, *SHAPE).to(torch.bfloat16)
+    kv = list(buf.unbind(0))
+    one = nbytes(kv[0])
+
+    def corrupt(got: torch.Tensor) -> torch.Tensor:
+        if got.numel() == 2 * one:  # the message of layers 1 and 2: flip a byte of layer 2
+            got = got.clone()
+            got[one + 5] ^= 0xFF
+        return got
+
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 4, one, collect(store))
+    channel = sender.open(receiver.endpoint, hid, 4)
+    go = held_sender_thread(fabric)
+    fabric.corrupt = corrupt
+    channel.send_layer(0, kv[0])
+    assert fabric.held.wait(10)  # type: ignore[attr-defined]
+    for layer in range(1, 4):
+        channel.send_layer(layer, kv[layer])
+    go.set()
+    result = future.result(10)
+    assert not result.ok and "checksum mismatch on layer 2" in result.error
+    assert 2 not in store
+    with pytest.raises(HandoffError):
+        channel.finish(10)
+    fabric.corrupt, fabric.on_send = (lambda t: t), (lambda data: None)
+    assert_pair_still_works(receiver, sender)
+
+
+def test_coalescing_takes_only_runs_back_to_back_in_memory() -> None:
+    """Runs break between handoffs, at a gap in the layers or in memory, at the size cap, and
+    before a handoff's last layer."""
+    a = types.SimpleNamespace(num_layers=8)
+    b = types.SimpleNamespace(num_layers=8)
+    buf = torch.zeros(8, 64, dtype=torch.uint8)
+    other = torch.zeros(8, 64, dtype=torch.uint8)
+    ready = Event(None)
+
+    def sent(channel: object, layer: int, data: torch.Tensor) -> nccl_sender._Sent:
+        return nccl_sender._Sent(channel, layer, data, ready)  # type: ignore[arg-type]
+
+    sends = [
+        sent(a, 0, buf[0]), sent(b, 0, other[0]), sent(a, 1, buf[1]), sent(a, 2, buf[2]),
+        sent(a, 3, other[3]),  # not after layer 2 in memory
+        sent(a, 4, other[4]), sent(a, 6, other[6]),  # a gap in the layers
+        sent(a, 7, other[7]),  # the last layer: alone
+        sent(b, 1, other[1]),
+    ]  # fmt: skip
+    runs = [
+        (m.first.channel, m.first.layer, m.count, m.data.numel())
+        for m in nccl_sender.coalesce(sends)
+    ]
+    assert runs == [
+        (a, 0, 3, 192), (a, 3, 2, 128), (a, 6, 1, 64), (a, 7, 1, 64), (b, 0, 2, 128),
+    ]  # fmt: skip
+    # the span is the layers' bytes, in place
+    message = nccl_sender.coalesce(sends)[0]
+    assert message.data.data_ptr() == buf[0].data_ptr()
+    capped = nccl_sender.coalesce([sent(a, i, buf[i]) for i in range(6)], max_bytes=128)
+    assert [(m.first.layer, m.count) for m in capped] == [(0, 2), (2, 2), (4, 2)]
+
+
 class GatedQueue:
     """A sender's job queue whose blocking get (the sender thread idle) waits for `gate`: layers
     queued meanwhile are all there when the thread wakes, as when the engine's thread holds the

@@ -2,9 +2,10 @@
 
 Prefill: `KVPusher` is the engine's export hook. When layer l of a completing prompt is written,
 it gathers that request's blocks of layer l into one contiguous buffer and queues it on the
-request's channel: one send per layer per request, overlapping the next layers' compute. NCCL
-channels take the buffer on the GPU, and the sends of one layer for every request of the batch
-go out as one group; other channels (TCP) get a host copy.
+request's channel: at most one send per layer per request, overlapping the next layers' compute.
+NCCL channels take the buffer on the GPU (layer l's slice of one buffer for all of the request's
+layers, so that layers queued together go as one message), and the sends of one layer for every
+request of the batch go out as one group; other channels (TCP) get a host copy.
 Decode: `scatter_into` returns the receiver callback that writes each arriving layer into the
 blocks reserved for it, from host bytes (TCP) or a staging buffer on the device (NCCL).
 """
@@ -34,6 +35,8 @@ class KVPusher:
         self._engine = engine
         self._channels: dict[str, KVSendChannel] = {}
         self._ids: dict[str, torch.Tensor] = {}  # request -> its block ids on the device
+        # request -> [layers, 2, blocks, block_size, kv_heads, D]: its layers, back to back
+        self._bufs: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     def register(self, request_id: str, channel: KVSendChannel) -> None:
@@ -44,6 +47,7 @@ class KVPusher:
         with self._lock:
             self._channels.pop(request_id, None)
             self._ids.pop(request_id, None)
+            self._bufs.pop(request_id, None)
 
     def __call__(self, layer: int, seqs: list[Sequence]) -> None:
         on_device: list[tuple[str, NcclSendChannel, torch.Tensor]] = []
@@ -53,10 +57,13 @@ class KVPusher:
             if channel is None:
                 continue
             ids = self._block_ids(seq, layer)
-            data = self._engine.model.ops.gather_blocks(self._engine.kv_cache[layer], ids)
+            cache = self._engine.kv_cache[layer]
             if isinstance(channel, NcclSendChannel) and not channel.failed:
+                out = self._layer_buffer(seq.request_id, layer, ids.numel())
+                data = self._engine.model.ops.gather_blocks(cache, ids, out=out)
                 on_device.append((seq.request_id, channel, data))
                 continue
+            data = self._engine.model.ops.gather_blocks(cache, ids)
             try:
                 channel.send_layer(layer, data.cpu() if data.device.type != "cpu" else data)
             except Exception:  # the channel failed; finish() reports it to the handler
@@ -78,6 +85,19 @@ class KVPusher:
             with self._lock:
                 self._ids[seq.request_id] = ids
         return ids
+
+    def _layer_buffer(self, request_id: str, layer: int, num_blocks: int) -> torch.Tensor:
+        """Layer `layer`'s slice of the request's buffer of all layers (made at layer 0; the
+        pusher lets go of it after the last layer: the sends' views keep it alive until then)."""
+        cache = self._engine.kv_cache  # [L, 2, num_blocks, block_size, kv_heads, D]
+        with self._lock:
+            buf = self._bufs.get(request_id)
+            if buf is None or layer == 0 or buf.shape[2] != num_blocks:
+                buf = cache.new_empty((cache.shape[0], 2, num_blocks, *cache.shape[3:]))
+                self._bufs[request_id] = buf
+            if layer == cache.shape[0] - 1:
+                del self._bufs[request_id]
+        return buf[layer]
 
     def _send_group(
         self, layer: int, items: list[tuple[str, NcclSendChannel, torch.Tensor]]

@@ -15,8 +15,12 @@ decode = rank 1), set up on the first handoff between them:
                                         <-------                    scatter into the reserved
                                           ACK / NACK(reason)        blocks; ACK after the last
 
-Every DATA frame is matched by a recv, also for handoffs the receiver rejects (into a buffer
-that is dropped), so the communicator's order never breaks; a corrupt layer NACKs the handoff.
+A DATA frame announces `count` layers (its value field, >= 1) of `nbytes` each, starting at
+`layer`: the sender coalesces consecutive layers of a handoff that it launches together and that
+lie back to back in its memory (a handoff's last layer always goes alone, so that after the
+last byte only it waits for its checksum). Every DATA frame is matched by a recv, also for
+handoffs the receiver rejects (into a buffer that is dropped), so the communicator's order never
+breaks; a corrupt layer NACKs the handoff.
 A lost control connection aborts the communicator on both sides (ncclCommAbort ends kernels that
 wait on a dead peer), fails its handoffs, and drops the pair from the sender's LRU cache.
 """
@@ -43,14 +47,14 @@ _NO_ID = bytes(16)
 class Kind(IntEnum):
     HELLO = 1  # payload: the link id whose NCCL unique id came over gRPC (prefill -> decode)
     READY = 2  # the communicator is up (decode -> prefill)
-    DATA = 3  # a layer of `nbytes` follows on the communicator
+    DATA = 3  # `value` layers (>= 1) of `nbytes` each, from `layer` on, follow on the communicator
     CKSUM = 4  # value: the layer's checksum
     ABORT = 5  # payload: reason; the sender gives up on the handoff
     ACK = 6  # all layers delivered
     NACK = 7  # payload: reason; the handoff failed (or, at setup, the pair could not connect)
 
 
-FRAME = HeaderFormat("16sHHQQ", b"KVMN", 1, Kind, "control frame")
+FRAME = HeaderFormat("16sHHQQ", b"KVMN", 2, Kind, "control frame")  # 2: DATA has a count
 _LAYOUT = FRAME.layout
 _KINDS = frozenset(Kind)
 
@@ -61,8 +65,13 @@ class Frame:
     handoff_id: bytes = _NO_ID  # 16 bytes (UUID)
     layer: int = 0
     num_layers: int = 0
-    nbytes: int = 0  # DATA: payload bytes on NCCL; others: bytes of the TCP payload that follows
-    value: int = 0  # CKSUM: the layer checksum (kernels/checksum), uint64
+    nbytes: int = 0  # DATA: bytes of each layer on NCCL; others: bytes of the TCP payload
+    value: int = 0  # CKSUM: the layer checksum (kernels/checksum), uint64; DATA: layer count
+
+    @property
+    def count(self) -> int:
+        """DATA: how many consecutive layers the message holds."""
+        return self.value
 
     def pack(self) -> bytes:
         return FRAME.pack(self)

@@ -71,18 +71,44 @@ class _Expected(Expected):
     link: _Link | None = None  # the connection its frames arrive on
 
     def rejects(self, frame: Frame) -> str:
+        """Why the layers a DATA frame announces do not fit ('' if they all do)."""
         if self.closed:
             return "handoff cancelled or failed"
-        return self.mismatch(frame.layer, frame.num_layers, frame.nbytes, self.arrived)
+        for layer in range(frame.layer, frame.layer + frame.count):
+            if error := self.mismatch(layer, frame.num_layers, frame.nbytes, self.arrived):
+                return error
+        return ""
 
 
 @dataclass(frozen=True, slots=True)
 class _Data:
-    """A DATA frame, and the handoff that accepted it (None: rejected, NACKed)."""
+    """A DATA frame, and the handoff that accepted its layers (None: rejected, NACKed)."""
 
     frame: Frame
     state: _Expected | None
-    last: bool  # the last of its handoff's layers to arrive
+    last: bool  # holds the last of its handoff's layers to arrive
+
+    @property
+    def message_bytes(self) -> int:
+        return self.frame.nbytes * self.frame.count
+
+
+@dataclass(eq=False, slots=True)
+class _Staged:
+    """One message's staging buffer, shared by the landings of its layers: it goes back to the
+    pool once every layer is done with it, after all their last readers."""
+
+    buf: torch.Tensor
+    remaining: int  # layers not done with it yet
+    released: list[Event] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def done(self, released: Event) -> list[Event] | None:
+        """One layer is done once `released` completes; all the events once every layer is."""
+        with self.lock:
+            self.released.append(released)
+            self.remaining -= 1
+            return self.released if self.remaining == 0 else None
 
 
 @dataclass(eq=False, slots=True)
@@ -123,18 +149,24 @@ class _Landing:
 
     state: _Expected
     layer: int
-    buf: torch.Tensor  # [nbytes] uint8 on the device, written by the recv stream
+    buf: torch.Tensor  # [nbytes] uint8 on the device (a view of staged.buf), written by a recv
+    staged: _Staged  # its message's staging buffer
     sums: _Sums  # its recv group's checksums
     index: int  # its row in sums
 
 
+def _layers_of(frame: Frame) -> list[tuple[bytes, int]]:
+    """(handoff id, layer) of each layer a DATA frame announces."""
+    return [(frame.handoff_id, frame.layer + i) for i in range(frame.count)]
+
+
 def _recv_groups(datas: list[_Data]) -> list[list[_Data]]:
-    """Consecutive DATA frames in groups of at most RECV_GROUP_BYTES (a larger layer alone); a
+    """Consecutive DATA frames in groups of at most RECV_GROUP_BYTES (a larger message alone); a
     handoff's last layer alone."""
     groups: list[list[_Data]] = []
     size = 0
     for data in datas:
-        nbytes = data.frame.nbytes
+        nbytes = data.message_bytes
         if not groups or size + nbytes > RECV_GROUP_BYTES or data.last or groups[-1][-1].last:
             groups.append([])
             size = 0
@@ -266,7 +298,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         checks: list[Frame] = []
         for frame, payload in burst:
             if frame.kind == Kind.DATA:
-                datas.append(self._accept_layer(link, frame))
+                datas.append(self._accept(link, frame))
             elif frame.kind == Kind.CKSUM:  # its DATA came first: its landing is made below
                 checks.append(frame)
             elif frame.kind == Kind.ABORT:
@@ -277,7 +309,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             else:
                 raise ProtocolError(f"unexpected {frame.kind.name} frame from a sender")
         if (timeline := self.timeline) is not None:
-            timeline.mark_all("data", [(d.frame.handoff_id, d.frame.layer) for d in datas])
+            timeline.mark_all("data", [key for d in datas for key in _layers_of(d.frame)])
             timeline.mark_all("cksum", [(f.handoff_id, f.layer) for f in checks])
         if datas:
             self._receive(link, datas)
@@ -290,8 +322,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             link.verify.put(verify)
         self._sweep(link)
 
-    def _accept_layer(self, link: _Link, frame: Frame) -> _Data:
-        """A DATA frame with the handoff its layer belongs to, or None (rejected: NACKed)."""
+    def _accept(self, link: _Link, frame: Frame) -> _Data:
+        """A DATA frame with the handoff its layers belong to, or None (rejected: NACKed)."""
         state = self._get(frame.handoff_id)
         error = "handoff not expected (reserve first)"
         last = False
@@ -299,7 +331,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             with state.lock:
                 state.started = state.started or time.perf_counter()
                 error = state.rejects(frame)
-                state.arrived.add(frame.layer)
+                state.arrived.update(range(frame.layer, frame.layer + frame.count))
                 state.link = link
                 last = len(state.arrived) == state.num_layers
         if state is None or error:
@@ -313,22 +345,27 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         accepted layers wait for their CKSUM frames (landings)."""
         if any(d.frame.nbytes > self.max_layer_bytes for d in datas):
             raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
+        if any(not 1 <= d.frame.count <= d.frame.num_layers for d in datas):
+            raise ProtocolError("a DATA frame of no layers, or of more than its handoff has")
         assert link.comm is not None
         posted: list[_Posted] = []
         for group in _recv_groups(datas):  # first every recv: the wire goes on meanwhile
-            bufs = link.staging.take_all([d.frame.nbytes for d in group])
+            bufs = link.staging.take_all([d.message_bytes for d in group])
             with self.fabric.group():
                 for buf in bufs:
                     link.comm.recv(buf, 0, link.recv_stream)
             posted.append(_Posted(group, bufs, _Sums([], Event(link.recv_stream))))
         if (timeline := self.timeline) is not None:
-            timeline.mark_all("posted", [(d.frame.handoff_id, d.frame.layer) for d in datas])
+            timeline.mark_all("posted", [key for d in datas for key in _layers_of(d.frame)])
         for p in posted:  # a CKSUM frame read next finds its landing, checksummed or not yet
             for d, buf in zip(p.group, p.bufs, strict=True):
-                if d.state is not None:
-                    key = (d.frame.handoff_id, d.frame.layer)
-                    index = len(p.sums.layers)
-                    link.landings[key] = _Landing(d.state, d.frame.layer, buf, p.sums, index)
+                if d.state is None:
+                    continue
+                staged, size = _Staged(buf, d.frame.count), d.frame.nbytes
+                for i, key in enumerate(_layers_of(d.frame)):
+                    view = buf[i * size : (i + 1) * size]
+                    layer = _Landing(d.state, key[1], view, staged, p.sums, len(p.sums.layers))
+                    link.landings[key] = layer
                     p.sums.layers.append(key)
         self._checksum(link, posted)
         if timeline is not None:  # a diagnostic: it waits on its own thread
@@ -342,7 +379,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         sender stops checksumming a handoff once it failed), after their checksums' reads."""
         for key in [key for key, landing in link.landings.items() if landing.state.closed]:
             landing = link.landings.pop(key)
-            link.staging.give(landing.buf, landing.sums.released)
+            self._give(link, landing, landing.sums.released)
 
     def _checksum(self, link: _Link, posted: list[_Posted]) -> None:
         """Enqueue the checksums of each posted group's accepted layers on the check stream
@@ -354,8 +391,9 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             rejected = [buf for d, buf in pairs if d.state is None]
             if rejected:  # the recvs still land (NCCL's order must hold), then free
                 link.staging.give_all(rejected, p.sums.received)
-            if p.sums.layers:
-                checked.append((p.sums, [buf for d, buf in pairs if d.state is not None]))
+            if p.sums.layers:  # each accepted layer, in sums.layers' order
+                views = [link.landings[key].buf for key in p.sums.layers]
+                checked.append((p.sums, views))
         if not checked:
             return
         try:
@@ -406,7 +444,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         """Deliver each landed layer whose checksum is its CKSUM frame's value, in order; their
         staging buffers go back to the pool (after their last reader) before the handoffs they
         complete are settled."""
-        delivered: list[torch.Tensor] = []  # staging buffers the scatter stream reads
+        delivered: list[_Landing] = []  # layers whose staging the scatter stream reads
         completed: list[_Expected] = []
         timeline = self.timeline
         with self.dev.on(link.scatter_stream):  # where on_layer scatters
@@ -417,23 +455,23 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     delivered, completed = [], []
                 state = landing.state
                 if sums.error:
-                    link.staging.give(landing.buf, sums.released)
+                    self._give(link, landing, sums.released)
                     self._reject(link, state.key, state, sums.error)
                     continue
                 if sums.values is None:
                     self._wait(sums)
                 assert sums.values is not None
                 if sums.values[landing.index] != expected:
-                    link.staging.give(landing.buf, sums.released)
+                    self._give(link, landing, sums.released)
                     error = f"checksum mismatch on layer {landing.layer}"
                     self._reject(link, state.key, state, error)
                     continue
                 with state.lock:
                     if state.closed:
-                        link.staging.give(landing.buf, sums.released)
+                        self._give(link, landing, sums.released)
                         continue
                     error = state.deliver(landing.layer, landing.buf)
-                    delivered.append(landing.buf)
+                    delivered.append(landing)
                     if not error and len(state.layers) == state.num_layers:
                         completed.append(state)
                 if timeline is not None:
@@ -449,18 +487,26 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         sums.values = self.dev.checksums(sums.partials)
 
     def _release(
-        self, link: _Link, delivered: list[torch.Tensor], completed: list[_Expected]
+        self, link: _Link, delivered: list[_Landing], completed: list[_Expected]
     ) -> None:
         """Give delivered layers' staging buffers back after their scatters, and complete the
         handoffs they finished once the scatters landed (decode reads the blocks next)."""
         if not delivered:
             return
         released = Event(link.scatter_stream)
-        link.staging.give_all(delivered, released)
+        for landing in delivered:
+            self._give(link, landing, released)
         if completed:
             released.synchronize()
             for state in completed:
                 self._complete(link, state)
+
+    @staticmethod
+    def _give(link: _Link, landing: _Landing, released: Event) -> None:
+        """The layer is done with its staging once `released` completes; its message's buffer
+        goes back to the pool when all the message's layers are."""
+        if (events := landing.staged.done(released)) is not None:
+            link.staging.give(landing.staged.buf, events)
 
     def _complete(self, link: _Link, state: _Expected) -> None:
         if self._close(state, ok=True):

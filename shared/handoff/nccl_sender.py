@@ -6,7 +6,10 @@ every layer queued so far, however many (a layer that finds the thread idle goes
 after one layer's host work):
 
     DATA frames     one write per peer
-    sends           one ncclGroupStart/End; each peer's stream waits for the newest gathers
+    sends           one ncclGroupStart/End; each peer's stream waits for the newest gathers;
+                    one send per message: consecutive layers of a handoff that lie back to back
+                    in memory (KVPusher gathers a request's layers into one buffer) go as one
+                    message of up to MESSAGE_BYTES, a handoff's last layer alone
     ...             while layers are queued, their rounds first (a backlog is on the wire
                     before any checksum work); then, once the oldest launched layer's data
                     exists on the GPU (the thread waits for its event without the GIL; layers
@@ -43,6 +46,72 @@ from shared.handoff.wire import JOIN_TIMEOUT_S
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 256  # jobs taken into one round when they queued up
+# Layers coalesced into one send at most: the receiver stages a message in one buffer and
+# checksums it once it landed, so a larger one costs staging memory and tail latency.
+MESSAGE_BYTES = 256 << 20
+
+
+@dataclass(slots=True)
+class _Message:
+    """Consecutive layers of one handoff sent as one NCCL message (`data` spans them)."""
+
+    first: _Sent
+    count: int
+    data: torch.Tensor  # uint8, the layers' bytes back to back
+
+    @property
+    def layer_nbytes(self) -> int:
+        return self.first.data.nbytes
+
+
+def _follows(prev: _Sent, s: _Sent) -> bool:
+    """Whether s is the next layer of prev's handoff, right after it in the same storage."""
+    return (
+        s.channel is prev.channel
+        and s.layer == prev.layer + 1
+        and s.data.nbytes == prev.data.nbytes
+        and s.data.device == prev.data.device
+        and s.data.untyped_storage().data_ptr() == prev.data.untyped_storage().data_ptr()
+        and s.data.data_ptr() == prev.data.data_ptr() + prev.data.nbytes
+    )
+
+
+def _span(first: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """The `nbytes` bytes of first's storage from first's start, as a uint8 tensor."""
+    offset = first.storage_offset() * first.element_size()
+    out = torch.empty(0, dtype=torch.uint8, device=first.device)
+    return out.set_(first.untyped_storage(), offset, (nbytes,), (1,))
+
+
+def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Message]:
+    """The messages of one round's sends to one peer, in their order within each handoff: runs of
+    consecutive layers back to back in memory, of at most max_bytes (a handoff's last layer
+    alone)."""
+    by_channel: dict[int, list[_Sent]] = {}
+    for s in sends:
+        by_channel.setdefault(id(s.channel), []).append(s)
+    messages: list[_Message] = []
+    for run in by_channel.values():
+        current: list[_Sent] = []
+        for s in run:
+            last_layer = s.layer == s.channel.num_layers - 1
+            if current and (
+                last_layer
+                or not _follows(current[-1], s)
+                or (len(current) + 1) * s.data.nbytes > max_bytes
+            ):
+                messages.append(_message(current))
+                current = []
+            current.append(s)
+        if current:
+            messages.append(_message(current))
+    return messages
+
+
+def _message(run: list[_Sent]) -> _Message:
+    first = run[0]
+    data = first.data if len(run) == 1 else _span(first.data, first.data.nbytes * len(run))
+    return _Message(first, len(run), data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,16 +246,17 @@ class NcclKVSender:
         if not sends:
             return
         peers = list({id(s.channel.peer): s.channel.peer for s in sends}.values())
+        messages = {id(p): coalesce([s for s in sends if s.channel.peer is p]) for p in peers}
         for peer in peers:  # DATA before the sends: the receiver posts its recvs on them, so
             # a send that must first connect more NCCL channels never waits for nothing
             peer.write(
                 b"".join(
-                    pack(Kind.DATA, s.channel.key, s.layer, s.channel.num_layers, s.data.nbytes)
-                    for s in sends
-                    if s.channel.peer is peer
-                )
+                    pack(Kind.DATA, m.first.channel.key, m.first.layer,
+                         m.first.channel.num_layers, m.layer_nbytes, value=m.count)
+                    for m in messages[id(peer)]
+                )  # fmt: skip
             )
-        launched, spans = self._launch_sends(jobs, sends, peers)
+        launched, spans = self._launch_sends(jobs, sends, peers, messages)
         for s in launched:
             s.channel.launched(s.layer, s.data.nbytes, spans[id(s.channel.peer)])
         unchecked.extend(launched)
@@ -194,9 +264,11 @@ class NcclKVSender:
             timeline.mark_all("launched", [(s.channel.key, s.layer) for s in launched])
 
     def _launch_sends(
-        self, jobs: list[Job], sends: list[_Sent], peers: list[Peer]
-    ) -> tuple[list[_Sent], dict[int, tuple[Event, Event]]]:
-        """One group of sends, each peer's on its own stream after the compute stream's events."""
+        self, jobs: list[Job], sends: list[_Sent], peers: list[Peer],
+        messages: dict[int, list[_Message]],
+    ) -> tuple[list[_Sent], dict[int, tuple[Event, Event]]]:  # fmt: skip
+        """One group of sends (one per message), each peer's on its own stream after the compute
+        stream's events."""
         for peer in sorted(peers, key=id):
             peer.lock.acquire()
         try:
@@ -209,8 +281,10 @@ class NcclKVSender:
                 starts[id(peer)] = Event(peer.stream, timing=True)
             try:
                 with self.fabric.group():
-                    for s in live:
-                        s.channel.peer.comm.send(s.data, 1, s.channel.peer.stream)
+                    for peer in peers:
+                        if not peer.dead:
+                            for m in messages[id(peer)]:
+                                peer.comm.send(m.data, 1, peer.stream)
             except nccl.NcclError as exc:
                 failed: list[Peer] = peers
                 error = str(exc)

@@ -1,9 +1,9 @@
-"""The receiver's staging buffers, reused from layer to layer without a host sync.
+"""The receiver's staging buffers, reused from message to message without a host sync.
 
-A layer is received into a staging buffer ([nbytes] uint8 on the device) on a link's recv
-stream, read by its checksum (check stream) and its scatter (scatter stream), then given back
-with an event recorded after its last reader. The next recv that takes it makes the recv stream
-wait for that event on the GPU:
+A message (one or more layers) is received into a staging buffer ([nbytes] uint8 on the device)
+on a link's recv stream, read by its checksums (check stream) and its scatters (scatter stream),
+then given back with the events recorded after its last readers. The next recv that takes it
+makes the recv stream wait for those events on the GPU:
 
     recv stream:    recv A -> ... -> [wait A.released] recv A' -> ...
     check stream:        checksum A
@@ -44,7 +44,8 @@ class StagingPool:
         self.max_free_bytes = max_free_bytes
         self.allocated = 0  # buffers made so far (a test's measure of reuse)
         self._lock = threading.Lock()  # guards the three below
-        self._free: dict[int, collections.deque[tuple[torch.Tensor, Event]]] = {}  # by class
+        # by size class: free buffers and the events after their last readers
+        self._free: dict[int, collections.deque[tuple[torch.Tensor, list[Event]]]] = {}
         self._free_bytes = 0
         self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> the buffer a taken view is of
 
@@ -57,14 +58,15 @@ class StagingPool:
         reused buffers."""
         classes = [size_class(n) for n in sizes]
         with self._lock:
-            reused: list[tuple[torch.Tensor, Event] | None] = []
+            reused: list[tuple[torch.Tensor, list[Event]] | None] = []
             for size in classes:
                 free = self._free.get(size)
                 item = free.popleft() if free else None  # the oldest: its readers likely done
                 if item is not None:
                     self._free_bytes -= size
                 reused.append(item)
-        self.dev.wait_all(self.recv_stream, [item[1] for item in reused if item is not None])
+        events = [event for item in reused if item is not None for event in item[1]]
+        self.dev.wait_all(self.recv_stream, events)
         bufs = [
             item[0] if item is not None else self._allocate(size)
             for item, size in zip(reused, classes, strict=True)
@@ -74,17 +76,19 @@ class StagingPool:
                 self._lent[buf.data_ptr()] = buf
         return [buf[:n] for buf, n in zip(bufs, sizes, strict=True)]
 
-    def give(self, view: torch.Tensor, released: Event) -> None:
-        """Return a buffer `take` gave; `released` completes after its last reader."""
+    def give(self, view: torch.Tensor, released: Event | list[Event]) -> None:
+        """Return a buffer `take` gave; `released` completes (all complete) after its last
+        reader(s)."""
         self.give_all([view], released)
 
-    def give_all(self, views: list[torch.Tensor], released: Event) -> None:
+    def give_all(self, views: list[torch.Tensor], released: Event | list[Event]) -> None:
+        events = released if isinstance(released, list) else [released]
         with self._lock:
             for view in views:
                 buf = self._lent.pop(view.data_ptr())
                 if self._free_bytes + buf.numel() <= self.max_free_bytes:
                     free = self._free.setdefault(buf.numel(), collections.deque())
-                    free.append((buf, released))
+                    free.append((buf, events))
                     self._free_bytes += buf.numel()
 
     def clear(self) -> None:
