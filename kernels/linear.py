@@ -17,14 +17,39 @@ Two inner products, picked per shape and M bucket by the autotuner:
   or 64 rows by masked (zero) loads. w is the MMA's wide operand, so the padding costs no extra
   weight traffic.
 - gemv (M == 1 only): acc[BLOCK_N, BLOCK_K] += w_tile * x_chunk in fp32 FMAs, reduced once.
-Either way each output is one program's fp32 sum in a fixed order: no split-K, no atomics, so
-results are bitwise reproducible. Small BLOCK_N gives enough programs to fill the card instead
-(N = 4096 rows / 16 = 256 programs for 132 SMs).
+
+Narrow shapes (N = 4096 or 6144 at BLOCK_N = 64: 64-96 programs for 132 SMs) would leave SMs
+idle; fewer rows a program is no cure (each program re-reads all of x from L2), so the dot configs
+can split K instead (split_k > 1, grid (cdiv(N, BLOCK_N), SPLIT_K)):
+
+    column block j, K tiles shared out        ws fp32 [SPLIT_K, M, N]      counters[j] (int32)
+    +--------+--------+--------+--------+     +----------------------+
+    | (j, 0) | (j, 1) | (j, 2) | (j, 3) | --> | ws[s][:, block j]    |     each program: store
+    +--------+--------+--------+--------+     | = program (j, s)'s   |     its partial, CTA
+     floor or ceil of cdiv(K, BLOCK_K) / 4    |   fp32 partial       |     barrier, atomic_add
+     tiles each, in K order (maybe none)      +----------------------+     (acq_rel, gpu scope)
+
+The program that reads counters[j] == SPLIT_K - 1 came last: it loads ws[0], ws[1], ...,
+ws[SPLIT_K - 1] for block j, adds them in that order in fp32, writes y and puts counters[j] back to
+0 for the next launch (or CUDA-graph replay). The workspace is fresh each call; the counters
+persist per device.
+
+Reproducibility: each output is a fixed-order fp32 sum (one program's, or with split-K the
+partials' in split order) that depends only on the inputs and the launch config (block sizes,
+split_k, warps, stages), never on scheduling or on which program of a column block finishes last:
+no floating-point atomics, and the same call with the same config on the same card gives the same
+bits every time. Configs differ in rounding (a split one sums its partials in another order than
+the one-pass split_k = 1 kernel, itself unchanged); the autotuner fixes one per (N, K, M bucket,
+dtype) the first time a process meets it, so results repeat within a process but another process
+may tune differently. The counters assume launches on a device run one at a time (one stream, as
+the engine's steps and graph replays do): two split launches racing on different streams would
+share them.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +67,19 @@ def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_jit(
-    x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    x_ptr, w_ptr, y_ptr,
+    ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1; None otherwise)
+    counters_ptr,  # int32 [>= cdiv(N, BLOCK_N)], zero between launches (SPLIT_K > 1; or None)
+    M, N, K, stride_xm, stride_wn, stride_ym,
     M_BUCKET,  # next_power_of_2(M): unused here, a key of the autotuner
     M_PAD: tl.constexpr,  # rows x is padded to for the dot: max(16, M_BUCKET)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # programs sharing a column block's K range (grid dimension 1)
 ):  # fmt: skip
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
+    tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
+    pid_n = tl.program_id(0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
     ks = tl.arange(0, BLOCK_K)
     # rows past N re-read row N - 1, so no weight load needs a row mask; the store drops them
     w_rows = tl.minimum(cols, N - 1).to(tl.int64)
@@ -57,8 +88,20 @@ def _linear_jit(
         m = tl.arange(0, M_PAD)
         x_ptrs = x_ptr + m[:, None] * stride_xm + ks[None, :]  # [M_PAD, BLOCK_K]
         m_ok = m[:, None] < M  # padding rows load as zeros (no memory traffic)
+        if SPLIT_K == 1:
+            k_lo = 0
+            k_hi = K
+        else:
+            # split k's share of the cdiv(K, BLOCK_K) tiles: floor or ceil of tiles / SPLIT_K,
+            # possibly none; the partial last tile (not EVEN_K) falls to the last split with tiles
+            pid_k = tl.program_id(1)
+            tiles = tl.cdiv(K, BLOCK_K)
+            k_lo = pid_k * tiles // SPLIT_K * BLOCK_K
+            k_hi = (pid_k + 1) * tiles // SPLIT_K * BLOCK_K
+            w_ptrs += k_lo
+            x_ptrs += k_lo
         acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
+        for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 x = tl.load(x_ptrs, mask=m_ok, other=0.0)
@@ -71,7 +114,25 @@ def _linear_jit(
             x_ptrs += BLOCK_K
         y_ptrs = y_ptr + m[None, :] * stride_ym + cols[:, None]  # y.T's tile: [BLOCK_N, M_PAD]
         y_ok = (m[None, :] < M) & (cols[:, None] < N)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+        else:
+            # ws[pid_k] gets this split's partial; the column block's last program to arrive sums
+            # ws[0] + ws[1] + ... in that order (whichever program it is) and writes y
+            ws_ptrs = ws_ptr + m[None, :] * N + cols[:, None]  # [BLOCK_N, M_PAD] of ws[0]
+            tl.store(ws_ptrs + pid_k * M * N, acc, mask=y_ok)
+            # every thread's partial is stored before the counter moves: the CTA barrier, then
+            # one thread's acq_rel (gpu scope) atomic releases them (and acquires the others')
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                # the atomic's result reaches every thread through shared memory and a barrier,
+                # so these loads follow the acquire; .cg reads L2, never a stale L1 line
+                acc = tl.load(ws_ptrs, mask=y_ok, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT_K):
+                    acc += tl.load(ws_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+                tl.atomic_xchg(counters_ptr + pid_n, 0)  # zero again for the next launch / replay
     else:
         # M == 1: per-lane fp32 partial sums, one reduction over K after the loop
         x_ptrs = x_ptr + ks
@@ -102,9 +163,14 @@ class LinearTuning:
     num_warps: int
     num_stages: int  # depth of the K loop's software pipeline (tiles in flight)
     dot: bool = True  # tensor-core dot, x padded to M_PAD rows; False: fp32 FMA gemv (M == 1)
+    split_k: int = 1  # programs per column block, each on a contiguous share of K (dot only)
+
+    def __post_init__(self) -> None:
+        assert self.split_k >= 1 and (self.dot or self.split_k == 1), "split-K is dot only"
 
     def meta(self) -> dict:
-        return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, USE_DOT=self.dot)
+        return dict(BLOCK_N=self.block_n, BLOCK_K=self.block_k, USE_DOT=self.dot,
+                    SPLIT_K=self.split_k)  # fmt: skip
 
     def options(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -113,8 +179,9 @@ class LinearTuning:
 # The H100 autotuner's candidates: 4-32 KiB of w a tile, 3-8 tiles in flight a program, from 8016
 # programs (N = 128256 / 16) down to 128 (N = 4096 / 32). All compile for sm_90a without spills;
 # the dot configs pipeline w through shared memory (cp.async, 64-160 KiB), the gemv ones keep one
-# tile in registers a program (3-4 programs an SM). benchmarks/bench_kernels.py --linear-only
-# prints every candidate's time on the Llama-3-8B shapes.
+# tile in registers a program (3-4 programs an SM). The split-K ones multiply the programs of the
+# narrow shapes (N = 4096 / 64 x 4 = 256) where K is long enough to share (see _split_pays).
+# benchmarks/bench_kernels.py --linear-only prints every candidate's time on the Llama-3-8B shapes.
 TUNING: list[LinearTuning] = [
     LinearTuning(16, 128, 2, 8),
     LinearTuning(16, 256, 2, 6),
@@ -126,6 +193,12 @@ TUNING: list[LinearTuning] = [
     LinearTuning(64, 128, 4, 6),
     LinearTuning(64, 256, 4, 4),
     LinearTuning(128, 128, 8, 4),
+    LinearTuning(64, 128, 4, 6, split_k=2),
+    LinearTuning(64, 256, 4, 4, split_k=2),
+    LinearTuning(64, 128, 4, 6, split_k=4),
+    LinearTuning(32, 256, 4, 4, split_k=2),
+    LinearTuning(128, 128, 8, 4, split_k=2),
+    LinearTuning(128, 128, 8, 4, split_k=4),
     LinearTuning(8, 1024, 4, 3, dot=False),
     LinearTuning(16, 256, 2, 4, dot=False),
     LinearTuning(16, 512, 4, 3, dot=False),
@@ -133,21 +206,102 @@ TUNING: list[LinearTuning] = [
 ]
 _CAPTURE_TUNING = LinearTuning(32, 256, 4, 4)  # an untuned shape met inside a graph capture
 _CPU_TUNING = LinearTuning(16, 64, 4, 1)  # the interpreter (CPU tests)
+SPLIT_MIN_K = 1024  # columns of w a split-K program walks at least (autotuner candidates)
+SPLIT_MAX_PROGRAMS = 264  # column blocks (2 per H100 SM) from which split-K candidates drop out
 
 
-def _gemv_only_at_m1(configs: list, named_args: dict, **kwargs: object) -> list:
-    bucket = {**named_args, **kwargs}["M_BUCKET"]
-    return [c for c in configs if c.kwargs["USE_DOT"] or bucket == 1]
+def _split_pays(n: int, k: int, block_n: int, split_k: int) -> bool:
+    """Whether an autotuner candidate is worth timing: unsplit, or split where it adds programs
+    the card lacks (fewer than SPLIT_MAX_PROGRAMS column blocks) and each split keeps a long K
+    run (at least SPLIT_MIN_K columns)."""
+    if split_k == 1:
+        return True
+    return k >= SPLIT_MIN_K * split_k and triton.cdiv(n, block_n) < SPLIT_MAX_PROGRAMS
+
+
+def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
+    """The gemv configs only at M == 1; split-K configs only where they pay (_split_pays)."""
+    args = {**named_args, **kwargs}
+    return [
+        c
+        for c in configs
+        if (c.kwargs["USE_DOT"] or args["M_BUCKET"] == 1)
+        and _split_pays(args["N"], args["K"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"])
+    ]
+
+
+def _bench_streamed(
+    fn: Callable[[], object], quantiles: Sequence[float] = (0.5,), reps: int = 25
+) -> list[float]:
+    """The autotuner's timing of one candidate (ms at `quantiles`), as a projection runs in a
+    decode step: its weight streamed from HBM, after other work left L2 full of clean lines.
+    Before each timed launch the L2 is flushed by reading 128 MiB, not (as triton's do_bench
+    does) by writing 256 MiB, whose dirty lines would be written back during the timed launch and
+    bill the candidate for up to 50 MB of writes: the narrow shapes (32-50 MB of weight) would be
+    tuned for the wrong regime. The flush also hides the launch's host cost from the timing."""
+    flush = torch.empty(32 << 20, dtype=torch.float32, device="cuda")  # 128 MiB > the L2
+    flush.fill_(1.0)
+    fn()
+    torch.cuda.synchronize()
+    marks = []
+    for _ in range(reps):
+        flush.sum()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        marks.append((start, end))
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in marks)
+    return [times[min(int(q * len(times)), len(times) - 1)] for q in quantiles]
 
 
 _linear_tuned = triton.autotune(
     configs=[triton.Config(t.meta(), **t.options()) for t in TUNING],
     key=["N", "K", "M_BUCKET"],  # the tensors' dtypes join the key too
-    prune_configs_by={"early_config_prune": _gemv_only_at_m1},
-    do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
+    prune_configs_by={"early_config_prune": _prune},
+    do_bench=_bench_streamed,
 )(_linear_kernel)
 # (N, K, M bucket, dtype) the autotuner has settled: those launch inside a graph capture as tuned
 _TUNED: set[tuple[int, int, int, torch.dtype]] = set()
+# split-K arrival counters, one per column block, per device; zero between launches (the last
+# program of a column block resets its own). A grown buffer's predecessor is kept in _OUTGROWN:
+# a CUDA graph captured with it still replays on it.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
+
+
+def _counters(device: torch.device, blocks: int) -> torch.Tensor | None:
+    """The device's counters, at least `blocks` of them; None if that takes an allocation inside
+    a graph capture (which must not make one that outlives the graph's pool)."""
+    have = _COUNTERS.get(device)
+    if have is not None and have.numel() >= blocks:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    size = max(blocks, 256)
+    if have is not None:
+        _OUTGROWN.append(have)
+        size = max(size, 2 * have.numel())
+    _COUNTERS[device] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
+
+
+def _split_scratch(
+    device: torch.device, m: int, n: int, tunings: list[LinearTuning]
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """(workspace, counters) that fit every config of `tunings` (Nones if none splits K), or None
+    if the counters would need allocating inside a graph capture."""
+    splits = [t for t in tunings if t.split_k > 1]
+    if not splits:
+        return None, None
+    counters = _counters(device, max(triton.cdiv(n, t.block_n) for t in splits))
+    if counters is None:
+        return None
+    # fp32 [SPLIT_K, M, N], fresh each call (graph-capture safe: it comes from the graph's pool)
+    size = max(t.split_k for t in splits) * m * n
+    assert size < 2**31, "workspace offsets are int32"
+    return torch.empty(size, dtype=torch.float32, device=device), counters
 
 
 def _kernel_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -171,7 +325,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None)
     The kernel runs for 1..MAX_M rows of fp16/bf16 (autotuned on CUDA, once per (N, K, M bucket,
     dtype), in the first call: make it before any graph capture). F.linear takes everything else,
     fp32 included (the engine's fp32 runs stay exact). An explicit `tuning` forces the kernel with
-    that config for any dtype (tests, benchmarks).
+    that config for any dtype (tests, benchmarks); one with split_k > 1 met inside a graph capture
+    before its counters exist runs unsplit.
     """
     if tuning is None and not _kernel_takes(x, w):
         return F.linear(x, w)
@@ -182,21 +337,29 @@ def linear(x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None)
     assert 1 <= m <= MAX_M and (tuning is None or tuning.dot or m == 1)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bucket = triton.next_power_of_2(m)
-    args = (x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0), bucket, max(16, bucket))
+    sizes = (m, n, k, x.stride(0), w.stride(0), y.stride(0), bucket, max(16, bucket))
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]),)
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     on_cpu = x.device.type == "cpu"
     if tuning is None and not on_cpu:
         key = (n, k, bucket, x.dtype)
         if key in _TUNED or not torch.cuda.is_current_stream_capturing():
-            _linear_tuned[grid](*args, DOT_PRECISION=precision)
-            _TUNED.add(key)
-            return y
+            pays = [t for t in TUNING if _split_pays(n, k, t.block_n, t.split_k)]
+            scratch = _split_scratch(x.device, m, n, pays)
+            if scratch is not None:  # None: counters missing inside a capture (tuned elsewhere)
+                _linear_tuned[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision)
+                _TUNED.add(key)
+                return y
         tuning = _CAPTURE_TUNING
     tuning = tuning or _CPU_TUNING
+    scratch = _split_scratch(x.device, m, n, [tuning])
+    if scratch is None:
+        tuning = dataclasses.replace(tuning, split_k=1)
+        scratch = None, None
     options = {} if on_cpu else tuning.options()
-    _linear_kernel[grid](*args, DOT_PRECISION=precision, **tuning.meta(), **options)
+    _linear_kernel[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, **tuning.meta(),
+                         **options)  # fmt: skip
     return y

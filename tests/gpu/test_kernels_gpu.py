@@ -3,6 +3,7 @@
 Run on a GPU machine, without TRITON_INTERPRET: `python -m pytest tests/gpu/test_kernels_gpu.py`.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -25,11 +26,12 @@ import test_rms_norm as rms_norm_cases  # noqa: E402
 import test_rope as rope_cases  # noqa: E402
 from kernel_inputs import assert_close  # noqa: E402
 
+import kernels.linear as linear_module  # noqa: E402
 from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
 from kernels.checksum import layer_checksum  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from kernels.kv_write import write_kv  # noqa: E402
-from kernels.linear import _CAPTURE_TUNING, linear  # noqa: E402
+from kernels.linear import _CAPTURE_TUNING, TUNING, LinearTuning, linear  # noqa: E402
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -184,6 +186,58 @@ def test_linear(n, k, m):
 def test_linear_odd_shapes(m, n, k):
     """N and K not multiples of any candidate's blocks, rows of x strided."""
     linear_cases.run_case(m, n, k, BF16, device="cuda", seed=k, row_pad=24)
+
+
+SPLIT_TUNINGS = [t for t in TUNING if t.split_k > 1]
+
+
+@pytest.mark.parametrize(
+    "tuning", SPLIT_TUNINGS, ids=[f"n{t.block_n}k{t.block_k}s{t.split_k}" for t in SPLIT_TUNINGS]
+)
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096), (4096, 14336), (1000, 4100)])
+def test_linear_split_k(n, k, m, tuning):
+    """Every split-K candidate on the narrow Llama-3-8B shapes (and an odd one): float64
+    reference, bitwise repeat, counters back to zero (run_case)."""
+    linear_cases.run_case(m, n, k, BF16, tuning, device="cuda", seed=n + m, row_pad=8)
+
+
+def test_linear_split_k_graph_replay():
+    """A split-K launch replays in a CUDA graph on the counters it was captured with: same bits
+    as an eager call, replay after replay."""
+    tuning = LinearTuning(64, 128, 4, 6, split_k=4)  # 256 programs for o_proj
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(16, 4096, generator=gen, device="cuda").to(BF16)
+    w = torch.randn(4096, 4096, generator=gen, device="cuda").to(BF16)
+    linear(x, w, tuning)  # compiles, sizes the counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x, w, tuning)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, generator=gen, device="cuda"))
+        graph.replay()
+        torch.testing.assert_close(y, linear(x, w, tuning), rtol=0, atol=0)
+        assert not linear_module._COUNTERS[x.device].any()
+    assert_close(y, x.double() @ w.double().T, BF16)
+
+
+def test_linear_split_k_capture_without_counters_runs_unsplit(monkeypatch):
+    """Counters are never allocated inside a capture: a split config met there before its
+    device's counters exist (or big enough) runs split_k = 1."""
+    monkeypatch.setattr(linear_module, "_COUNTERS", {})
+    monkeypatch.setattr(linear_module, "_OUTGROWN", [])
+    tuning = LinearTuning(64, 128, 4, 6, split_k=2)
+    unsplit = dataclasses.replace(tuning, split_k=1)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(8, 4096, generator=gen, device="cuda").to(BF16)
+    w = torch.randn(4096, 4096, generator=gen, device="cuda").to(BF16)
+    linear(x, w, unsplit)  # compiles the fallback
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x, w, tuning)
+    assert not linear_module._COUNTERS
+    graph.replay()
+    torch.testing.assert_close(y, linear(x, w, unsplit), rtol=0, atol=0)
 
 
 def test_linear_graph_capture():

@@ -1,12 +1,21 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from kernel_inputs import assert_close, poison_allocator
 
-from kernels.linear import MAX_M, LinearTuning, linear, linear_ref
+from kernels import linear as linear_mod
+from kernels.linear import MAX_M, TUNING, LinearTuning, linear, linear_ref
 
 DOT = [LinearTuning(16, 64, 4, 2), LinearTuning(32, 32, 4, 3)]
 GEMV = LinearTuning(8, 128, 4, 2, dot=False)
+
+
+def counters_all_zero() -> bool:
+    """The split-K arrival counters of every device are back to zero (between launches)."""
+    return not any(bool(c.any()) for c in linear_mod._COUNTERS.values())
 
 
 def run_case(m, n, k, dtype, tuning=None, device="cpu", seed=0, row_pad=0):
@@ -20,6 +29,7 @@ def run_case(m, n, k, dtype, tuning=None, device="cpu", seed=0, row_pad=0):
     assert y.shape == (m, n) and y.dtype == dtype and y.is_contiguous()
     assert_close(y, want, dtype)
     torch.testing.assert_close(linear(x, w, tuning), y, rtol=0, atol=0)  # reproducible
+    assert counters_all_zero()
     return y
 
 
@@ -66,3 +76,108 @@ def test_fallback_is_torch_linear(m, dtype):
     x = torch.randn(m, 64, generator=gen).to(dtype)
     w = torch.randn(48, 64, generator=gen).to(dtype)
     torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=0, atol=0)
+
+
+SPLIT_SHAPES = [
+    (1, 45, 200),  # K = 3 full tiles of 64 + a partial one; N not a multiple of BLOCK_N
+    (5, 96, 512),  # EVEN_K: 8 tiles, 2-3 a split at split_k = 3
+    (16, 64, 256),
+    (33, 40, 30),  # one partial tile: every split but one gets none
+    (64, 33, 130),  # 3 tiles: a split_k = 4 program gets none
+    (7, 1, 5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+@pytest.mark.parametrize("m,n,k", SPLIT_SHAPES)
+def test_split_k(m, n, k, split_k, dtype):
+    """Partials in a workspace, the column block's last program sums them: against float64, and
+    twice bitwise (run_case), with the counters back to zero after each call."""
+    run_case(m, n, k, dtype, LinearTuning(16, 64, 4, 1, split_k=split_k), seed=m + n + k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("split_k", [2, 4])
+def test_split_k_other_blocks_and_row_strides(split_k, dtype):
+    run_case(24, 70, 300, dtype, LinearTuning(32, 32, 4, 3, split_k=split_k), seed=1, row_pad=13)
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+def test_split_k_with_one_working_split_is_the_one_pass_result(split_k):
+    """K within one tile: one program of each column block does all the work and the others add
+    exact zeros, so the sum in split order is that program's partial, bitwise the unsplit one."""
+    gen = torch.Generator().manual_seed(split_k)
+    x = torch.randn(9, 50, generator=gen)
+    w = torch.randn(40, 50, generator=gen)
+    one_pass = linear(x, w, LinearTuning(16, 64, 4, 1))
+    assert torch.equal(linear(x, w, LinearTuning(16, 64, 4, 1, split_k=split_k)), one_pass)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
+def test_split_k_is_reproducible_run_to_run(m):
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 330, generator=gen).to(torch.float16)
+    w = (torch.randn(50, 330, generator=gen) / 330**0.5).to(torch.float16)
+    tuning = LinearTuning(16, 64, 4, 1, split_k=3)
+    first = linear(x, w, tuning)
+    for _ in range(3):
+        assert torch.equal(linear(x, w, tuning), first)
+        assert counters_all_zero()
+    assert_close(first, linear_ref(x.double(), w.double()), torch.float16)
+
+
+@pytest.mark.parametrize("tuning", DOT + [GEMV], ids=["n16k64", "n32k32", "gemv"])
+def test_split_k_1_is_the_default_one_pass_kernel(tuning):
+    """split_k = 1 is every existing config's default: same config, same bits, call after call."""
+    assert tuning.split_k == 1 and tuning.meta()["SPLIT_K"] == 1
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 200, generator=gen).to(torch.float16)
+    w = (torch.randn(45, 200, generator=gen) / 200**0.5).to(torch.float16)
+    y = linear(x, w, tuning)
+    assert torch.equal(linear(x, w, dataclasses.replace(tuning, split_k=1)), y)
+    assert_close(y, linear_ref(x.double(), w.double()), torch.float16)
+
+
+def test_gemv_takes_no_split_k():
+    with pytest.raises(AssertionError):
+        LinearTuning(8, 128, 4, 2, dot=False, split_k=2)
+
+
+def test_counters_grow_and_keep_the_outgrown(monkeypatch):
+    """A graph captured on an outgrown buffer still replays on it: the module keeps it alive."""
+    monkeypatch.setattr(linear_mod, "_COUNTERS", {})
+    monkeypatch.setattr(linear_mod, "_OUTGROWN", [])
+    cpu = torch.device("cpu")
+    small = linear_mod._counters(cpu, 10)
+    assert small is not None and small.numel() >= 10 and not small.any()
+    assert linear_mod._counters(cpu, small.numel()) is small
+    big = linear_mod._counters(cpu, small.numel() + 1)
+    assert big is not None and big.numel() > small.numel() and not big.any()
+    assert len(linear_mod._OUTGROWN) == 1 and linear_mod._OUTGROWN[0] is small
+
+
+def _surviving(n, k, bucket):
+    configs = [triton.Config(t.meta(), **t.options()) for t in TUNING]
+    kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket})
+    return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.kwargs["USE_DOT"])
+            for c in kept}  # fmt: skip
+
+
+def test_autotuner_prunes_split_k_where_it_cannot_pay():
+    splits = {(t.block_n, t.block_k, t.split_k, True) for t in TUNING if t.split_k > 1}
+    assert len(splits) == 6
+    # o_proj / qkv / down: 32-96 column blocks, K long enough for 4 splits of >= 1024 columns
+    for n, k in ((4096, 4096), (6144, 4096), (4096, 14336)):
+        assert splits <= _surviving(n, k, 16)
+    # K = 2048: 2 splits of 1024 columns pay, 4 of 512 do not
+    assert {s for s in splits if s[2] == 4}.isdisjoint(_surviving(4096, 2048, 16))
+    assert {s for s in splits if s[2] == 2} <= _surviving(4096, 2048, 16)
+    # gate_up: 448 blocks of 64 rows, 896 of 32 are plenty; 224 of 128 still split
+    assert {s for s in splits if s[0] == 128} == splits & _surviving(28672, 4096, 64)
+    # lm_head: no split
+    assert not splits & _surviving(128256, 4096, 1)
+    # the gemv configs only at M == 1; never split
+    gemv_1 = {c for c in _surviving(4096, 4096, 1) if not c[3]}
+    assert len(gemv_1) == 4 and all(c[2] == 1 for c in gemv_1)
+    assert all(c[3] for c in _surviving(4096, 4096, 2))
