@@ -180,7 +180,7 @@ class LinearTuning:
 # programs (N = 128256 / 16) down to 128 (N = 4096 / 32). All compile for sm_90a without spills;
 # the dot configs pipeline w through shared memory (cp.async, 64-160 KiB), the gemv ones keep one
 # tile in registers a program (3-4 programs an SM). The split-K ones multiply the programs of the
-# narrow shapes (N = 4096 / 64 x 4 = 256) where K is long enough to share (see _split_pays).
+# narrow shapes (N = 4096 / 64 x 2 = 128) where K is long enough to share (see _split_pays).
 # benchmarks/bench_kernels.py --linear-only prints every candidate's time on the Llama-3-8B shapes.
 TUNING: list[LinearTuning] = [
     LinearTuning(16, 128, 2, 8),
@@ -206,7 +206,11 @@ TUNING: list[LinearTuning] = [
 ]
 _CAPTURE_TUNING = LinearTuning(32, 256, 4, 4)  # an untuned shape met inside a graph capture
 _CPU_TUNING = LinearTuning(16, 64, 4, 1)  # the interpreter (CPU tests)
-SPLIT_MIN_K = 1024  # columns of w a split-K program walks at least (autotuner candidates)
+# Columns of w a split-K program walks at least (autotuner candidates). Measured in the model on
+# an H100 (Llama-3-8B, batch 64, benchmarks/RESULTS.md): with 1024 the autotuner split qkv's
+# K = 4096 four ways and the projection got slower (28.9 vs 22.0 us a layer), while down_proj's
+# K = 14336 in two halves got faster (46.6 vs 47.8 us); so only long K is shared out.
+SPLIT_MIN_K = 4096
 SPLIT_MAX_PROGRAMS = 264  # column blocks (2 per H100 SM) from which split-K candidates drop out
 
 
