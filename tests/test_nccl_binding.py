@@ -28,7 +28,7 @@ from shared.handoff.auto import (
     nccl_unusable,
     split_endpoints,
 )
-from shared.handoff.nccl_channel import send_layer_group
+from shared.handoff.nccl_channel import NcclSendChannel, send_layer_group
 from shared.handoff.nccl_device import Device, Event, latest
 from shared.handoff.nccl_frames import Kind, message, parse_nccl_endpoint, read_frame, read_payload
 from shared.handoff.nccl_link import (
@@ -503,24 +503,12 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     """Layers queued while the sender thread is busy: one group of sends for all of them, and
     their checksums, with the busy round's, in one launch once they are on the wire."""
     launches = count_checksum_launches(sender)
-    busy, go = threading.Event(), threading.Event()
-
-    def hold(data: torch.Tensor) -> None:  # the first send holds the sender thread
-        if not busy.is_set():
-            busy.set()
-            go.wait(10)
-
     kv = layers(8)
     store: dict[int, torch.Tensor] = {}
     hid = str(uuid.uuid4())
     future = receiver.expect(hid, 8, nbytes(kv[0]), collect(store))
     channel = sender.open(receiver.endpoint, hid, 8)
-    fabric.on_send = hold  # once the pair exists (its setup sends a probe)
-    channel.send_layer(0, kv[0])
-    assert busy.wait(10)
-    for layer in range(1, 8):
-        channel.send_layer(layer, kv[layer])
-    go.set()
+    send_behind_a_held_send(fabric, channel, kv)  # once the pair exists (its setup sends a probe)
     channel.finish(10)
     assert future.result(10).ok
     assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
@@ -528,9 +516,12 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     assert launches == [8]
 
 
-def held_sender_thread(fabric: LoopbackFabric) -> threading.Event:
-    """Hold the sender thread in its next send until the returned event is set: layers queued
-    meanwhile are all there when it goes on."""
+def send_behind_a_held_send(
+    fabric: LoopbackFabric, channel: NcclSendChannel, kv: list[torch.Tensor]
+) -> None:  # fmt: skip
+    """Send layer 0, hold the sender thread in that send while the other layers are queued, then
+    let it go on: layers 1.. reach the thread together, as layers the engine queues while the
+    thread is busy."""
     busy, go = threading.Event(), threading.Event()
 
     def hold(data: torch.Tensor) -> None:
@@ -539,8 +530,11 @@ def held_sender_thread(fabric: LoopbackFabric) -> threading.Event:
             go.wait(10)
 
     fabric.on_send = hold
-    fabric.held = busy  # type: ignore[attr-defined]
-    return go
+    channel.send_layer(0, kv[0])
+    assert busy.wait(10)
+    for layer in range(1, len(kv)):
+        channel.send_layer(layer, kv[layer])
+    go.set()
 
 
 def test_adjacent_layers_queued_together_go_as_one_message(receiver, sender, fabric) -> None:
@@ -556,12 +550,7 @@ def test_adjacent_layers_queued_together_go_as_one_message(receiver, sender, fab
         channel = sender.open(receiver.endpoint, hid, 6)
         fabric.send_groups.clear()
         fabric.recv_groups.clear()
-        go = held_sender_thread(fabric)
-        channel.send_layer(0, kv[0])
-        assert fabric.held.wait(10)  # type: ignore[attr-defined]
-        for layer in range(1, 6):
-            channel.send_layer(layer, kv[layer])
-        go.set()
+        send_behind_a_held_send(fabric, channel, kv)
         channel.finish(10)
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(6))
@@ -587,13 +576,8 @@ def test_a_corrupt_layer_inside_a_message_fails_its_handoff(receiver, sender, fa
     hid = str(uuid.uuid4())
     future = receiver.expect(hid, 4, one, collect(store))
     channel = sender.open(receiver.endpoint, hid, 4)
-    go = held_sender_thread(fabric)
     fabric.corrupt = corrupt
-    channel.send_layer(0, kv[0])
-    assert fabric.held.wait(10)  # type: ignore[attr-defined]
-    for layer in range(1, 4):
-        channel.send_layer(layer, kv[layer])
-    go.set()
+    send_behind_a_held_send(fabric, channel, kv)
     result = future.result(10)
     assert not result.ok and "checksum mismatch on layer 2" in result.error
     assert 2 not in store
