@@ -486,9 +486,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         sums.ready.synchronize()
         sums.values = self.dev.checksums(sums.partials)
 
-    def _release(
-        self, link: _Link, delivered: list[_Landing], completed: list[_Expected]
-    ) -> None:
+    def _release(self, link: _Link, delivered: list[_Landing], completed: list[_Expected]) -> None:
         """Give delivered layers' staging buffers back after their scatters, and complete the
         handoffs they finished once the scatters landed (decode reads the blocks next)."""
         if not delivered:

@@ -251,8 +251,14 @@ class NcclKVSender:
             # a send that must first connect more NCCL channels never waits for nothing
             peer.write(
                 b"".join(
-                    pack(Kind.DATA, m.first.channel.key, m.first.layer,
-                         m.first.channel.num_layers, m.layer_nbytes, value=m.count)
+                    pack(
+                        Kind.DATA,
+                        m.first.channel.key,
+                        m.first.layer,
+                        m.first.channel.num_layers,
+                        m.layer_nbytes,
+                        value=m.count,
+                    )
                     for m in messages[id(peer)]
                 )  # fmt: skip
             )
