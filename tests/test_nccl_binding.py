@@ -959,6 +959,49 @@ def test_a_sender_whose_unique_id_never_comes_is_refused(fabric: LoopbackFabric)
         rx.close()
 
 
+class RendezvousComm(LoopbackComm):
+    """A loopback rank whose init blocks until the other rank of its unique id inits too, or
+    until it is aborted, as ncclCommInitRank does."""
+
+    def init(self) -> None:
+        joined = self.fabric.joined  # type: ignore[attr-defined]
+        with joined:
+            joined.ranks.setdefault(self.unique_id, set()).add(self.rank)
+            joined.notify_all()
+            ok = joined.wait_for(
+                lambda: len(joined.ranks[self.unique_id]) == 2 or self.aborted, timeout=60
+            )
+        if not ok or self.aborted:
+            raise nccl.NcclError("ncclCommInitRank", 6, "aborted while waiting for the peer")
+
+    def abort(self) -> None:
+        super().abort()
+        joined = self.fabric.joined  # type: ignore[attr-defined]
+        with joined:
+            joined.notify_all()
+
+
+def test_a_nacked_setup_fails_the_sender_at_once(fabric: LoopbackFabric) -> None:
+    """When the receiver NACKs the HELLO (here: the unique id never came), the sender's rank,
+    blocked in init waiting for a peer that will never join, is aborted at once instead of
+    after the sender's whole setup timeout."""
+    fabric.joined = threading.Condition()  # type: ignore[attr-defined]
+    fabric.joined.ranks = {}  # type: ignore[attr-defined]
+    fabric.communicator = lambda uid, rank: RendezvousComm(fabric, uid, rank)  # type: ignore[method-assign]
+    rx = NcclKVReceiver(CPU, fabric=fabric, setup_timeout=0.3)
+    endpoint = rx.start()
+    tx = NcclKVSender(CPU, fabric=fabric, links=lambda *args: None, setup_timeout=30)
+    try:
+        start = time.monotonic()
+        with pytest.raises(HandoffError, match="no NCCL unique id for link"):
+            tx.open(endpoint, str(uuid.uuid4()), 1)
+        assert time.monotonic() - start < 5  # not the sender's 30 s
+        assert tx.peers == []
+    finally:
+        tx.close()
+        rx.close()
+
+
 def test_open_kv_link_refuses_bad_input_with_precise_statuses(fabric: LoopbackFabric) -> None:
     rx = NcclKVReceiver(CPU, fabric=fabric)
     uid = fabric.unique_id()

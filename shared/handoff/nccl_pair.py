@@ -11,7 +11,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -72,10 +72,13 @@ class NcclFabric:
 
 
 def connect_pair(
-    fabric: Fabric, dev: Device, unique_id: bytes, rank: int, timeout: float
-) -> PairComm:
+    fabric: Fabric, dev: Device, unique_id: bytes, rank: int, timeout: float,
+    peer_gave_up: Future[Any] | None = None,
+) -> PairComm:  # fmt: skip
     """Init rank `rank` of the pair's communicator and connect rank 0 -> 1 with a 1-byte probe
-    (NCCL connects lazily: afterwards a send only enqueues). Aborts it on failure or timeout."""
+    (NCCL connects lazily: afterwards a send only enqueues). Aborts it on failure or timeout,
+    or as soon as `peer_gave_up` (the peer's answer, if given) fails: then the other rank will
+    never join, and waiting out the timeout would only hold the caller."""
     comm = fabric.communicator(unique_id, rank)
     done: Future[None] = Future()
 
@@ -94,6 +97,11 @@ def connect_pair(
             settle(done, exc)
 
     threading.Thread(target=run, name="nccl-setup", daemon=True).start()
+    if peer_gave_up is not None:
+        wait([done, peer_gave_up], timeout, return_when=FIRST_COMPLETED)
+        if not done.done() and peer_gave_up.done() and peer_gave_up.exception() is not None:
+            comm.abort()  # ends the init that waits for the peer's rank
+            raise HandoffError(str(peer_gave_up.exception()))
     try:
         done.result(timeout)
     except FutureTimeout:
@@ -149,7 +157,12 @@ class Peer(SenderLink):
                 shutdown(self.sock)  # the peer is gone: do not wait for its rank
 
         threading.Thread(target=read_reply, name="nccl-hello", daemon=True).start()
-        comm = connect_pair(sender.fabric, sender.dev, unique_id, 0, sender.setup_timeout)
+        try:
+            comm = connect_pair(
+                sender.fabric, sender.dev, unique_id, 0, sender.setup_timeout, peer_gave_up=reply
+            )
+        except HandoffError as exc:
+            raise HandoffError(f"NCCL setup with {self.endpoint} failed: {exc}") from exc
         try:
             reply.result(sender.setup_timeout)
         except Exception as exc:
