@@ -18,6 +18,11 @@ Two inner products, picked per shape and M bucket by the autotuner:
   weight traffic.
 - gemv (M == 1 only): acc[BLOCK_N, BLOCK_K] += w_tile * x_chunk in fp32 FMAs, reduced once.
 
+Gated (an MLP's down projection, `gated=True`): x is the gate_up projection's output [M, 2K],
+and each x tile is computed as it is loaded, silu(gate) * up in fp32 rounded to x's dtype: the
+SiLU-and-mul kernel's launch and its [M, K] round trip through memory disappear, and the result
+is the same bits as the two-kernel path.
+
 Narrow shapes (N = 4096 or 6144 at BLOCK_N = 64: 64-96 programs for 132 SMs) would leave SMs
 idle; fewer rows a program is no cure (each program re-reads all of x from L2), so the dot configs
 can split K instead (split_k > 1, grid (cdiv(N, BLOCK_N), SPLIT_K)):
@@ -57,12 +62,22 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.activation import silu_and_mul, silu_and_mul_ref
+
 MAX_M = 64  # rows of x the kernel takes (decode batches); F.linear above
 
 
-def linear_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    # x: [M, K]; w: [N, K] -> [M, N]
-    return F.linear(x, w)
+def linear_ref(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    # x: [M, K]; w: [N, K] -> [M, N]. gated: x is [M, 2K] (gate | up), the input is
+    # silu(gate) * up (an MLP's down projection of its gate_up output)
+    return F.linear(silu_and_mul_ref(x) if gated else x, w)
+
+
+@triton.jit
+def _silu_mul(gate, up):
+    """silu(gate) * up in fp32, rounded to gate's dtype: silu_and_mul's output, bit for bit."""
+    g = gate.to(tl.float32)
+    return (g * tl.sigmoid(g) * up.to(tl.float32)).to(gate.dtype)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -76,6 +91,7 @@ def _linear_jit(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs sharing a column block's K range (grid dimension 1)
+    GATED: tl.constexpr,  # x is [M, 2K] (gate | up) and the input is silu(gate) * up
 ):  # fmt: skip
     tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
     pid_n = tl.program_id(0)
@@ -105,10 +121,14 @@ def _linear_jit(
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 x = tl.load(x_ptrs, mask=m_ok, other=0.0)
+                if GATED:
+                    x = _silu_mul(x, tl.load(x_ptrs + K, mask=m_ok, other=0.0))
             else:
                 k_ok = (k + ks < K)[None, :]
                 w = tl.load(w_ptrs, mask=k_ok, other=0.0)
                 x = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
+                if GATED:
+                    x = _silu_mul(x, tl.load(x_ptrs + K, mask=m_ok & k_ok, other=0.0))
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -141,10 +161,14 @@ def _linear_jit(
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 x = tl.load(x_ptrs)
+                if GATED:
+                    x = _silu_mul(x, tl.load(x_ptrs + K))
             else:
                 k_ok = k + ks < K
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+                if GATED:
+                    x = _silu_mul(x, tl.load(x_ptrs + K, mask=k_ok, other=0.0))
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -262,12 +286,13 @@ def _bench_streamed(
 
 _linear_tuned = triton.autotune(
     configs=[triton.Config(t.meta(), **t.options()) for t in TUNING],
-    key=["N", "K", "M_BUCKET"],  # the tensors' dtypes join the key too
+    key=["N", "K", "M_BUCKET", "GATED"],  # the tensors' dtypes join the key too
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench_streamed,
 )(_linear_kernel)
-# (N, K, M bucket, dtype) the autotuner has settled: those launch inside a graph capture as tuned
-_TUNED: set[tuple[int, int, int, torch.dtype]] = set()
+# (N, K, M bucket, dtype, gated) the autotuner has settled: those launch inside a graph capture
+# as tuned
+_TUNED: set[tuple[int, int, int, torch.dtype, bool]] = set()
 # split-K arrival counters, one per column block, per device; zero between launches (the last
 # program of a column block resets its own). A grown buffer's predecessor is kept in _OUTGROWN:
 # a CUDA graph captured with it still replays on it.
@@ -308,13 +333,13 @@ def _split_scratch(
     return torch.empty(size, dtype=torch.float32, device=device), counters
 
 
-def _kernel_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+def _kernel_takes(x: torch.Tensor, w: torch.Tensor, gated: bool) -> bool:
     """Whether the untuned call runs the kernel: few rows of half-precision, rows contiguous."""
     return (
         x.dim() == 2
         and w.dim() == 2
         and 1 <= x.shape[0] <= MAX_M
-        and x.shape[1] == w.shape[1]
+        and x.shape[1] == (2 if gated else 1) * w.shape[1]
         and x.dtype in (torch.float16, torch.bfloat16)
         and w.dtype == x.dtype
         and x.device == w.device
@@ -323,20 +348,25 @@ def _kernel_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None, gated: bool = False
+) -> torch.Tensor:
     """Triton version of `linear_ref`: y [M, N] in x.dtype, fp32 accumulation.
 
     The kernel runs for 1..MAX_M rows of fp16/bf16 (autotuned on CUDA, once per (N, K, M bucket,
-    dtype), in the first call: make it before any graph capture). F.linear takes everything else,
-    fp32 included (the engine's fp32 runs stay exact). An explicit `tuning` forces the kernel with
-    that config for any dtype (tests, benchmarks); one with split_k > 1 met inside a graph capture
-    before its counters exist runs unsplit.
+    dtype, gated), in the first call: make it before any graph capture). F.linear takes
+    everything else, fp32 included (the engine's fp32 runs stay exact), after the SiLU-and-mul
+    kernel if gated. An explicit `tuning` forces the kernel with that config for any dtype
+    (tests, benchmarks); one with split_k > 1 met inside a graph capture before its counters
+    exist runs unsplit. gated: x is [M, 2K], gate then up, and the kernel computes silu(gate) *
+    up as it loads x (rounded to x's dtype, as silu_and_mul's output is: the same bits as
+    linear(silu_and_mul(x), w) with the same config), one launch and no [M, K] intermediate.
     """
-    if tuning is None and not _kernel_takes(x, w):
-        return F.linear(x, w)
-    m, k = x.shape
-    n = w.shape[0]
-    assert w.shape == (n, k) and w.dtype == x.dtype and w.device == x.device
+    if tuning is None and not _kernel_takes(x, w, gated):
+        return F.linear(silu_and_mul(x) if gated else x, w)
+    m, width = x.shape
+    n, k = w.shape
+    assert width == (2 if gated else 1) * k and w.dtype == x.dtype and w.device == x.device
     assert x.stride(1) == 1 and w.stride(1) == 1, "rows of x and w contiguous"
     assert 1 <= m <= MAX_M and (tuning is None or tuning.dot or m == 1)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -349,12 +379,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None)
 
     on_cpu = x.device.type == "cpu"
     if tuning is None and not on_cpu:
-        key = (n, k, bucket, x.dtype)
+        key = (n, k, bucket, x.dtype, gated)
         if key in _TUNED or not torch.cuda.is_current_stream_capturing():
             pays = [t for t in TUNING if _split_pays(n, k, t.block_n, t.split_k)]
             scratch = _split_scratch(x.device, m, n, pays)
             if scratch is not None:  # None: counters missing inside a capture (tuned elsewhere)
-                _linear_tuned[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision)
+                _linear_tuned[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, GATED=gated)
                 _TUNED.add(key)
                 return y
         tuning = _CAPTURE_TUNING
@@ -364,6 +394,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None)
         tuning = dataclasses.replace(tuning, split_k=1)
         scratch = None, None
     options = {} if on_cpu else tuning.options()
-    _linear_kernel[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, **tuning.meta(),
-                         **options)  # fmt: skip
+    _linear_kernel[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, GATED=gated,
+                         **tuning.meta(), **options)  # fmt: skip
     return y

@@ -13,7 +13,6 @@ from types import ModuleType
 import torch
 
 from kernels import (
-    activation,
     block_copy,
     decode_attention,
     kv_write,
@@ -28,20 +27,18 @@ from kernels import (
 class Ops:
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     apply_rope: Callable[..., None]
-    silu_and_mul: Callable[[torch.Tensor], torch.Tensor]
     write_kv: Callable[..., None]
     prefill_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
     gather_blocks: Callable[..., torch.Tensor]
     scatter_blocks: Callable[..., None]
-    linear: Callable[..., torch.Tensor]  # y = x @ w.T
+    linear: Callable[..., torch.Tensor]  # y = x @ w.T; gated=True: silu(x's gate) * up @ w.T
 
 
 # the kernel module of each op
 _MODULES: dict[str, ModuleType] = {
     "rms_norm": rms_norm,
     "apply_rope": rope,
-    "silu_and_mul": activation,
     "write_kv": kv_write,
     "prefill_attention": prefill_attention,
     "decode_attention": decode_attention,

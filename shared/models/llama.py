@@ -74,7 +74,7 @@ class LlamaModel:
             if on_layer is not None:
                 on_layer(index)
             x, residual = ops.rms_norm(h, layer.mlp_norm, self.config.rms_eps, residual)
-            h = ops.linear(ops.silu_and_mul(ops.linear(x, layer.gate_up)), layer.down)
+            h = ops.linear(ops.linear(x, layer.gate_up), layer.down, gated=True)  # SiLU-and-mul
         h = h[batch.sample_indices]
         assert residual is not None
         x, _ = ops.rms_norm(h, w.norm, self.config.rms_eps, residual[batch.sample_indices])

@@ -188,6 +188,19 @@ def test_linear_odd_shapes(m, n, k):
     linear_cases.run_case(m, n, k, BF16, device="cuda", seed=k, row_pad=24)
 
 
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize(
+    "tuning",
+    [None, LinearTuning(64, 128, 4, 6), LinearTuning(64, 128, 4, 6, split_k=2)],
+    ids=["autotuned", "n64k128", "n64k128s2"],
+)
+def test_linear_gated_down_proj(tuning, m):
+    """Llama-3-8B's down projection fed the gate_up output: silu(gate) * up computed as x is
+    loaded; float64 reference; with an explicit config, the same bits as SiLU-and-mul then the
+    linear."""
+    linear_cases.run_gated_case(m, 4096, 14336, BF16, tuning, device="cuda", seed=m, row_pad=8)
+
+
 SPLIT_TUNINGS = [t for t in TUNING if t.split_k > 1]
 
 

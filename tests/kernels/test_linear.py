@@ -7,6 +7,7 @@ import triton
 from kernel_inputs import assert_close, poison_allocator
 
 from kernels import linear as linear_mod
+from kernels.activation import silu_and_mul
 from kernels.linear import MAX_M, TUNING, LinearTuning, linear, linear_ref
 
 DOT = [LinearTuning(16, 64, 4, 2), LinearTuning(32, 32, 4, 3)]
@@ -181,3 +182,45 @@ def test_autotuner_prunes_split_k_where_it_cannot_pay():
     gemv_1 = {c for c in _surviving(4096, 4096, 1) if not c[3]}
     assert len(gemv_1) == 4 and all(c[2] == 1 for c in gemv_1)
     assert all(c[3] for c in _surviving(4096, 4096, 2))
+
+
+def run_gated_case(m, n, k, dtype, tuning, device="cpu", seed=0, row_pad=0):
+    """gated=True: x [m, 2k] (gate | up, rows row_pad elements apart beyond 2k), w [n, k]."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, 2 * k + row_pad, generator=gen, device=device).to(dtype)[:, : 2 * k]
+    w = (torch.randn(n, k, generator=gen, device=device) / k**0.5).to(dtype)
+    y = linear(x, w, tuning, gated=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_close(y, linear_ref(x.double(), w.double(), gated=True), dtype)
+    if tuning is not None:  # the same bits as the two-kernel path with the same config
+        two_kernels = linear(silu_and_mul(x), w, tuning)
+        torch.testing.assert_close(y, two_kernels, rtol=0, atol=0)
+    assert counters_all_zero()
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "tuning", [*DOT, LinearTuning(16, 64, 4, 2, split_k=2)], ids=["n16k64", "n32k32", "split2"]
+)
+@pytest.mark.parametrize("m,n,k", [(1, 45, 200), (5, 64, 256), (33, 40, 96), (64, 33, 70)])
+def test_gated_input_is_silu_of_gate_times_up(m, n, k, dtype, tuning):
+    run_gated_case(m, n, k, dtype, tuning, seed=m + n + k, row_pad=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,k", [(45, 200), (64, 256)])
+def test_gated_gemv(n, k, dtype):
+    run_gated_case(1, n, k, dtype, GEMV, seed=n + k)
+
+
+def test_gated_fallback_runs_silu_and_mul_then_torch_linear():
+    """fp32 (and anything the kernel does not take) goes through the SiLU-and-mul kernel and
+    F.linear: the engine's fp32 runs stay exact."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2 * 48, generator=gen)
+    w = torch.randn(20, 48, generator=gen)
+    want = F.linear(silu_and_mul(x), w)
+    torch.testing.assert_close(linear(x, w, gated=True), want, rtol=0, atol=0)
+    with pytest.raises(AssertionError):
+        linear(x[:, :95], w, LinearTuning(16, 64, 4, 2), gated=True)  # not gate | up of w's K
