@@ -54,8 +54,10 @@ share them.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -247,15 +249,22 @@ def _split_pays(n: int, k: int, block_n: int, split_k: int) -> bool:
     return k >= SPLIT_MIN_K * split_k and triton.cdiv(n, block_n) < SPLIT_MAX_PROGRAMS
 
 
+def candidate(tuning: LinearTuning, n: int, k: int, bucket: int) -> bool:
+    """Whether a config is a candidate for a shape: the gemv configs only at M == 1, split-K
+    configs only where they pay (_split_pays)."""
+    return (tuning.dot or bucket == 1) and _split_pays(n, k, tuning.block_n, tuning.split_k)
+
+
 def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
-    """The gemv configs only at M == 1; split-K configs only where they pay (_split_pays)."""
+    """The autotuner's candidates for a call (`candidate`)."""
     args = {**named_args, **kwargs}
-    return [
-        c
-        for c in configs
-        if (c.kwargs["USE_DOT"] or args["M_BUCKET"] == 1)
-        and _split_pays(args["N"], args["K"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"])
-    ]
+    return [c for c in configs if candidate(_tuning_of(c), args["N"], args["K"], args["M_BUCKET"])]
+
+
+def _tuning_of(config: triton.Config) -> LinearTuning:
+    kw = config.kwargs
+    return LinearTuning(kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages,
+                        kw["USE_DOT"], kw["SPLIT_K"])  # fmt: skip
 
 
 def _bench_streamed(
@@ -333,6 +342,44 @@ def _split_scratch(
     return torch.empty(size, dtype=torch.float32, device=device), counters
 
 
+# Configs measured in the model's regime by benchmarks/tune_linear.py (each candidate timed in a
+# CUDA graph streaming a row of distinct weights, as a decode step does), per card; they take
+# precedence over the autotuner, whose isolated timing picked configs that are slower in the
+# model (RESULTS.md, split-K). {device name: {shape key: LinearTuning fields}}.
+TUNED_FILE = Path(__file__).with_name("linear_tuned.json")
+_tables: dict[Path, dict[str, dict[str, dict]]] = {}
+
+
+def shape_key(n: int, k: int, bucket: int, gated: bool, dtype: torch.dtype) -> str:
+    """The key of a tuned config: 'N x K, M bucket, plain or gated, dtype'."""
+    return f"{n}x{k} m{bucket} {'gated' if gated else 'plain'} {str(dtype).removeprefix('torch.')}"
+
+
+def read_tuned(path: Path = TUNED_FILE) -> dict[str, dict[str, dict]]:
+    """The tuned configs of every card in `path` ({} if there is no such file)."""
+    if path not in _tables:
+        _tables[path] = json.loads(path.read_text()) if path.exists() else {}
+    return _tables[path]
+
+
+def write_tuned(
+    device_name: str, configs: dict[str, LinearTuning], path: Path = TUNED_FILE
+) -> None:
+    """Merge one card's tuned configs into `path` (other cards' entries are kept)."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    entries = table.setdefault(device_name, {})
+    entries.update({key: dataclasses.asdict(t) for key, t in configs.items()})
+    table[device_name] = dict(sorted(entries.items()))
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    _tables.pop(path, None)
+
+
+def tuned_for(device_name: str, key: str, path: Path = TUNED_FILE) -> LinearTuning | None:
+    """The measured config of a shape on a card, if there is one."""
+    fields = read_tuned(path).get(device_name, {}).get(key)
+    return LinearTuning(**fields) if fields is not None else None
+
+
 def _kernel_takes(x: torch.Tensor, w: torch.Tensor, gated: bool) -> bool:
     """Whether the untuned call runs the kernel: few rows of half-precision, rows contiguous."""
     return (
@@ -353,8 +400,9 @@ def linear(
 ) -> torch.Tensor:
     """Triton version of `linear_ref`: y [M, N] in x.dtype, fp32 accumulation.
 
-    The kernel runs for 1..MAX_M rows of fp16/bf16 (autotuned on CUDA, once per (N, K, M bucket,
-    dtype, gated), in the first call: make it before any graph capture). F.linear takes
+    The kernel runs for 1..MAX_M rows of fp16/bf16 with the card's measured config for the shape
+    (TUNED_FILE) or else autotuned on CUDA, once per (N, K, M bucket, dtype, gated), in the first
+    call: make it before any graph capture. F.linear takes
     everything else, fp32 included (the engine's fp32 runs stay exact), after the SiLU-and-mul
     kernel if gated. An explicit `tuning` forces the kernel with that config for any dtype
     (tests, benchmarks); one with split_k > 1 met inside a graph capture before its counters
@@ -378,6 +426,9 @@ def linear(
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     on_cpu = x.device.type == "cpu"
+    if tuning is None and not on_cpu:
+        name = torch.cuda.get_device_name(x.device)
+        tuning = tuned_for(name, shape_key(n, k, bucket, gated, x.dtype))
     if tuning is None and not on_cpu:
         key = (n, k, bucket, x.dtype, gated)
         if key in _TUNED or not torch.cuda.is_current_stream_capturing():

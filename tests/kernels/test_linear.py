@@ -224,3 +224,30 @@ def test_gated_fallback_runs_silu_and_mul_then_torch_linear():
     torch.testing.assert_close(linear(x, w, gated=True), want, rtol=0, atol=0)
     with pytest.raises(AssertionError):
         linear(x[:, :95], w, LinearTuning(16, 64, 4, 2), gated=True)  # not gate | up of w's K
+
+
+def test_tuned_configs_round_trip_per_card(tmp_path):
+    """benchmarks/tune_linear.py --write merges one card's winners; `linear` looks them up by
+    the card's name and the shape key; other cards' entries stay."""
+    path = tmp_path / "linear_tuned.json"
+    key = linear_mod.shape_key(4096, 14336, 64, True, torch.bfloat16)
+    assert key == "4096x14336 m64 gated bfloat16"
+    assert linear_mod.tuned_for("H100", key, path) is None  # no file yet
+    split = LinearTuning(64, 128, 4, 6, split_k=2)
+    linear_mod.write_tuned("H100", {key: split}, path)
+    other = linear_mod.shape_key(6144, 4096, 64, False, torch.bfloat16)
+    linear_mod.write_tuned("H200", {other: DOT[0]}, path)
+    linear_mod.write_tuned("H100", {other: DOT[1]}, path)  # merges into H100's entries
+    assert linear_mod.tuned_for("H100", key, path) == split
+    assert linear_mod.tuned_for("H100", other, path) == DOT[1]
+    assert linear_mod.tuned_for("H200", other, path) == DOT[0]
+    assert linear_mod.tuned_for("H200", key, path) is None
+
+
+def test_the_autotuner_prunes_to_the_candidates():
+    """_prune (the autotuner's) and `candidate` (the tuner script's) agree on every shape."""
+    configs = [triton.Config(t.meta(), **t.options()) for t in TUNING]
+    for n, k, bucket in ((4096, 14336, 64), (6144, 4096, 1), (128256, 4096, 16), (512, 9000, 2)):
+        kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket})
+        pairs = zip(configs, TUNING, strict=True)
+        assert kept == [c for c, t in pairs if linear_mod.candidate(t, n, k, bucket)]
