@@ -84,7 +84,7 @@ def apply_rope_ref(
 
 
 @triton.jit
-def _rotate_heads(
+def rotate_heads(
     x_ptr, stride_t, stride_h, num_heads, cos, sin, token,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
@@ -113,8 +113,8 @@ def _rope_kernel(
     dims = tl.arange(0, HALF)
     cos = tl.load(cos_sin_ptr + pos * stride_cs + dims)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + dims)
-    _rotate_heads(q_ptr, stride_qt, stride_qh, num_q_heads, cos, sin, token, HALF, BLOCK_HQ)
-    _rotate_heads(k_ptr, stride_kt, stride_kh, num_k_heads, cos, sin, token, HALF, BLOCK_HK)
+    rotate_heads(q_ptr, stride_qt, stride_qh, num_q_heads, cos, sin, token, HALF, BLOCK_HQ)
+    rotate_heads(k_ptr, stride_kt, stride_kh, num_k_heads, cos, sin, token, HALF, BLOCK_HK)
 
 
 def apply_rope(

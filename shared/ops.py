@@ -15,19 +15,17 @@ import torch
 from kernels import (
     block_copy,
     decode_attention,
-    kv_write,
     linear,
     prefill_attention,
     rms_norm,
-    rope,
+    rope_kv,
 )
 
 
 @dataclass(frozen=True)
 class Ops:
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    apply_rope: Callable[..., None]
-    write_kv: Callable[..., None]
+    rope_write_kv: Callable[..., None]  # RoPE on q and k, then k and v into the paged cache
     prefill_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
     gather_blocks: Callable[..., torch.Tensor]
@@ -38,8 +36,7 @@ class Ops:
 # the kernel module of each op
 _MODULES: dict[str, ModuleType] = {
     "rms_norm": rms_norm,
-    "apply_rope": rope,
-    "write_kv": kv_write,
+    "rope_write_kv": rope_kv,
     "prefill_attention": prefill_attention,
     "decode_attention": decode_attention,
     "gather_blocks": block_copy,

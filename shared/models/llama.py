@@ -94,9 +94,10 @@ class LlamaModel:
         q = qkv[:, : cfg.q_size].view(tokens, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(tokens, cfg.num_kv_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(tokens, cfg.num_kv_heads, cfg.head_dim)
-        ops.apply_rope(q, k, batch.positions, self.cos_sin)
         k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
-        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        ops.rope_write_kv(
+            q, k, v, batch.positions, self.cos_sin, k_cache, v_cache, batch.slot_mapping
+        )
         if batch.decode_only:
             out = ops.decode_attention(
                 q, k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale

@@ -24,6 +24,7 @@ import test_linear as linear_cases  # noqa: E402
 import test_prefill_attention as prefill_attention_cases  # noqa: E402
 import test_rms_norm as rms_norm_cases  # noqa: E402
 import test_rope as rope_cases  # noqa: E402
+import test_rope_kv as rope_kv_cases  # noqa: E402
 from kernel_inputs import assert_close  # noqa: E402
 
 import kernels.linear as linear_module  # noqa: E402
@@ -85,6 +86,12 @@ def test_rope_bf16(heads, kv_heads, head_dim, scaling):
 @pytest.mark.parametrize("kv_heads,head_dim,page", [(1, 64, 16), (8, 128, 32)])
 def test_write_kv(kv_heads, head_dim, page):
     kv_write_cases.run_case(300, kv_heads, head_dim, page, BF16, "cuda")
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(32, 8, 128, 16), (9, 3, 64, 32)])
+def test_rope_write_kv(heads, kv_heads, head_dim, page):
+    """The fused RoPE + KV write against float64 and, bit for bit, the two kernels it fuses."""
+    rope_kv_cases.run_case(300, heads, kv_heads, head_dim, page, BF16, device="cuda")
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
