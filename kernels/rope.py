@@ -84,20 +84,33 @@ def apply_rope_ref(
 
 
 @triton.jit
+def cos_sin_row(pos_ptr, cos_sin_ptr, token, stride_cs, HALF: tl.constexpr):
+    """The cos and sin halves ([HALF] fp32) of token's position."""
+    pos = tl.load(pos_ptr + token)
+    dims = tl.arange(0, HALF)
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + dims)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + dims)
+    return cos, sin
+
+
+@triton.jit
 def rotate_heads(
     x_ptr, stride_t, stride_h, num_heads, cos, sin, token,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
+    """Rotate token's heads of x in place; returns the rotated halves ([BLOCK_H, HALF] each, in
+    x's dtype; rows past num_heads are padding)."""
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, HALF)
     ptr = x_ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
     mask = (heads < num_heads)[:, None]
     x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * cos[None, :] - x2 * sin[None, :]
-    out2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(ptr, out1.to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(ptr + HALF, out2.to(x_ptr.dtype.element_ty), mask=mask)
+    out1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(x_ptr.dtype.element_ty)
+    out2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(x_ptr.dtype.element_ty)
+    tl.store(ptr, out1, mask=mask)
+    tl.store(ptr + HALF, out2, mask=mask)
+    return out1, out2
 
 
 @triton.jit
@@ -109,10 +122,7 @@ def _rope_kernel(
 ):  # fmt: skip
     # one program per token: its cos/sin row is loaded once for all q and k heads
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token)
-    dims = tl.arange(0, HALF)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + dims)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + dims)
+    cos, sin = cos_sin_row(pos_ptr, cos_sin_ptr, token, stride_cs, HALF)
     rotate_heads(q_ptr, stride_qt, stride_qh, num_q_heads, cos, sin, token, HALF, BLOCK_HQ)
     rotate_heads(k_ptr, stride_kt, stride_kh, num_k_heads, cos, sin, token, HALF, BLOCK_HK)
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_write import write_kv_ref
-from kernels.rope import apply_rope_ref, rotate_heads
+from kernels.rope import apply_rope_ref, cos_sin_row, rotate_heads
 
 
 def rope_write_kv_ref(
@@ -44,35 +44,23 @@ def _rope_write_kv_kernel(
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token)
-    dims = tl.arange(0, HALF)
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + dims)
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + dims)
+    cos, sin = cos_sin_row(pos_ptr, cos_sin_ptr, token, stride_cs, HALF)
     rotate_heads(q_ptr, stride_qt, stride_qh, num_q_heads, cos, sin, token, HALF, BLOCK_HQ)
-
-    heads = tl.arange(0, BLOCK_HK)[:, None]
-    mask = heads < num_kv_heads
-    k_row = k_ptr + token * stride_kt + heads * stride_kh + dims[None, :]
-    k1 = tl.load(k_row, mask=mask, other=0.0).to(tl.float32)
-    k2 = tl.load(k_row + HALF, mask=mask, other=0.0).to(tl.float32)
-    out1 = (k1 * cos[None, :] - k2 * sin[None, :]).to(k_ptr.dtype.element_ty)
-    out2 = (k2 * cos[None, :] + k1 * sin[None, :]).to(k_ptr.dtype.element_ty)
-    tl.store(k_row, out1, mask=mask)
-    tl.store(k_row + HALF, out2, mask=mask)
-
+    out1, out2 = rotate_heads(k_ptr, stride_kt, stride_kh, num_kv_heads, cos, sin, token, HALF,
+                              BLOCK_HK)  # fmt: skip
     slot = tl.load(slot_ptr + token)  # int64: block * stride never wraps
     if slot >= 0:
         block, offset = slot // block_size, slot % block_size
+        heads = tl.arange(0, BLOCK_HK)[:, None]
+        mask = heads < num_kv_heads
+        half = tl.arange(0, HALF)[None, :]
         kc = k_cache_ptr + block * stride_kc_blk + offset * stride_kc_off + heads * stride_kc_h
-        tl.store(kc + dims[None, :], out1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(kc + HALF + dims[None, :], out2.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        v_row = v_ptr + token * stride_vt + heads * stride_vh + dims[None, :]
+        tl.store(kc + half, out1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(kc + HALF + half, out2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        dims = tl.arange(0, 2 * HALF)[None, :]
+        v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
         vc = v_cache_ptr + block * stride_vc_blk + offset * stride_vc_off + heads * stride_vc_h
-        vc = vc + dims[None, :]
-        v1 = tl.load(v_row, mask=mask)
-        v2 = tl.load(v_row + HALF, mask=mask)
-        tl.store(vc, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc + dims, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def rope_write_kv(
