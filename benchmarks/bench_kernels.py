@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
+from kernels.kv_write import write_kv
 from kernels.linear import _linear_tuned, linear
 from kernels.prefill_attention import (
     TUNING,
@@ -34,6 +35,7 @@ from kernels.prefill_attention import (
 )
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.rope import Llama3RopeScaling, apply_rope, apply_rope_ref, rope_cos_sin
+from kernels.rope_kv import rope_write_kv
 
 BF16 = torch.bfloat16
 DEV = "cuda"
@@ -277,6 +279,23 @@ def bench_fused(rows: list[Row], copy_gbs: float) -> None:
     add(op, "torch eager", ms(lambda: apply_rope_ref(qv, kv, pos, cos_sin)), nbytes)
     add(op, "kvmesh Triton", ms(lambda: apply_rope(qv, kv, pos, cos_sin)), nbytes,
         ">= 80% of copy")  # fmt: skip
+
+    # the fused RoPE + KV write (the model's op): q, k in place; k, v into shuffled cache slots
+    vv = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    cache = torch.empty(2, tokens // 16 + 1, 16, kv_heads, dim, dtype=BF16, device=DEV)
+    slots = torch.randperm(cache.shape[1] * 16, device=DEV)[:tokens]
+    nbytes += 2 * vv.numel() * 2 + kv.numel() * 2  # v in; k and v out to the cache
+
+    def unfused() -> None:
+        apply_rope(qv, kv, pos, cos_sin)
+        write_kv(kv, vv, cache[0], cache[1], slots)
+
+    def fused() -> None:
+        rope_write_kv(qv, kv, vv, pos, cos_sin, cache[0], cache[1], slots)
+
+    op = "rope + KV write 8192x(32+8+8)x128"
+    add(op, "kvmesh rope, then write_kv", ms(unfused), nbytes)
+    add(op, "kvmesh fused", ms(fused), nbytes, ">= 80% of copy")
 
     gu = torch.randn(tokens, 2 * hidden, dtype=BF16, device=DEV)
     nbytes = 3 * tokens * hidden * 2
