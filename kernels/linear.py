@@ -54,6 +54,7 @@ share them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -372,12 +373,21 @@ def write_tuned(
     table[device_name] = dict(sorted(entries.items()))
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     _tables.pop(path, None)
+    _tuned_on.cache_clear()
 
 
 def tuned_for(device_name: str, key: str, path: Path = TUNED_FILE) -> LinearTuning | None:
     """The measured config of a shape on a card, if there is one."""
     fields = read_tuned(path).get(device_name, {}).get(key)
     return LinearTuning(**fields) if fields is not None else None
+
+
+@functools.cache
+def _tuned_on(device: torch.device, n: int, k: int, bucket: int, gated: bool,
+              dtype: torch.dtype) -> LinearTuning | None:  # fmt: skip
+    """tuned_for this device's card, looked up once per shape (calls run per layer per step)."""
+    key = shape_key(n, k, bucket, gated, dtype)
+    return tuned_for(torch.cuda.get_device_name(device), key)
 
 
 def _kernel_takes(x: torch.Tensor, w: torch.Tensor, gated: bool) -> bool:
@@ -427,8 +437,7 @@ def linear(
 
     on_cpu = x.device.type == "cpu"
     if tuning is None and not on_cpu:
-        name = torch.cuda.get_device_name(x.device)
-        tuning = tuned_for(name, shape_key(n, k, bucket, gated, x.dtype))
+        tuning = _tuned_on(x.device, n, k, bucket, gated, x.dtype)
     if tuning is None and not on_cpu:
         key = (n, k, bucket, x.dtype, gated)
         if key in _TUNED or not torch.cuda.is_current_stream_capturing():
