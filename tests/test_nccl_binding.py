@@ -489,13 +489,13 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
 def count_checksum_launches(sender: NcclKVSender) -> list[int]:
     """The number of layers of each checksum launch the sender makes from now on."""
     launches: list[int] = []
-    partial_sums = sender.dev.partial_sums
+    group_sums = sender.dev.group_sums
 
-    def count(layers: list[torch.Tensor]) -> torch.Tensor:
-        launches.append(len(layers))
-        return partial_sums(layers)
+    def count(groups: list[tuple[list[torch.Tensor], Event | None]]) -> list:
+        launches.extend(len(layers) for layers, _ in groups)
+        return group_sums(groups)
 
-    sender.dev.partial_sums = count  # type: ignore[method-assign]
+    sender.dev.group_sums = count  # type: ignore[method-assign]
     return launches
 
 

@@ -96,11 +96,6 @@ class Device:
         if stream is not None:
             tensor.record_stream(stream)
 
-    def partial_sums(self, layers: list[torch.Tensor]) -> torch.Tensor:
-        """`group_sums` of one group, after nothing: the partials (valid once an event recorded
-        after this call completes)."""
-        return self.group_sums([(layers, None)])[0][0]
-
     def group_sums(
         self, groups: list[tuple[list[torch.Tensor], Event | None]]
     ) -> list[tuple[torch.Tensor, Event]]:
@@ -130,12 +125,13 @@ class Device:
 
     @staticmethod
     def checksums(partials: torch.Tensor) -> list[int]:
-        """The checksums (uint64) of `partial_sums`' layers, once their event completed."""
+        """The checksums (uint64) of one group's layers from its `group_sums` partials, once
+        their event completed."""
         return fold(partials)
 
     def warm_up(self) -> None:
         """Compile the checksum kernel now, not on the first handoff's thread."""
         if self.cuda:
             with torch.cuda.device(self.device):
-                self.partial_sums([torch.zeros(24, dtype=torch.uint8, device=self.device)])
+                self.group_sums([([torch.zeros(24, dtype=torch.uint8, device=self.device)], None)])
                 torch.cuda.synchronize(self.device)

@@ -318,8 +318,7 @@ class NcclKVSender:
         if not batch:
             return
         with self.dev.on(self._checksum_stream):  # beside the sends: both only read the data
-            partials = self.dev.partial_sums([s.data for s in batch])
-            done = Event(self._checksum_stream)
+            [(partials, done)] = self.dev.group_sums([([s.data for s in batch], None)])
         done.synchronize()
         values = self.dev.checksums(partials)
         frames: dict[int, tuple[Peer, list[bytes]]] = {}
