@@ -250,16 +250,37 @@ def _split_pays(n: int, k: int, block_n: int, split_k: int) -> bool:
     return k >= SPLIT_MIN_K * split_k and triton.cdiv(n, block_n) < SPLIT_MAX_PROGRAMS
 
 
-def candidate(tuning: LinearTuning, n: int, k: int, bucket: int) -> bool:
+# Shared memory a program may take on sm_90 (227 KiB); configs whose pipeline needs more fail to
+# launch (the autotuner skips them, an explicit launch raises), so they are never candidates.
+SMEM_LIMIT = 232448
+
+
+def pipeline_smem(tuning: LinearTuning, bucket: int, gated: bool) -> int:
+    """Bytes of shared memory a dot config's K loop stages (fp16/bf16): num_stages - 1 tiles in
+    flight, each a w tile and the x tile(s) padded to max(16, bucket) rows (gate and up if
+    gated). Triton 3.6 on an H100 asked 245,760 B for block_n 16, block_k 512, 4 stages at
+    M = 64: this formula's figure."""
+    if not tuning.dot:
+        return 0
+    x_rows = max(16, bucket) * (2 if gated else 1)
+    return (tuning.num_stages - 1) * (x_rows + tuning.block_n) * tuning.block_k * 2
+
+
+def candidate(tuning: LinearTuning, n: int, k: int, bucket: int, gated: bool = False) -> bool:
     """Whether a config is a candidate for a shape: the gemv configs only at M == 1, split-K
-    configs only where they pay (_split_pays)."""
-    return (tuning.dot or bucket == 1) and _split_pays(n, k, tuning.block_n, tuning.split_k)
+    configs only where they pay (_split_pays), none whose pipeline overflows shared memory."""
+    return (
+        (tuning.dot or bucket == 1)
+        and _split_pays(n, k, tuning.block_n, tuning.split_k)
+        and pipeline_smem(tuning, bucket, gated) <= SMEM_LIMIT
+    )
 
 
 def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
     """The autotuner's candidates for a call (`candidate`)."""
     args = {**named_args, **kwargs}
-    return [c for c in configs if candidate(_tuning_of(c), args["N"], args["K"], args["M_BUCKET"])]
+    shape = args["N"], args["K"], args["M_BUCKET"], args["GATED"]
+    return [c for c in configs if candidate(_tuning_of(c), *shape)]
 
 
 def _tuning_of(config: triton.Config) -> LinearTuning:

@@ -160,7 +160,7 @@ def test_counters_grow_and_keep_the_outgrown(monkeypatch):
 
 def _surviving(n, k, bucket):
     configs = [triton.Config(t.meta(), **t.options()) for t in TUNING]
-    kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket})
+    kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket, "GATED": False})
     return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.kwargs["USE_DOT"])
             for c in kept}  # fmt: skip
 
@@ -247,7 +247,24 @@ def test_tuned_configs_round_trip_per_card(tmp_path):
 def test_the_autotuner_prunes_to_the_candidates():
     """_prune (the autotuner's) and `candidate` (the tuner script's) agree on every shape."""
     configs = [triton.Config(t.meta(), **t.options()) for t in TUNING]
-    for n, k, bucket in ((4096, 14336, 64), (6144, 4096, 1), (128256, 4096, 16), (512, 9000, 2)):
-        kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket})
+    shapes = ((4096, 14336, 64, True), (6144, 4096, 1, False), (128256, 4096, 16, False),
+              (512, 9000, 2, True), (6144, 4096, 64, False))  # fmt: skip
+    for n, k, bucket, gated in shapes:
+        kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket, "GATED": gated})
         pairs = zip(configs, TUNING, strict=True)
-        assert kept == [c for c, t in pairs if linear_mod.candidate(t, n, k, bucket)]
+        assert kept == [c for c, t in pairs if linear_mod.candidate(t, n, k, bucket, gated)]
+        assert kept
+
+
+def test_no_candidate_overflows_shared_memory():
+    """At 64 rows (gated: 128 rows of x a tile) the deep, wide configs would ask more shared
+    memory than an H100 program gets (245,760 B measured for one): they are no candidates."""
+    wide = LinearTuning(16, 512, 4, 4)
+    assert linear_mod.pipeline_smem(wide, 64, False) == 245760
+    assert linear_mod.candidate(wide, 6144, 4096, 16)
+    assert not linear_mod.candidate(wide, 6144, 4096, 64)
+    for bucket in (1, 2, 4, 8, 16, 32, 64):
+        for gated in (False, True):
+            for t in TUNING:
+                if linear_mod.candidate(t, 4096, 14336, bucket, gated):
+                    assert linear_mod.pipeline_smem(t, bucket, gated) <= linear_mod.SMEM_LIMIT
