@@ -19,9 +19,10 @@ Two inner products, picked per shape and M bucket by the autotuner:
 - gemv (M == 1 only): acc[BLOCK_N, BLOCK_K] += w_tile * x_chunk in fp32 FMAs, reduced once.
 
 Gated (an MLP's down projection, `gated=True`): x is the gate_up projection's output [M, 2K],
-and each x tile is computed as it is loaded, silu(gate) * up in fp32 rounded to x's dtype: the
-SiLU-and-mul kernel's launch and its [M, K] round trip through memory disappear, and the result
-is the same bits as the two-kernel path.
+and up to GATED_MAX_M rows each x tile is computed as it is loaded, silu(gate) * up in fp32
+rounded to x's dtype: the SiLU-and-mul kernel's launch and its [M, K] round trip through memory
+disappear, and the result is the same bits as the two-kernel path (which runs above
+GATED_MAX_M rows).
 
 Narrow shapes (N = 4096 or 6144 at BLOCK_N = 64: 64-96 programs for 132 SMs) would leave SMs
 idle; fewer rows a program is no cure (each program re-reads all of x from L2), so the dot configs
@@ -68,6 +69,11 @@ import triton.language as tl
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 
 MAX_M = 64  # rows of x the kernel takes (decode batches); F.linear above
+# Rows up to which a gated call computes silu(gate) * up inside the kernel. Every program redoes
+# the SiLU of all of x, which above 16 rows costs more than the launch it saves (H100, Llama-3-8B
+# down_proj in a streamed graph, benchmarks/tune_linear.py: 46.6 us at M = 16, 87.6 us at 32
+# against 48.2 for SiLU-and-mul then cuBLAS); above it the SiLU-and-mul kernel runs first.
+GATED_MAX_M = 16
 
 
 def linear_ref(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
@@ -256,14 +262,20 @@ SMEM_LIMIT = 232448
 
 
 def pipeline_smem(tuning: LinearTuning, bucket: int, gated: bool) -> int:
-    """Bytes of shared memory a dot config's K loop stages (fp16/bf16): num_stages - 1 tiles in
-    flight, each a w tile and the x tile(s) padded to max(16, bucket) rows (gate and up if
-    gated). Triton 3.6 on an H100 asked 245,760 B for block_n 16, block_k 512, 4 stages at
-    M = 64: this formula's figure."""
+    """An upper bound on the shared memory a dot config's K loop takes (fp16/bf16): num_stages
+    buffers of a w tile and the x tile(s) padded to max(16, bucket) rows (gate and up if gated),
+    and if gated one more x tile (silu(gate) * up, the MMA's operand). Triton 3.6 on an H100
+    asked, at M = 64: 262,144 B for block_n 64, block_k 256, 4 stages (this bound), 245,760 B
+    for block_n 16, block_k 512, 4 stages (bound 327,680); gated, 245,760 B for block_n 64,
+    block_k 256, 4 stages at M = 32 and block_n 128, block_k 128, 4 stages at M = 64 (bound
+    278,528 each)."""
     if not tuning.dot:
         return 0
-    x_rows = max(16, bucket) * (2 if gated else 1)
-    return (tuning.num_stages - 1) * (x_rows + tuning.block_n) * tuning.block_k * 2
+    x_tile = max(16, bucket) * tuning.block_k * 2
+    w_tile = tuning.block_n * tuning.block_k * 2
+    if gated:
+        return tuning.num_stages * (w_tile + 2 * x_tile) + x_tile
+    return tuning.num_stages * (w_tile + x_tile)
 
 
 def candidate(tuning: LinearTuning, n: int, k: int, bucket: int, gated: bool = False) -> bool:
@@ -446,6 +458,8 @@ def linear(
     m, width = x.shape
     n, k = w.shape
     assert width == (2 if gated else 1) * k and w.dtype == x.dtype and w.device == x.device
+    if gated and m > GATED_MAX_M:
+        x, gated = silu_and_mul(x), False
     assert x.stride(1) == 1 and w.stride(1) == 1, "rows of x and w contiguous"
     assert 1 <= m <= MAX_M and (tuning is None or tuning.dot or m == 1)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -247,7 +247,7 @@ def test_tuned_configs_round_trip_per_card(tmp_path):
 def test_the_autotuner_prunes_to_the_candidates():
     """_prune (the autotuner's) and `candidate` (the tuner script's) agree on every shape."""
     configs = [triton.Config(t.meta(), **t.options()) for t in TUNING]
-    shapes = ((4096, 14336, 64, True), (6144, 4096, 1, False), (128256, 4096, 16, False),
+    shapes = ((4096, 14336, 16, True), (6144, 4096, 1, False), (128256, 4096, 16, False),
               (512, 9000, 2, True), (6144, 4096, 64, False))  # fmt: skip
     for n, k, bucket, gated in shapes:
         kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket, "GATED": gated})
@@ -259,10 +259,15 @@ def test_the_autotuner_prunes_to_the_candidates():
 def test_no_candidate_overflows_shared_memory():
     """At 64 rows (gated: 128 rows of x a tile) the deep, wide configs would ask more shared
     memory than an H100 program gets (245,760 B measured for one): they are no candidates."""
-    wide = LinearTuning(16, 512, 4, 4)
-    assert linear_mod.pipeline_smem(wide, 64, False) == 245760
-    assert linear_mod.candidate(wide, 6144, 4096, 16)
-    assert not linear_mod.candidate(wide, 6144, 4096, 64)
+    asked = [(LinearTuning(64, 256, 4, 4), 64, False, 262144),
+             (LinearTuning(16, 512, 4, 4), 64, False, 245760),
+             (LinearTuning(64, 256, 4, 4), 32, True, 245760),
+             (LinearTuning(128, 128, 8, 4), 64, True, 245760)]  # fmt: skip
+    for tuning, bucket, gated, measured in asked:  # what Triton 3.6 asked on an H100
+        assert linear_mod.pipeline_smem(tuning, bucket, gated) >= measured
+        assert not linear_mod.candidate(tuning, 4096, 14336, bucket, gated)
+    assert linear_mod.candidate(LinearTuning(16, 512, 4, 4), 6144, 4096, 16)
+    assert linear_mod.candidate(LinearTuning(128, 128, 8, 4), 28672, 4096, 64)
     for bucket in (1, 2, 4, 8, 16, 32, 64):
         for gated in (False, True):
             for t in TUNING:
