@@ -65,6 +65,7 @@ from common import (  # noqa: E402
     write_section,
 )
 
+from kernels.pdl import pdl_enabled  # noqa: E402
 from shared.engine import Engine, EngineConfig  # noqa: E402
 from shared.models.config import SHAPES, ModelConfig  # noqa: E402
 from shared.sequence import SamplingParams  # noqa: E402
@@ -757,7 +758,8 @@ def notes(
         )
         out.append(
             f"- Engine start-up (weights, KV cache, graphs): {eng.startup_s:.1f} s. "
-            f"Timed decode steps: {windows}."
+            f"Timed decode steps: {windows}. Programmatic dependent launch (kernels/pdl.py): "
+            f"{'on' if pdl_enabled(torch.device('cuda')) else 'off (KVMESH_PDL=0)'}."
         )
         h = eng.host
         if h.gpu_busy_s is not None:

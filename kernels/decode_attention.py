@@ -13,6 +13,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_args, pdl_enter
+
 
 def decode_attention_ref(
     q: torch.Tensor,
@@ -47,8 +49,9 @@ def _decode_split_kernel(
     stride_k_blk, stride_k_off, stride_k_h, stride_v_blk, stride_v_off, stride_v_h,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     # program (b, kv head, split): the GQA group's GROUP query heads share every K/V tile load
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(lens_ptr + seq)
@@ -98,8 +101,9 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     o_part_ptr, ml_part_ptr, out_ptr, stride_ob, stride_oh,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     # out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s; empty splits have m = -inf, l = 0
     seq, head = tl.program_id(0), tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -187,11 +191,12 @@ def decode_attention(
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE=page, HEAD_DIM=head_dim,
         BLOCK_N=tuning.block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_args(q.device),
     )  # fmt: skip
     _decode_merge_kernel[(batch, num_heads)](
         o_part, ml_part, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits,
         SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=4,
+        **pdl_args(q.device),
     )  # fmt: skip
     return out

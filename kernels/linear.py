@@ -67,6 +67,7 @@ import triton
 import triton.language as tl
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kernels.pdl import pdl_args, pdl_enter
 
 MAX_M = 64  # rows of x the kernel takes (decode batches); F.linear above
 # Rows up to which a gated call computes silu(gate) * up inside the kernel. Every program redoes
@@ -101,7 +102,9 @@ def _linear_jit(
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs sharing a column block's K range (grid dimension 1)
     GATED: tl.constexpr,  # x is [M, 2K] (gate | up) and the input is silu(gate) * up
+    PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py)
 ):  # fmt: skip
+    pdl_enter(PDL)
     tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
@@ -479,7 +482,8 @@ def linear(
             pays = [t for t in TUNING if _split_pays(n, k, t.block_n, t.split_k)]
             scratch = _split_scratch(x.device, m, n, pays)
             if scratch is not None:  # None: counters missing inside a capture (tuned elsewhere)
-                _linear_tuned[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, GATED=gated)
+                _linear_tuned[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, GATED=gated,
+                                    **pdl_args(x.device))  # fmt: skip
                 _TUNED.add(key)
                 return y
         tuning = _CAPTURE_TUNING
@@ -490,5 +494,5 @@ def linear(
         scratch = None, None
     options = {} if on_cpu else tuning.options()
     _linear_kernel[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, GATED=gated,
-                         **tuning.meta(), **options)  # fmt: skip
+                         **tuning.meta(), **options, **pdl_args(x.device))  # fmt: skip
     return y

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.kv_write import write_kv_ref
+from kernels.pdl import pdl_args, pdl_enter
 from kernels.rope import apply_rope_ref, cos_sin_row, rotate_heads
 
 
@@ -41,8 +42,9 @@ def _rope_write_kv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
     stride_kc_blk, stride_kc_off, stride_kc_h, stride_vc_blk, stride_vc_off, stride_vc_h,
     num_q_heads, num_kv_heads, block_size,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = cos_sin_row(pos_ptr, cos_sin_ptr, token, stride_cs, HALF)
     rotate_heads(q_ptr, stride_qt, stride_qh, num_q_heads, cos, sin, token, HALF, BLOCK_HQ)
@@ -99,5 +101,5 @@ def rope_write_kv(
         HALF=head_dim // 2,
         BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-        num_warps=4,
+        num_warps=4, **pdl_args(q.device),
     )  # fmt: skip

@@ -28,12 +28,15 @@ import test_rope_kv as rope_kv_cases  # noqa: E402
 from kernel_inputs import assert_close  # noqa: E402
 
 import kernels.linear as linear_module  # noqa: E402
+import kernels.pdl as pdl_module  # noqa: E402
+from kernels.activation import silu_and_mul  # noqa: E402
 from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
 from kernels.checksum import layer_checksum  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from kernels.kv_write import write_kv  # noqa: E402
 from kernels.linear import _CAPTURE_TUNING, TUNING, LinearTuning, linear  # noqa: E402
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from kernels.rms_norm import rms_norm  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -281,3 +284,45 @@ def test_linear_graph_capture():
     torch.testing.assert_close(y2, linear(x2, w2, _CAPTURE_TUNING), rtol=0, atol=0)
     assert_close(y, x.double() @ w.double().T, BF16)
     assert_close(y2, x2.double() @ w2.double().T, BF16)
+
+
+def _pdl_chain(x, layers):
+    """A decode step's kernel chain on [M, 1024]: each kernel reads what the one before wrote."""
+    residual = x
+    for norm_w, w_up, w_down in layers:
+        h, residual = rms_norm(x, norm_w, 1e-5, residual)
+        up = linear(h, w_up, LinearTuning(64, 128, 4, 6))
+        x = linear(silu_and_mul(up), w_down, LinearTuning(64, 128, 4, 6, split_k=2))
+    return x, residual
+
+
+def test_pdl_chain_in_a_graph_gives_the_plain_launch_bits(monkeypatch):
+    """Kernels launched with programmatic dependent launch start before their predecessor ends
+    and wait on chip (kernels/pdl.py): a chain of them, eager and replayed in a CUDA graph, gives
+    the bits of the same chain launched without PDL. A missing wait would read half-written
+    inputs here (every kernel consumes the previous one's output at once)."""
+    device = torch.device("cuda")
+    assert pdl_module.pdl_enabled(device) == (torch.cuda.get_device_capability() >= (9, 0))
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    layers = [(1 + torch.randn(1024, generator=gen, device="cuda").to(BF16) / 4,
+               torch.randn(2 * 4096, 1024, generator=gen, device="cuda").to(BF16) / 32,
+               torch.randn(1024, 4096, generator=gen, device="cuda").to(BF16) / 64)
+              for _ in range(8)]  # fmt: skip
+    x = torch.randn(16, 1024, generator=gen, device="cuda").to(BF16)
+    eager = _pdl_chain(x, layers)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = _pdl_chain(x, layers)
+    graph.replay()
+    monkeypatch.setenv("KVMESH_PDL", "0")
+    pdl_module._supported.cache_clear()
+    try:
+        assert not pdl_module.pdl_enabled(device)
+        plain = _pdl_chain(x, layers)
+    finally:
+        monkeypatch.delenv("KVMESH_PDL")
+        pdl_module._supported.cache_clear()
+    for got in (eager, replayed):
+        for a, b in zip(got, plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert plain[0].abs().max() > 0
