@@ -90,6 +90,16 @@ def _silu_mul(gate, up):
     return (g * tl.sigmoid(g) * up.to(tl.float32)).to(gate.dtype)
 
 
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask the L2 to fetch the 128-byte line at each address (int64 pointers): a hint,
+    no registers loaded and no fault on any address."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+        dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_jit(
     x_ptr, w_ptr, y_ptr,
@@ -103,31 +113,35 @@ def _linear_jit(
     SPLIT_K: tl.constexpr,  # programs sharing a column block's K range (grid dimension 1)
     GATED: tl.constexpr,  # x is [M, 2K] (gate | up) and the input is silu(gate) * up
     PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py)
+    PREFETCH_LINES: tl.constexpr = 8,  # 128-byte lines of each w row prefetched (PDL only)
 ):  # fmt: skip
-    pdl_enter(PDL)
     tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
     ks = tl.arange(0, BLOCK_K)
     # rows past N re-read row N - 1, so no weight load needs a row mask; the store drops them
     w_rows = tl.minimum(cols, N - 1).to(tl.int64)
-    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + ks[None, :]  # [BLOCK_N, BLOCK_K]
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = K
+    else:
+        # split k's share of the cdiv(K, BLOCK_K) tiles: floor or ceil of tiles / SPLIT_K,
+        # possibly none; the partial last tile (not EVEN_K) falls to the last split with tiles
+        pid_k = tl.program_id(1)
+        tiles = tl.cdiv(K, BLOCK_K)
+        k_lo = pid_k * tiles // SPLIT_K * BLOCK_K
+        k_hi = (pid_k + 1) * tiles // SPLIT_K * BLOCK_K
+    if PDL:
+        # no earlier kernel writes w: while they finish, start the first PREFETCH_LINES lines of
+        # each of this program's rows towards L2 (128-byte lines: 64 fp16/bf16 columns)
+        lines = tl.minimum(k_lo + tl.arange(0, PREFETCH_LINES) * 64, K - 1)
+        _prefetch_l2((w_ptr + w_rows[:, None] * stride_wn + lines[None, :]).to(tl.int64))
+    pdl_enter(PDL)
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + ks[None, :] + k_lo  # [BLOCK_N, BLOCK_K]
     if USE_DOT:
         m = tl.arange(0, M_PAD)
-        x_ptrs = x_ptr + m[:, None] * stride_xm + ks[None, :]  # [M_PAD, BLOCK_K]
+        x_ptrs = x_ptr + m[:, None] * stride_xm + ks[None, :] + k_lo  # [M_PAD, BLOCK_K]
         m_ok = m[:, None] < M  # padding rows load as zeros (no memory traffic)
-        if SPLIT_K == 1:
-            k_lo = 0
-            k_hi = K
-        else:
-            # split k's share of the cdiv(K, BLOCK_K) tiles: floor or ceil of tiles / SPLIT_K,
-            # possibly none; the partial last tile (not EVEN_K) falls to the last split with tiles
-            pid_k = tl.program_id(1)
-            tiles = tl.cdiv(K, BLOCK_K)
-            k_lo = pid_k * tiles // SPLIT_K * BLOCK_K
-            k_hi = (pid_k + 1) * tiles // SPLIT_K * BLOCK_K
-            w_ptrs += k_lo
-            x_ptrs += k_lo
         acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:

@@ -12,6 +12,9 @@ so the next kernel's launch overlaps this one's work, and its programs wait on c
 one to finish. Every program waits before it reads anything or returns, so a kernel's completion
 still implies its predecessor's, all the way back (data from two kernels ago is safe too).
 Kernels launched without the attribute (torch's, cuBLAS's) keep the plain stream order.
+Work that reads nothing an earlier kernel writes may come before the wait: the skinny linear
+(kernels/linear.py) prefetches the first lines of its weight rows into L2 there, so a projection's
+weight starts streaming while the kernel before it drains.
 
 KVMESH_PDL=0 turns it off (for A/B timings); off on CPU, under the interpreter and before sm_90.
 """
