@@ -6,7 +6,8 @@ A decode step runs each projection once per layer, on a new weight each time: th
 from HBM and the kernels run back to back with no host in between (a CUDA graph). The autotuner
 times a candidate on one weight in isolation, which misjudges the narrow shapes (RESULTS.md:
 its pick for qkv, split-K four ways, took 28.9 us a layer in the model against 22.0 for the
-previous config). Here every candidate of every projection and M bucket runs in a captured
+previous config). Here every candidate of every projection and M bucket (split-K ones on any K,
+where the autotuner keeps them to long K) runs in a captured
 graph over `copies` distinct weights (>= 512 MiB of them, well past the L2), and its time is
 the graph's replay time over the calls. The table prints the best candidate beside cuBLAS
 (the SiLU-and-mul kernel first, for the gated down projection) timed the same way, and the
@@ -89,7 +90,7 @@ def tune(
     timed: list[tuple[float, LinearTuning]] = []
     for t in TUNING:
         # above GATED_MAX_M rows a gated call runs SiLU-and-mul, then the plain kernel
-        if candidate(t, n, k, bucket, gated and bucket <= GATED_MAX_M):
+        if candidate(t, n, k, bucket, gated and bucket <= GATED_MAX_M, any_split=True):
 
             def call(w: torch.Tensor, t: LinearTuning = t) -> torch.Tensor:
                 return linear(x, w, t, gated=gated)

@@ -68,6 +68,9 @@ import triton.language as tl
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.pdl import pdl_args, pdl_enter
+from kernels.rms_norm import rms_norm, rms_norm_ref
+
+Norm = tuple[torch.Tensor, float]  # an RMSNorm on the input: (weight [K], eps)
 
 MAX_M = 64  # rows of x the kernel takes (decode batches); F.linear above
 # Rows up to which a gated call computes silu(gate) * up inside the kernel. Every program redoes
@@ -77,10 +80,17 @@ MAX_M = 64  # rows of x the kernel takes (decode batches); F.linear above
 GATED_MAX_M = 16
 
 
-def linear_ref(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
+def linear_ref(
+    x: torch.Tensor, w: torch.Tensor, gated: bool = False,
+    residual: torch.Tensor | None = None, norm: Norm | None = None,
+) -> torch.Tensor:  # fmt: skip
     # x: [M, K]; w: [N, K] -> [M, N]. gated: x is [M, 2K] (gate | up), the input is
-    # silu(gate) * up (an MLP's down projection of its gate_up output)
-    return F.linear(silu_and_mul_ref(x) if gated else x, w)
+    # silu(gate) * up (an MLP's down projection of its gate_up output). norm: the input is
+    # rms_norm(x) (a layer's input norm). residual [M, N]: added to the product (in x's dtype)
+    if norm is not None:
+        x = rms_norm_ref(x, *norm)[0]
+    y = F.linear(silu_and_mul_ref(x) if gated else x, w)
+    return y if residual is None else y + residual
 
 
 @triton.jit
@@ -100,22 +110,47 @@ def _prefetch_l2(ptrs):
     )  # fmt: skip
 
 
+@triton.jit
+def _normed(x, g_ptrs, k_ok, ssq, AXIS: tl.constexpr):
+    """x's tile (K along AXIS) times the norm weight's (fp32, rounded to x's dtype), and ssq
+    plus the sums of squares of x's rows."""
+    x32 = x.to(tl.float32)
+    ssq += tl.sum(x32 * x32, axis=AXIS)
+    g = tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+    if AXIS == 1:
+        g = g[None, :]
+    return (x32 * g).to(x.dtype), ssq
+
+
+@triton.jit
+def _plus_residual(acc, r_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    """acc (fp32) plus the residual's tile at `offsets`, if there is one."""
+    if HAS_RESIDUAL:
+        acc += tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_jit(
     x_ptr, w_ptr, y_ptr,
     ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1; None otherwise)
     counters_ptr,  # int32 [>= cdiv(N, BLOCK_N)], zero between launches (SPLIT_K > 1; or None)
-    M, N, K, stride_xm, stride_wn, stride_ym,
+    r_ptr,  # [M, N] residual added to y (HAS_RESIDUAL; or None)
+    g_ptr,  # [K] RMSNorm weight of x (NORM; or None)
+    M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps,
     M_BUCKET,  # next_power_of_2(M): unused here, a key of the autotuner
     M_PAD: tl.constexpr,  # rows x is padded to for the dot: max(16, M_BUCKET)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs sharing a column block's K range (grid dimension 1)
     GATED: tl.constexpr,  # x is [M, 2K] (gate | up) and the input is silu(gate) * up
+    HAS_RESIDUAL: tl.constexpr,  # y = x @ w.T + residual
+    NORM: tl.constexpr,  # the input is RMSNorm(x) * g: x * g in the loop, 1 / rms at the end
     PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py)
     PREFETCH_LINES: tl.constexpr = 8,  # 128-byte lines of each w row prefetched (PDL only)
 ):  # fmt: skip
     tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
+    tl.static_assert(not NORM or (SPLIT_K == 1 and not GATED), "a norm needs all of K, ungated")
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
     ks = tl.arange(0, BLOCK_K)
@@ -143,6 +178,7 @@ def _linear_jit(
         x_ptrs = x_ptr + m[:, None] * stride_xm + ks[None, :] + k_lo  # [M_PAD, BLOCK_K]
         m_ok = m[:, None] < M  # padding rows load as zeros (no memory traffic)
         acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
+        ssq = tl.zeros([M_PAD], dtype=tl.float32)  # NORM: sums of squares of x's rows
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
@@ -155,12 +191,18 @@ def _linear_jit(
                 x = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
                 if GATED:
                     x = _silu_mul(x, tl.load(x_ptrs + K, mask=m_ok & k_ok, other=0.0))
+            if NORM:
+                x, ssq = _normed(x, g_ptr + k + ks, k + ks < K, ssq, 1)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        if NORM:  # rows of x are columns of acc
+            acc = acc * tl.rsqrt(ssq / K + eps)[None, :]
         y_ptrs = y_ptr + m[None, :] * stride_ym + cols[:, None]  # y.T's tile: [BLOCK_N, M_PAD]
+        r_offsets = m[None, :] * stride_rm + cols[:, None]
         y_ok = (m[None, :] < M) & (cols[:, None] < N)
         if SPLIT_K == 1:
+            acc = _plus_residual(acc, r_ptr, r_offsets, y_ok, HAS_RESIDUAL)
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
         else:
             # ws[pid_k] gets this split's partial; the column block's last program to arrive sums
@@ -177,12 +219,14 @@ def _linear_jit(
                 acc = tl.load(ws_ptrs, mask=y_ok, other=0.0, cache_modifier=".cg")
                 for s in tl.static_range(1, SPLIT_K):
                     acc += tl.load(ws_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
+                acc = _plus_residual(acc, r_ptr, r_offsets, y_ok, HAS_RESIDUAL)
                 tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
                 tl.atomic_xchg(counters_ptr + pid_n, 0)  # zero again for the next launch / replay
     else:
         # M == 1: per-lane fp32 partial sums, one reduction over K after the loop
         x_ptrs = x_ptr + ks
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        ssq = 0.0  # NORM: x's sum of squares
         for k in range(0, K, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
@@ -195,10 +239,16 @@ def _linear_jit(
                 x = tl.load(x_ptrs, mask=k_ok, other=0.0)
                 if GATED:
                     x = _silu_mul(x, tl.load(x_ptrs + K, mask=k_ok, other=0.0))
+            if NORM:
+                x, ssq = _normed(x, g_ptr + k + ks, k + ks < K, ssq, 0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        tl.store(y_ptr + cols, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=cols < N)
+        y = tl.sum(acc, axis=1)
+        if NORM:
+            y = y * tl.rsqrt(ssq / K + eps)
+        y = _plus_residual(y, r_ptr, cols, cols < N, HAS_RESIDUAL)
+        tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
 
 
 _linear_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_linear_jit)
@@ -230,7 +280,9 @@ class LinearTuning:
 # programs (N = 128256 / 16) down to 128 (N = 4096 / 32). All compile for sm_90a without spills;
 # the dot configs pipeline w through shared memory (cp.async, 64-160 KiB), the gemv ones keep one
 # tile in registers a program (3-4 programs an SM). The split-K ones multiply the programs of the
-# narrow shapes (N = 4096 / 64 x 2 = 128) where K is long enough to share (see _split_pays).
+# narrow shapes (N = 4096 / 64 x 2 = 128) where K is long enough to share (see _split_pays);
+# with 128-row tiles they also halve the re-reads of x from L2 (every column block reads all of
+# x: at M = 64 and 64-row tiles, as many bytes as the weight).
 # benchmarks/bench_kernels.py --linear-only prints every candidate's time on the Llama-3-8B shapes.
 TUNING: list[LinearTuning] = [
     LinearTuning(16, 128, 2, 8),
@@ -249,6 +301,7 @@ TUNING: list[LinearTuning] = [
     LinearTuning(32, 256, 4, 4, split_k=2),
     LinearTuning(128, 128, 8, 4, split_k=2),
     LinearTuning(128, 128, 8, 4, split_k=4),
+    LinearTuning(128, 64, 8, 6, split_k=4),
     LinearTuning(8, 1024, 4, 3, dot=False),
     LinearTuning(16, 256, 2, 4, dot=False),
     LinearTuning(16, 512, 4, 3, dot=False),
@@ -295,12 +348,16 @@ def pipeline_smem(tuning: LinearTuning, bucket: int, gated: bool) -> int:
     return tuning.num_stages * (w_tile + x_tile)
 
 
-def candidate(tuning: LinearTuning, n: int, k: int, bucket: int, gated: bool = False) -> bool:
-    """Whether a config is a candidate for a shape: the gemv configs only at M == 1, split-K
-    configs only where they pay (_split_pays), none whose pipeline overflows shared memory."""
+def candidate(
+    tuning: LinearTuning, n: int, k: int, bucket: int, gated: bool = False, any_split: bool = False
+) -> bool:  # fmt: skip
+    """Whether a config is a candidate for a shape: the gemv configs only at M == 1, none whose
+    pipeline overflows shared memory, and split-K configs only where they pay (_split_pays:
+    the autotuner's isolated timing misjudges them) unless any_split (benchmarks/tune_linear.py,
+    whose in-graph timing is the model's)."""
     return (
         (tuning.dot or bucket == 1)
-        and _split_pays(n, k, tuning.block_n, tuning.split_k)
+        and (any_split or _split_pays(n, k, tuning.block_n, tuning.split_k))
         and pipeline_smem(tuning, bucket, gated) <= SMEM_LIMIT
     )
 
@@ -455,23 +512,50 @@ def _kernel_takes(x: torch.Tensor, w: torch.Tensor, gated: bool) -> bool:
     )
 
 
+def _linear_torch(
+    x: torch.Tensor, w: torch.Tensor, gated: bool, residual: torch.Tensor | None,
+    norm: Norm | None,
+) -> torch.Tensor:  # fmt: skip
+    """`linear` where the skinny kernel does not run: the norm and SiLU-and-mul kernels, then
+    cuBLAS (the residual added by its epilogue in half precision; in fp32 exactly as
+    linear_ref adds it, so the engine's fp32 runs stay exact)."""
+    if norm is not None:
+        x = rms_norm(x, *norm)[0]
+    if gated:
+        x = silu_and_mul(x)
+    if residual is None:
+        return F.linear(x, w)
+    if x.dtype == torch.float32:
+        return F.linear(x, w) + residual
+    return torch.addmm(residual, x, w.t())
+
+
 def linear(
-    x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None, gated: bool = False
-) -> torch.Tensor:
+    x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None, gated: bool = False,
+    residual: torch.Tensor | None = None, norm: Norm | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Triton version of `linear_ref`: y [M, N] in x.dtype, fp32 accumulation.
 
     The kernel runs for 1..MAX_M rows of fp16/bf16 with the card's measured config for the shape
     (TUNED_FILE) or else autotuned on CUDA, once per (N, K, M bucket, dtype, gated), in the first
-    call: make it before any graph capture. F.linear takes
-    everything else, fp32 included (the engine's fp32 runs stay exact), after the SiLU-and-mul
-    kernel if gated. An explicit `tuning` forces the kernel with that config for any dtype
-    (tests, benchmarks); one with split_k > 1 met inside a graph capture before its counters
-    exist runs unsplit. gated: x is [M, 2K], gate then up, and the kernel computes silu(gate) *
-    up as it loads x (rounded to x's dtype, as silu_and_mul's output is: the same bits as
-    linear(silu_and_mul(x), w) with the same config), one launch and no [M, K] intermediate.
+    call: make it before any graph capture. `_linear_torch` takes everything else, fp32
+    included. An explicit `tuning` forces the kernel with that config for any dtype (tests,
+    benchmarks); one with split_k > 1 met inside a graph capture before its counters exist runs
+    unsplit. gated: x is [M, 2K], gate then up, and up to GATED_MAX_M rows the kernel computes
+    silu(gate) * up as it loads x (rounded to x's dtype, as silu_and_mul's output is: the same
+    bits as linear(silu_and_mul(x), w) with the same config), one launch and no [M, K]
+    intermediate. residual: added in the kernel's epilogue (one rounding of the fp32 sum).
+    norm: with a config that does not split K, the kernel multiplies each x tile by the norm's
+    weight as it loads it, sums x's squares on the way, and scales the rows by 1 / rms at the
+    end: no norm launch and no normed copy of x (rounded once, where rms_norm then linear round
+    twice); with a split config or an autotuned shape the norm kernel runs first.
     """
+    if residual is not None:
+        assert residual.shape == (x.shape[0], w.shape[0]) and residual.dtype == x.dtype
+        assert residual.stride(1) == 1 and residual.device == x.device
+    assert norm is None or not gated, "a norm on the input of a gated projection"
     if tuning is None and not _kernel_takes(x, w, gated):
-        return F.linear(silu_and_mul(x) if gated else x, w)
+        return _linear_torch(x, w, gated, residual, norm)
     m, width = x.shape
     n, k = w.shape
     assert width == (2 if gated else 1) * k and w.dtype == x.dtype and w.device == x.device
@@ -481,32 +565,43 @@ def linear(
     assert 1 <= m <= MAX_M and (tuning is None or tuning.dot or m == 1)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bucket = triton.next_power_of_2(m)
-    sizes = (m, n, k, x.stride(0), w.stride(0), y.stride(0), bucket, max(16, bucket))
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
     on_cpu = x.device.type == "cpu"
     if tuning is None and not on_cpu:
         tuning = _tuned_on(x.device, n, k, bucket, gated, x.dtype)
+    scratch = None
     if tuning is None and not on_cpu:
         key = (n, k, bucket, x.dtype, gated)
         if key in _TUNED or not torch.cuda.is_current_stream_capturing():
             pays = [t for t in TUNING if _split_pays(n, k, t.block_n, t.split_k)]
             scratch = _split_scratch(x.device, m, n, pays)
-            if scratch is not None:  # None: counters missing inside a capture (tuned elsewhere)
-                _linear_tuned[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, GATED=gated,
-                                    **pdl_args(x.device))  # fmt: skip
-                _TUNED.add(key)
-                return y
-        tuning = _CAPTURE_TUNING
-    tuning = tuning or _CPU_TUNING
-    scratch = _split_scratch(x.device, m, n, [tuning])
-    if scratch is None:
-        tuning = dataclasses.replace(tuning, split_k=1)
-        scratch = None, None
+        if scratch is None:  # None: counters missing inside a capture (tuned elsewhere)
+            tuning = _CAPTURE_TUNING
+    if tuning is not None or on_cpu:
+        tuning = tuning or _CPU_TUNING
+        scratch = _split_scratch(x.device, m, n, [tuning])
+        if scratch is None:
+            tuning = dataclasses.replace(tuning, split_k=1)
+            scratch = None, None
+    assert scratch is not None
+    if norm is not None and (tuning is None or tuning.split_k > 1):  # the norm needs all of K
+        x, norm = rms_norm(x, *norm)[0], None
+    g, eps = norm if norm is not None else (None, 0.0)
+    if g is not None:
+        assert g.shape == (k,) and g.stride(0) == 1 and g.device == x.device
+    stride_r = residual.stride(0) if residual is not None else 0
+    args = (x, w, y, *scratch, residual, g, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+            stride_r, eps, bucket, max(16, bucket))  # fmt: skip
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    flags = dict(DOT_PRECISION=precision, GATED=gated, HAS_RESIDUAL=residual is not None,
+                 NORM=g is not None, **pdl_args(x.device))  # fmt: skip
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+    if tuning is None:
+        _linear_tuned[grid](*args, **flags)
+        _TUNED.add((n, k, bucket, x.dtype, gated))
+        return y
     options = {} if on_cpu else tuning.options()
-    _linear_kernel[grid](x, w, y, *scratch, *sizes, DOT_PRECISION=precision, GATED=gated,
-                         **tuning.meta(), **options, **pdl_args(x.device))  # fmt: skip
+    _linear_kernel[grid](*args, **flags, **tuning.meta(), **options)
     return y

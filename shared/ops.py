@@ -17,25 +17,24 @@ from kernels import (
     decode_attention,
     linear,
     prefill_attention,
-    rms_norm,
     rope_kv,
 )
 
 
 @dataclass(frozen=True)
 class Ops:
-    rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rope_write_kv: Callable[..., None]  # RoPE on q and k, then k and v into the paged cache
     prefill_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
     gather_blocks: Callable[..., torch.Tensor]
     scatter_blocks: Callable[..., None]
-    linear: Callable[..., torch.Tensor]  # y = x @ w.T; gated=True: silu(x's gate) * up @ w.T
+    # y = x @ w.T; gated=True: silu(x's gate) * up @ w.T; norm=(g, eps): rms_norm(x) @ w.T;
+    # residual=r: + r
+    linear: Callable[..., torch.Tensor]
 
 
 # the kernel module of each op
 _MODULES: dict[str, ModuleType] = {
-    "rms_norm": rms_norm,
     "rope_write_kv": rope_kv,
     "prefill_attention": prefill_attention,
     "decode_attention": decode_attention,
@@ -50,10 +49,11 @@ def _ops(suffix: str) -> Ops:
 
 
 REFERENCE_OPS = _ops("_ref")
+KERNEL_OPS = _ops("")
 
 
 def ops_for(device: torch.device, use_kernels: bool = True) -> Ops:
     """Triton kernels on CUDA devices (unless disabled), the torch references everywhere else."""
     if device.type == "cuda" and use_kernels:
-        return _ops("")
+        return KERNEL_OPS
     return REFERENCE_OPS

@@ -2,8 +2,14 @@
 
 One forward serves prefill chunks and decode tokens in one packed batch:
 
-    ids -> embed -> [norm -> qkv -> rope -> write K/V -> paged attention -> o
-                     -> norm -> gate_up -> silu*mul -> down] x L -> norm -> lm_head (sampled rows)
+    ids -> embed -> [norm -> qkv -> rope -> write K/V -> paged attention -> o (+ residual)
+                     -> norm -> gate_up -> silu*mul -> down (+ residual)] x L -> norm -> lm_head
+                     (sampled rows)
+
+Each norm is asked of the projection that reads it (`ops.linear(..., norm=)`), each residual
+add of the projection that feeds the stream (`ops.linear(..., residual=)`): the decode kernels
+fuse both into the skinny linear; the references and the other paths run them as separate
+steps with the same math.
 """
 
 from __future__ import annotations
@@ -65,32 +71,28 @@ class LlamaModel:
         kv_cache: [L, 2, num_blocks, block_size, kv_heads, head_dim]. on_layer(l) runs once
         layer l's K/V of this step are in the cache (the handoff sends it from there).
         """
-        w, ops = self.weights, self.ops
-        h = F.embedding(batch.input_ids, w.embed)  # [T, H]
-        residual: torch.Tensor | None = None
+        w, ops, eps = self.weights, self.ops, self.config.rms_eps
+        h = F.embedding(batch.input_ids, w.embed)  # [T, H], the residual stream
         for index, layer in enumerate(w.layers):
-            x, residual = ops.rms_norm(h, layer.attn_norm, self.config.rms_eps, residual)
-            h = self._attention(index, layer, x, batch, kv_cache)
+            h = self._attention(index, layer, h, batch, kv_cache)
             if on_layer is not None:
                 on_layer(index)
-            x, residual = ops.rms_norm(h, layer.mlp_norm, self.config.rms_eps, residual)
-            h = ops.linear(ops.linear(x, layer.gate_up), layer.down, gated=True)  # SiLU-and-mul
-        h = h[batch.sample_indices]
-        assert residual is not None
-        x, _ = ops.rms_norm(h, w.norm, self.config.rms_eps, residual[batch.sample_indices])
-        return ops.linear(x, w.lm_head).float()
+            up = ops.linear(h, layer.gate_up, norm=(layer.mlp_norm, eps))
+            h = ops.linear(up, layer.down, gated=True, residual=h)  # SiLU-and-mul
+        return ops.linear(h[batch.sample_indices], w.lm_head, norm=(w.norm, eps)).float()
 
     def _attention(
         self,
         index: int,
         layer: LayerWeights,
-        x: torch.Tensor,
+        h: torch.Tensor,
         batch: ForwardBatch,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:
+        """The residual stream h after layer `index`'s attention block."""
         cfg, ops = self.config, self.ops
-        tokens = x.shape[0]
-        qkv = ops.linear(x, layer.qkv)  # [T, q_size + 2 * kv_size]
+        tokens = h.shape[0]
+        qkv = ops.linear(h, layer.qkv, norm=(layer.attn_norm, cfg.rms_eps))
         q = qkv[:, : cfg.q_size].view(tokens, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(tokens, cfg.num_kv_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -112,4 +114,4 @@ class LlamaModel:
                 batch.seq_lens,
                 self.scale,
             )
-        return ops.linear(out.reshape(tokens, cfg.q_size), layer.o)
+        return ops.linear(out.reshape(tokens, cfg.q_size), layer.o, residual=h)

@@ -225,6 +225,22 @@ def test_linear_split_k(n, k, m, tuning):
     linear_cases.run_case(m, n, k, BF16, tuning, device="cuda", seed=n + m, row_pad=8)
 
 
+@pytest.mark.parametrize(
+    "tuning",
+    [LinearTuning(64, 128, 4, 6), LinearTuning(64, 128, 4, 6, split_k=2),
+     LinearTuning(16, 512, 4, 3, dot=False)],
+    ids=["unsplit", "split2", "gemv"],
+)  # fmt: skip
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("norm", [False, True], ids=["residual", "norm+residual"])
+def test_linear_norm_and_residual(tuning, m, norm):
+    """The decode layer's fused forms in bf16: RMSNorm on the input (in the kernel unsplit, the
+    norm kernel first when split) and the residual added in the epilogue."""
+    if tuning.dot or m == 1:
+        linear_cases.run_fused_case(m, 4096, 4096, BF16, tuning, residual=True, norm=norm,
+                                    device="cuda", seed=m)  # fmt: skip
+
+
 def test_linear_split_k_graph_replay():
     """A split-K launch replays in a CUDA graph on the counters it was captured with: same bits
     as an eager call, replay after replay."""

@@ -9,6 +9,7 @@ from kernel_inputs import assert_close, poison_allocator
 from kernels import linear as linear_mod
 from kernels.activation import silu_and_mul
 from kernels.linear import MAX_M, TUNING, LinearTuning, linear, linear_ref
+from kernels.rms_norm import rms_norm
 
 DOT = [LinearTuning(16, 64, 4, 2), LinearTuning(32, 32, 4, 3)]
 GEMV = LinearTuning(8, 128, 4, 2, dot=False)
@@ -167,7 +168,7 @@ def _surviving(n, k, bucket):
 
 def test_autotuner_prunes_split_k_where_it_cannot_pay():
     splits = {(t.block_n, t.block_k, t.split_k, True) for t in TUNING if t.split_k > 1}
-    assert len(splits) == 6
+    assert len(splits) == 7
     # down_proj: 64 column blocks and K = 14336, two splits of >= 4096 columns; not four
     assert {s for s in splits if s[2] == 2} <= _surviving(4096, 14336, 16)
     assert {s for s in splits if s[2] == 4}.isdisjoint(_surviving(4096, 14336, 16))
@@ -214,6 +215,87 @@ def test_gated_gemv(n, k, dtype):
     run_gated_case(1, n, k, dtype, GEMV, seed=n + k)
 
 
+def run_fused_case(m, n, k, dtype, tuning, residual, norm, device="cpu", seed=0, gated=False):
+    """linear with a residual added and/or an RMSNorm on its input, against linear_ref."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, (2 if gated else 1) * k, generator=gen, device=device).to(dtype)
+    x = x * (1 + torch.arange(m, device=device)[:, None]).to(dtype)  # rows of different scale
+    w = (torch.randn(n, k, generator=gen, device=device) / k**0.5).to(dtype)
+    r = torch.randn(m, n + 3, generator=gen, device=device).to(dtype)[:, :n] if residual else None
+    g = (1 + torch.randn(k, generator=gen, device=device) / 4).to(dtype) if norm else None
+    nrm = (g, 1e-5) if g is not None else None
+    nrm64 = (g.double(), 1e-5) if g is not None else None
+    r64 = r.double() if r is not None else None
+    poison_allocator(device)
+    y = linear(x, w, tuning, gated=gated, residual=r, norm=nrm)
+    assert y.shape == (m, n) and y.dtype == dtype and y.is_contiguous()
+    assert_close(y, linear_ref(x.double(), w.double(), gated, r64, nrm64), dtype)
+    torch.testing.assert_close(linear(x, w, tuning, gated=gated, residual=r, norm=nrm), y,
+                               rtol=0, atol=0)  # fmt: skip
+    assert counters_all_zero()
+    return y
+
+
+FUSED_TUNINGS = [*DOT, LinearTuning(16, 64, 4, 2, split_k=2), GEMV]
+FUSED_IDS = ["n16k64", "n32k32", "split2", "gemv"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tuning", FUSED_TUNINGS, ids=FUSED_IDS)
+@pytest.mark.parametrize("m,n,k", [(1, 45, 200), (7, 64, 256), (64, 33, 70)])
+def test_residual_is_added_in_the_epilogue(m, n, k, dtype, tuning):
+    if tuning.dot or m == 1:
+        run_fused_case(m, n, k, dtype, tuning, residual=True, norm=False, seed=m + n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tuning", FUSED_TUNINGS, ids=FUSED_IDS)
+@pytest.mark.parametrize("m,n,k", [(1, 45, 200), (7, 64, 256), (64, 33, 70), (3, 10, 1000)])
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "norm+residual"])
+def test_norm_is_applied_to_the_input(m, n, k, dtype, tuning, residual):
+    """Unsplit configs scale x by the norm weight as they load it and the rows by 1 / rms at
+    the end; a split config runs the norm kernel first."""
+    if tuning.dot or m == 1:
+        run_fused_case(m, n, k, dtype, tuning, residual=residual, norm=True, seed=m * k)
+
+
+def test_a_split_config_runs_the_norm_kernel_then_the_linear():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 130, generator=gen).to(torch.float16)
+    w = torch.randn(40, 130, generator=gen).to(torch.float16)
+    g = torch.randn(130, generator=gen).to(torch.float16)
+    split = LinearTuning(16, 64, 4, 2, split_k=2)
+    want = linear(rms_norm(x, g, 1e-6)[0], w, split)
+    torch.testing.assert_close(linear(x, w, split, norm=(g, 1e-6)), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [3, 20])
+def test_gated_with_residual(m):
+    """The down projection: SiLU-and-mul in the kernel up to GATED_MAX_M rows, first above."""
+    assert 3 <= linear_mod.GATED_MAX_M < 20
+    run_fused_case(m, 48, 96, torch.float16, DOT[0], residual=True, norm=False, gated=True)
+
+
+def test_fused_fallbacks_compute_what_the_reference_does():
+    """fp32 (the engine's exact runs) gives the reference's bits for a residual; above MAX_M
+    rows half precision runs the norm kernel and cuBLAS (residual in its epilogue)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=gen)
+    w = torch.randn(24, 64, generator=gen)
+    r = torch.randn(5, 24, generator=gen)
+    torch.testing.assert_close(linear(x, w, residual=r), linear_ref(x, w, residual=r),
+                               rtol=0, atol=0)  # fmt: skip
+    big = MAX_M + 6
+    xh = torch.randn(big, 64, generator=gen).to(torch.float16)
+    rh = torch.randn(big, 24, generator=gen).to(torch.float16)
+    g = torch.randn(64, generator=gen).to(torch.float16)
+    y = linear(xh, w.to(torch.float16), residual=rh, norm=(g, 1e-5))
+    want = linear_ref(xh.double(), w.double(), residual=rh.double(), norm=(g.double(), 1e-5))
+    assert_close(y, want, torch.float16)
+    with pytest.raises(AssertionError):
+        linear(xh[:, :32].repeat(1, 4), w.to(torch.float16), gated=True, norm=(g, 1e-5))
+
+
 def test_gated_fallback_runs_silu_and_mul_then_torch_linear():
     """fp32 (and anything the kernel does not take) goes through the SiLU-and-mul kernel and
     F.linear: the engine's fp32 runs stay exact."""
@@ -254,6 +336,19 @@ def test_the_autotuner_prunes_to_the_candidates():
         pairs = zip(configs, TUNING, strict=True)
         assert kept == [c for c, t in pairs if linear_mod.candidate(t, n, k, bucket, gated)]
         assert kept
+
+
+def test_the_tuner_times_split_k_on_any_k():
+    """tune_linear (any_split) times every split config that fits, where the autotuner keeps
+    them to long K; both drop configs that overflow shared memory."""
+    for n, k, bucket in ((6144, 4096, 64), (4096, 4096, 16), (4096, 14336, 64)):
+        tuner = {t for t in TUNING if linear_mod.candidate(t, n, k, bucket, any_split=True)}
+        auto = {t for t in TUNING if linear_mod.candidate(t, n, k, bucket)}
+        assert auto < tuner
+        assert {t for t in tuner if t.split_k > 1} == {
+            t for t in TUNING
+            if t.split_k > 1 and linear_mod.pipeline_smem(t, bucket, False) <= linear_mod.SMEM_LIMIT
+        }  # fmt: skip
 
 
 def test_no_candidate_overflows_shared_memory():

@@ -1,0 +1,81 @@
+"""The Llama model written against `Ops`, run on the Triton kernels (the interpreter, fp16) and
+on the torch references (float64, the same weights): a prefill of two prompts in one packed
+batch over shuffled blocks, then a decode step of both. Covers how the model calls the fused
+ops (the norm inside the projection that reads it, the residual add in the one that feeds the
+stream, RoPE with the KV write), which the per-kernel tests do not."""
+
+import dataclasses
+
+import torch
+from kernel_inputs import assert_close
+
+from shared.batch import ForwardBatch
+from shared.models.config import ModelConfig
+from shared.models.llama import LayerWeights, LlamaModel, LlamaWeights
+from shared.models.loader import synthetic_weights
+from shared.ops import KERNEL_OPS, REFERENCE_OPS
+
+CONFIG = ModelConfig(name="small-gqa", hidden_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=64, intermediate_size=192, vocab_size=300,
+                     rope_theta=10000.0, rms_eps=1e-5, max_position=256, tie_embeddings=False,
+                     rope_scaling=None, bos_token_id=1, eos_token_ids=(2,))  # fmt: skip
+PAGE = 16
+
+
+def _weights(dtype: torch.dtype) -> LlamaWeights:
+    """Seeded weights with norm weights away from 1 (a misapplied one shows)."""
+    w = synthetic_weights(CONFIG, dtype, torch.device("cpu"), seed=4)
+    gen = torch.Generator().manual_seed(5)
+
+    def norm_weight() -> torch.Tensor:
+        return (1 + torch.randn(CONFIG.hidden_size, generator=gen) / 3).to(dtype)
+
+    layers = [dataclasses.replace(layer, attn_norm=norm_weight(), mlp_norm=norm_weight())
+              for layer in w.layers]  # fmt: skip
+    return dataclasses.replace(w, layers=layers, norm=norm_weight())
+
+
+def _as(weights: LlamaWeights, dtype: torch.dtype) -> LlamaWeights:
+    def cast(layer: LayerWeights) -> LayerWeights:
+        return LayerWeights(**{f.name: getattr(layer, f.name).to(dtype)
+                               for f in dataclasses.fields(layer)})  # fmt: skip
+
+    return LlamaWeights(weights.embed.to(dtype), [cast(layer) for layer in weights.layers],
+                        weights.norm.to(dtype), weights.lm_head.to(dtype))  # fmt: skip
+
+
+def _batch(ids, positions, blocks, lens, q_lens, table) -> ForwardBatch:
+    slots = [blocks[b] * PAGE + p for b, n in enumerate(q_lens)
+             for p in range(lens[b] - n, lens[b])]  # fmt: skip
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    return ForwardBatch(
+        input_ids=torch.tensor(ids), positions=torch.tensor(positions),
+        slot_mapping=torch.tensor(slots), block_table=torch.tensor(table, dtype=torch.int32),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        sample_indices=torch.tensor(cu[1:]) - 1, max_q_len=max(q_lens),
+    )  # fmt: skip
+
+
+def _logits(ops, weights: LlamaWeights, dtype: torch.dtype) -> list[torch.Tensor]:
+    model = LlamaModel(CONFIG, weights, ops)
+    cache = torch.zeros(CONFIG.num_layers, 2, 5, PAGE, CONFIG.num_kv_heads, CONFIG.head_dim,
+                        dtype=dtype)  # fmt: skip
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, CONFIG.vocab_size, (n,), generator=gen).tolist() for n in (5, 9)]
+    blocks, table = [3, 1], [[3], [1]]  # shuffled, one block a sequence
+    prefill = _batch(prompts[0] + prompts[1], list(range(5)) + list(range(9)), blocks, [5, 9],
+                     [5, 9], table)  # fmt: skip
+    decode = _batch([7, 11], [5, 9], blocks, [6, 10], [1, 1], table)
+    return [model.forward(prefill, cache), model.forward(decode, cache)]
+
+
+def test_the_model_on_the_kernels_matches_the_references():
+    weights = _weights(torch.float16)
+    kernels = _logits(KERNEL_OPS, weights, torch.float16)
+    reference = _logits(REFERENCE_OPS, _as(weights, torch.float64), torch.float64)
+    for got, want in zip(kernels, reference, strict=True):
+        assert got.shape == want.shape == (2, CONFIG.vocab_size)
+        assert_close(got, want, torch.float16, factor=4)
