@@ -44,8 +44,8 @@ def decode_attention_ref(
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_part_ptr, ml_part_ptr, qk_scale, min_split,
-    stride_qb, stride_qh, stride_table,
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_part_ptr, ml_part_ptr, out_ptr, qk_scale,
+    min_split, stride_qb, stride_qh, stride_table, stride_ob, stride_oh,
     stride_k_blk, stride_k_off, stride_k_h, stride_v_blk, stride_v_off, stride_v_h,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -89,9 +89,14 @@ def _decode_split_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
+    ok = g < GROUP
+    if NUM_SPLITS == 1:  # the whole context: the output itself (what the merge would compute)
+        o_off = seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+        return
     # partials: o_part [B, H, NUM_SPLITS, HEAD_DIM] (unnormalised), ml_part [B, H, NUM_SPLITS, 2]
     part = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
-    ok = g < GROUP
     tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=ok[:, None])
     tl.store(ml_part_ptr + part * 2, m_i, mask=ok)
     tl.store(ml_part_ptr + part * 2 + 1, l_i, mask=ok)
@@ -179,13 +184,17 @@ def decode_attention(
     group = num_heads // num_kv_heads
     max_ctx = block_table.shape[1] * page
     num_splits, min_split = _num_splits(batch, num_kv_heads, max_ctx, q.device, tuning)
-    o_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
-                         device=q.device)  # fmt: skip
-    ml_part = torch.empty((batch, num_heads, num_splits, 2), dtype=torch.float32, device=q.device)
+    # one split a sequence (batch enough to fill the card): the split kernel writes the output
+    o_part = ml_part = None
+    if num_splits > 1:
+        o_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
+                             device=q.device)  # fmt: skip
+        ml_part = torch.empty((batch, num_heads, num_splits, 2), dtype=torch.float32,
+                              device=q.device)  # fmt: skip
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_table, seq_lens, o_part, ml_part,
+        q, k_cache, v_cache, block_table, seq_lens, o_part, ml_part, out,
         scale * 1.4426950408889634, min_split,  # log2(e): the kernel works in base 2
-        q.stride(0), q.stride(1), block_table.stride(0),
+        q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
@@ -193,6 +202,8 @@ def decode_attention(
         BLOCK_N=tuning.block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_args(q.device),
     )  # fmt: skip
+    if num_splits == 1:
+        return out
     _decode_merge_kernel[(batch, num_heads)](
         o_part, ml_part, out, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits,

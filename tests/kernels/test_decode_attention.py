@@ -10,6 +10,7 @@ from kernel_inputs import (
     poison_unused_blocks,
 )
 
+import kernels.decode_attention as decode_attention_module
 from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
 from kernels.prefill_attention import prefill_attention_ref
 
@@ -66,3 +67,18 @@ def test_split_counts(waves, block_n):
     kernel = functools.partial(decode_attention, tuning=DecodeTuning(block_n=block_n, waves=waves))
     run_case([1, 40, 700, 129], heads=8, kv_heads=2, head_dim=64, page=16, dtype=torch.float32,
              seed=waves + block_n, kernel=kernel)  # fmt: skip
+
+
+def test_one_split_a_sequence_writes_the_output_without_a_merge(monkeypatch):
+    """When the batch fills the card with one split a sequence, the split kernel normalises and
+    writes the output itself: no partials, no merge launch."""
+
+    class NoMerge:
+        def __getitem__(self, grid):
+            raise AssertionError("merge launched for one split a sequence")
+
+    monkeypatch.setattr(decode_attention_module, "_decode_merge_kernel", NoMerge())
+    kernel = functools.partial(decode_attention, tuning=DecodeTuning(waves=1))
+    for dtype in (torch.float32, torch.float16):  # 4 sequences x 2 KV heads >= 4 'SMs': 1 split
+        run_case([3, 40, 300, 129], heads=8, kv_heads=2, head_dim=64, page=16, dtype=dtype,
+                 kernel=kernel)  # fmt: skip
