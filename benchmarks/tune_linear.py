@@ -9,9 +9,12 @@ its pick for qkv, split-K four ways, took 28.9 us a layer in the model against 2
 previous config). Here every candidate of every projection and M bucket (split-K ones on any K,
 where the autotuner keeps them to long K) runs in a captured
 graph over `copies` distinct weights (>= 512 MiB of them, well past the L2), and its time is
-the graph's replay time over the calls. The table prints the best candidate beside cuBLAS
-(the SiLU-and-mul kernel first, for the gated down projection) timed the same way, and the
-copy-bandwidth floor measured in the same run. --write merges the winners into
+the graph's replay time over the calls. Each projection is called as the model calls it (the
+norm on the input of qkv, gate_up and lm_head, the residual added by o and down, SiLU-and-mul
+in down). The table prints the best candidate beside the torch path (norm and SiLU-and-mul
+kernels, then cuBLAS) and, for the normed projections, the best config with the norm kernel
+run first instead of fused, all timed the same way, and the copy-bandwidth floor measured in
+the same run. --write merges the winners into
 kernels/linear_tuned.json under this card's name, where `linear` finds them.
 """
 
@@ -20,13 +23,12 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from common import copy_bandwidth_gbs, header, table
 from triton.runtime.errors import OutOfResources
 
-from kernels.activation import silu_and_mul
 from kernels.linear import (
     GATED_MAX_M,
     MAX_M,
@@ -34,25 +36,39 @@ from kernels.linear import (
     LinearTuning,
     candidate,
     linear,
+    linear_torch,
     shape_key,
     write_tuned,
 )
+from kernels.rms_norm import rms_norm
 from shared.models.config import SHAPES
 from shared.models.loader import SYNTHETIC_PREFIX
 
 STREAM_BYTES = 512 << 20  # weights a timed graph streams through, at least
 
 
-def projections(model: str) -> list[tuple[str, int, int, bool]]:
-    """(name, N, K, gated) of a model's decode projections."""
+@dataclass(frozen=True)
+class Projection:
+    """A decode projection as the model calls it (shared/models/llama.py)."""
+
+    name: str
+    n: int
+    k: int
+    gated: bool = False  # SiLU-and-mul on the input (down)
+    norm: bool = False  # RMSNorm on the input (qkv, gate_up, lm_head)
+    residual: bool = False  # adds the residual stream (o, down)
+
+
+def projections(model: str) -> list[Projection]:
+    """A model's decode projections."""
     cfg = SHAPES[model.removeprefix(SYNTHETIC_PREFIX)]
     h, inter = cfg.hidden_size, cfg.intermediate_size
     return [
-        ("qkv", cfg.q_size + 2 * cfg.kv_size, h, False),
-        ("o", h, cfg.q_size, False),
-        ("gate_up", 2 * inter, h, False),
-        ("down (gated)", h, inter, True),
-        ("lm_head", cfg.vocab_size, h, False),
+        Projection("qkv", cfg.q_size + 2 * cfg.kv_size, h, norm=True),
+        Projection("o", h, cfg.q_size, residual=True),
+        Projection("gate_up", 2 * inter, h, norm=True),
+        Projection("down", h, inter, gated=True, residual=True),
+        Projection("lm_head", cfg.vocab_size, h, norm=True),
     ]
 
 
@@ -77,30 +93,37 @@ def streamed_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tens
 
 
 def tune(
-    n: int, k: int, gated: bool, bucket: int, dtype: torch.dtype
-) -> tuple[LinearTuning, float, float]:  # fmt: skip
-    """(best candidate, its us, cuBLAS's us) for one projection at M = bucket rows."""
-    copies = max(2, min(32, math.ceil(STREAM_BYTES / (n * k * 2))))
-    weights = [torch.randn(n, k, device="cuda").to(dtype) for _ in range(copies)]
-    x = torch.randn(bucket, (2 if gated else 1) * k, device="cuda").to(dtype)
-    if gated:
-        cublas = streamed_us(lambda w: F.linear(silu_and_mul(x), w), weights)
-    else:
-        cublas = streamed_us(lambda w: F.linear(x, w), weights)
+    p: Projection, bucket: int, dtype: torch.dtype
+) -> tuple[LinearTuning, float, float, float | None]:  # fmt: skip
+    """(best candidate, its us, the torch path's us, the best config's us with the norm kernel
+    run first (norm projections; else None)) at M = bucket rows."""
+    copies = max(2, min(32, math.ceil(STREAM_BYTES / (p.n * p.k * 2))))
+    weights = [torch.randn(p.n, p.k, device="cuda").to(dtype) for _ in range(copies)]
+    x = torch.randn(bucket, (2 if p.gated else 1) * p.k, device="cuda").to(dtype)
+    r = torch.randn(bucket, p.n, device="cuda").to(dtype) if p.residual else None
+    norm = ((1 + torch.randn(p.k, device="cuda") / 4).to(dtype), 1e-5) if p.norm else None
+    cublas = streamed_us(lambda w: linear_torch(x, w, p.gated, r, norm), weights)
     timed: list[tuple[float, LinearTuning]] = []
     for t in TUNING:
         # above GATED_MAX_M rows a gated call runs SiLU-and-mul, then the plain kernel
-        if candidate(t, n, k, bucket, gated and bucket <= GATED_MAX_M, any_split=True):
+        if candidate(t, p.n, p.k, bucket, p.gated and bucket <= GATED_MAX_M, any_split=True):
 
             def call(w: torch.Tensor, t: LinearTuning = t) -> torch.Tensor:
-                return linear(x, w, t, gated=gated)
+                return linear(x, w, t, gated=p.gated, residual=r, norm=norm)
 
             try:
                 timed.append((streamed_us(call, weights), t))
             except OutOfResources as err:  # pipeline_smem's estimate fell short: say so
                 print(f"  {t}: {err}", flush=True)
     best_us, best = min(timed, key=lambda item: item[0])
-    return best, best_us, cublas
+    unfused = None
+    if norm is not None:
+
+        def two_kernels(w: torch.Tensor) -> torch.Tensor:
+            return linear(rms_norm(x, *norm)[0], w, best, residual=r)
+
+        unfused = streamed_us(two_kernels, weights)
+    return best, best_us, cublas, unfused
 
 
 def main() -> None:
@@ -118,18 +141,20 @@ def main() -> None:
     print(f"{args.model}, {dtype}; copy {copy_gbs:,.0f} GB/s (read + write)", flush=True)
     rows: list[tuple[str, ...]] = []
     winners: dict[str, LinearTuning] = {}
-    for name, n, k, gated in projections(args.model):
+    for p in projections(args.model):
         for bucket in buckets:
-            best, us, cublas = tune(n, k, gated, bucket, dtype)
-            floor_us = n * k * 2 / copy_gbs / 1e3
-            winners[shape_key(n, k, bucket, gated and bucket <= GATED_MAX_M, dtype)] = best
-            row = (f"{name} [{n}, {k}]", str(bucket), str(best), f"{us:.1f}",
-                   f"{n * k * 2 / us / 1e3:,.0f} GB/s", f"{floor_us / us:.0%}",
-                   f"{cublas:.1f}", f"{cublas / us:.2f}x")  # fmt: skip
+            best, us, cublas, unfused = tune(p, bucket, dtype)
+            nbytes = p.n * p.k * 2
+            gated = p.gated and bucket <= GATED_MAX_M
+            winners[shape_key(p.n, p.k, bucket, gated, dtype)] = best
+            row = (f"{p.name} [{p.n}, {p.k}]", str(bucket), str(best), f"{us:.1f}",
+                   f"{nbytes / us / 1e3:,.0f} GB/s", f"{nbytes / copy_gbs / 1e3 / us:.0%}",
+                   f"{cublas:.1f}", f"{cublas / us:.2f}x",
+                   "-" if unfused is None else f"{unfused:.1f}")  # fmt: skip
             rows.append(row)
             print(" | ".join(row), flush=True)
-    head = ("projection", "M", "best config", "us", "weight rate", "of copy", "cuBLAS us",
-            "vs cuBLAS")  # fmt: skip
+    head = ("projection", "M", "best config", "us", "weight rate", "of copy", "torch us",
+            "vs torch", "norm kernel first us")  # fmt: skip
     print()
     print(table(rows, head))
     if args.write:

@@ -512,7 +512,7 @@ def _kernel_takes(x: torch.Tensor, w: torch.Tensor, gated: bool) -> bool:
     )
 
 
-def _linear_torch(
+def linear_torch(
     x: torch.Tensor, w: torch.Tensor, gated: bool, residual: torch.Tensor | None,
     norm: Norm | None,
 ) -> torch.Tensor:  # fmt: skip
@@ -538,7 +538,7 @@ def linear(
 
     The kernel runs for 1..MAX_M rows of fp16/bf16 with the card's measured config for the shape
     (TUNED_FILE) or else autotuned on CUDA, once per (N, K, M bucket, dtype, gated), in the first
-    call: make it before any graph capture. `_linear_torch` takes everything else, fp32
+    call: make it before any graph capture. `linear_torch` takes everything else, fp32
     included. An explicit `tuning` forces the kernel with that config for any dtype (tests,
     benchmarks); one with split_k > 1 met inside a graph capture before its counters exist runs
     unsplit. gated: x is [M, 2K], gate then up, and up to GATED_MAX_M rows the kernel computes
@@ -555,7 +555,7 @@ def linear(
         assert residual.stride(1) == 1 and residual.device == x.device
     assert norm is None or not gated, "a norm on the input of a gated projection"
     if tuning is None and not _kernel_takes(x, w, gated):
-        return _linear_torch(x, w, gated, residual, norm)
+        return linear_torch(x, w, gated, residual, norm)
     m, width = x.shape
     n, k = w.shape
     assert width == (2 if gated else 1) * k and w.dtype == x.dtype and w.device == x.device
