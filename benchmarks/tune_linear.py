@@ -10,9 +10,9 @@ previous config). Here every candidate of every projection and M bucket (split-K
 where the autotuner keeps them to long K) runs in a captured
 graph over `copies` distinct weights (>= 512 MiB of them, well past the L2), and its time is
 the graph's replay time over the calls. Each projection is called as the model calls it (the
-norm on the input of qkv, gate_up and lm_head, the residual added by o and down, SiLU-and-mul
-in down). The table prints the best candidate beside the torch path (norm and SiLU-and-mul
-kernels, then cuBLAS) and, for the normed projections, the best config with the norm kernel
+norm on the input of qkv, gate_up and lm_head, SiLU-and-mul of gate_up's product, the residual
+added by o and down). The table prints the best candidate beside the torch path (norm kernel,
+cuBLAS, SiLU-and-mul kernel) and, for the normed projections, the best config with the norm kernel
 run first instead of fused, all timed the same way, and the copy-bandwidth floor measured in
 the same run. --write merges the winners into
 kernels/linear_tuned.json under this card's name, where `linear` finds them.
@@ -30,7 +30,6 @@ from common import copy_bandwidth_gbs, header, table
 from triton.runtime.errors import OutOfResources
 
 from kernels.linear import (
-    GATED_MAX_M,
     MAX_M,
     TUNING,
     LinearTuning,
@@ -54,8 +53,8 @@ class Projection:
     name: str
     n: int
     k: int
-    gated: bool = False  # SiLU-and-mul on the input (down)
     norm: bool = False  # RMSNorm on the input (qkv, gate_up, lm_head)
+    swiglu: bool = False  # silu(gate) * up of the product (gate_up)
     residual: bool = False  # adds the residual stream (o, down)
 
 
@@ -66,8 +65,8 @@ def projections(model: str) -> list[Projection]:
     return [
         Projection("qkv", cfg.q_size + 2 * cfg.kv_size, h, norm=True),
         Projection("o", h, cfg.q_size, residual=True),
-        Projection("gate_up", 2 * inter, h, norm=True),
-        Projection("down", h, inter, gated=True, residual=True),
+        Projection("gate_up", 2 * inter, h, norm=True, swiglu=True),
+        Projection("down", h, inter, residual=True),
         Projection("lm_head", cfg.vocab_size, h, norm=True),
     ]
 
@@ -99,17 +98,16 @@ def tune(
     run first (norm projections; else None)) at M = bucket rows."""
     copies = max(2, min(32, math.ceil(STREAM_BYTES / (p.n * p.k * 2))))
     weights = [torch.randn(p.n, p.k, device="cuda").to(dtype) for _ in range(copies)]
-    x = torch.randn(bucket, (2 if p.gated else 1) * p.k, device="cuda").to(dtype)
+    x = torch.randn(bucket, p.k, device="cuda").to(dtype)
     r = torch.randn(bucket, p.n, device="cuda").to(dtype) if p.residual else None
     norm = ((1 + torch.randn(p.k, device="cuda") / 4).to(dtype), 1e-5) if p.norm else None
-    cublas = streamed_us(lambda w: linear_torch(x, w, p.gated, r, norm), weights)
+    cublas = streamed_us(lambda w: linear_torch(x, w, r, norm, p.swiglu), weights)
     timed: list[tuple[float, LinearTuning]] = []
     for t in TUNING:
-        # above GATED_MAX_M rows a gated call runs SiLU-and-mul, then the plain kernel
-        if candidate(t, p.n, p.k, bucket, p.gated and bucket <= GATED_MAX_M, any_split=True):
+        if candidate(t, p.n, p.k, bucket, any_split=True):
 
             def call(w: torch.Tensor, t: LinearTuning = t) -> torch.Tensor:
-                return linear(x, w, t, gated=p.gated, residual=r, norm=norm)
+                return linear(x, w, t, residual=r, norm=norm, swiglu=p.swiglu)
 
             try:
                 timed.append((streamed_us(call, weights), t))
@@ -120,7 +118,7 @@ def tune(
     if norm is not None:
 
         def two_kernels(w: torch.Tensor) -> torch.Tensor:
-            return linear(rms_norm(x, *norm)[0], w, best, residual=r)
+            return linear(rms_norm(x, *norm)[0], w, best, residual=r, swiglu=p.swiglu)
 
         unfused = streamed_us(two_kernels, weights)
     return best, best_us, cublas, unfused
@@ -145,8 +143,7 @@ def main() -> None:
         for bucket in buckets:
             best, us, cublas, unfused = tune(p, bucket, dtype)
             nbytes = p.n * p.k * 2
-            gated = p.gated and bucket <= GATED_MAX_M
-            winners[shape_key(p.n, p.k, bucket, gated, dtype)] = best
+            winners[shape_key(p.n, p.k, bucket, dtype)] = best
             row = (f"{p.name} [{p.n}, {p.k}]", str(bucket), str(best), f"{us:.1f}",
                    f"{nbytes / us / 1e3:,.0f} GB/s", f"{nbytes / copy_gbs / 1e3 / us:.0%}",
                    f"{cublas:.1f}", f"{cublas / us:.2f}x",

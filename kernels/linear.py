@@ -18,11 +18,15 @@ Two inner products, picked per shape and M bucket by the autotuner:
   weight traffic.
 - gemv (M == 1 only): acc[BLOCK_N, BLOCK_K] += w_tile * x_chunk in fp32 FMAs, reduced once.
 
-Gated (an MLP's down projection, `gated=True`): x is the gate_up projection's output [M, 2K],
-and up to GATED_MAX_M rows each x tile is computed as it is loaded, silu(gate) * up in fp32
-rounded to x's dtype: the SiLU-and-mul kernel's launch and its [M, K] round trip through memory
-disappear, and the result is the same bits as the two-kernel path (which runs above
-GATED_MAX_M rows).
+Fused around the product, as a decoder layer asks (shared/models/llama.py):
+- norm=(g, eps): the input is RMSNorm(x) * g. Each x tile is multiplied by g's as it is loaded,
+  the rows' sums of squares accumulate on the way, and the accumulator's columns are scaled by
+  1 / rms at the end (unsplit configs; a split one runs the norm kernel first).
+- residual=r: y = x @ w.T + r, added in the epilogue before the one rounding.
+- swiglu=True (gate_up, w = [gate rows | up rows], 2I x K): y = silu(x @ gate.T) * (x @ up.T),
+  [M, I]: a program walks block_n / 2 gate rows and the matching up rows (the tuned config's
+  bytes a stage) into two accumulators and writes only the product: no SiLU-and-mul launch and
+  no [M, 2I] round trip through memory.
 
 Narrow shapes (N = 4096 or 6144 at BLOCK_N = 64: 64-96 programs for 132 SMs) would leave SMs
 idle; fewer rows a program is no cure (each program re-reads all of x from L2), so the dot configs
@@ -73,31 +77,21 @@ from kernels.rms_norm import rms_norm, rms_norm_ref
 Norm = tuple[torch.Tensor, float]  # an RMSNorm on the input: (weight [K], eps)
 
 MAX_M = 64  # rows of x the kernel takes (decode batches); F.linear above
-# Rows up to which a gated call computes silu(gate) * up inside the kernel. Every program redoes
-# the SiLU of all of x, which above 16 rows costs more than the launch it saves (H100, Llama-3-8B
-# down_proj in a streamed graph, benchmarks/tune_linear.py: 46.6 us at M = 16, 87.6 us at 32
-# against 48.2 for SiLU-and-mul then cuBLAS); above it the SiLU-and-mul kernel runs first.
-GATED_MAX_M = 16
 
 
 def linear_ref(
-    x: torch.Tensor, w: torch.Tensor, gated: bool = False,
-    residual: torch.Tensor | None = None, norm: Norm | None = None,
+    x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
+    norm: Norm | None = None, swiglu: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    # x: [M, K]; w: [N, K] -> [M, N]. gated: x is [M, 2K] (gate | up), the input is
-    # silu(gate) * up (an MLP's down projection of its gate_up output). norm: the input is
-    # rms_norm(x) (a layer's input norm). residual [M, N]: added to the product (in x's dtype)
+    # x: [M, K]; w: [N, K] -> [M, N]. norm: the input is rms_norm(x) (a layer's input norm).
+    # swiglu: w is [gate | up] rows and y = silu_and_mul(x @ w.T), [M, N / 2]. residual: added
+    # to the result (in x's dtype)
     if norm is not None:
         x = rms_norm_ref(x, *norm)[0]
-    y = F.linear(silu_and_mul_ref(x) if gated else x, w)
+    y = F.linear(x, w)
+    if swiglu:
+        y = silu_and_mul_ref(y)
     return y if residual is None else y + residual
-
-
-@triton.jit
-def _silu_mul(gate, up):
-    """silu(gate) * up in fp32, rounded to gate's dtype: silu_and_mul's output, bit for bit."""
-    g = gate.to(tl.float32)
-    return (g * tl.sigmoid(g) * up.to(tl.float32)).to(gate.dtype)
 
 
 @triton.jit
@@ -130,6 +124,12 @@ def _plus_residual(acc, r_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _silu_times(gate, up):
+    """silu(gate) * up, fp32."""
+    return gate * tl.sigmoid(gate) * up
+
+
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_jit(
     x_ptr, w_ptr, y_ptr,
@@ -143,19 +143,20 @@ def _linear_jit(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SPLIT_K: tl.constexpr,  # programs sharing a column block's K range (grid dimension 1)
-    GATED: tl.constexpr,  # x is [M, 2K] (gate | up) and the input is silu(gate) * up
     HAS_RESIDUAL: tl.constexpr,  # y = x @ w.T + residual
     NORM: tl.constexpr,  # the input is RMSNorm(x) * g: x * g in the loop, 1 / rms at the end
+    SWIGLU: tl.constexpr,  # w is [2N, K], gate rows then up rows; y = silu(x @ gate.T) * (x @ up.T)
     PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py)
     PREFETCH_LINES: tl.constexpr = 8,  # 128-byte lines of each w row prefetched (PDL only)
 ):  # fmt: skip
     tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
-    tl.static_assert(not NORM or (SPLIT_K == 1 and not GATED), "a norm needs all of K, ungated")
+    tl.static_assert(SPLIT_K == 1 or not (NORM or SWIGLU), "norm and SwiGLU need all of K")
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
     ks = tl.arange(0, BLOCK_K)
     # rows past N re-read row N - 1, so no weight load needs a row mask; the store drops them
     w_rows = tl.minimum(cols, N - 1).to(tl.int64)
+    up_rows = w_rows + N  # SWIGLU: the matching up rows
     if SPLIT_K == 1:
         k_lo = 0
         k_hi = K
@@ -171,33 +172,44 @@ def _linear_jit(
         # each of this program's rows towards L2 (128-byte lines: 64 fp16/bf16 columns)
         lines = tl.minimum(k_lo + tl.arange(0, PREFETCH_LINES) * 64, K - 1)
         _prefetch_l2((w_ptr + w_rows[:, None] * stride_wn + lines[None, :]).to(tl.int64))
+        if SWIGLU:
+            _prefetch_l2((w_ptr + up_rows[:, None] * stride_wn + lines[None, :]).to(tl.int64))
     pdl_enter(PDL)
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + ks[None, :] + k_lo  # [BLOCK_N, BLOCK_K]
+    u_ptrs = w_ptr + up_rows[:, None] * stride_wn + ks[None, :] + k_lo
     if USE_DOT:
         m = tl.arange(0, M_PAD)
         x_ptrs = x_ptr + m[:, None] * stride_xm + ks[None, :] + k_lo  # [M_PAD, BLOCK_K]
         m_ok = m[:, None] < M  # padding rows load as zeros (no memory traffic)
         acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)  # SWIGLU
         ssq = tl.zeros([M_PAD], dtype=tl.float32)  # NORM: sums of squares of x's rows
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 x = tl.load(x_ptrs, mask=m_ok, other=0.0)
-                if GATED:
-                    x = _silu_mul(x, tl.load(x_ptrs + K, mask=m_ok, other=0.0))
             else:
                 k_ok = (k + ks < K)[None, :]
                 w = tl.load(w_ptrs, mask=k_ok, other=0.0)
                 x = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
-                if GATED:
-                    x = _silu_mul(x, tl.load(x_ptrs + K, mask=m_ok & k_ok, other=0.0))
             if NORM:
                 x, ssq = _normed(x, g_ptr + k + ks, k + ks < K, ssq, 1)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+            if SWIGLU:
+                if EVEN_K:
+                    wu = tl.load(u_ptrs)
+                else:
+                    wu = tl.load(u_ptrs, mask=(k + ks < K)[None, :], other=0.0)
+                acc_up = tl.dot(wu, tl.trans(x), acc_up, input_precision=DOT_PRECISION)
+                u_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         if NORM:  # rows of x are columns of acc
-            acc = acc * tl.rsqrt(ssq / K + eps)[None, :]
+            inv_rms = tl.rsqrt(ssq / K + eps)[None, :]
+            acc = acc * inv_rms
+            acc_up = acc_up * inv_rms
+        if SWIGLU:
+            acc = _silu_times(acc, acc_up)
         y_ptrs = y_ptr + m[None, :] * stride_ym + cols[:, None]  # y.T's tile: [BLOCK_N, M_PAD]
         r_offsets = m[None, :] * stride_rm + cols[:, None]
         y_ok = (m[None, :] < M) & (cols[:, None] < N)
@@ -226,27 +238,38 @@ def _linear_jit(
         # M == 1: per-lane fp32 partial sums, one reduction over K after the loop
         x_ptrs = x_ptr + ks
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # SWIGLU
         ssq = 0.0  # NORM: x's sum of squares
         for k in range(0, K, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 x = tl.load(x_ptrs)
-                if GATED:
-                    x = _silu_mul(x, tl.load(x_ptrs + K))
             else:
                 k_ok = k + ks < K
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-                if GATED:
-                    x = _silu_mul(x, tl.load(x_ptrs + K, mask=k_ok, other=0.0))
             if NORM:
                 x, ssq = _normed(x, g_ptr + k + ks, k + ks < K, ssq, 0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x32 = x.to(tl.float32)[None, :]
+            acc += w.to(tl.float32) * x32
+            if SWIGLU:
+                if EVEN_K:
+                    wu = tl.load(u_ptrs)
+                else:
+                    wu = tl.load(u_ptrs, mask=(k + ks < K)[None, :], other=0.0)
+                acc_up += wu.to(tl.float32) * x32
+                u_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
         if NORM:
-            y = y * tl.rsqrt(ssq / K + eps)
+            inv_rms = tl.rsqrt(ssq / K + eps)
+            y = y * inv_rms
+        if SWIGLU:
+            y_up = tl.sum(acc_up, axis=1)
+            if NORM:
+                y_up = y_up * inv_rms
+            y = _silu_times(y, y_up)
         y = _plus_residual(y, r_ptr, cols, cols < N, HAS_RESIDUAL)
         tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
 
@@ -308,7 +331,7 @@ TUNING: list[LinearTuning] = [
     LinearTuning(32, 256, 4, 3, dot=False),
 ]
 _CAPTURE_TUNING = LinearTuning(32, 256, 4, 4)  # an untuned shape met inside a graph capture
-_CPU_TUNING = LinearTuning(16, 64, 4, 1)  # the interpreter (CPU tests)
+_CPU_TUNING = LinearTuning(32, 64, 4, 1)  # the interpreter (CPU tests; SwiGLU takes 16 + 16)
 # Columns of w a split-K program walks at least (autotuner candidates). Measured in the model on
 # an H100 (Llama-3-8B, batch 64, benchmarks/RESULTS.md): with 1024 the autotuner split qkv's
 # K = 4096 four ways and the projection got slower (28.9 vs 22.0 us a layer), while down_proj's
@@ -331,25 +354,21 @@ def _split_pays(n: int, k: int, block_n: int, split_k: int) -> bool:
 SMEM_LIMIT = 232448
 
 
-def pipeline_smem(tuning: LinearTuning, bucket: int, gated: bool) -> int:
+def pipeline_smem(tuning: LinearTuning, bucket: int) -> int:
     """An upper bound on the shared memory a dot config's K loop takes (fp16/bf16): num_stages
-    buffers of a w tile and the x tile(s) padded to max(16, bucket) rows (gate and up if gated),
-    and if gated one more x tile (silu(gate) * up, the MMA's operand). Triton 3.6 on an H100
-    asked, at M = 64: 262,144 B for block_n 64, block_k 256, 4 stages (this bound), 245,760 B
-    for block_n 16, block_k 512, 4 stages (bound 327,680); gated, 245,760 B for block_n 64,
-    block_k 256, 4 stages at M = 32 and block_n 128, block_k 128, 4 stages at M = 64 (bound
-    278,528 each)."""
+    buffers of a w tile and an x tile padded to max(16, bucket) rows. Triton 3.6 on an H100
+    asked, at M = 64: 262,144 B for block_n 64, block_k 256, 4 stages (this bound) and 245,760 B
+    for block_n 16, block_k 512, 4 stages (bound 327,680). A SwiGLU launch of a config walks
+    block_n / 2 gate and block_n / 2 up rows: the same bytes."""
     if not tuning.dot:
         return 0
     x_tile = max(16, bucket) * tuning.block_k * 2
     w_tile = tuning.block_n * tuning.block_k * 2
-    if gated:
-        return tuning.num_stages * (w_tile + 2 * x_tile) + x_tile
     return tuning.num_stages * (w_tile + x_tile)
 
 
 def candidate(
-    tuning: LinearTuning, n: int, k: int, bucket: int, gated: bool = False, any_split: bool = False
+    tuning: LinearTuning, n: int, k: int, bucket: int, any_split: bool = False
 ) -> bool:  # fmt: skip
     """Whether a config is a candidate for a shape: the gemv configs only at M == 1, none whose
     pipeline overflows shared memory, and split-K configs only where they pay (_split_pays:
@@ -358,14 +377,14 @@ def candidate(
     return (
         (tuning.dot or bucket == 1)
         and (any_split or _split_pays(n, k, tuning.block_n, tuning.split_k))
-        and pipeline_smem(tuning, bucket, gated) <= SMEM_LIMIT
+        and pipeline_smem(tuning, bucket) <= SMEM_LIMIT
     )
 
 
 def _prune(configs: list, named_args: dict, **kwargs: object) -> list:
     """The autotuner's candidates for a call (`candidate`)."""
     args = {**named_args, **kwargs}
-    shape = args["N"], args["K"], args["M_BUCKET"], args["GATED"]
+    shape = args["N"], args["K"], args["M_BUCKET"]
     return [c for c in configs if candidate(_tuning_of(c), *shape)]
 
 
@@ -403,13 +422,12 @@ def _bench_streamed(
 
 _linear_tuned = triton.autotune(
     configs=[triton.Config(t.meta(), **t.options()) for t in TUNING],
-    key=["N", "K", "M_BUCKET", "GATED"],  # the tensors' dtypes join the key too
+    key=["N", "K", "M_BUCKET"],  # the tensors' dtypes join the key too
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench_streamed,
 )(_linear_kernel)
-# (N, K, M bucket, dtype, gated) the autotuner has settled: those launch inside a graph capture
-# as tuned
-_TUNED: set[tuple[int, int, int, torch.dtype, bool]] = set()
+# (N, K, M bucket, dtype) the autotuner has settled: those launch inside a graph capture as tuned
+_TUNED: set[tuple[int, int, int, torch.dtype]] = set()
 # split-K arrival counters, one per column block, per device; zero between launches (the last
 # program of a column block resets its own). A grown buffer's predecessor is kept in _OUTGROWN:
 # a CUDA graph captured with it still replays on it.
@@ -458,9 +476,9 @@ TUNED_FILE = Path(__file__).with_name("linear_tuned.json")
 _tables: dict[Path, dict[str, dict[str, dict]]] = {}
 
 
-def shape_key(n: int, k: int, bucket: int, gated: bool, dtype: torch.dtype) -> str:
-    """The key of a tuned config: 'N x K, M bucket, plain or gated, dtype'."""
-    return f"{n}x{k} m{bucket} {'gated' if gated else 'plain'} {str(dtype).removeprefix('torch.')}"
+def shape_key(n: int, k: int, bucket: int, dtype: torch.dtype) -> str:
+    """The key of a tuned config: 'N x K, M bucket, dtype' (of w: a SwiGLU's N is 2I)."""
+    return f"{n}x{k} m{bucket} {str(dtype).removeprefix('torch.')}"
 
 
 def read_tuned(path: Path = TUNED_FILE) -> dict[str, dict[str, dict]]:
@@ -490,20 +508,21 @@ def tuned_for(device_name: str, key: str, path: Path = TUNED_FILE) -> LinearTuni
 
 
 @functools.cache
-def _tuned_on(device: torch.device, n: int, k: int, bucket: int, gated: bool,
-              dtype: torch.dtype) -> LinearTuning | None:  # fmt: skip
+def _tuned_on(
+    device: torch.device, n: int, k: int, bucket: int, dtype: torch.dtype
+) -> LinearTuning | None:  # fmt: skip
     """tuned_for this device's card, looked up once per shape (calls run per layer per step)."""
-    key = shape_key(n, k, bucket, gated, dtype)
+    key = shape_key(n, k, bucket, dtype)
     return tuned_for(torch.cuda.get_device_name(device), key)
 
 
-def _kernel_takes(x: torch.Tensor, w: torch.Tensor, gated: bool) -> bool:
+def _kernel_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the untuned call runs the kernel: few rows of half-precision, rows contiguous."""
     return (
         x.dim() == 2
         and w.dim() == 2
         and 1 <= x.shape[0] <= MAX_M
-        and x.shape[1] == (2 if gated else 1) * w.shape[1]
+        and x.shape[1] == w.shape[1]
         and x.dtype in (torch.float16, torch.bfloat16)
         and w.dtype == x.dtype
         and x.device == w.device
@@ -513,16 +532,17 @@ def _kernel_takes(x: torch.Tensor, w: torch.Tensor, gated: bool) -> bool:
 
 
 def linear_torch(
-    x: torch.Tensor, w: torch.Tensor, gated: bool, residual: torch.Tensor | None,
-    norm: Norm | None,
+    x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
+    norm: Norm | None = None, swiglu: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """`linear` where the skinny kernel does not run: the norm and SiLU-and-mul kernels, then
-    cuBLAS (the residual added by its epilogue in half precision; in fp32 exactly as
+    """`linear` where the skinny kernel does not run: the norm kernel, cuBLAS, the SiLU-and-mul
+    kernel (the residual added by cuBLAS's epilogue in half precision; in fp32 exactly as
     linear_ref adds it, so the engine's fp32 runs stay exact)."""
     if norm is not None:
         x = rms_norm(x, *norm)[0]
-    if gated:
-        x = silu_and_mul(x)
+    if swiglu:
+        y = silu_and_mul(F.linear(x, w))
+        return y if residual is None else y + residual
     if residual is None:
         return F.linear(x, w)
     if x.dtype == torch.float32:
@@ -531,53 +551,58 @@ def linear_torch(
 
 
 def linear(
-    x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None, gated: bool = False,
-    residual: torch.Tensor | None = None, norm: Norm | None = None,
+    x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None,
+    residual: torch.Tensor | None = None, norm: Norm | None = None, swiglu: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    """Triton version of `linear_ref`: y [M, N] in x.dtype, fp32 accumulation.
+    """Triton version of `linear_ref`: y [M, N] (swiglu: [M, N / 2]) in x.dtype, fp32
+    accumulation.
 
     The kernel runs for 1..MAX_M rows of fp16/bf16 with the card's measured config for the shape
-    (TUNED_FILE) or else autotuned on CUDA, once per (N, K, M bucket, dtype, gated), in the first
-    call: make it before any graph capture. `linear_torch` takes everything else, fp32
-    included. An explicit `tuning` forces the kernel with that config for any dtype (tests,
-    benchmarks); one with split_k > 1 met inside a graph capture before its counters exist runs
-    unsplit. gated: x is [M, 2K], gate then up, and up to GATED_MAX_M rows the kernel computes
-    silu(gate) * up as it loads x (rounded to x's dtype, as silu_and_mul's output is: the same
-    bits as linear(silu_and_mul(x), w) with the same config), one launch and no [M, K]
-    intermediate. residual: added in the kernel's epilogue (one rounding of the fp32 sum).
-    norm: with a config that does not split K, the kernel multiplies each x tile by the norm's
-    weight as it loads it, sums x's squares on the way, and scales the rows by 1 / rms at the
-    end: no norm launch and no normed copy of x (rounded once, where rms_norm then linear round
-    twice); with a split config or an autotuned shape the norm kernel runs first.
+    (TUNED_FILE) or else autotuned on CUDA, once per (N, K, M bucket, dtype), in the first call:
+    make it before any graph capture. `linear_torch` takes everything else, fp32 included. An
+    explicit `tuning` forces the kernel with that config for any dtype (tests, benchmarks); one
+    with split_k > 1 met inside a graph capture before its counters exist runs unsplit.
+    residual: added in the epilogue (one rounding of the fp32 sum). norm: with a config that does
+    not split K, x tiles are scaled by the norm's weight as they load, x's squares summed on the
+    way, and the rows scaled by 1 / rms at the end (rounded once, where rms_norm then linear
+    round twice); a split config runs the norm kernel first. swiglu: with a config that does
+    not split K and whose half of block_n still makes a tensor-core tile (or gemv), a program
+    takes block_n / 2 gate rows and their up rows and writes silu(gate) * up; else the plain
+    launch, then the SiLU-and-mul kernel (as with an autotuned shape).
     """
+    n_out = w.shape[0] // 2 if swiglu else w.shape[0]
     if residual is not None:
-        assert residual.shape == (x.shape[0], w.shape[0]) and residual.dtype == x.dtype
+        assert residual.shape == (x.shape[0], n_out) and residual.dtype == x.dtype
         assert residual.stride(1) == 1 and residual.device == x.device
-    assert norm is None or not gated, "a norm on the input of a gated projection"
-    if tuning is None and not _kernel_takes(x, w, gated):
-        return linear_torch(x, w, gated, residual, norm)
-    m, width = x.shape
-    n, k = w.shape
-    assert width == (2 if gated else 1) * k and w.dtype == x.dtype and w.device == x.device
-    if gated and m > GATED_MAX_M:
-        x, gated = silu_and_mul(x), False
+    assert not swiglu or w.shape[0] % 2 == 0, "SwiGLU: gate and up rows, as many of each"
+    if tuning is None and not _kernel_takes(x, w):
+        return linear_torch(x, w, residual, norm, swiglu)
+    m, k = x.shape
+    n = w.shape[0]
+    assert w.shape[1] == k and w.dtype == x.dtype and w.device == x.device
     assert x.stride(1) == 1 and w.stride(1) == 1, "rows of x and w contiguous"
     assert 1 <= m <= MAX_M and (tuning is None or tuning.dot or m == 1)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bucket = triton.next_power_of_2(m)
     on_cpu = x.device.type == "cpu"
-    if tuning is None and not on_cpu:
-        tuning = _tuned_on(x.device, n, k, bucket, gated, x.dtype)
+    if tuning is None:
+        tuning = _CPU_TUNING if on_cpu else _tuned_on(x.device, n, k, bucket, x.dtype)
+    if swiglu and (tuning is None or tuning.split_k > 1 or (tuning.dot and tuning.block_n < 32)):
+        # no fused launch for this config: the plain product, then SiLU-and-mul
+        y = silu_and_mul(linear(x, w, tuning, norm=norm))
+        return y if residual is None else y + residual
+    if swiglu:
+        assert tuning is not None
+        tuning = dataclasses.replace(tuning, block_n=tuning.block_n // 2)
+        n = n_out
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     scratch = None
     if tuning is None and not on_cpu:
-        key = (n, k, bucket, x.dtype, gated)
-        if key in _TUNED or not torch.cuda.is_current_stream_capturing():
+        if (n, k, bucket, x.dtype) in _TUNED or not torch.cuda.is_current_stream_capturing():
             pays = [t for t in TUNING if _split_pays(n, k, t.block_n, t.split_k)]
             scratch = _split_scratch(x.device, m, n, pays)
         if scratch is None:  # None: counters missing inside a capture (tuned elsewhere)
             tuning = _CAPTURE_TUNING
-    if tuning is not None or on_cpu:
-        tuning = tuning or _CPU_TUNING
+    if tuning is not None:
         scratch = _split_scratch(x.device, m, n, [tuning])
         if scratch is None:
             tuning = dataclasses.replace(tuning, split_k=1)
@@ -592,15 +617,15 @@ def linear(
     args = (x, w, y, *scratch, residual, g, m, n, k, x.stride(0), w.stride(0), y.stride(0),
             stride_r, eps, bucket, max(16, bucket))  # fmt: skip
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    flags = dict(DOT_PRECISION=precision, GATED=gated, HAS_RESIDUAL=residual is not None,
-                 NORM=g is not None, **pdl_args(x.device))  # fmt: skip
+    flags = dict(DOT_PRECISION=precision, HAS_RESIDUAL=residual is not None, NORM=g is not None,
+                 SWIGLU=swiglu, **pdl_args(x.device))  # fmt: skip
 
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     if tuning is None:
         _linear_tuned[grid](*args, **flags)
-        _TUNED.add((n, k, bucket, x.dtype, gated))
+        _TUNED.add((n, k, bucket, x.dtype))
         return y
     options = {} if on_cpu else tuning.options()
     _linear_kernel[grid](*args, **flags, **tuning.meta(), **options)

@@ -28,7 +28,7 @@ class Ops:
     decode_attention: Callable[..., torch.Tensor]
     gather_blocks: Callable[..., torch.Tensor]
     scatter_blocks: Callable[..., None]
-    # y = x @ w.T; gated=True: silu(x's gate) * up @ w.T; norm=(g, eps): rms_norm(x) @ w.T;
+    # y = x @ w.T; norm=(g, eps): rms_norm(x) @ w.T; swiglu=True: silu(x @ gate.T) * (x @ up.T);
     # residual=r: + r
     linear: Callable[..., torch.Tensor]
 

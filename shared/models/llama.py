@@ -7,9 +7,9 @@ One forward serves prefill chunks and decode tokens in one packed batch:
                      (sampled rows)
 
 Each norm is asked of the projection that reads it (`ops.linear(..., norm=)`), each residual
-add of the projection that feeds the stream (`ops.linear(..., residual=)`): the decode kernels
-fuse both into the skinny linear; the references and the other paths run them as separate
-steps with the same math.
+add of the projection that feeds the stream (`ops.linear(..., residual=)`), SiLU-and-mul of
+gate_up (`swiglu=True`): the decode kernels fuse them into the skinny linear; the references
+and the other paths run them as separate steps with the same math.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ class LlamaModel:
             h = self._attention(index, layer, h, batch, kv_cache)
             if on_layer is not None:
                 on_layer(index)
-            up = ops.linear(h, layer.gate_up, norm=(layer.mlp_norm, eps))
-            h = ops.linear(up, layer.down, gated=True, residual=h)  # SiLU-and-mul
+            act = ops.linear(h, layer.gate_up, norm=(layer.mlp_norm, eps), swiglu=True)
+            h = ops.linear(act, layer.down, residual=h)
         return ops.linear(h[batch.sample_indices], w.lm_head, norm=(w.norm, eps)).float()
 
     def _attention(

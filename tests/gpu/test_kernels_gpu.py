@@ -29,7 +29,6 @@ from kernel_inputs import assert_close  # noqa: E402
 
 import kernels.linear as linear_module  # noqa: E402
 import kernels.pdl as pdl_module  # noqa: E402
-from kernels.activation import silu_and_mul  # noqa: E402
 from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
 from kernels.checksum import layer_checksum  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
@@ -201,14 +200,16 @@ def test_linear_odd_shapes(m, n, k):
 @pytest.mark.parametrize("m", [1, 16, 64])
 @pytest.mark.parametrize(
     "tuning",
-    [None, LinearTuning(64, 128, 4, 6), LinearTuning(64, 128, 4, 6, split_k=2)],
-    ids=["autotuned", "n64k128", "n64k128s2"],
-)
-def test_linear_gated_down_proj(tuning, m):
-    """Llama-3-8B's down projection fed the gate_up output: silu(gate) * up computed as x is
-    loaded; float64 reference; with an explicit config, the same bits as SiLU-and-mul then the
-    linear."""
-    linear_cases.run_gated_case(m, 4096, 14336, BF16, tuning, device="cuda", seed=m, row_pad=8)
+    [None, LinearTuning(128, 128, 8, 4), LinearTuning(64, 128, 4, 6),
+     LinearTuning(16, 512, 4, 3, dot=False), LinearTuning(64, 128, 4, 6, split_k=2)],
+    ids=["tuned-or-unfused", "n128k128", "n64k128", "gemv", "split2-unfused"],
+)  # fmt: skip
+def test_linear_swiglu_gate_up(tuning, m):
+    """Llama-3-8B's gate_up as the model calls it (norm on the input, silu(gate) * up of the
+    product, [M, 14336] out) in bf16 against float64."""
+    if tuning is None or tuning.dot or m == 1:
+        linear_cases.run_fused_case(m, 2 * 14336, 4096, BF16, tuning, residual=False, norm=True,
+                                    device="cuda", seed=m, swiglu=True)  # fmt: skip
 
 
 SPLIT_TUNINGS = [t for t in TUNING if t.split_k > 1]
@@ -306,9 +307,10 @@ def _pdl_chain(x, layers):
     """A decode step's kernel chain on [M, 1024]: each kernel reads what the one before wrote."""
     residual = x
     for norm_w, w_up, w_down in layers:
-        h, residual = rms_norm(x, norm_w, 1e-5, residual)
-        up = linear(h, w_up, LinearTuning(64, 128, 4, 6))
-        x = linear(silu_and_mul(up), w_down, LinearTuning(64, 128, 4, 6, split_k=2))
+        h, residual = rms_norm(x, norm_w, 1e-5, residual)  # the norm kernel, its residual add
+        act = linear(residual, w_up, LinearTuning(64, 128, 4, 6), norm=(norm_w, 1e-5),
+                     swiglu=True)  # the norm and SwiGLU fused  # fmt: skip
+        x = linear(act, w_down, LinearTuning(64, 128, 4, 6, split_k=2), residual=h)
     return x, residual
 
 

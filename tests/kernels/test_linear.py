@@ -161,7 +161,7 @@ def test_counters_grow_and_keep_the_outgrown(monkeypatch):
 
 def _surviving(n, k, bucket):
     configs = [triton.Config(t.meta(), **t.options()) for t in TUNING]
-    kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket, "GATED": False})
+    kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket})
     return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.kwargs["USE_DOT"])
             for c in kept}  # fmt: skip
 
@@ -185,53 +185,26 @@ def test_autotuner_prunes_split_k_where_it_cannot_pay():
     assert all(c[3] for c in _surviving(4096, 4096, 2))
 
 
-def run_gated_case(m, n, k, dtype, tuning, device="cpu", seed=0, row_pad=0):
-    """gated=True: x [m, 2k] (gate | up, rows row_pad elements apart beyond 2k), w [n, k]."""
+def run_fused_case(m, n, k, dtype, tuning, residual, norm, device="cpu", seed=0, swiglu=False):
+    """linear with a residual added, an RMSNorm on its input and/or SwiGLU of its product
+    (w: n rows, n / 2 out), against linear_ref."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(m, 2 * k + row_pad, generator=gen, device=device).to(dtype)[:, : 2 * k]
+    n_out = n // 2 if swiglu else n
+    x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+    x = x * (1 + torch.arange(m, device=device)[:, None] % 4).to(dtype)  # rows of 4 scales
     w = (torch.randn(n, k, generator=gen, device=device) / k**0.5).to(dtype)
-    y = linear(x, w, tuning, gated=True)
-    assert y.shape == (m, n) and y.dtype == dtype
-    assert_close(y, linear_ref(x.double(), w.double(), gated=True), dtype)
-    if tuning is not None:  # the same bits as the two-kernel path with the same config
-        two_kernels = linear(silu_and_mul(x), w, tuning)
-        torch.testing.assert_close(y, two_kernels, rtol=0, atol=0)
-    assert counters_all_zero()
-    return y
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(
-    "tuning", [*DOT, LinearTuning(16, 64, 4, 2, split_k=2)], ids=["n16k64", "n32k32", "split2"]
-)
-@pytest.mark.parametrize("m,n,k", [(1, 45, 200), (5, 64, 256), (33, 40, 96), (64, 33, 70)])
-def test_gated_input_is_silu_of_gate_times_up(m, n, k, dtype, tuning):
-    run_gated_case(m, n, k, dtype, tuning, seed=m + n + k, row_pad=6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n,k", [(45, 200), (64, 256)])
-def test_gated_gemv(n, k, dtype):
-    run_gated_case(1, n, k, dtype, GEMV, seed=n + k)
-
-
-def run_fused_case(m, n, k, dtype, tuning, residual, norm, device="cpu", seed=0, gated=False):
-    """linear with a residual added and/or an RMSNorm on its input, against linear_ref."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(m, (2 if gated else 1) * k, generator=gen, device=device).to(dtype)
-    x = x * (1 + torch.arange(m, device=device)[:, None]).to(dtype)  # rows of different scale
-    w = (torch.randn(n, k, generator=gen, device=device) / k**0.5).to(dtype)
-    r = torch.randn(m, n + 3, generator=gen, device=device).to(dtype)[:, :n] if residual else None
+    r = torch.randn(m, n_out + 3, generator=gen, device=device).to(dtype)[:, :n_out]
+    r = r if residual else None
     g = (1 + torch.randn(k, generator=gen, device=device) / 4).to(dtype) if norm else None
     nrm = (g, 1e-5) if g is not None else None
     nrm64 = (g.double(), 1e-5) if g is not None else None
     r64 = r.double() if r is not None else None
     poison_allocator(device)
-    y = linear(x, w, tuning, gated=gated, residual=r, norm=nrm)
-    assert y.shape == (m, n) and y.dtype == dtype and y.is_contiguous()
-    assert_close(y, linear_ref(x.double(), w.double(), gated, r64, nrm64), dtype)
-    torch.testing.assert_close(linear(x, w, tuning, gated=gated, residual=r, norm=nrm), y,
-                               rtol=0, atol=0)  # fmt: skip
+    y = linear(x, w, tuning, residual=r, norm=nrm, swiglu=swiglu)
+    assert y.shape == (m, n_out) and y.dtype == dtype and y.is_contiguous()
+    assert_close(y, linear_ref(x.double(), w.double(), r64, nrm64, swiglu), dtype)
+    again = linear(x, w, tuning, residual=r, norm=nrm, swiglu=swiglu)
+    torch.testing.assert_close(again, y, rtol=0, atol=0)
     assert counters_all_zero()
     return y
 
@@ -259,6 +232,32 @@ def test_norm_is_applied_to_the_input(m, n, k, dtype, tuning, residual):
         run_fused_case(m, n, k, dtype, tuning, residual=residual, norm=True, seed=m * k)
 
 
+SWIGLU_TUNINGS = [LinearTuning(32, 64, 4, 2), LinearTuning(64, 32, 4, 3), GEMV, *DOT[:1],
+                  LinearTuning(32, 64, 4, 2, split_k=2)]  # fmt: skip
+SWIGLU_IDS = ["n32k64", "n64k32", "gemv", "n16 (unfused)", "split2 (unfused)"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tuning", SWIGLU_TUNINGS, ids=SWIGLU_IDS)
+@pytest.mark.parametrize("m,n,k", [(1, 90, 200), (5, 128, 256), (33, 40, 96), (64, 66, 70)])
+@pytest.mark.parametrize("norm", [False, True], ids=["swiglu", "norm+swiglu"])
+def test_swiglu_writes_silu_of_gate_times_up(m, n, k, dtype, tuning, norm):
+    """gate_up as the model calls it: w's first n / 2 rows are the gate, the rest the up; a
+    program takes half its config's rows of each (configs whose half is no tensor-core tile,
+    and split ones, run the plain launch then the SiLU-and-mul kernel)."""
+    if tuning.dot or m == 1:
+        run_fused_case(m, n, k, dtype, tuning, residual=False, norm=norm, swiglu=True, seed=n + k)
+
+
+def test_unfused_swiglu_is_the_plain_launch_then_silu_and_mul():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 96, generator=gen).to(torch.float16)
+    w = torch.randn(80, 96, generator=gen).to(torch.float16)
+    for tuning in (DOT[0], LinearTuning(32, 64, 4, 2, split_k=2)):
+        want = silu_and_mul(linear(x, w, tuning))
+        torch.testing.assert_close(linear(x, w, tuning, swiglu=True), want, rtol=0, atol=0)
+
+
 def test_a_split_config_runs_the_norm_kernel_then_the_linear():
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(9, 130, generator=gen).to(torch.float16)
@@ -269,21 +268,17 @@ def test_a_split_config_runs_the_norm_kernel_then_the_linear():
     torch.testing.assert_close(linear(x, w, split, norm=(g, 1e-6)), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("m", [3, 20])
-def test_gated_with_residual(m):
-    """The down projection: SiLU-and-mul in the kernel up to GATED_MAX_M rows, first above."""
-    assert 3 <= linear_mod.GATED_MAX_M < 20
-    run_fused_case(m, 48, 96, torch.float16, DOT[0], residual=True, norm=False, gated=True)
-
-
 def test_fused_fallbacks_compute_what_the_reference_does():
-    """fp32 (the engine's exact runs) gives the reference's bits for a residual; above MAX_M
-    rows half precision runs the norm kernel and cuBLAS (residual in its epilogue)."""
+    """fp32 (the engine's exact runs) gives the reference's bits for a residual and a SwiGLU;
+    above MAX_M rows half precision runs the norm kernel, cuBLAS (residual in its epilogue)
+    and the SiLU-and-mul kernel."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 64, generator=gen)
     w = torch.randn(24, 64, generator=gen)
     r = torch.randn(5, 24, generator=gen)
     torch.testing.assert_close(linear(x, w, residual=r), linear_ref(x, w, residual=r),
+                               rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(linear(x, w, swiglu=True), silu_and_mul(F.linear(x, w)),
                                rtol=0, atol=0)  # fmt: skip
     big = MAX_M + 6
     xh = torch.randn(big, 64, generator=gen).to(torch.float16)
@@ -292,32 +287,23 @@ def test_fused_fallbacks_compute_what_the_reference_does():
     y = linear(xh, w.to(torch.float16), residual=rh, norm=(g, 1e-5))
     want = linear_ref(xh.double(), w.double(), residual=rh.double(), norm=(g.double(), 1e-5))
     assert_close(y, want, torch.float16)
+    y = linear(xh, w.to(torch.float16), norm=(g, 1e-5), swiglu=True)
+    assert_close(y, linear_ref(xh.double(), w.double(), norm=(g.double(), 1e-5), swiglu=True),
+                 torch.float16)  # fmt: skip
     with pytest.raises(AssertionError):
-        linear(xh[:, :32].repeat(1, 4), w.to(torch.float16), gated=True, norm=(g, 1e-5))
-
-
-def test_gated_fallback_runs_silu_and_mul_then_torch_linear():
-    """fp32 (and anything the kernel does not take) goes through the SiLU-and-mul kernel and
-    F.linear: the engine's fp32 runs stay exact."""
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 2 * 48, generator=gen)
-    w = torch.randn(20, 48, generator=gen)
-    want = F.linear(silu_and_mul(x), w)
-    torch.testing.assert_close(linear(x, w, gated=True), want, rtol=0, atol=0)
-    with pytest.raises(AssertionError):
-        linear(x[:, :95], w, LinearTuning(16, 64, 4, 2), gated=True)  # not gate | up of w's K
+        linear(xh, w[:23].to(torch.float16), swiglu=True)  # no even split into gate and up
 
 
 def test_tuned_configs_round_trip_per_card(tmp_path):
     """benchmarks/tune_linear.py --write merges one card's winners; `linear` looks them up by
     the card's name and the shape key; other cards' entries stay."""
     path = tmp_path / "linear_tuned.json"
-    key = linear_mod.shape_key(4096, 14336, 64, True, torch.bfloat16)
-    assert key == "4096x14336 m64 gated bfloat16"
+    key = linear_mod.shape_key(4096, 14336, 64, torch.bfloat16)
+    assert key == "4096x14336 m64 bfloat16"
     assert linear_mod.tuned_for("H100", key, path) is None  # no file yet
     split = LinearTuning(64, 128, 4, 6, split_k=2)
     linear_mod.write_tuned("H100", {key: split}, path)
-    other = linear_mod.shape_key(6144, 4096, 64, False, torch.bfloat16)
+    other = linear_mod.shape_key(6144, 4096, 64, torch.bfloat16)
     linear_mod.write_tuned("H200", {other: DOT[0]}, path)
     linear_mod.write_tuned("H100", {other: DOT[1]}, path)  # merges into H100's entries
     assert linear_mod.tuned_for("H100", key, path) == split
@@ -329,12 +315,12 @@ def test_tuned_configs_round_trip_per_card(tmp_path):
 def test_the_autotuner_prunes_to_the_candidates():
     """_prune (the autotuner's) and `candidate` (the tuner script's) agree on every shape."""
     configs = [triton.Config(t.meta(), **t.options()) for t in TUNING]
-    shapes = ((4096, 14336, 16, True), (6144, 4096, 1, False), (128256, 4096, 16, False),
-              (512, 9000, 2, True), (6144, 4096, 64, False))  # fmt: skip
-    for n, k, bucket, gated in shapes:
-        kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket, "GATED": gated})
+    shapes = ((4096, 14336, 16), (6144, 4096, 1), (128256, 4096, 16), (512, 9000, 2),
+              (6144, 4096, 64))  # fmt: skip
+    for n, k, bucket in shapes:
+        kept = linear_mod._prune(configs, {"N": n, "K": k, "M_BUCKET": bucket})
         pairs = zip(configs, TUNING, strict=True)
-        assert kept == [c for c, t in pairs if linear_mod.candidate(t, n, k, bucket, gated)]
+        assert kept == [c for c, t in pairs if linear_mod.candidate(t, n, k, bucket)]
         assert kept
 
 
@@ -347,24 +333,20 @@ def test_the_tuner_times_split_k_on_any_k():
         assert auto < tuner
         assert {t for t in tuner if t.split_k > 1} == {
             t for t in TUNING
-            if t.split_k > 1 and linear_mod.pipeline_smem(t, bucket, False) <= linear_mod.SMEM_LIMIT
+            if t.split_k > 1 and linear_mod.pipeline_smem(t, bucket) <= linear_mod.SMEM_LIMIT
         }  # fmt: skip
 
 
 def test_no_candidate_overflows_shared_memory():
-    """At 64 rows (gated: 128 rows of x a tile) the deep, wide configs would ask more shared
-    memory than an H100 program gets (245,760 B measured for one): they are no candidates."""
-    asked = [(LinearTuning(64, 256, 4, 4), 64, False, 262144),
-             (LinearTuning(16, 512, 4, 4), 64, False, 245760),
-             (LinearTuning(64, 256, 4, 4), 32, True, 245760),
-             (LinearTuning(128, 128, 8, 4), 64, True, 245760)]  # fmt: skip
-    for tuning, bucket, gated, measured in asked:  # what Triton 3.6 asked on an H100
-        assert linear_mod.pipeline_smem(tuning, bucket, gated) >= measured
-        assert not linear_mod.candidate(tuning, 4096, 14336, bucket, gated)
+    """At 64 rows the deep, wide configs would ask more shared memory than an H100 program gets
+    (what Triton 3.6 asked, measured): they are no candidates."""
+    asked = [(LinearTuning(64, 256, 4, 4), 262144), (LinearTuning(16, 512, 4, 4), 245760)]
+    for tuning, measured in asked:
+        assert linear_mod.pipeline_smem(tuning, 64) >= measured
+        assert not linear_mod.candidate(tuning, 4096, 14336, 64)
     assert linear_mod.candidate(LinearTuning(16, 512, 4, 4), 6144, 4096, 16)
     assert linear_mod.candidate(LinearTuning(128, 128, 8, 4), 28672, 4096, 64)
     for bucket in (1, 2, 4, 8, 16, 32, 64):
-        for gated in (False, True):
-            for t in TUNING:
-                if linear_mod.candidate(t, 4096, 14336, bucket, gated):
-                    assert linear_mod.pipeline_smem(t, bucket, gated) <= linear_mod.SMEM_LIMIT
+        for t in TUNING:
+            if linear_mod.candidate(t, 4096, 14336, bucket):
+                assert linear_mod.pipeline_smem(t, bucket) <= linear_mod.SMEM_LIMIT
