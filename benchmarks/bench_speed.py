@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime
 import gc
@@ -352,6 +353,7 @@ class Decode:
     seconds: float
     context: float  # mean tokens per sequence over those steps
     gpu_busy_s: float | None = None  # union of kernel intervals over those steps (profiled)
+    kernels: tuple[tuple[str, float, int], ...] = ()  # profiled: (name, seconds, launches)
 
     @property
     def tpot_s(self) -> float:
@@ -388,30 +390,48 @@ def decode(engine: Engine, plan: Plan, batch: int, tag: str, profile: bool = Fal
         engine.step()
     if not steps or not tokens:
         raise RuntimeError(f"batch {batch}: no decode step left to time")
-    busy = kernel_busy_s(prof) if prof is not None else None
-    return Decode(batch, steps, tokens, seconds, context / tokens, busy)
+    if prof is None:
+        return Decode(batch, steps, tokens, seconds, context / tokens)
+    spans = device_spans(prof)
+    return Decode(batch, steps, tokens, seconds, context / tokens, busy_s(spans), by_name(spans))
 
 
 def kernel_profiler() -> torch.profiler.profile:
     return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
 
 
-def kernel_busy_s(prof: torch.profiler.profile) -> float | None:
-    """Seconds in which at least one kernel, copy or memset ran on the device."""
+Span = tuple[float, float, str]  # start, end (microseconds), kernel / copy / memset name
+
+
+def device_spans(prof: torch.profiler.profile) -> list[Span]:
+    """What ran on the device during a profiled run."""
     from torch.autograd import DeviceType
 
     with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle"
         warnings.simplefilter("ignore")
         events = prof.events()
-    spans = sorted(
-        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA
-    )
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                  if e.device_type == DeviceType.CUDA)  # fmt: skip
+
+
+def busy_s(spans: list[Span]) -> float | None:
+    """Seconds in which at least one kernel, copy or memset ran on the device."""
     busy, reach = 0.0, float("-inf")
-    for start, end in spans:  # microseconds
+    for start, end, _ in spans:  # sorted by start
         if end > reach:
             busy += end - max(start, reach)
             reach = end
     return busy / 1e6 if spans else None
+
+
+def by_name(spans: list[Span]) -> tuple[tuple[str, float, int], ...]:
+    """(name, seconds, launches) per kernel name, the most time first."""
+    seconds: dict[str, float] = collections.defaultdict(float)
+    launches: collections.Counter[str] = collections.Counter()
+    for start, end, name in spans:
+        seconds[name] += (end - start) / 1e6
+        launches[name] += 1
+    return tuple(sorted(((n, t, launches[n]) for n, t in seconds.items()), key=lambda r: -r[1]))
 
 
 def prefill_s(engine: Engine, plan: Plan) -> float:
@@ -768,6 +788,10 @@ def notes(
                 f"at batch {h.batch} (profiled run; wall {h.tpot_s * 1e3:.3f} ms per step "
                 f"under the profiler); idle = unprofiled TPOT - busy."
             )
+            top = "; ".join(f"{name[:48]} {t / h.steps * 1e6:.0f} us ({n / h.steps:.0f})"
+                            for name, t, n in h.kernels[:10])  # fmt: skip
+            out.append(f"- Where a batch-{h.batch} step goes (profiled; per step: time "
+                       f"(launches)): {top}.")  # fmt: skip
     out += [f"- {HF_MODES[m]}, batch {r.batch}: {hf_note(plan, r)}" for m, by_batch in hf.items()
             for r in by_batch.values()]  # fmt: skip
     if isinstance(mesh, MeshFigures) and mesh.errors:
