@@ -3,6 +3,11 @@
 GPU: flash-decoding. The context is cut into splits; program (b, kv head, split) loads each
 K/V tile once for the whole GQA query group and writes an unnormalised partial output with its
 running max and sum; a second kernel merges the splits.
+
+With `new_token` the step's own token is not in the cache yet: every program rotates its q heads
+(RoPE) as it loads them, and the split that ends the context takes the token's key and value from
+the fused qkv (rotating k), attends to it from registers and writes both to the cache slot (the
+others never read that slot), which is what rope_write_kv then attention would do, in one launch.
 """
 
 import functools
@@ -14,6 +19,21 @@ import triton
 import triton.language as tl
 
 from kernels.pdl import pdl_args, pdl_enter
+from kernels.rope import cos_sin_row, rotated_heads
+from kernels.rope_kv import rope_write_kv_ref
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """Each sequence's token of this step, not yet in the cache: k and v before RoPE ([B, Hk, D],
+    views of the fused qkv), its position ([B] int64), the RoPE table ([P, D] fp32, cos then
+    sin) and its cache slot ([B] int64; < 0: none)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    slot_mapping: torch.Tensor
 
 
 def decode_attention_ref(
@@ -23,8 +43,14 @@ def decode_attention_ref(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    new_token: NewToken | None = None,
 ) -> torch.Tensor:
-    # q: [B, H, D]; caches: [num_blocks, block_size, Hk, D]; block_table: [B, max_blocks]
+    # q: [B, H, D]; caches: [num_blocks, block_size, Hk, D]; block_table: [B, max_blocks].
+    # new_token: RoPE on q and its k, and its k and v into the cache first (q and k rotated in
+    # place here; the kernel leaves them as they are)
+    if new_token is not None:
+        t = new_token
+        rope_write_kv_ref(q, t.k, t.v, t.positions, t.cos_sin, k_cache, v_cache, t.slot_mapping)
     page = k_cache.shape[1]
     lens = seq_lens.to(q.device).long()
     # one batched gather, padded to the longest context; padding rows re-read position 0 (never
@@ -43,13 +69,22 @@ def decode_attention_ref(
 
 
 @triton.jit
+def _halves_joined(a, b):
+    """[R, H] and [R, H] -> [R, 2H]: a's columns, then b's."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_part_ptr, ml_part_ptr, out_ptr, qk_scale,
     min_split, stride_qb, stride_qh, stride_table, stride_ob, stride_oh,
     stride_k_blk, stride_k_off, stride_k_h, stride_v_blk, stride_v_off, stride_v_h,
+    kn_ptr, vn_ptr, pos_ptr, cs_ptr, slot_ptr,  # NEW_TOKEN: the step's k, v, positions, ...
+    stride_kn_b, stride_kn_h, stride_vn_b, stride_vn_h, stride_cs,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, NEW_TOKEN: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
     # program (b, kv head, split): the GQA group's GROUP query heads share every K/V tile load
@@ -63,8 +98,19 @@ def _decode_split_kernel(
     g = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
-    q_off = seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if NEW_TOKEN:  # q rotated as it loads (rounded to q's dtype, as rope_write_kv stores it)
+        cos, sin = cos_sin_row(pos_ptr, cs_ptr, seq, stride_cs, HALF)
+        q1, q2 = rotated_heads(q_ptr + kv_head * GROUP * stride_qh, stride_qb, stride_qh, GROUP,
+                               cos, sin, seq.to(tl.int64), HALF, GROUP_PAD)  # fmt: skip
+        q = _halves_joined(q1, q2)  # [GROUP_PAD, HEAD_DIM]
+        # the token's key: this program's split ends the context, the others never reach it
+        owns = (key_lo < ctx) & (key_hi == ctx)
+        cache_hi = tl.where(owns, ctx - 1, key_hi)
+    else:
+        q_off = seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptr + q_off, mask=(g < GROUP)[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
+        cache_hi = key_hi
     k_base = k_ptr + kv_head * stride_k_h
     v_base = v_ptr + kv_head * stride_v_h
     table_row = table_ptr + seq.to(tl.int64) * stride_table
@@ -72,9 +118,9 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for start in range(key_lo, key_hi, BLOCK_N):
+    for start in range(key_lo, cache_hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        live = keys < key_hi
+        live = keys < cache_hi
         page = tl.load(table_row + keys // PAGE, mask=live, other=0).to(tl.int64)
         k_rows = page * stride_k_blk + (keys % PAGE) * stride_k_off
         v_rows = page * stride_v_blk + (keys % PAGE) * stride_v_off
@@ -88,6 +134,29 @@ def _decode_split_kernel(
         v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=live[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+    if NEW_TOKEN:  # noqa: SIM102 (a compile-time branch around a runtime one)
+        if owns:
+            seq64 = seq.to(tl.int64)
+            k1, k2 = rotated_heads(kn_ptr + kv_head * stride_kn_h, stride_kn_b, 0, 1, cos, sin,
+                                   seq64, HALF, 1)  # [1, HALF] each, rotated  # fmt: skip
+            v_new = tl.load(vn_ptr + seq64 * stride_vn_b + kv_head * stride_vn_h + dims)
+            k_new = _halves_joined(k1, k2).to(tl.float32)  # [1, HEAD_DIM]
+            s_new = tl.sum(q.to(tl.float32) * k_new, axis=1) * qk_scale  # [GROUP_PAD]
+            m_new = tl.maximum(m_i, s_new)
+            p_new = tl.math.exp2(s_new - m_new)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
+            slot = tl.load(slot_ptr + seq)
+            if slot >= 0:  # the key and value into the cache, for the steps to come
+                block, offset = slot // PAGE, slot % PAGE
+                half = tl.arange(0, HALF)[None, :]
+                kc = k_base + block * stride_k_blk + offset * stride_k_off + half
+                tl.store(kc, k1.to(k_ptr.dtype.element_ty))
+                tl.store(kc + HALF, k2.to(k_ptr.dtype.element_ty))
+                vc = v_base + block * stride_v_blk + offset * stride_v_off + dims
+                tl.store(vc, v_new.to(v_ptr.dtype.element_ty))
 
     ok = g < GROUP
     if NUM_SPLITS == 1:  # the whole context: the output itself (what the merge would compute)
@@ -165,9 +234,11 @@ def decode_attention(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    new_token: NewToken | None = None,
     tuning: DecodeTuning = DecodeTuning(),
 ) -> torch.Tensor:
-    """Triton version of `decode_attention_ref` (same contract). Flash-decoding + merge."""
+    """Triton version of `decode_attention_ref` (same contract, except that q and new_token's k
+    are left unrotated). Flash-decoding + merge."""
     batch, num_heads, head_dim = q.shape
     num_blocks, page, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape
@@ -181,6 +252,18 @@ def decode_attention(
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    new_args: tuple = (None,) * 5 + (0,) * 5
+    if new_token is not None:
+        t = new_token
+        assert t.k.shape == t.v.shape == (batch, num_kv_heads, head_dim)
+        assert t.k.dtype == t.v.dtype == q.dtype and t.k.stride(2) == 1 and t.v.stride(2) == 1
+        assert t.positions.shape == t.slot_mapping.shape == (batch,)
+        assert t.positions.dtype == t.slot_mapping.dtype == torch.int64
+        assert t.cos_sin.dtype == torch.float32 and t.cos_sin.shape[1] == head_dim
+        assert t.cos_sin.stride(1) == 1
+        new_args = (t.k, t.v, t.positions.contiguous(), t.cos_sin, t.slot_mapping.contiguous(),
+                    t.k.stride(0), t.k.stride(1), t.v.stride(0), t.v.stride(1),
+                    t.cos_sin.stride(0))  # fmt: skip
     group = num_heads // num_kv_heads
     max_ctx = block_table.shape[1] * page
     num_splits, min_split = _num_splits(batch, num_kv_heads, max_ctx, q.device, tuning)
@@ -196,10 +279,11 @@ def decode_attention(
         scale * 1.4426950408889634, min_split,  # log2(e): the kernel works in base 2
         q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *new_args,
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE=page, HEAD_DIM=head_dim,
         BLOCK_N=tuning.block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        NEW_TOKEN=new_token is not None,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_args(q.device),
     )  # fmt: skip
     if num_splits == 1:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.decode_attention import NewToken
 from kernels.rope import rope_cos_sin
 from shared.batch import ForwardBatch
 from shared.models.config import ModelConfig
@@ -97,14 +98,15 @@ class LlamaModel:
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(tokens, cfg.num_kv_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(tokens, cfg.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
-        ops.rope_write_kv(
-            q, k, v, batch.positions, self.cos_sin, k_cache, v_cache, batch.slot_mapping
-        )
-        if batch.decode_only:
+        if batch.decode_only:  # RoPE and the KV write inside the attention launch
+            new = NewToken(k, v, batch.positions, self.cos_sin, batch.slot_mapping)
             out = ops.decode_attention(
-                q, k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale
+                q, k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale, new
             )
         else:
+            ops.rope_write_kv(
+                q, k, v, batch.positions, self.cos_sin, k_cache, v_cache, batch.slot_mapping
+            )
             out = ops.prefill_attention(
                 q,
                 k_cache,

@@ -27,6 +27,7 @@ import test_rope as rope_cases  # noqa: E402
 import test_rope_kv as rope_kv_cases  # noqa: E402
 from kernel_inputs import assert_close  # noqa: E402
 
+import kernels.decode_attention as decode_attention_module  # noqa: E402
 import kernels.linear as linear_module  # noqa: E402
 import kernels.pdl as pdl_module  # noqa: E402
 from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
@@ -61,6 +62,18 @@ def test_decode(dtype, group, page, head_dim):
     ctx = [1, 15, 64, 130, 333, 2000, 4096, 2]
     decode_attention_cases.run_case(ctx, heads=2 * group, kv_heads=2, head_dim=head_dim, page=page,
                                    dtype=dtype, device="cuda", seed=group)  # fmt: skip
+
+
+@pytest.mark.parametrize("waves", [1, 2, 16])
+@pytest.mark.parametrize("group,head_dim", [(4, 128), (3, 64)])
+def test_decode_with_the_new_token(waves, group, head_dim):
+    """RoPE, the KV write and attention in one launch (NewToken), bf16: one split a sequence
+    (batch 64 on an H100) and several."""
+    tuning = decode_attention_module.DecodeTuning(waves=waves)
+    decode_attention_cases.run_new_token_case(
+        [1, 17, 577, 2000, 64, 129] * 4, heads=2 * group, kv_heads=2, head_dim=head_dim, page=16,
+        dtype=BF16, tuning=tuning, seed=waves, skip_slot=3, device="cuda",
+    )  # fmt: skip
 
 
 def test_decode_benchmark_shape():
