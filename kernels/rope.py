@@ -94,16 +94,22 @@ def cos_sin_row(pos_ptr, cos_sin_ptr, token, stride_cs, HALF: tl.constexpr):
 
 
 @triton.jit
+def _head_rows(x_ptr, stride_t, stride_h, num_heads, token, HALF: tl.constexpr,
+               BLOCK_H: tl.constexpr):  # fmt: skip
+    """Pointers to the first halves of token's heads of x ([BLOCK_H, HALF]) and their mask."""
+    heads = tl.arange(0, BLOCK_H)
+    ptr = x_ptr + token * stride_t + heads[:, None] * stride_h + tl.arange(0, HALF)[None, :]
+    return ptr, (heads < num_heads)[:, None]
+
+
+@triton.jit
 def rotated_heads(
     x_ptr, stride_t, stride_h, num_heads, cos, sin, token,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """token's heads of x, rotated: the halves ([BLOCK_H, HALF] each, in x's dtype; rows past
     num_heads are padding), x untouched."""
-    heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, HALF)
-    ptr = x_ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
-    mask = (heads < num_heads)[:, None]
+    ptr, mask = _head_rows(x_ptr, stride_t, stride_h, num_heads, token, HALF, BLOCK_H)
     x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
     out1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(x_ptr.dtype.element_ty)
@@ -112,16 +118,12 @@ def rotated_heads(
 
 
 @triton.jit
-def rotate_heads(
-    x_ptr, stride_t, stride_h, num_heads, cos, sin, token,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-):  # fmt: skip
+def rotate_heads(x_ptr, stride_t, stride_h, num_heads, cos, sin, token, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr):  # fmt: skip
     """Rotate token's heads of x in place; returns the rotated halves (rotated_heads)."""
     out1, out2 = rotated_heads(x_ptr, stride_t, stride_h, num_heads, cos, sin, token, HALF,
                                BLOCK_H)  # fmt: skip
-    heads = tl.arange(0, BLOCK_H)
-    ptr = x_ptr + token * stride_t + heads[:, None] * stride_h + tl.arange(0, HALF)[None, :]
-    mask = (heads < num_heads)[:, None]
+    ptr, mask = _head_rows(x_ptr, stride_t, stride_h, num_heads, token, HALF, BLOCK_H)
     tl.store(ptr, out1, mask=mask)
     tl.store(ptr + HALF, out2, mask=mask)
     return out1, out2
