@@ -88,7 +88,8 @@ class DecodeGraphs:
     def run(self, inputs: DecodeInputs, fill: Fill | None, prev_tokens: torch.Tensor | None,
             num_seqs: int) -> torch.Tensor:  # fmt: skip
         """Replay the bucket of len(inputs.ids) rows (the first num_seqs real, the rest padding):
-        logits [num_seqs, V] fp32, a view of the graph's output valid until the next replay.
+        logits [num_seqs, V] (the model's dtype), a view of the graph's output valid until the
+        next replay.
         fill = (rows, sources): input ids taken from prev_tokens[sources] on the device."""
         b = inputs.ids.shape[0]
         assert b in self._graphs, f"no graph for a batch of {b}"

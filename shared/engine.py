@@ -382,6 +382,9 @@ class Engine:
         return lambda layer: hook(layer, done)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Token ids from logits in the model's dtype: greedy rows take the argmax as they are
+        (the largest half-precision value is the largest fp32 one; no [S, V] fp32 copy), the
+        sampler works in fp32."""
         if all(s.params.temperature == 0 for s in seqs):
             return logits.argmax(dim=-1)
         pinned = self._inputs.pinned
@@ -399,7 +402,7 @@ class Engine:
             all_greedy=False,
             any_top_p_or_k=any(s.params.top_p < 1 or s.params.top_k > 0 for s in seqs),
         )
-        return sample(logits, batch)
+        return sample(logits.float(), batch)
 
     def _finish_reason(self, seq: Sequence, index: int, stop_string: bool) -> FinishReason | None:
         """Whether seq ends with its token at token_ids[index]."""

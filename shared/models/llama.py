@@ -67,7 +67,8 @@ class LlamaModel:
     def forward(
         self, batch: ForwardBatch, kv_cache: torch.Tensor, on_layer: LayerHook | None = None
     ) -> torch.Tensor:
-        """Logits [S, V] fp32 for batch.sample_indices; writes the step's K/V into kv_cache.
+        """Logits [S, V] in the model's dtype for batch.sample_indices; writes the step's K/V into
+        kv_cache.
 
         kv_cache: [L, 2, num_blocks, block_size, kv_heads, head_dim]. on_layer(l) runs once
         layer l's K/V of this step are in the cache (the handoff sends it from there).
@@ -80,7 +81,7 @@ class LlamaModel:
                 on_layer(index)
             act = ops.linear(h, layer.gate_up, norm=(layer.mlp_norm, eps), swiglu=True)
             h = ops.linear(act, layer.down, residual=h)
-        return ops.linear(h[batch.sample_indices], w.lm_head, norm=(w.norm, eps)).float()
+        return ops.linear(h[batch.sample_indices], w.lm_head, norm=(w.norm, eps))
 
     def _attention(
         self,
