@@ -1,8 +1,11 @@
-"""The skinny linear compiled for sm_90 (H100) without a GPU: every config of the H100 table, as
-the model launches it (norm fused into qkv and lm_head, norm and SwiGLU into gate_up with half
-the rows of each, the residual into o and down), and every autotuner candidate at 64 rows, must
-compile and fit a program's shared memory; for the dot configs `pipeline_smem` must bound what
-the compiler asks. A config past the limit fails only at launch, on the GPU.
+"""The decode step's kernels compiled for sm_90 (H100) without a GPU, as the GPU launches them
+(programmatic dependent launch on). The skinny linear: every config of the H100 table, as the
+model launches it (norm fused into qkv and lm_head, norm and SwiGLU into gate_up with half the
+rows of each, the residual into o and down), and every autotuner candidate at 64 rows, must
+compile and fit a program's shared memory, and for the dot configs `pipeline_smem` must bound
+what the compiler asks (a config past the limit fails only at launch, on the GPU). Decode
+attention (with and without the step's new token, one split and several), its merge, the norm,
+SiLU-and-mul and RoPE + KV write kernels must compile.
 
 The compiles run in a subprocess: under TRITON_INTERPRET=1 (the CPU suite) the kernels are not
 JIT functions that triton.compile takes."""
@@ -18,11 +21,27 @@ ROOT = Path(__file__).resolve().parents[2]
 H100 = "NVIDIA H100 80GB HBM3"
 
 
-def _compile_all() -> list[dict]:
+def _sm90(fn, types: dict, consts: dict, options: dict, aligned: set = frozenset()) -> int:
+    """Shared memory (bytes) the sm_90 compile of `fn` asks. types: the runtime arguments' that
+    are not i32; consts: the constexprs; aligned: arguments divisible by 16 (as the launcher
+    specializes them)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    args = list(fn.arg_names)
+    signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in args}
+    source = ASTSource(
+        fn=fn, signature=signature,
+        constexprs={(i,): consts[a] for i, a in enumerate(args) if a in consts},
+        attrs={(args.index(a),): [["tt.divisibility", 16]] for a in aligned},
+    )  # fmt: skip
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={**options, "launch_pdl": True})  # fmt: skip
+    return kernel.metadata.shared
+
+
+def _compile_linear() -> list[dict]:
     import kernels.linear as lin
 
     args = list(lin._linear_jit.arg_names)
@@ -31,7 +50,7 @@ def _compile_all() -> list[dict]:
              "eps": "fp32"}  # fmt: skip
     aligned = pointers | {"ws_ptr", "counters_ptr", "K", "stride_xm", "stride_wn", "stride_ym",
                           "stride_rm"}  # fmt: skip
-    runtime = args[: args.index("M_PAD")]
+    assert "M_PAD" in args
 
     def smem(t: lin.LinearTuning, bucket: int, **variant: bool) -> int:
         consts = {"M_PAD": max(16, bucket), "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
@@ -39,15 +58,7 @@ def _compile_all() -> list[dict]:
                   "SPLIT_K": t.split_k, "HAS_RESIDUAL": variant.get("residual", False),
                   "NORM": variant.get("norm", False), "SWIGLU": variant.get("swiglu", False),
                   "PDL": True, "PREFETCH_LINES": 8}  # fmt: skip
-        signature = {a: types.get(a, "i32") if a in runtime else "constexpr" for a in args}
-        source = ASTSource(
-            fn=lin._linear_jit, signature=signature,
-            constexprs={(i,): consts[a] for i, a in enumerate(args) if a in consts},
-            attrs={(args.index(a),): [["tt.divisibility", 16]] for a in aligned},
-        )  # fmt: skip
-        options = {**t.options(), "launch_pdl": True}
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        return kernel.metadata.shared
+        return _sm90(lin._linear_jit, types, consts, t.options(), aligned)
 
     out = []
     for key, fields in lin.read_tuned()[H100].items():
@@ -67,20 +78,70 @@ def _compile_all() -> list[dict]:
     return out
 
 
-def test_every_h100_config_compiles_for_sm90_within_shared_memory():
-    import kernels.linear as lin
+def _compile_others() -> list[dict]:
+    import kernels.activation as act
+    import kernels.decode_attention as dec
+    import kernels.rms_norm as norm
+    import kernels.rope_kv as rope_kv
 
+    bf16 = "*bf16"
+    attention = {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "table_ptr": "*i32",
+                 "lens_ptr": "*i32", "o_part_ptr": "*fp32", "ml_part_ptr": "*fp32",
+                 "out_ptr": bf16, "qk_scale": "fp32", "kn_ptr": bf16, "vn_ptr": bf16,
+                 "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"}  # fmt: skip
+    t = dec.DecodeTuning()
+    out = []
+    for splits in (1, 3):
+        for new_token in (False, True):
+            consts = dict(NUM_HEADS=32, NUM_SPLITS=splits, GROUP=4, GROUP_PAD=16, PAGE=16,
+                          HEAD_DIM=128, BLOCK_N=t.block_n, DOT_PRECISION="tf32",
+                          NEW_TOKEN=new_token, PDL=True)  # fmt: skip
+            asked = _sm90(dec._decode_split_kernel, attention, consts,
+                          dict(num_warps=t.num_warps, num_stages=t.num_stages))  # fmt: skip
+            out.append(dict(what=f"decode attention {splits} splits {new_token=}", asked=asked))
+    kernels = [
+        (dec._decode_merge_kernel, {"o_part_ptr": "*fp32", "ml_part_ptr": "*fp32", "out_ptr": bf16},
+         dict(NUM_HEADS=32, NUM_SPLITS=3, SPLITS_PAD=4, HEAD_DIM=128, PDL=True)),
+        (norm._rms_norm_kernel, {"x_ptr": bf16, "res_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16,
+                                 "new_res_ptr": bf16, "eps": "fp32"},
+         dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=True)),
+        (act._silu_and_mul_kernel, {"x_ptr": bf16, "out_ptr": bf16}, dict(BLOCK=2048, PDL=True)),
+        (rope_kv._rope_write_kv_kernel, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16,
+                                         "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+                                         "k_cache_ptr": bf16, "v_cache_ptr": bf16,
+                                         "slot_ptr": "*i64"},
+         dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=8, PDL=True)),
+    ]  # fmt: skip
+    for fn, types, consts in kernels:
+        out.append(dict(what=fn.__name__, asked=_sm90(fn, types, consts, dict(num_warps=4))))
+    return out
+
+
+def _compile_all() -> dict:
+    return {"linear": _compile_linear(), "others": _compile_others()}
+
+
+def _compiled() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                          timeout=600, cwd=ROOT)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) >= len(lin.read_tuned()[H100])
-    for r in results:
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_the_decode_kernels_compile_for_sm90():
+    import kernels.linear as lin
+
+    compiled = _compiled()
+    assert len(compiled["linear"]) >= len(lin.read_tuned()[H100])
+    for r in compiled["linear"]:
         assert r["asked"] <= lin.SMEM_LIMIT, r
         if r["bound"] is not None:
             assert r["asked"] <= r["bound"], r
+    assert len(compiled["others"]) == 8
+    for r in compiled["others"]:
+        assert r["asked"] <= lin.SMEM_LIMIT, r
 
 
 if __name__ == "__main__":
