@@ -1,6 +1,6 @@
 """Programmatic dependent launch (PDL) for the decode step's kernels (sm_90 and later).
 
-A decode step is some 300 short kernels back to back in a CUDA graph; between two of them the
+A decode step is a couple of hundred short kernels back to back in a CUDA graph; between two the
 card drains one grid and only then launches the next, a gap of a microsecond or two each. With
 PDL a kernel is launched with `launch_pdl=True` and starts by `pdl_enter`:
 
@@ -38,7 +38,8 @@ def pdl_enter(ENABLED: tl.constexpr):
 
 
 @functools.lru_cache(maxsize=8)
-def _supported(device: torch.device) -> bool:
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on this device launch with PDL."""
     return (
         device.type == "cuda"
         and _HAS_GDC
@@ -51,11 +52,6 @@ def _supported(device: torch.device) -> bool:
 def pdl_args(device: torch.device) -> dict:
     """Launch kwargs for a kernel that calls `pdl_enter(PDL)`: its PDL constexpr, and the
     launch attribute where the device supports it."""
-    if _supported(device):
+    if pdl_enabled(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on this device launch with PDL (benchmark labels)."""
-    return _supported(device)

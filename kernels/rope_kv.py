@@ -7,8 +7,9 @@ paged cache through the slot mapping (kernels/rope then kernels/kv_write, in one
       v[t]                       -> v_cache[slot[t]]                     (slot < 0: padding,
                                                                           no cache write)
 
-k is read once instead of three times (rotate, then read back by the write), and a decode step
-launches one kernel a layer instead of two. The results are the two kernels' bit for bit: the
+k is read once instead of three times (rotate, then read back by the write), and a prefill chunk
+launches one kernel a layer instead of two (decode steps do this inside decode attention, with
+kernels/decode_attention.NewToken). The results are the two kernels' bit for bit: the
 same fp32 rotation, rounded to k's dtype, then cast to the cache's.
 """
 

@@ -346,13 +346,13 @@ def test_pdl_chain_in_a_graph_gives_the_plain_launch_bits(monkeypatch):
         replayed = _pdl_chain(x, layers)
     graph.replay()
     monkeypatch.setenv("KVMESH_PDL", "0")
-    pdl_module._supported.cache_clear()
+    pdl_module.pdl_enabled.cache_clear()
     try:
         assert not pdl_module.pdl_enabled(device)
         plain = _pdl_chain(x, layers)
     finally:
         monkeypatch.delenv("KVMESH_PDL")
-        pdl_module._supported.cache_clear()
+        pdl_module.pdl_enabled.cache_clear()
     for got in (eager, replayed):
         for a, b in zip(got, plain, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
