@@ -96,6 +96,11 @@ def _compile_others() -> list[dict]:
             consts = dict(NUM_HEADS=32, NUM_SPLITS=splits, GROUP=4, GROUP_PAD=16, PAGE=16,
                           HEAD_DIM=128, BLOCK_N=t.block_n, DOT_PRECISION="tf32",
                           NEW_TOKEN=new_token, PDL=True)  # fmt: skip
+            # the pointers the wrapper passes as None (Triton makes them constexpr None)
+            if splits == 1:
+                consts.update(o_part_ptr=None, ml_part_ptr=None)
+            if not new_token:
+                consts.update(kn_ptr=None, vn_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None)
             asked = _sm90(dec._decode_split_kernel, attention, consts,
                           dict(num_warps=t.num_warps, num_stages=t.num_stages))  # fmt: skip
             out.append(dict(what=f"decode attention {splits} splits {new_token=}", asked=asked))
