@@ -79,19 +79,28 @@ Norm = tuple[torch.Tensor, float]  # an RMSNorm on the input: (weight [K], eps)
 MAX_M = 64  # rows of x the kernel takes (decode batches); F.linear above
 
 
+def _finish(
+    y: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None
+) -> torch.Tensor:
+    """y plus the residual if any, written into out if given."""
+    if residual is None:
+        return y if out is None else out.copy_(y)
+    return y + residual if out is None else torch.add(y, residual, out=out)
+
+
 def linear_ref(
     x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
-    norm: Norm | None = None, swiglu: bool = False,
+    norm: Norm | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     # x: [M, K]; w: [N, K] -> [M, N]. norm: the input is rms_norm(x) (a layer's input norm).
     # swiglu: w is [gate | up] rows and y = silu_and_mul(x @ w.T), [M, N / 2]. residual: added
-    # to the result (in x's dtype)
+    # to the result (in x's dtype). out: the result written there (it may be residual itself)
     if norm is not None:
         x = rms_norm_ref(x, *norm)[0]
     y = F.linear(x, w)
     if swiglu:
         y = silu_and_mul_ref(y)
-    return y if residual is None else y + residual
+    return _finish(y, residual, out)
 
 
 @triton.jit
@@ -287,6 +296,11 @@ class LinearTuning:
     num_stages: int  # depth of the K loop's software pipeline (tiles in flight)
     dot: bool = True  # tensor-core dot, x padded to M_PAD rows; False: fp32 FMA gemv (M == 1)
     split_k: int = 1  # programs per column block, each on a contiguous share of K (dot only)
+    # with a norm: the norm kernel first, then the plain product, although K is not split. The
+    # in-kernel norm scales x's tiles in registers, and a dot config must then write them back
+    # to shared memory for the tensor cores: at M = 64 on the H100 that doubled qkv's time for
+    # most configs (21.2 -> 46.4 us), more than the norm launch costs (2 us). The tuner decides.
+    norm_first: bool = False
 
     def __post_init__(self) -> None:
         assert self.split_k >= 1 and (self.dot or self.split_k == 1), "split-K is dot only"
@@ -533,26 +547,27 @@ def _kernel_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def linear_torch(
     x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
-    norm: Norm | None = None, swiglu: bool = False,
+    norm: Norm | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """`linear` where the skinny kernel does not run: the norm kernel, cuBLAS, the SiLU-and-mul
-    kernel (the residual added by cuBLAS's epilogue in half precision; in fp32 exactly as
-    linear_ref adds it, so the engine's fp32 runs stay exact)."""
+    kernel (the residual added by cuBLAS's epilogue in half precision, straight into out when
+    out is the residual: no copy of it first; in fp32 exactly as linear_ref adds it, so the
+    engine's fp32 runs stay exact)."""
     if norm is not None:
         x = rms_norm(x, *norm)[0]
     if swiglu:
         y = silu_and_mul(F.linear(x, w))
-        return y if residual is None else y + residual
-    if residual is None:
-        return F.linear(x, w)
-    if x.dtype == torch.float32:
-        return F.linear(x, w) + residual
-    return torch.addmm(residual, x, w.t())
+    elif residual is not None and x.dtype != torch.float32:
+        return torch.addmm(residual, x, w.t(), out=out)  # type: ignore[arg-type]
+    else:
+        y = F.linear(x, w)
+    return _finish(y, residual, out)
 
 
 def linear(
     x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None,
     residual: torch.Tensor | None = None, norm: Norm | None = None, swiglu: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Triton version of `linear_ref`: y [M, N] (swiglu: [M, N / 2]) in x.dtype, fp32
     accumulation.
@@ -568,15 +583,19 @@ def linear(
     round twice); a split config runs the norm kernel first. swiglu: with a config that does
     not split K and whose half of block_n still makes a tensor-core tile (or gemv), a program
     takes block_n / 2 gate rows and their up rows and writes silu(gate) * up; else the plain
-    launch, then the SiLU-and-mul kernel (as with an autotuned shape).
+    launch, then the SiLU-and-mul kernel (as with an autotuned shape). out: where y goes (it may
+    be residual: every element of the residual is read by the program that then writes it).
     """
     n_out = w.shape[0] // 2 if swiglu else w.shape[0]
     if residual is not None:
         assert residual.shape == (x.shape[0], n_out) and residual.dtype == x.dtype
         assert residual.stride(1) == 1 and residual.device == x.device
     assert not swiglu or w.shape[0] % 2 == 0, "SwiGLU: gate and up rows, as many of each"
+    if out is not None:
+        assert out.shape == (x.shape[0], n_out) and out.dtype == x.dtype
+        assert out.stride(1) == 1 and out.device == x.device
     if tuning is None and not _kernel_takes(x, w):
-        return linear_torch(x, w, residual, norm, swiglu)
+        return linear_torch(x, w, residual, norm, swiglu, out)
     m, k = x.shape
     n = w.shape[0]
     assert w.shape[1] == k and w.dtype == x.dtype and w.device == x.device
@@ -588,13 +607,12 @@ def linear(
         tuning = _CPU_TUNING if on_cpu else _tuned_on(x.device, n, k, bucket, x.dtype)
     if swiglu and (tuning is None or tuning.split_k > 1 or (tuning.dot and tuning.block_n < 32)):
         # no fused launch for this config: the plain product, then SiLU-and-mul
-        y = silu_and_mul(linear(x, w, tuning, norm=norm))
-        return y if residual is None else y + residual
+        return _finish(silu_and_mul(linear(x, w, tuning, norm=norm)), residual, out)
     if swiglu:
         assert tuning is not None
         tuning = dataclasses.replace(tuning, block_n=tuning.block_n // 2)
         n = n_out
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     scratch = None
     if tuning is None and not on_cpu:
         if (n, k, bucket, x.dtype) in _TUNED or not torch.cuda.is_current_stream_capturing():
@@ -608,7 +626,8 @@ def linear(
             tuning = dataclasses.replace(tuning, split_k=1)
             scratch = None, None
     assert scratch is not None
-    if norm is not None and (tuning is None or tuning.split_k > 1):  # the norm needs all of K
+    if norm is not None and (tuning is None or tuning.split_k > 1 or tuning.norm_first):
+        # a split program sees part of K, and the norm needs all of it
         x, norm = rms_norm(x, *norm)[0], None
     g, eps = norm if norm is not None else (None, 0.0)
     if g is not None:

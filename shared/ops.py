@@ -29,7 +29,7 @@ class Ops:
     gather_blocks: Callable[..., torch.Tensor]
     scatter_blocks: Callable[..., None]
     # y = x @ w.T; norm=(g, eps): rms_norm(x) @ w.T; swiglu=True: silu(x @ gate.T) * (x @ up.T);
-    # residual=r: + r
+    # residual=r: + r; out=o: y written into o (which may be r: the residual stream in place)
     linear: Callable[..., torch.Tensor]
 
 

@@ -80,7 +80,7 @@ class LlamaModel:
             if on_layer is not None:
                 on_layer(index)
             act = ops.linear(h, layer.gate_up, norm=(layer.mlp_norm, eps), swiglu=True)
-            h = ops.linear(act, layer.down, residual=h)
+            h = ops.linear(act, layer.down, residual=h, out=h)  # the stream updated in place
         return ops.linear(h[batch.sample_indices], w.lm_head, norm=(w.norm, eps))
 
     def _attention(
@@ -117,4 +117,4 @@ class LlamaModel:
                 batch.seq_lens,
                 self.scale,
             )
-        return ops.linear(out.reshape(tokens, cfg.q_size), layer.o, residual=h)
+        return ops.linear(out.reshape(tokens, cfg.q_size), layer.o, residual=h, out=h)

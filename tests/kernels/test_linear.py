@@ -205,6 +205,12 @@ def run_fused_case(m, n, k, dtype, tuning, residual, norm, device="cpu", seed=0,
     assert_close(y, linear_ref(x.double(), w.double(), r64, nrm64, swiglu), dtype)
     again = linear(x, w, tuning, residual=r, norm=nrm, swiglu=swiglu)
     torch.testing.assert_close(again, y, rtol=0, atol=0)
+    # out: into the residual itself (the model's stream in place), or a fresh tensor: same bits
+    into = r.clone() if r is not None else torch.full_like(y, float("nan"))
+    into_r = into if r is not None else None
+    got = linear(x, w, tuning, residual=into_r, norm=nrm, swiglu=swiglu, out=into)
+    assert got.data_ptr() == into.data_ptr()
+    torch.testing.assert_close(into, y, rtol=0, atol=0)
     assert counters_all_zero()
     return y
 
@@ -258,14 +264,21 @@ def test_unfused_swiglu_is_the_plain_launch_then_silu_and_mul():
         torch.testing.assert_close(linear(x, w, tuning, swiglu=True), want, rtol=0, atol=0)
 
 
-def test_a_split_config_runs_the_norm_kernel_then_the_linear():
+def test_split_and_norm_first_configs_run_the_norm_kernel_then_the_linear():
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(9, 130, generator=gen).to(torch.float16)
     w = torch.randn(40, 130, generator=gen).to(torch.float16)
     g = torch.randn(130, generator=gen).to(torch.float16)
-    split = LinearTuning(16, 64, 4, 2, split_k=2)
-    want = linear(rms_norm(x, g, 1e-6)[0], w, split)
-    torch.testing.assert_close(linear(x, w, split, norm=(g, 1e-6)), want, rtol=0, atol=0)
+    for tuning in (
+        LinearTuning(16, 64, 4, 2, split_k=2),
+        LinearTuning(16, 64, 4, 2, norm_first=True),
+    ):
+        want = linear(rms_norm(x, g, 1e-6)[0], w, tuning)
+        torch.testing.assert_close(linear(x, w, tuning, norm=(g, 1e-6)), want, rtol=0, atol=0)
+        fused = linear(
+            x, w, dataclasses.replace(tuning, split_k=1, norm_first=False), norm=(g, 1e-6)
+        )
+        assert not torch.equal(fused, want)  # the fused norm rounds once: other bits
 
 
 def test_fused_fallbacks_compute_what_the_reference_does():
@@ -292,6 +305,19 @@ def test_fused_fallbacks_compute_what_the_reference_does():
                  torch.float16)  # fmt: skip
     with pytest.raises(AssertionError):
         linear(xh, w[:23].to(torch.float16), swiglu=True)  # no even split into gate and up
+    # out= on the fallbacks: the residual updated in place (cuBLAS adds into it, no copy first)
+    for xi, ri, wi in ((x, r, w), (xh, rh, w.to(torch.float16))):
+        want = linear(xi, wi, residual=ri)
+        into = ri.clone()
+        assert linear(xi, wi, residual=into, out=into).data_ptr() == into.data_ptr()
+        torch.testing.assert_close(into, want, rtol=0, atol=0)
+    into = torch.empty(big, 12, dtype=torch.float16)
+    linear(xh, w.to(torch.float16), norm=(g, 1e-5), swiglu=True, out=into)
+    torch.testing.assert_close(into, y, rtol=0, atol=0)
+    want = linear_ref(x, w, residual=r)
+    into = r.clone()
+    assert linear_ref(x, w, residual=into, out=into).data_ptr() == into.data_ptr()
+    torch.testing.assert_close(into, want, rtol=0, atol=0)
 
 
 def test_tuned_configs_round_trip_per_card(tmp_path):
