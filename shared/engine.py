@@ -386,7 +386,7 @@ class Engine:
         (the largest half-precision value is the largest fp32 one; no [S, V] fp32 copy), the
         sampler works in fp32."""
         if all(s.params.temperature == 0 for s in seqs):
-            return logits.argmax(dim=-1)
+            return self.model.ops.argmax(logits)
         pinned = self._inputs.pinned
         floats = pinned([[s.params.temperature for s in seqs], [s.params.top_p for s in seqs]],
                         torch.float32).to(self.device, non_blocking=True)  # fmt: skip

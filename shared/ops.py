@@ -13,6 +13,7 @@ from types import ModuleType
 import torch
 
 from kernels import (
+    argmax,
     block_copy,
     decode_attention,
     linear,
@@ -31,6 +32,7 @@ class Ops:
     # y = x @ w.T; norm=(g, eps): rms_norm(x) @ w.T; swiglu=True: silu(x @ gate.T) * (x @ up.T);
     # residual=r: + r; out=o: y written into o (which may be r: the residual stream in place)
     linear: Callable[..., torch.Tensor]
+    argmax: Callable[..., torch.Tensor]  # greedy tokens: first index of each row's largest value
 
 
 # the kernel module of each op
@@ -41,6 +43,7 @@ _MODULES: dict[str, ModuleType] = {
     "gather_blocks": block_copy,
     "scatter_blocks": block_copy,
     "linear": linear,
+    "argmax": argmax,
 }
 
 

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 
 import test_activation as activation_cases  # noqa: E402
+import test_argmax as argmax_cases  # noqa: E402
 import test_block_copy as block_copy_cases  # noqa: E402
 import test_checksum as checksum_cases  # noqa: E402
 import test_decode_attention as decode_attention_cases  # noqa: E402
@@ -90,6 +91,11 @@ def test_rms_norm(with_residual, hidden):
 @pytest.mark.parametrize("rows,inter", [(1, 64), (19, 1536), (8192, 4096)])
 def test_silu_and_mul(rows, inter):
     activation_cases.run_case(rows, inter, BF16, "cuda")
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (64, 128256), (256, 49152), (7, 4097)])
+def test_argmax(rows, vocab):
+    argmax_cases.run_case(rows, vocab, BF16, "cuda", seed=rows)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])

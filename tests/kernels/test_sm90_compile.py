@@ -65,7 +65,8 @@ def _compile_linear() -> list[dict]:
         t = lin.LinearTuning(**fields)
         n = int(key.split("x")[0])
         bucket = int(key.split()[1][1:])
-        variant = {"residual": True} if n == 4096 else {"norm": t.split_k == 1}
+        in_kernel_norm = t.split_k == 1 and not t.norm_first  # else the norm kernel runs first
+        variant = {"residual": True} if n == 4096 else {"norm": in_kernel_norm}
         if n == 28672:  # gate_up: as `linear` launches a SwiGLU of this config
             if t.split_k > 1 or (t.dot and t.block_n < 32):
                 continue  # the plain launch, then SiLU-and-mul
@@ -80,6 +81,7 @@ def _compile_linear() -> list[dict]:
 
 def _compile_others() -> list[dict]:
     import kernels.activation as act
+    import kernels.argmax as argmax
     import kernels.decode_attention as dec
     import kernels.rms_norm as norm
     import kernels.rope_kv as rope_kv
@@ -119,6 +121,9 @@ def _compile_others() -> list[dict]:
     ]  # fmt: skip
     for fn, types, consts in kernels:
         out.append(dict(what=fn.__name__, asked=_sm90(fn, types, consts, dict(num_warps=4))))
+    asked = _sm90(argmax._argmax_kernel, {"x_ptr": bf16, "out_ptr": "*i64"},
+                  dict(BLOCK=4096, PDL=True), dict(num_warps=8))  # fmt: skip
+    out.append(dict(what="greedy argmax", asked=asked))
     return out
 
 
@@ -144,7 +149,7 @@ def test_the_decode_kernels_compile_for_sm90():
         assert r["asked"] <= lin.SMEM_LIMIT, r
         if r["bound"] is not None:
             assert r["asked"] <= r["bound"], r
-    assert len(compiled["others"]) == 8
+    assert len(compiled["others"]) == 9
     for r in compiled["others"]:
         assert r["asked"] <= lin.SMEM_LIMIT, r
 
