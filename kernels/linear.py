@@ -580,11 +580,12 @@ def linear(
     residual: added in the epilogue (one rounding of the fp32 sum). norm: with a config that does
     not split K, x tiles are scaled by the norm's weight as they load, x's squares summed on the
     way, and the rows scaled by 1 / rms at the end (rounded once, where rms_norm then linear
-    round twice); a split config runs the norm kernel first. swiglu: with a config that does
-    not split K and whose half of block_n still makes a tensor-core tile (or gemv), a program
-    takes block_n / 2 gate rows and their up rows and writes silu(gate) * up; else the plain
-    launch, then the SiLU-and-mul kernel (as with an autotuned shape). out: where y goes (it may
-    be residual: every element of the residual is read by the program that then writes it).
+    round twice); a split or norm_first config runs the norm kernel first. swiglu: with a
+    config that does not split K and whose half of block_n still makes a tensor-core tile (or
+    gemv), a program takes block_n / 2 gate rows and their up rows and writes silu(gate) * up;
+    else the plain launch, then the SiLU-and-mul kernel (as with an autotuned shape). out: where
+    y goes (it may be residual: every element of the residual is read by the program that then
+    writes it).
     """
     n_out = w.shape[0] // 2 if swiglu else w.shape[0]
     if residual is not None:
