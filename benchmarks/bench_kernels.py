@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
 from kernels.kv_write import write_kv
-from kernels.linear import _linear_tuned, linear
+from kernels.linear import _linear_tuned, linear, shape_key, tuned_for
 from kernels.prefill_attention import (
     TUNING,
     PrefillTuning,
@@ -325,9 +325,12 @@ def bench_linear(rows: list[Row], copy_gbs: float) -> None:
             add(op, "torch F.linear (cuBLAS)", ms(functools.partial(F.linear, x, w)), nbytes)
             want = F.linear(x, w).float()
             err = float((linear(x, w).float() - want).norm() / want.norm())  # tunes the shape
-            print(f"linear {name} M{m}: rel. error vs cuBLAS {err:.2e}; autotune pick "
-                  f"{_linear_tuned.best_config}")  # fmt: skip
-            timings = getattr(_linear_tuned, "configs_timings", None) or {}
+            # the card's table entry if it has one (no autotuning then), else the autotuner's pick
+            table = tuned_for(torch.cuda.get_device_name(), shape_key(n, k, m, BF16))
+            pick = table or getattr(_linear_tuned, "best_config", None)
+            print(f"linear {name} M{m}: rel. error vs cuBLAS {err:.2e}; "
+                  f"{'tuned table' if table else 'autotune pick'} {pick}")  # fmt: skip
+            timings = {} if table else getattr(_linear_tuned, "configs_timings", None) or {}
             for cfg, t in sorted(timings.items(), key=lambda kv_: kv_[1][0]):
                 print(f"  {cfg}: {t[0] * 1e3:.1f} us = {nbytes / t[0] / 1e6:,.0f} GB/s")
             target = ">= 90% of copy" if n * k <= 6144 * 4096 else ">= cuBLAS"
