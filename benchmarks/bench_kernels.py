@@ -21,7 +21,6 @@ import triton
 from common import commit, write_section
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels.linear
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
 from kernels.kv_write import write_kv
@@ -311,9 +310,7 @@ LINEAR_SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096
 
 
 def bench_linear(rows: list[Row], copy_gbs: float) -> None:
-    """Skinny linear vs cuBLAS at M = 1, 16 and 64; rate = weight bytes / time (x and y are
-    tiny). The kernel for every call (eager calls of known shapes would go to cuBLAS)."""
-    kernels.linear.TORCH_WHEN_EAGER = False
+    """Skinny linear vs cuBLAS at M = 1 and 16; rate = weight bytes / time (x and y are tiny)."""
 
     def add(op: str, impl: str, t: float, nbytes: int, target: str = "") -> None:
         gbs = nbytes / t / 1e6

@@ -545,26 +545,6 @@ def _kernel_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     )
 
 
-# Outside a CUDA graph a launch of the kernel costs the host more than it saves on the card: on
-# the H100 machine 50-114 us a call (our wrapper and Triton's per-call specialization) against
-# 9-22 us of kernel, where F.linear launches in ~10 us; a 16-token prompt's prefill took 15.9
-# ms for 6.3 ms of kernels. So eager calls of a shape whose config is known (the card's table,
-# or autotuned by an earlier call) go to cuBLAS, and the kernel runs where graphs replay it
-# (decode steps). The first eager call of an untuned shape still runs the kernel, which
-# autotunes it before any capture. False: the kernel for every call (tests of the eager path).
-TORCH_WHEN_EAGER = True
-
-
-def _eager_takes_torch(x: torch.Tensor, n: int, k: int) -> bool:
-    """Whether an untuned-argument call outside a graph capture goes to linear_torch."""
-    if not (TORCH_WHEN_EAGER and x.is_cuda) or torch.cuda.is_current_stream_capturing():
-        return False
-    bucket = triton.next_power_of_2(x.shape[0])
-    return (n, k, bucket, x.dtype) in _TUNED or _tuned_on(
-        x.device, n, k, bucket, x.dtype
-    ) is not None
-
-
 def linear_torch(
     x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     norm: Norm | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
@@ -615,7 +595,7 @@ def linear(
     if out is not None:
         assert out.shape == (x.shape[0], n_out) and out.dtype == x.dtype
         assert out.stride(1) == 1 and out.device == x.device
-    if tuning is None and (not _kernel_takes(x, w) or _eager_takes_torch(x, *w.shape)):
+    if tuning is None and not _kernel_takes(x, w):
         return linear_torch(x, w, residual, norm, swiglu, out)
     m, k = x.shape
     n = w.shape[0]

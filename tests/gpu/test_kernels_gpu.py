@@ -42,13 +42,6 @@ from kernels.rms_norm import rms_norm  # noqa: E402
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def kernel_when_eager(monkeypatch):
-    """These tests exercise the kernels: eager calls of the linear run the kernel too (the
-    engine sends eager calls of known shapes to cuBLAS; test_linear_eager_policy checks that)."""
-    monkeypatch.setattr(linear_module, "TORCH_WHEN_EAGER", False)
-
-
 # bf16 throughout; fp16 and fp32 (the engine's exactness runs) once each
 CASES = [(BF16, g, p, d) for g in (1, 3, 4, 8) for p, d in ((16, 128), (32, 64))]
 CASES += [(torch.float16, 4, 16, 128), (torch.float32, 4, 16, 128), (torch.float32, 3, 32, 64)]
@@ -304,27 +297,6 @@ def test_linear_split_k_capture_without_counters_runs_unsplit(monkeypatch):
     assert not linear_module._COUNTERS
     graph.replay()
     torch.testing.assert_close(y, linear(x, w, unsplit), rtol=0, atol=0)
-
-
-def test_linear_eager_policy(monkeypatch):
-    """Outside a graph a known shape goes to cuBLAS (the launch costs the host more than the
-    kernel saves); an unknown one runs the kernel, which tunes it; inside a capture the kernel."""
-    monkeypatch.setattr(linear_module, "TORCH_WHEN_EAGER", True)
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    x = torch.randn(8, 1536, generator=gen, device="cuda").to(BF16)
-    w = torch.randn(1024, 1536, generator=gen, device="cuda").to(BF16)
-    key = (1024, 1536, 8, BF16)
-    linear_module._TUNED.discard(key)
-    assert linear_module._tuned_on(x.device, 1024, 1536, 8, BF16) is None  # not in the table
-    first = linear(x, w)  # the kernel, autotuning the shape
-    assert key in linear_module._TUNED
-    torch.testing.assert_close(linear(x, w), linear_module.linear_torch(x, w), rtol=0, atol=0)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = linear(x, w)
-    graph.replay()
-    torch.testing.assert_close(y, first, rtol=0, atol=0)  # the tuned kernel's bits, not cuBLAS's
-    assert_close(y, x.double() @ w.double().T, BF16)
 
 
 def test_linear_graph_capture():
