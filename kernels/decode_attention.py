@@ -163,7 +163,8 @@ def _decode_split_kernel(
         o_off = seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         out = acc / l_i[:, None]
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
-    else:  # partials (the partial pointers are None with one split, so never after a return)
+    else:  # partials; an else, not code after a return: with one split their pointers are
+        # None, and Triton 3.6 on sm_90 compiled code after a constexpr-branch return
         # o_part [B, H, NUM_SPLITS, HEAD_DIM] (unnormalised), ml_part [B, H, NUM_SPLITS, 2]
         part = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split  # [GROUP_PAD]
         tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=ok[:, None])

@@ -21,7 +21,8 @@ Two inner products, picked per shape and M bucket by the autotuner:
 Fused around the product, as a decoder layer asks (shared/models/llama.py):
 - norm=(g, eps): the input is RMSNorm(x) * g. Each x tile is multiplied by g's as it is loaded,
   the rows' sums of squares accumulate on the way, and the accumulator's columns are scaled by
-  1 / rms at the end (unsplit configs; a split one runs the norm kernel first).
+  1 / rms at the end (unsplit configs; a split one, or one the card's table marks norm_first,
+  runs the norm kernel first).
 - residual=r: y = x @ w.T + r, added in the epilogue before the one rounding.
 - swiglu=True (gate_up, w = [gate rows | up rows], 2I x K): y = silu(x @ gate.T) * (x @ up.T),
   [M, I]: a program walks block_n / 2 gate rows and the matching up rows (the tuned config's
