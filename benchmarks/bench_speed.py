@@ -414,22 +414,28 @@ def device_spans(prof: torch.profiler.profile) -> list[Span]:
                   if e.device_type == DeviceType.CUDA)  # fmt: skip
 
 
+def exclusive_s(spans: list[Span]) -> list[tuple[str, float]]:
+    """(name, seconds) of each span, counting only time no earlier span covers. With PDL a
+    kernel's span opens while its predecessor still runs (it waits on chip), so its own span
+    would count that wait twice; clipped, the seconds add up to the device's busy time."""
+    out, reach = [], float("-inf")
+    for start, end, name in spans:  # sorted by start
+        out.append((name, max(0.0, end - max(start, reach)) / 1e6))
+        reach = max(reach, end)
+    return out
+
+
 def busy_s(spans: list[Span]) -> float | None:
     """Seconds in which at least one kernel, copy or memset ran on the device."""
-    busy, reach = 0.0, float("-inf")
-    for start, end, _ in spans:  # sorted by start
-        if end > reach:
-            busy += end - max(start, reach)
-            reach = end
-    return busy / 1e6 if spans else None
+    return sum(t for _, t in exclusive_s(spans)) if spans else None
 
 
 def by_name(spans: list[Span]) -> tuple[tuple[str, float, int], ...]:
-    """(name, seconds, launches) per kernel name, the most time first."""
+    """(name, exclusive seconds, launches) per kernel name, the most time first."""
     seconds: dict[str, float] = collections.defaultdict(float)
     launches: collections.Counter[str] = collections.Counter()
-    for start, end, name in spans:
-        seconds[name] += (end - start) / 1e6
+    for name, t in exclusive_s(spans):
+        seconds[name] += t
         launches[name] += 1
     return tuple(sorted(((n, t, launches[n]) for n, t in seconds.items()), key=lambda r: -r[1]))
 
@@ -790,8 +796,8 @@ def notes(
             )
             top = "; ".join(f"{name[:48]} {t / h.steps * 1e6:.0f} us ({n / h.steps:.0f})"
                             for name, t, n in h.kernels[:10])  # fmt: skip
-            out.append(f"- Where a batch-{h.batch} step goes (profiled; per step: time "
-                       f"(launches)): {top}.")  # fmt: skip
+            out.append(f"- Where a batch-{h.batch} step goes (profiled; per step: time no "
+                       f"earlier kernel overlaps (launches)): {top}.")  # fmt: skip
     out += [f"- {HF_MODES[m]}, batch {r.batch}: {hf_note(plan, r)}" for m, by_batch in hf.items()
             for r in by_batch.values()]  # fmt: skip
     if isinstance(mesh, MeshFigures) and mesh.errors:
