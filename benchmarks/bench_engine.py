@@ -101,6 +101,7 @@ def main() -> None:
         t.numel() * t.element_size()
         for t in [engine.model.weights.embed, engine.model.weights.norm]
         + [w for layer in engine.model.weights.layers for w in vars(layer).values()]
+        if t is not None
     )
     bandwidth = copy_bandwidth_gbs()
     rows = []

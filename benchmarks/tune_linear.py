@@ -10,12 +10,13 @@ previous config). Here every candidate of every projection and M bucket (split-K
 where the autotuner keeps them to long K) runs in a captured
 graph over `copies` distinct weights (>= 512 MiB of them, well past the L2), and its time is
 the graph's replay time over the calls. Each projection is called as the model calls it (the
-norm on the input of qkv, gate_up and lm_head, SiLU-and-mul of gate_up's product, the residual
-added by o and down). The table prints the best candidate beside the torch path (norm kernel,
-cuBLAS, SiLU-and-mul kernel) and, for the normed projections, whose unsplit candidates run both
-with the norm in the kernel and with the norm kernel first (norm_first), the best time with the
-norm in the kernel, all timed the same way, and the copy-bandwidth floor measured in the same
-run. --write merges the winners into
+norm on the input of qkv, gate_up and lm_head, its weight folded into theirs; SiLU-and-mul of
+gate_up's product; the residual added by o and down, which hand their rows' sums of squares
+to the norm of gate_up and the next qkv). The table prints the best candidate beside the torch
+path (norm kernel, cuBLAS, SiLU-and-mul kernel) and, for lm_head, whose norm sums x's squares
+itself and whose unsplit candidates run both with the norm in the kernel and with the norm
+kernel first (norm_first), the best time with the norm in the kernel, all timed the same way,
+and the copy-bandwidth floor measured in the same run. --write merges the winners into
 kernels/linear_tuned.json under this card's name, where `linear` finds them.
 """
 
@@ -35,6 +36,7 @@ from kernels.linear import (
     MAX_M,
     TUNING,
     LinearTuning,
+    RowSquares,
     candidate,
     linear,
     linear_torch,
@@ -54,9 +56,10 @@ class Projection:
     name: str
     n: int
     k: int
-    norm: bool = False  # RMSNorm on the input (qkv, gate_up, lm_head)
+    norm: bool = False  # RMSNorm on the input, its weight folded in (qkv, gate_up, lm_head)
+    handed: bool = False  # the norm's sums of squares from the projection before (RowSquares)
     swiglu: bool = False  # silu(gate) * up of the product (gate_up)
-    residual: bool = False  # adds the residual stream (o, down)
+    residual: bool = False  # adds the residual stream and hands its squares on (o, down)
 
 
 def projections(model: str) -> list[Projection]:
@@ -64,9 +67,9 @@ def projections(model: str) -> list[Projection]:
     cfg = SHAPES[model.removeprefix(SYNTHETIC_PREFIX)]
     h, inter = cfg.hidden_size, cfg.intermediate_size
     return [
-        Projection("qkv", cfg.q_size + 2 * cfg.kv_size, h, norm=True),
+        Projection("qkv", cfg.q_size + 2 * cfg.kv_size, h, norm=True, handed=True),
         Projection("o", h, cfg.q_size, residual=True),
-        Projection("gate_up", 2 * inter, h, norm=True, swiglu=True),
+        Projection("gate_up", 2 * inter, h, norm=True, handed=True, swiglu=True),
         Projection("down", h, inter, residual=True),
         Projection("lm_head", cfg.vocab_size, h, norm=True),
     ]
@@ -92,34 +95,44 @@ def streamed_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tens
     return start.elapsed_time(end) * 1e3 / (reps * len(weights))
 
 
+def both_ways(p: Projection) -> bool:
+    """Whether the projection's unsplit candidates are timed with and without norm_first."""
+    return p.norm and not p.handed
+
+
 def tune(
     p: Projection, bucket: int, dtype: torch.dtype
 ) -> tuple[LinearTuning, float, float, float | None]:  # fmt: skip
     """(best candidate, its us, the torch path's us, the best us with the norm inside the kernel
-    (norm projections; else None)) at M = bucket rows. With a norm, every unsplit candidate is
-    timed twice: norm in the kernel, and norm kernel first (norm_first)."""
+    (lm_head; else None)) at M = bucket rows. With a norm that sums x's squares itself, every
+    unsplit candidate is timed twice: norm in the kernel, and norm kernel first (norm_first)."""
     copies = max(2, min(32, math.ceil(STREAM_BYTES / (p.n * p.k * 2))))
     weights = [torch.randn(p.n, p.k, device="cuda").to(dtype) for _ in range(copies)]
     x = torch.randn(bucket, p.k, device="cuda").to(dtype)
     r = torch.randn(bucket, p.n, device="cuda").to(dtype) if p.residual else None
-    norm = ((1 + torch.randn(p.k, device="cuda") / 4).to(dtype), 1e-5) if p.norm else None
+    norm = (None, 1e-5) if p.norm else None
+    # the sums o and down leave (64-column blocks), of rows of x's magnitude
+    parts = (x.float().pow(2).sum(1) / 64).expand(math.ceil(p.k / 64), bucket).contiguous()
+    squares = RowSquares(parts) if p.handed else None
     cublas = streamed_us(lambda w: linear_torch(x, w, r, norm, p.swiglu), weights)
     timed: list[tuple[float, LinearTuning]] = []
     for base in TUNING:
         if not candidate(base, p.n, p.k, bucket, any_split=True):
             continue
-        both = norm is not None and base.split_k == 1
+        both = both_ways(p) and base.split_k == 1
         for t in [base, dataclasses.replace(base, norm_first=True)] if both else [base]:
 
             def call(w: torch.Tensor, t: LinearTuning = t) -> torch.Tensor:
-                return linear(x, w, t, residual=r, norm=norm, swiglu=p.swiglu)
+                out = RowSquares() if p.residual else None
+                return linear(x, w, t, residual=r, norm=norm, swiglu=p.swiglu, squares=squares,
+                              squares_out=out)  # fmt: skip
 
             try:
                 timed.append((streamed_us(call, weights), t))
             except OutOfResources as err:  # pipeline_smem's estimate fell short: say so
                 print(f"  {t}: {err}", flush=True)
     best_us, best = min(timed, key=lambda item: item[0])
-    in_kernel = [us for us, t in timed if norm is not None and t.split_k == 1 and not t.norm_first]
+    in_kernel = [us for us, t in timed if both_ways(p) and t.split_k == 1 and not t.norm_first]
     return best, best_us, cublas, min(in_kernel) if in_kernel else None
 
 

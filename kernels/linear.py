@@ -75,7 +75,22 @@ from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.pdl import pdl_args, pdl_enter
 from kernels.rms_norm import rms_norm, rms_norm_ref
 
-Norm = tuple[torch.Tensor, float]  # an RMSNorm on the input: (weight [K], eps)
+# an RMSNorm on the input: (weight [K], eps); weight None: no gain (the model folded it into w)
+Norm = tuple[torch.Tensor | None, float]
+
+
+@dataclass
+class RowSquares:
+    """The sums of squares of a projection's output rows, which the next projection's RMSNorm
+    needs, handed from the launch that writes the rows to the one that normalizes them. Pass
+    an empty one as `squares_out`: a kernel launch with a known config (the card's table or an
+    explicit one) fills `parts`, its rows' squares summed over each column block ([blocks, M]
+    fp32, one row a column block), and other paths leave it empty. Pass it as `squares` with
+    norm=(None, eps): a kernel launch takes the sums from it, if filled, instead of summing
+    x's squares itself or running the norm kernel first."""
+
+    parts: torch.Tensor | None = None
+
 
 MAX_M = 64  # rows of x the kernel takes (decode batches); F.linear above
 
@@ -92,10 +107,12 @@ def _finish(
 def linear_ref(
     x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     norm: Norm | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
+    squares: RowSquares | None = None, squares_out: RowSquares | None = None,
 ) -> torch.Tensor:  # fmt: skip
     # x: [M, K]; w: [N, K] -> [M, N]. norm: the input is rms_norm(x) (a layer's input norm).
     # swiglu: w is [gate | up] rows and y = silu_and_mul(x @ w.T), [M, N / 2]. residual: added
-    # to the result (in x's dtype). out: the result written there (it may be residual itself)
+    # to the result (in x's dtype). out: the result written there (it may be residual itself).
+    # squares, squares_out: the kernel's hand-over of the norm's sums (unused here)
     if norm is not None:
         x = rms_norm_ref(x, *norm)[0]
     y = F.linear(x, w)
@@ -115,15 +132,18 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _normed(x, g_ptrs, k_ok, ssq, AXIS: tl.constexpr):
-    """x's tile (K along AXIS) times the norm weight's (fp32, rounded to x's dtype), and ssq
-    plus the sums of squares of x's rows."""
+def _normed(x, g_ptr, k, K, ssq, AXIS: tl.constexpr, GAIN: tl.constexpr):
+    """x's tile (columns k, along AXIS) times the norm weight's (fp32, rounded to x's dtype;
+    unchanged without GAIN: the weight is folded into w), and ssq plus the sums of squares of
+    x's rows."""
     x32 = x.to(tl.float32)
     ssq += tl.sum(x32 * x32, axis=AXIS)
-    g = tl.load(g_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-    if AXIS == 1:
-        g = g[None, :]
-    return (x32 * g).to(x.dtype), ssq
+    if GAIN:
+        g = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        if AXIS == 1:
+            g = g[None, :]
+        x = (x32 * g).to(x.dtype)
+    return x, ssq
 
 
 @triton.jit
@@ -132,6 +152,23 @@ def _plus_residual(acc, r_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
     if HAS_RESIDUAL:
         acc += tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     return acc
+
+
+@triton.jit
+def _squares_in(sq_ptr, blocks, M, m, SQ_BLOCKS: tl.constexpr):
+    """The sums of squares of x's rows m, from the partials its producer wrote (sq [blocks, M]
+    fp32, one row a column block of that launch: SQ_OUT), summed in one fixed order."""
+    b = tl.arange(0, SQ_BLOCKS)[:, None]
+    parts = tl.load(sq_ptr + b * M + m[None, :], mask=(b < blocks) & (m[None, :] < M), other=0.0)
+    return tl.sum(parts, axis=0)
+
+
+@triton.jit
+def _squares_out(sq_ptr, y, col_ok, pid_n, M, m):
+    """Store the sums of squares of this program's y tile (y.T's: [BLOCK_N, rows m], as y
+    holds them, rounded) over its columns: row pid_n of sq [cdiv(N, BLOCK_N), M]."""
+    y32 = tl.where(col_ok, y.to(tl.float32), 0.0)
+    tl.store(sq_ptr + pid_n * M + m, tl.sum(y32 * y32, axis=0), mask=m < M)
 
 
 @triton.jit
@@ -146,7 +183,10 @@ def _linear_jit(
     ws_ptr,  # fp32 [SPLIT_K, M, N] partial sums (SPLIT_K > 1; None otherwise)
     counters_ptr,  # int32 [>= cdiv(N, BLOCK_N)], zero between launches (SPLIT_K > 1; or None)
     r_ptr,  # [M, N] residual added to y (HAS_RESIDUAL; or None)
-    g_ptr,  # [K] RMSNorm weight of x (NORM; or None)
+    g_ptr,  # [K] RMSNorm weight of x (NORM and GAIN; or None)
+    sq_in_ptr,  # fp32 [sq_blocks, M]: x's rows' sums of squares in partials (SQ_IN; or None)
+    sq_out_ptr,  # fp32 [cdiv(N, BLOCK_N), M]: y's rows' sums of squares, written (SQ_OUT; or None)
+    sq_blocks,  # rows of sq_in
     M, N, K, stride_xm, stride_wn, stride_ym, stride_rm, eps,
     M_BUCKET,  # next_power_of_2(M): unused here, a key of the autotuner
     M_PAD: tl.constexpr,  # rows x is padded to for the dot: max(16, M_BUCKET)
@@ -155,12 +195,17 @@ def _linear_jit(
     SPLIT_K: tl.constexpr,  # programs sharing a column block's K range (grid dimension 1)
     HAS_RESIDUAL: tl.constexpr,  # y = x @ w.T + residual
     NORM: tl.constexpr,  # the input is RMSNorm(x) * g: x * g in the loop, 1 / rms at the end
+    GAIN: tl.constexpr,  # NORM's g is applied here (else folded into w's columns: g_ptr None)
+    SQ_IN: tl.constexpr,  # NORM's sums of squares from sq_in (else from x's tiles in the loop)
+    SQ_BLOCKS: tl.constexpr,  # next_power_of_2(sq_blocks) (SQ_IN; else 1)
+    SQ_OUT: tl.constexpr,  # write y's rows' sums of squares by column block (the next norm's)
     SWIGLU: tl.constexpr,  # w is [2N, K], gate rows then up rows; y = silu(x @ gate.T) * (x @ up.T)
     PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py)
     PREFETCH_LINES: tl.constexpr = 8,  # 128-byte lines of each w row prefetched (PDL only)
 ):  # fmt: skip
     tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
-    tl.static_assert(SPLIT_K == 1 or not (NORM or SWIGLU), "norm and SwiGLU need all of K")
+    tl.static_assert(SPLIT_K == 1 or not SWIGLU, "SwiGLU needs all of K")
+    tl.static_assert(SPLIT_K == 1 or not NORM or (SQ_IN and not GAIN), "the norm needs all of K")
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
     ks = tl.arange(0, BLOCK_K)
@@ -202,8 +247,8 @@ def _linear_jit(
                 k_ok = (k + ks < K)[None, :]
                 w = tl.load(w_ptrs, mask=k_ok, other=0.0)
                 x = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
-            if NORM:
-                x, ssq = _normed(x, g_ptr + k + ks, k + ks < K, ssq, 1)
+            if NORM and not SQ_IN:  # the loop sums x's squares (and applies g)
+                x, ssq = _normed(x, g_ptr, k + ks, K, ssq, 1, GAIN)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
             if SWIGLU:
                 if EVEN_K:
@@ -215,6 +260,8 @@ def _linear_jit(
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         if NORM:  # rows of x are columns of acc
+            if SQ_IN:
+                ssq = _squares_in(sq_in_ptr, sq_blocks, M, m, SQ_BLOCKS)
             inv_rms = tl.rsqrt(ssq / K + eps)[None, :]
             acc = acc * inv_rms
             acc_up = acc_up * inv_rms
@@ -224,8 +271,10 @@ def _linear_jit(
         r_offsets = m[None, :] * stride_rm + cols[:, None]
         y_ok = (m[None, :] < M) & (cols[:, None] < N)
         if SPLIT_K == 1:
-            acc = _plus_residual(acc, r_ptr, r_offsets, y_ok, HAS_RESIDUAL)
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+            y = _plus_residual(acc, r_ptr, r_offsets, y_ok, HAS_RESIDUAL).to(y_ptr.dtype.element_ty)
+            tl.store(y_ptrs, y, mask=y_ok)
+            if SQ_OUT:
+                _squares_out(sq_out_ptr, y, cols[:, None] < N, pid_n, M, m)
         else:
             # ws[pid_k] gets this split's partial; the column block's last program to arrive sums
             # ws[0] + ws[1] + ... in that order (whichever program it is) and writes y
@@ -242,7 +291,10 @@ def _linear_jit(
                 for s in tl.static_range(1, SPLIT_K):
                     acc += tl.load(ws_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
                 acc = _plus_residual(acc, r_ptr, r_offsets, y_ok, HAS_RESIDUAL)
-                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+                y = acc.to(y_ptr.dtype.element_ty)
+                tl.store(y_ptrs, y, mask=y_ok)
+                if SQ_OUT:
+                    _squares_out(sq_out_ptr, y, cols[:, None] < N, pid_n, M, m)
                 tl.atomic_xchg(counters_ptr + pid_n, 0)  # zero again for the next launch / replay
     else:
         # M == 1: per-lane fp32 partial sums, one reduction over K after the loop
@@ -258,8 +310,8 @@ def _linear_jit(
                 k_ok = k + ks < K
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=k_ok, other=0.0)
-            if NORM:
-                x, ssq = _normed(x, g_ptr + k + ks, k + ks < K, ssq, 0)
+            if NORM and not SQ_IN:
+                x, ssq = _normed(x, g_ptr, k + ks, K, ssq, 0, GAIN)
             x32 = x.to(tl.float32)[None, :]
             acc += w.to(tl.float32) * x32
             if SWIGLU:
@@ -273,6 +325,9 @@ def _linear_jit(
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
         if NORM:
+            if SQ_IN:
+                b = tl.arange(0, SQ_BLOCKS)
+                ssq = tl.sum(tl.load(sq_in_ptr + b, mask=b < sq_blocks, other=0.0), axis=0)
             inv_rms = tl.rsqrt(ssq / K + eps)
             y = y * inv_rms
         if SWIGLU:
@@ -280,8 +335,11 @@ def _linear_jit(
             if NORM:
                 y_up = y_up * inv_rms
             y = _silu_times(y, y_up)
-        y = _plus_residual(y, r_ptr, cols, cols < N, HAS_RESIDUAL)
-        tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
+        y = _plus_residual(y, r_ptr, cols, cols < N, HAS_RESIDUAL).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + cols, y, mask=cols < N)
+        if SQ_OUT:  # M == 1
+            y32 = tl.where(cols < N, y.to(tl.float32), 0.0)
+            tl.store(sq_out_ptr + pid_n, tl.sum(y32 * y32, axis=0))
 
 
 _linear_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_linear_jit)
@@ -549,11 +607,13 @@ def _kernel_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
 def linear_torch(
     x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
     norm: Norm | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
+    squares: RowSquares | None = None, squares_out: RowSquares | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """`linear` where the skinny kernel does not run: the norm kernel, cuBLAS, the SiLU-and-mul
     kernel (the residual added by cuBLAS's epilogue in half precision, straight into out when
     out is the residual: no copy of it first; in fp32 exactly as linear_ref adds it, so the
-    engine's fp32 runs stay exact)."""
+    engine's fp32 runs stay exact). squares and squares_out are not used: the norm kernel sums
+    its rows itself."""
     if norm is not None:
         x = rms_norm(x, *norm)[0]
     if swiglu:
@@ -568,7 +628,8 @@ def linear_torch(
 def linear(
     x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None,
     residual: torch.Tensor | None = None, norm: Norm | None = None, swiglu: bool = False,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, squares: RowSquares | None = None,
+    squares_out: RowSquares | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Triton version of `linear_ref`: y [M, N] (swiglu: [M, N / 2]) in x.dtype, fp32
     accumulation.
@@ -586,7 +647,10 @@ def linear(
     gemv), a program takes block_n / 2 gate rows and their up rows and writes silu(gate) * up;
     else the plain launch, then the SiLU-and-mul kernel (as with an autotuned shape). out: where
     y goes (it may be residual: every element of the residual is read by the program that then
-    writes it).
+    writes it). squares: with norm=(None, eps), x's rows' sums of squares as the launch that wrote
+    x left them (RowSquares): if filled, every config takes the norm from them (split ones too,
+    no norm kernel). squares_out: filled with y's rows' sums of squares when the launch has a
+    known config (not while the autotuner is still choosing).
     """
     n_out = w.shape[0] // 2 if swiglu else w.shape[0]
     if residual is not None:
@@ -598,6 +662,10 @@ def linear(
         assert out.stride(1) == 1 and out.device == x.device
     if tuning is None and not _kernel_takes(x, w):
         return linear_torch(x, w, residual, norm, swiglu, out)
+    sq_in = squares.parts if squares is not None and norm is not None and norm[0] is None else None
+    if sq_in is not None:
+        assert sq_in.dtype == torch.float32 and sq_in.dim() == 2 and sq_in.is_contiguous()
+        assert sq_in.shape[1] == x.shape[0] and sq_in.device == x.device
     m, k = x.shape
     n = w.shape[0]
     assert w.shape[1] == k and w.dtype == x.dtype and w.device == x.device
@@ -609,7 +677,8 @@ def linear(
         tuning = _CPU_TUNING if on_cpu else _tuned_on(x.device, n, k, bucket, x.dtype)
     if swiglu and (tuning is None or tuning.split_k > 1 or (tuning.dot and tuning.block_n < 32)):
         # no fused launch for this config: the plain product, then SiLU-and-mul
-        return _finish(silu_and_mul(linear(x, w, tuning, norm=norm)), residual, out)
+        product = linear(x, w, tuning, norm=norm, squares=squares)
+        return _finish(silu_and_mul(product), residual, out)
     if swiglu:
         assert tuning is not None
         tuning = dataclasses.replace(tuning, block_n=tuning.block_n // 2)
@@ -628,17 +697,28 @@ def linear(
             tuning = dataclasses.replace(tuning, split_k=1)
             scratch = None, None
     assert scratch is not None
-    if norm is not None and (tuning is None or tuning.split_k > 1 or tuning.norm_first):
-        # a split program sees part of K, and the norm needs all of it
+    if (
+        sq_in is None
+        and norm is not None
+        and (tuning is None or tuning.split_k > 1 or tuning.norm_first)
+    ):  # a split program sees part of K, and summing x's squares needs all of it
         x, norm = rms_norm(x, *norm)[0], None
     g, eps = norm if norm is not None else (None, 0.0)
     if g is not None:
         assert g.shape == (k,) and g.stride(0) == 1 and g.device == x.device
     stride_r = residual.stride(0) if residual is not None else 0
-    args = (x, w, y, *scratch, residual, g, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-            stride_r, eps, bucket, max(16, bucket))  # fmt: skip
+    sq_out = None
+    if squares_out is not None and tuning is not None:
+        sq_out = torch.empty((triton.cdiv(n, tuning.block_n), m), dtype=torch.float32,
+                             device=x.device)  # fmt: skip
+        squares_out.parts = sq_out
+    sq_blocks = sq_in.shape[0] if sq_in is not None else 1
+    args = (x, w, y, *scratch, residual, g, sq_in, sq_out, sq_blocks, m, n, k, x.stride(0),
+            w.stride(0), y.stride(0), stride_r, eps, bucket, max(16, bucket))  # fmt: skip
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    flags = dict(DOT_PRECISION=precision, HAS_RESIDUAL=residual is not None, NORM=g is not None,
+    flags = dict(DOT_PRECISION=precision, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
+                 GAIN=g is not None, SQ_IN=sq_in is not None,
+                 SQ_BLOCKS=triton.next_power_of_2(sq_blocks), SQ_OUT=sq_out is not None,
                  SWIGLU=swiglu, **pdl_args(x.device))  # fmt: skip
 
     def grid(meta: dict) -> tuple[int, int]:

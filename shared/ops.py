@@ -30,7 +30,8 @@ class Ops:
     gather_blocks: Callable[..., torch.Tensor]
     scatter_blocks: Callable[..., None]
     # y = x @ w.T; norm=(g, eps): rms_norm(x) @ w.T; swiglu=True: silu(x @ gate.T) * (x @ up.T);
-    # residual=r: + r; out=o: y written into o (which may be r: the residual stream in place)
+    # residual=r: + r; out=o: y written into o (which may be r: the residual stream in place);
+    # squares_out / squares: y's rows' sums of squares handed to the next norm (RowSquares)
     linear: Callable[..., torch.Tensor]
     argmax: Callable[..., torch.Tensor]  # greedy tokens: first index of each row's largest value
 

@@ -9,7 +9,11 @@ One forward serves prefill chunks and decode tokens in one packed batch:
 Each norm is asked of the projection that reads it (`ops.linear(..., norm=)`), each residual
 add of the projection that feeds the stream (`ops.linear(..., residual=)`), SiLU-and-mul of
 gate_up (`swiglu=True`): the decode kernels fuse them into the skinny linear; the references
-and the other paths run them as separate steps with the same math.
+and the other paths run them as separate steps with the same math. The norms' weights are
+folded into the projections that read them (loader.fold_norm), so a norm is only 1 / rms of
+each row: the projection that updates the residual stream (o, down) hands the rows' sums of
+squares to the one that normalizes it (gate_up, the next qkv) as `RowSquares`, and the decode
+kernels scale their product by it: no norm launch between them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import NewToken
+from kernels.linear import RowSquares
 from kernels.rope import rope_cos_sin
 from shared.batch import ForwardBatch
 from shared.models.config import ModelConfig
@@ -31,11 +36,9 @@ LayerHook = Callable[[int], None]
 
 @dataclass
 class LayerWeights:
-    attn_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, H]
+    qkv: torch.Tensor  # [q_size + 2 * kv_size, H], the input norm's weight folded in
     o: torch.Tensor  # [H, q_size]
-    mlp_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2 * I, H], gate rows first
+    gate_up: torch.Tensor  # [2 * I, H], gate rows first, the MLP norm's weight folded in
     down: torch.Tensor  # [H, I]
 
 
@@ -43,7 +46,7 @@ class LayerWeights:
 class LlamaWeights:
     embed: torch.Tensor  # [V, H]
     layers: list[LayerWeights]
-    norm: torch.Tensor  # [H]
+    norm: torch.Tensor | None  # [H], the final norm's weight; None: folded into lm_head
     lm_head: torch.Tensor  # [V, H], the embedding itself when tied
 
 
@@ -75,12 +78,15 @@ class LlamaModel:
         """
         w, ops, eps = self.weights, self.ops, self.config.rms_eps
         h = F.embedding(batch.input_ids, w.embed)  # [T, H], the residual stream
+        squares = RowSquares()  # of h's rows; the first qkv sums the embeddings' itself
         for index, layer in enumerate(w.layers):
-            h = self._attention(index, layer, h, batch, kv_cache)
+            h, squares = self._attention(index, layer, h, batch, kv_cache, squares)
             if on_layer is not None:
                 on_layer(index)
-            act = ops.linear(h, layer.gate_up, norm=(layer.mlp_norm, eps), swiglu=True)
-            h = ops.linear(act, layer.down, residual=h, out=h)  # the stream updated in place
+            act = ops.linear(h, layer.gate_up, norm=(None, eps), swiglu=True, squares=squares)
+            squares = RowSquares()
+            # the stream updated in place
+            h = ops.linear(act, layer.down, residual=h, out=h, squares_out=squares)
         return ops.linear(h[batch.sample_indices], w.lm_head, norm=(w.norm, eps))
 
     def _attention(
@@ -90,11 +96,13 @@ class LlamaModel:
         h: torch.Tensor,
         batch: ForwardBatch,
         kv_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        """The residual stream h after layer `index`'s attention block."""
+        squares: RowSquares,
+    ) -> tuple[torch.Tensor, RowSquares]:
+        """The residual stream h after layer `index`'s attention block, and its rows' squares
+        (`squares`: h's before it)."""
         cfg, ops = self.config, self.ops
         tokens = h.shape[0]
-        qkv = ops.linear(h, layer.qkv, norm=(layer.attn_norm, cfg.rms_eps))
+        qkv = ops.linear(h, layer.qkv, norm=(None, cfg.rms_eps), squares=squares)
         q = qkv[:, : cfg.q_size].view(tokens, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(tokens, cfg.num_kv_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -117,4 +125,7 @@ class LlamaModel:
                 batch.seq_lens,
                 self.scale,
             )
-        return ops.linear(out.reshape(tokens, cfg.q_size), layer.o, residual=h, out=h)
+        squares = RowSquares()
+        h = ops.linear(out.reshape(tokens, cfg.q_size), layer.o, residual=h, out=h,
+                       squares_out=squares)  # fmt: skip
+        return h, squares

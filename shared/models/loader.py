@@ -65,23 +65,35 @@ def _shape(name: str) -> ModelConfig:
 def _assemble(
     config: ModelConfig, get: Callable[[str], torch.Tensor], progress: bool
 ) -> LlamaWeights:
-    """Build LlamaWeights from a getter of HF-named tensors (already dtype/device converted)."""
+    """Build LlamaWeights from a getter of HF-named tensors (already dtype/device converted).
+    Each RMSNorm's weight is folded into the columns of the projection that reads the norm
+    (fold_norm); the final norm's stays apart when lm_head is the embedding (tied)."""
     layers = []
     for i in tqdm(range(config.num_layers), desc="loading", unit="layer", disable=not progress):
         p = f"model.layers.{i}."
+        qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
         layers.append(
             LayerWeights(
-                attn_norm=get(p + "input_layernorm.weight"),
-                qkv=torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                qkv=fold_norm(qkv, get(p + "input_layernorm.weight")),
                 o=get(p + "self_attn.o_proj.weight"),
-                mlp_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                gate_up=fold_norm(gate_up, get(p + "post_attention_layernorm.weight")),
                 down=get(p + "mlp.down_proj.weight"),
             )
         )
     embed = get("model.embed_tokens.weight")
-    lm_head = embed if config.tie_embeddings else get("lm_head.weight")
-    return LlamaWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
+    norm = get("model.norm.weight")
+    if config.tie_embeddings:
+        return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=embed)
+    lm_head = fold_norm(get("lm_head.weight"), norm)
+    return LlamaWeights(embed=embed, layers=layers, norm=None, lm_head=lm_head)
+
+
+def fold_norm(w: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """w [N, K] with an RMSNorm's weight [K] folded into its columns: w @ (gain * x) =
+    (w * gain) @ x, so the model normalizes x without the gain (one rounding of each product to
+    w's dtype; exact for the synthetic models' unit gains)."""
+    return w * gain.to(w.dtype)[None, :]
 
 
 # ---------------------------------------------------------------------------------- synthetic

@@ -245,6 +245,26 @@ def test_linear_split_k(n, k, m, tuning):
     linear_cases.run_case(m, n, k, BF16, tuning, device="cuda", seed=n + m, row_pad=8)
 
 
+# (producer, consumer) configs of the H100 table at 64 rows: down (split 2) -> qkv, o (split 2)
+# -> gate_up, and gemv -> gemv at one row
+HANDOVER_GPU = [
+    (LinearTuning(64, 128, 4, 6, split_k=2), LinearTuning(64, 128, 4, 6), 6144, False, 64),
+    (LinearTuning(64, 128, 4, 6, split_k=2), LinearTuning(128, 128, 8, 4), 28672, True, 64),
+    (LinearTuning(64, 128, 4, 6), LinearTuning(64, 128, 4, 6, split_k=2), 6144, False, 16),
+    (LinearTuning(16, 512, 4, 3, dot=False), LinearTuning(8, 1024, 4, 3, dot=False), 6144, False,
+     1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("producer,consumer,n,swiglu,m", HANDOVER_GPU,
+                         ids=["down-qkv", "o-gate_up", "split-consumer", "gemv"])  # fmt: skip
+def test_linear_row_squares_handed_over(producer, consumer, n, swiglu, m):
+    """A residual projection's rows' sums of squares feed the next projection's norm (its
+    weight folded into w), as in the model, in bf16 against float64."""
+    linear_cases.run_handover_case(m, 4096, n, BF16, producer, consumer, swiglu, device="cuda",
+                                   seed=m + n)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "tuning",
     [LinearTuning(64, 128, 4, 6), LinearTuning(64, 128, 4, 6, split_k=2),

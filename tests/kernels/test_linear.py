@@ -8,7 +8,7 @@ from kernel_inputs import assert_close, poison_allocator
 
 from kernels import linear as linear_mod
 from kernels.activation import silu_and_mul
-from kernels.linear import MAX_M, TUNING, LinearTuning, linear, linear_ref
+from kernels.linear import MAX_M, TUNING, LinearTuning, RowSquares, linear, linear_ref
 from kernels.rms_norm import rms_norm
 
 DOT = [LinearTuning(16, 64, 4, 2), LinearTuning(32, 32, 4, 3)]
@@ -253,6 +253,79 @@ def test_swiglu_writes_silu_of_gate_times_up(m, n, k, dtype, tuning, norm):
     and split ones, run the plain launch then the SiLU-and-mul kernel)."""
     if tuning.dot or m == 1:
         run_fused_case(m, n, k, dtype, tuning, residual=False, norm=norm, swiglu=True, seed=n + k)
+
+
+def run_handover_case(m, k, n, dtype, producer, consumer, swiglu, device="cpu", seed=0):
+    """A residual projection (o, down) hands its rows' sums of squares to the next normalized
+    one (gate_up, qkv), whose norm weight is folded into w: as the reference with the weight
+    apart, and the same bits as the consumer summing x's squares itself."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n_out = n // 2 if swiglu else n
+    a = torch.randn(m, 3 * k // 2, generator=gen, device=device).to(dtype)
+    wa = (torch.randn(k, a.shape[1], generator=gen, device=device) / k**0.5).to(dtype)
+    h = torch.randn(m, k, generator=gen, device=device).to(dtype) * 3
+    w = (torch.randn(n, k, generator=gen, device=device) / k**0.5).to(dtype)
+    g = (1 + torch.randn(k, generator=gen, device=device) / 4).to(dtype)
+    want_h = linear_ref(a.double(), wa.double(), residual=h.double())
+    squares = RowSquares()
+    poison_allocator(device)
+    linear(a, wa, producer, residual=h, out=h, squares_out=squares)
+    assert_close(h, want_h, dtype)
+    parts = squares.parts
+    assert parts is not None and parts.shape == (triton.cdiv(k, producer.block_n), m)
+    torch.testing.assert_close(parts.sum(0).double(), h.double().pow(2).sum(1), rtol=1e-5, atol=0)
+    folded = (w.double() * g.double()).to(dtype)
+    y = linear(h, folded, consumer, norm=(None, 1e-5), swiglu=swiglu, squares=squares)
+    assert y.shape == (m, n_out)
+    assert_close(y, linear_ref(h.double(), w.double(), norm=(g.double(), 1e-5), swiglu=swiglu),
+                 dtype, factor=2)  # fmt: skip
+    if consumer.split_k == 1:  # the same sums, summed in the loop from x's tiles
+        itself = linear(h, folded, consumer, norm=(None, 1e-5), swiglu=swiglu)
+        assert_close(y, itself.double(), dtype)
+    torch.testing.assert_close(  # reproducible
+        linear(h, folded, consumer, norm=(None, 1e-5), swiglu=swiglu, squares=squares), y,
+        rtol=0, atol=0,
+    )  # fmt: skip
+    assert counters_all_zero()
+
+
+HANDOVER = [
+    (DOT[0], DOT[1]),
+    (LinearTuning(16, 64, 4, 2, split_k=2), LinearTuning(32, 64, 4, 2)),
+    (DOT[1], LinearTuning(16, 64, 4, 2, split_k=2)),  # a split consumer takes the sums too
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pair", HANDOVER, ids=["dot", "split producer", "split consumer"])
+@pytest.mark.parametrize("m,k,n", [(7, 96, 64), (64, 70, 40), (33, 130, 90)])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["qkv", "gate_up"])
+def test_row_squares_handed_from_the_residual_projection_to_the_next_norm(
+    m, k, n, dtype, pair, swiglu
+):  # fmt: skip
+    run_handover_case(m, k, n, dtype, *pair, swiglu=swiglu, seed=m + k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_row_squares_at_one_row_gemv(dtype):
+    run_handover_case(1, 200, 45, dtype, GEMV, GEMV, swiglu=False, seed=1)
+    run_handover_case(1, 200, 90, dtype, GEMV, GEMV, swiglu=True, seed=2)
+
+
+def test_row_squares_stay_empty_where_no_kernel_writes_them():
+    """Above MAX_M rows (cuBLAS), or fp32 without a config, nothing is handed over, and a
+    consumer given an empty RowSquares normalizes x itself."""
+    gen = torch.Generator().manual_seed(4)
+    big = MAX_M + 3
+    x = torch.randn(big, 64, generator=gen).to(torch.float16)
+    w = torch.randn(32, 64, generator=gen).to(torch.float16)
+    r = torch.randn(big, 32, generator=gen).to(torch.float16)
+    squares = RowSquares()
+    linear(x, w, residual=r, squares_out=squares)
+    assert squares.parts is None
+    y = linear(r, w[:, :32].contiguous(), norm=(None, 1e-5), squares=squares)
+    assert_close(y, linear_ref(r.double(), w[:, :32].double(), norm=(None, 1e-5)),
+                 torch.float16)  # fmt: skip
 
 
 def test_unfused_swiglu_is_the_plain_launch_then_silu_and_mul():

@@ -1,8 +1,9 @@
 """The Llama model written against `Ops`, run on the Triton kernels (the interpreter, fp16) and
 on the torch references (float64, the same weights): a prefill of two prompts in one packed
 batch over shuffled blocks, then a decode step of both. Covers how the model calls the fused
-ops (the norm inside the projection that reads it, the residual add in the one that feeds the
-stream, RoPE with the KV write), which the per-kernel tests do not."""
+ops (the norm inside the projection that reads it, its sums of squares handed over by the one
+that feeds the stream, which adds the residual; RoPE with the KV write), which the per-kernel
+tests do not."""
 
 import dataclasses
 
@@ -12,7 +13,7 @@ from kernel_inputs import assert_close
 from shared.batch import ForwardBatch
 from shared.models.config import ModelConfig
 from shared.models.llama import LayerWeights, LlamaModel, LlamaWeights
-from shared.models.loader import synthetic_weights
+from shared.models.loader import fold_norm, synthetic_weights
 from shared.ops import KERNEL_OPS, REFERENCE_OPS
 
 CONFIG = ModelConfig(name="small-gqa", hidden_size=128, num_layers=2, num_heads=4,
@@ -23,16 +24,18 @@ PAGE = 16
 
 
 def _weights(dtype: torch.dtype) -> LlamaWeights:
-    """Seeded weights with norm weights away from 1 (a misapplied one shows)."""
+    """Seeded weights with norm weights away from 1 folded into the projections that read the
+    norms (as the loader does), so a norm that misses a row's scale shows."""
     w = synthetic_weights(CONFIG, dtype, torch.device("cpu"), seed=4)
     gen = torch.Generator().manual_seed(5)
 
     def norm_weight() -> torch.Tensor:
         return (1 + torch.randn(CONFIG.hidden_size, generator=gen) / 3).to(dtype)
 
-    layers = [dataclasses.replace(layer, attn_norm=norm_weight(), mlp_norm=norm_weight())
+    layers = [dataclasses.replace(layer, qkv=fold_norm(layer.qkv, norm_weight()),
+                                  gate_up=fold_norm(layer.gate_up, norm_weight()))
               for layer in w.layers]  # fmt: skip
-    return dataclasses.replace(w, layers=layers, norm=norm_weight())
+    return dataclasses.replace(w, layers=layers, lm_head=fold_norm(w.lm_head, norm_weight()))
 
 
 def _as(weights: LlamaWeights, dtype: torch.dtype) -> LlamaWeights:
@@ -40,8 +43,9 @@ def _as(weights: LlamaWeights, dtype: torch.dtype) -> LlamaWeights:
         return LayerWeights(**{f.name: getattr(layer, f.name).to(dtype)
                                for f in dataclasses.fields(layer)})  # fmt: skip
 
+    assert weights.norm is None  # folded into lm_head (CONFIG is untied)
     return LlamaWeights(weights.embed.to(dtype), [cast(layer) for layer in weights.layers],
-                        weights.norm.to(dtype), weights.lm_head.to(dtype))  # fmt: skip
+                        None, weights.lm_head.to(dtype))  # fmt: skip
 
 
 def _batch(ids, positions, blocks, lens, q_lens, table) -> ForwardBatch:

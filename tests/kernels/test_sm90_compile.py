@@ -47,17 +47,26 @@ def _compile_linear() -> list[dict]:
     args = list(lin._linear_jit.arg_names)
     pointers = {"x_ptr", "w_ptr", "y_ptr", "r_ptr", "g_ptr"}
     types = {**{p: "*bf16" for p in pointers}, "ws_ptr": "*fp32", "counters_ptr": "*i32",
-             "eps": "fp32"}  # fmt: skip
+             "sq_in_ptr": "*fp32", "sq_out_ptr": "*fp32", "eps": "fp32"}  # fmt: skip
     aligned = pointers | {"ws_ptr", "counters_ptr", "K", "stride_xm", "stride_wn", "stride_ym",
                           "stride_rm"}  # fmt: skip
     assert "M_PAD" in args
 
     def smem(t: lin.LinearTuning, bucket: int, **variant: bool) -> int:
+        has = {name: variant.get(name, False)
+               for name in ("residual", "norm", "sq_in", "sq_out", "swiglu")}  # fmt: skip
         consts = {"M_PAD": max(16, bucket), "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
                   "USE_DOT": t.dot, "EVEN_K": True, "DOT_PRECISION": "tf32",
-                  "SPLIT_K": t.split_k, "HAS_RESIDUAL": variant.get("residual", False),
-                  "NORM": variant.get("norm", False), "SWIGLU": variant.get("swiglu", False),
-                  "PDL": True, "PREFETCH_LINES": 8}  # fmt: skip
+                  "SPLIT_K": t.split_k, "HAS_RESIDUAL": has["residual"], "NORM": has["norm"],
+                  "GAIN": False, "SQ_IN": has["sq_in"], "SQ_BLOCKS": 64 if has["sq_in"] else 1,
+                  "SQ_OUT": has["sq_out"], "SWIGLU": has["swiglu"], "PDL": True,
+                  "PREFETCH_LINES": 8}  # fmt: skip
+        # the pointers the wrapper passes as None (Triton makes them constexpr None); the
+        # norm's weight is folded into w (Llama-3-8B is untied)
+        absent = {"r_ptr": not has["residual"], "g_ptr": True, "sq_in_ptr": not has["sq_in"],
+                  "sq_out_ptr": not has["sq_out"], "ws_ptr": t.split_k == 1,
+                  "counters_ptr": t.split_k == 1}  # fmt: skip
+        consts.update({name: None for name, none in absent.items() if none})
         return _sm90(lin._linear_jit, types, consts, t.options(), aligned)
 
     out = []
@@ -66,12 +75,24 @@ def _compile_linear() -> list[dict]:
         n = int(key.split("x")[0])
         bucket = int(key.split()[1][1:])
         in_kernel_norm = t.split_k == 1 and not t.norm_first  # else the norm kernel runs first
-        variant = {"residual": True} if n == 4096 else {"norm": in_kernel_norm}
-        if n == 28672:  # gate_up: as `linear` launches a SwiGLU of this config
-            if t.split_k > 1 or (t.dot and t.block_n < 32):
-                continue  # the plain launch, then SiLU-and-mul
-            t, variant = dataclasses.replace(t, block_n=t.block_n // 2), {**variant, "swiglu": True}
-        out.append(dict(what=f"{key} {variant}", asked=smem(t, bucket, **variant), bound=None))
+        # as the model launches each (shared/models/llama.py): o and down hand their rows'
+        # squares on, qkv and gate_up take them (the first qkv and lm_head sum x's themselves)
+        variants: list[dict] = {
+            4096: [{"residual": True, "sq_out": True}],
+            6144: [{"norm": True, "sq_in": True}, {"norm": in_kernel_norm}],
+            28672: [{"norm": True, "sq_in": True}],
+            128256: [{"norm": in_kernel_norm}],
+        }[n]
+        for variant in variants:
+            tv = t
+            if n == 28672 and not (t.split_k > 1 or (t.dot and t.block_n < 32)):
+                # gate_up as `linear` launches a SwiGLU of this config (else the plain launch,
+                # then SiLU-and-mul)
+                tv, variant = (
+                    dataclasses.replace(t, block_n=t.block_n // 2),
+                    {**variant, "swiglu": True},
+                )
+            out.append(dict(what=f"{key} {variant}", asked=smem(tv, bucket, **variant), bound=None))
     for t in lin.TUNING:
         if lin.candidate(t, 4096, 14336, 64, any_split=True):
             bound = lin.pipeline_smem(t, 64) if t.dot else None
@@ -111,7 +132,7 @@ def _compile_others() -> list[dict]:
          dict(NUM_HEADS=32, NUM_SPLITS=3, SPLITS_PAD=4, HEAD_DIM=128, PDL=True)),
         (norm._rms_norm_kernel, {"x_ptr": bf16, "res_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16,
                                  "new_res_ptr": bf16, "eps": "fp32"},
-         dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=True)),
+         dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, BLOCK=4096, PDL=True)),
         (act._silu_and_mul_kernel, {"x_ptr": bf16, "out_ptr": bf16}, dict(BLOCK=2048, PDL=True)),
         (rope_kv._rope_write_kv_kernel, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16,
                                          "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
