@@ -83,11 +83,11 @@ Norm = tuple[torch.Tensor | None, float]
 class RowSquares:
     """The sums of squares of a projection's output rows, which the next projection's RMSNorm
     needs, handed from the launch that writes the rows to the one that normalizes them. Pass
-    an empty one as `squares_out`: a kernel launch with a known config (the card's table or an
-    explicit one) fills `parts`, its rows' squares summed over each column block ([blocks, M]
-    fp32, one row a column block), and other paths leave it empty. Pass it as `squares` with
-    norm=(None, eps): a kernel launch takes the sums from it, if filled, instead of summing
-    x's squares itself or running the norm kernel first."""
+    an empty one as `squares_out`: a kernel launch with a known dot config (the card's table
+    or an explicit one) fills `parts`, its rows' squares summed over each column block
+    ([blocks, M] fp32, one row a column block), and other paths leave it empty. Pass it as
+    `squares` with norm=(None, eps): a dot launch takes the sums from it, if filled, instead of
+    summing x's squares itself or running the norm kernel first."""
 
     parts: torch.Tensor | None = None
 
@@ -156,11 +156,11 @@ def _plus_residual(acc, r_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
 
 @triton.jit
 def _squares_in(sq_ptr, blocks, M, m, SQ_BLOCKS: tl.constexpr):
-    """The sums of squares of x's rows m, from the partials its producer wrote (sq [blocks, M]
-    fp32, one row a column block of that launch: SQ_OUT), summed in one fixed order."""
+    """The partials of the sums of squares of x's rows m its producer wrote (sq [blocks, M]
+    fp32, one row a column block of that launch: SQ_OUT), [SQ_BLOCKS, len(m)]: loaded before
+    the K loop and summed (in one fixed order) after it, so their latency hides behind it."""
     b = tl.arange(0, SQ_BLOCKS)[:, None]
-    parts = tl.load(sq_ptr + b * M + m[None, :], mask=(b < blocks) & (m[None, :] < M), other=0.0)
-    return tl.sum(parts, axis=0)
+    return tl.load(sq_ptr + b * M + m[None, :], mask=(b < blocks) & (m[None, :] < M), other=0.0)
 
 
 @triton.jit
@@ -204,6 +204,8 @@ def _linear_jit(
     PREFETCH_LINES: tl.constexpr = 8,  # 128-byte lines of each w row prefetched (PDL only)
 ):  # fmt: skip
     tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
+    # the gemv path has x in registers: it sums x's squares itself, and hands none on
+    tl.static_assert(USE_DOT or not (SQ_IN or SQ_OUT), "row squares are the dot path's")
     tl.static_assert(SPLIT_K == 1 or not SWIGLU, "SwiGLU needs all of K")
     tl.static_assert(SPLIT_K == 1 or not NORM or (SQ_IN and not GAIN), "the norm needs all of K")
     pid_n = tl.program_id(0)
@@ -239,6 +241,8 @@ def _linear_jit(
         acc = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_N, M_PAD], dtype=tl.float32)  # SWIGLU
         ssq = tl.zeros([M_PAD], dtype=tl.float32)  # NORM: sums of squares of x's rows
+        if NORM and SQ_IN:
+            sq_parts = _squares_in(sq_in_ptr, sq_blocks, M, m, SQ_BLOCKS)
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
@@ -261,7 +265,7 @@ def _linear_jit(
             x_ptrs += BLOCK_K
         if NORM:  # rows of x are columns of acc
             if SQ_IN:
-                ssq = _squares_in(sq_in_ptr, sq_blocks, M, m, SQ_BLOCKS)
+                ssq = tl.sum(sq_parts, axis=0)
             inv_rms = tl.rsqrt(ssq / K + eps)[None, :]
             acc = acc * inv_rms
             acc_up = acc_up * inv_rms
@@ -325,9 +329,6 @@ def _linear_jit(
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
         if NORM:
-            if SQ_IN:
-                b = tl.arange(0, SQ_BLOCKS)
-                ssq = tl.sum(tl.load(sq_in_ptr + b, mask=b < sq_blocks, other=0.0), axis=0)
             inv_rms = tl.rsqrt(ssq / K + eps)
             y = y * inv_rms
         if SWIGLU:
@@ -335,11 +336,8 @@ def _linear_jit(
             if NORM:
                 y_up = y_up * inv_rms
             y = _silu_times(y, y_up)
-        y = _plus_residual(y, r_ptr, cols, cols < N, HAS_RESIDUAL).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + cols, y, mask=cols < N)
-        if SQ_OUT:  # M == 1
-            y32 = tl.where(cols < N, y.to(tl.float32), 0.0)
-            tl.store(sq_out_ptr + pid_n, tl.sum(y32 * y32, axis=0))
+        y = _plus_residual(y, r_ptr, cols, cols < N, HAS_RESIDUAL)
+        tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=cols < N)
 
 
 _linear_kernel = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_linear_jit)
@@ -648,9 +646,9 @@ def linear(
     else the plain launch, then the SiLU-and-mul kernel (as with an autotuned shape). out: where
     y goes (it may be residual: every element of the residual is read by the program that then
     writes it). squares: with norm=(None, eps), x's rows' sums of squares as the launch that wrote
-    x left them (RowSquares): if filled, every config takes the norm from them (split ones too,
-    no norm kernel). squares_out: filled with y's rows' sums of squares when the launch has a
-    known config (not while the autotuner is still choosing).
+    x left them (RowSquares): if filled, every dot config takes the norm from them (split ones
+    too, no norm kernel). squares_out: filled with y's rows' sums of squares when the launch
+    has a known dot config (not the gemv path, nor while the autotuner is still choosing).
     """
     n_out = w.shape[0] // 2 if swiglu else w.shape[0]
     if residual is not None:
@@ -663,6 +661,8 @@ def linear(
     if tuning is None and not _kernel_takes(x, w):
         return linear_torch(x, w, residual, norm, swiglu, out)
     sq_in = squares.parts if squares is not None and norm is not None and norm[0] is None else None
+    if sq_in is not None and x.shape[0] == 1:
+        sq_in = None  # the gemv path (one row) sums x's squares as it multiplies: no cost
     if sq_in is not None:
         assert sq_in.dtype == torch.float32 and sq_in.dim() == 2 and sq_in.is_contiguous()
         assert sq_in.shape[1] == x.shape[0] and sq_in.device == x.device
@@ -708,7 +708,7 @@ def linear(
         assert g.shape == (k,) and g.stride(0) == 1 and g.device == x.device
     stride_r = residual.stride(0) if residual is not None else 0
     sq_out = None
-    if squares_out is not None and tuning is not None:
+    if squares_out is not None and tuning is not None and tuning.dot:
         sq_out = torch.empty((triton.cdiv(n, tuning.block_n), m), dtype=torch.float32,
                              device=x.device)  # fmt: skip
         squares_out.parts = sq_out

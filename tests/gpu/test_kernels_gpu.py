@@ -246,7 +246,7 @@ def test_linear_split_k(n, k, m, tuning):
 
 
 # (producer, consumer) configs of the H100 table at 64 rows: down (split 2) -> qkv, o (split 2)
-# -> gate_up, and gemv -> gemv at one row
+# -> gate_up; a split consumer; gemv -> gemv at one row (nothing handed over)
 HANDOVER_GPU = [
     (LinearTuning(64, 128, 4, 6, split_k=2), LinearTuning(64, 128, 4, 6), 6144, False, 64),
     (LinearTuning(64, 128, 4, 6, split_k=2), LinearTuning(128, 128, 8, 4), 28672, True, 64),

@@ -83,6 +83,8 @@ def _compile_linear() -> list[dict]:
             28672: [{"norm": True, "sq_in": True}],
             128256: [{"norm": in_kernel_norm}],
         }[n]
+        if not t.dot:  # one row (gemv): no squares handed over, the norm summed in the loop
+            variants = [{"residual": True} if n == 4096 else {"norm": True}]
         for variant in variants:
             tv = t
             if n == 28672 and not (t.split_k > 1 or (t.dot and t.block_n < 32)):
