@@ -243,6 +243,10 @@ def _linear_jit(
         ssq = tl.zeros([M_PAD], dtype=tl.float32)  # NORM: sums of squares of x's rows
         if NORM and SQ_IN:
             sq_parts = _squares_in(sq_in_ptr, sq_blocks, M, m, SQ_BLOCKS)
+        y_ptrs = y_ptr + m[None, :] * stride_ym + cols[:, None]  # y.T's tile: [BLOCK_N, M_PAD]
+        y_ok = (m[None, :] < M) & (cols[:, None] < N)
+        if HAS_RESIDUAL:  # loaded before the K loop and added after it: its latency hides
+            r_tile = tl.load(r_ptr + m[None, :] * stride_rm + cols[:, None], mask=y_ok, other=0.0)
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
@@ -271,11 +275,10 @@ def _linear_jit(
             acc_up = acc_up * inv_rms
         if SWIGLU:
             acc = _silu_times(acc, acc_up)
-        y_ptrs = y_ptr + m[None, :] * stride_ym + cols[:, None]  # y.T's tile: [BLOCK_N, M_PAD]
-        r_offsets = m[None, :] * stride_rm + cols[:, None]
-        y_ok = (m[None, :] < M) & (cols[:, None] < N)
         if SPLIT_K == 1:
-            y = _plus_residual(acc, r_ptr, r_offsets, y_ok, HAS_RESIDUAL).to(y_ptr.dtype.element_ty)
+            if HAS_RESIDUAL:
+                acc += r_tile.to(tl.float32)
+            y = acc.to(y_ptr.dtype.element_ty)
             tl.store(y_ptrs, y, mask=y_ok)
             if SQ_OUT:
                 _squares_out(sq_out_ptr, y, cols[:, None] < N, pid_n, M, m)
@@ -294,7 +297,8 @@ def _linear_jit(
                 acc = tl.load(ws_ptrs, mask=y_ok, other=0.0, cache_modifier=".cg")
                 for s in tl.static_range(1, SPLIT_K):
                     acc += tl.load(ws_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
-                acc = _plus_residual(acc, r_ptr, r_offsets, y_ok, HAS_RESIDUAL)
+                if HAS_RESIDUAL:
+                    acc += r_tile.to(tl.float32)
                 y = acc.to(y_ptr.dtype.element_ty)
                 tl.store(y_ptrs, y, mask=y_ok)
                 if SQ_OUT:
@@ -645,7 +649,8 @@ def linear(
     gemv), a program takes block_n / 2 gate rows and their up rows and writes silu(gate) * up;
     else the plain launch, then the SiLU-and-mul kernel (as with an autotuned shape). out: where
     y goes (it may be residual: every element of the residual is read by the program that then
-    writes it). squares: with norm=(None, eps), x's rows' sums of squares as the launch that wrote
+    writes it; a split-K config's programs read it before the last of them writes y).
+    squares: with norm=(None, eps), x's rows' sums of squares as the launch that wrote
     x left them (RowSquares): if filled, every dot config takes the norm from them (split ones
     too, no norm kernel). squares_out: filled with y's rows' sums of squares when the launch
     has a known dot config (not the gemv path, nor while the autotuner is still choosing).
