@@ -83,11 +83,12 @@ Norm = tuple[torch.Tensor | None, float]
 class RowSquares:
     """The sums of squares of a projection's output rows, which the next projection's RMSNorm
     needs, handed from the launch that writes the rows to the one that normalizes them. Pass
-    an empty one as `squares_out`: a kernel launch with a known dot config (the card's table
-    or an explicit one) fills `parts`, its rows' squares summed over each column block
-    ([blocks, M] fp32, one row a column block), and other paths leave it empty. Pass it as
-    `squares` with norm=(None, eps): a dot launch takes the sums from it, if filled, instead of
-    summing x's squares itself or running the norm kernel first."""
+    an empty one as `squares_out`: a kernel launch of more than one row with a known config
+    (the card's table or an explicit one) fills `parts`, its rows' squares summed over each
+    column block ([blocks, M] fp32, one row a column block), and other paths leave it empty.
+    Pass it as `squares` with norm=(None, eps): a kernel launch of more than one row takes the
+    sums from it, if filled, instead of summing x's squares itself or running the norm kernel
+    first."""
 
     parts: torch.Tensor | None = None
 
@@ -653,7 +654,7 @@ def linear(
     squares: with norm=(None, eps), x's rows' sums of squares as the launch that wrote
     x left them (RowSquares): if filled, every dot config takes the norm from them (split ones
     too, no norm kernel). squares_out: filled with y's rows' sums of squares when the launch
-    has a known dot config (not the gemv path, nor while the autotuner is still choosing).
+    has a known config (not while the autotuner is still choosing). Neither at one row.
     """
     n_out = w.shape[0] // 2 if swiglu else w.shape[0]
     if residual is not None:
@@ -665,9 +666,11 @@ def linear(
         assert out.stride(1) == 1 and out.device == x.device
     if tuning is None and not _kernel_takes(x, w):
         return linear_torch(x, w, residual, norm, swiglu, out)
+    # row squares pass between launches of several rows; at one row the kernel sums x's squares
+    # itself, whatever its config (the gemv configs cannot take them)
+    handing = x.shape[0] > 1
     sq_in = squares.parts if squares is not None and norm is not None and norm[0] is None else None
-    if sq_in is not None and x.shape[0] == 1:
-        sq_in = None  # the gemv path (one row) sums x's squares as it multiplies: no cost
+    sq_in = sq_in if handing else None
     if sq_in is not None:
         assert sq_in.dtype == torch.float32 and sq_in.dim() == 2 and sq_in.is_contiguous()
         assert sq_in.shape[1] == x.shape[0] and sq_in.device == x.device
@@ -713,7 +716,7 @@ def linear(
         assert g.shape == (k,) and g.stride(0) == 1 and g.device == x.device
     stride_r = residual.stride(0) if residual is not None else 0
     sq_out = None
-    if squares_out is not None and tuning is not None and tuning.dot:
+    if squares_out is not None and tuning is not None and handing:
         sq_out = torch.empty((triton.cdiv(n, tuning.block_n), m), dtype=torch.float32,
                              device=x.device)  # fmt: skip
         squares_out.parts = sq_out

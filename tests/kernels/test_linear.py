@@ -272,11 +272,11 @@ def run_handover_case(m, k, n, dtype, producer, consumer, swiglu, device="cpu", 
     linear(a, wa, producer, residual=h, out=h, squares_out=squares)
     assert_close(h, want_h, dtype)
     parts = squares.parts
-    if producer.dot:
+    if m > 1:
         assert parts is not None and parts.shape == (triton.cdiv(k, producer.block_n), m)
         torch.testing.assert_close(parts.sum(0).double(), h.double().pow(2).sum(1), rtol=1e-5,
                                    atol=0)  # fmt: skip
-    else:  # the gemv path hands nothing on (its consumer sums x's squares as it multiplies)
+    else:  # one row hands nothing on (its consumer sums x's squares as it multiplies)
         assert parts is None
     folded = (w.double() * g.double()).to(dtype)
     y = linear(h, folded, consumer, norm=(None, 1e-5), swiglu=swiglu, squares=squares)
@@ -311,7 +311,7 @@ def test_row_squares_handed_from_the_residual_projection_to_the_next_norm(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_one_row_gemv_neither_hands_nor_takes_row_squares(dtype):
+def test_one_row_neither_hands_nor_takes_row_squares(dtype):
     run_handover_case(1, 200, 45, dtype, GEMV, GEMV, swiglu=False, seed=1)
     run_handover_case(1, 200, 90, dtype, DOT[0], GEMV, swiglu=True, seed=2)
 

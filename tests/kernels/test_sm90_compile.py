@@ -83,7 +83,7 @@ def _compile_linear() -> list[dict]:
             28672: [{"norm": True, "sq_in": True}],
             128256: [{"norm": in_kernel_norm}],
         }[n]
-        if not t.dot:  # one row (gemv): no squares handed over, the norm summed in the loop
+        if bucket == 1:  # one row: no squares handed over, the norm summed in the loop
             variants = [{"residual": True} if n == 4096 else {"norm": True}]
         for variant in variants:
             tv = t
