@@ -165,11 +165,20 @@ def _squares_in(sq_ptr, blocks, M, m, SQ_BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def _squares_out(sq_ptr, y, col_ok, pid_n, M, m):
-    """Store the sums of squares of this program's y tile (y.T's: [BLOCK_N, rows m], as y
-    holds them, rounded) over its columns: row pid_n of sq [cdiv(N, BLOCK_N), M]."""
-    y32 = tl.where(col_ok, y.to(tl.float32), 0.0)
-    tl.store(sq_ptr + pid_n * M + m, tl.sum(y32 * y32, axis=0), mask=m < M)
+def _write_y(
+    acc, r_tile, y_ptrs, y_ok, sq_ptr, col_ok, pid_n, M, m,
+    HAS_RESIDUAL: tl.constexpr, SQ_OUT: tl.constexpr,
+):  # fmt: skip
+    """Store the dot path's y tile (y.T's: [BLOCK_N, rows m]): acc (fp32) plus the residual's
+    tile, rounded once; with SQ_OUT, also the sums of squares of its rows as y holds them over
+    its columns, as row pid_n of sq [cdiv(N, BLOCK_N), M] (RowSquares.parts)."""
+    if HAS_RESIDUAL:
+        acc += r_tile.to(tl.float32)
+    y = acc.to(y_ptrs.dtype.element_ty)
+    tl.store(y_ptrs, y, mask=y_ok)
+    if SQ_OUT:
+        y32 = tl.where(col_ok, y.to(tl.float32), 0.0)
+        tl.store(sq_ptr + pid_n * M + m, tl.sum(y32 * y32, axis=0), mask=m < M)
 
 
 @triton.jit
@@ -248,6 +257,8 @@ def _linear_jit(
         y_ok = (m[None, :] < M) & (cols[:, None] < N)
         if HAS_RESIDUAL:  # loaded before the K loop and added after it: its latency hides
             r_tile = tl.load(r_ptr + m[None, :] * stride_rm + cols[:, None], mask=y_ok, other=0.0)
+        else:
+            r_tile = 0.0
         for k in range(k_lo, k_hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
@@ -277,12 +288,8 @@ def _linear_jit(
         if SWIGLU:
             acc = _silu_times(acc, acc_up)
         if SPLIT_K == 1:
-            if HAS_RESIDUAL:
-                acc += r_tile.to(tl.float32)
-            y = acc.to(y_ptr.dtype.element_ty)
-            tl.store(y_ptrs, y, mask=y_ok)
-            if SQ_OUT:
-                _squares_out(sq_out_ptr, y, cols[:, None] < N, pid_n, M, m)
+            _write_y(acc, r_tile, y_ptrs, y_ok, sq_out_ptr, cols[:, None] < N, pid_n, M, m,
+                     HAS_RESIDUAL, SQ_OUT)  # fmt: skip
         else:
             # ws[pid_k] gets this split's partial; the column block's last program to arrive sums
             # ws[0] + ws[1] + ... in that order (whichever program it is) and writes y
@@ -298,12 +305,8 @@ def _linear_jit(
                 acc = tl.load(ws_ptrs, mask=y_ok, other=0.0, cache_modifier=".cg")
                 for s in tl.static_range(1, SPLIT_K):
                     acc += tl.load(ws_ptrs + s * M * N, mask=y_ok, other=0.0, cache_modifier=".cg")
-                if HAS_RESIDUAL:
-                    acc += r_tile.to(tl.float32)
-                y = acc.to(y_ptr.dtype.element_ty)
-                tl.store(y_ptrs, y, mask=y_ok)
-                if SQ_OUT:
-                    _squares_out(sq_out_ptr, y, cols[:, None] < N, pid_n, M, m)
+                _write_y(acc, r_tile, y_ptrs, y_ok, sq_out_ptr, cols[:, None] < N, pid_n, M, m,
+                         HAS_RESIDUAL, SQ_OUT)  # fmt: skip
                 tl.atomic_xchg(counters_ptr + pid_n, 0)  # zero again for the next launch / replay
     else:
         # M == 1: per-lane fp32 partial sums, one reduction over K after the loop
