@@ -111,8 +111,9 @@ def tune(
     x = torch.randn(bucket, p.k, device="cuda").to(dtype)
     r = torch.randn(bucket, p.n, device="cuda").to(dtype) if p.residual else None
     norm = (None, 1e-5) if p.norm else None
-    # the sums o and down leave (64-column blocks), of rows of x's magnitude
-    parts = (x.float().pow(2).sum(1) / 64).expand(math.ceil(p.k / 64), bucket).contiguous()
+    # the partial sums of x's squares o and down would leave (64-column blocks)
+    blocks = math.ceil(p.k / 64)
+    parts = (x.float().pow(2).sum(1) / blocks).expand(blocks, bucket).contiguous()
     squares = RowSquares(parts) if p.handed else None
     cublas = streamed_us(lambda w: linear_torch(x, w, r, norm, p.swiglu), weights)
     timed: list[tuple[float, LinearTuning]] = []
