@@ -22,8 +22,13 @@ Fused around the product, as a decoder layer asks (shared/models/llama.py):
 - norm=(g, eps): the input is RMSNorm(x) * g. Each x tile is multiplied by g's as it is loaded,
   the rows' sums of squares accumulate on the way, and the accumulator's columns are scaled by
   1 / rms at the end (unsplit configs; a split one, or one the card's table marks norm_first,
-  runs the norm kernel first).
-- residual=r: y = x @ w.T + r, added in the epilogue before the one rounding.
+  runs the norm kernel first). norm=(None, eps): g is folded into w's columns (the model's
+  loader does that), so x is only summed, never scaled; and with squares=RowSquares filled by
+  the launch that wrote x, not even summed: its partial sums load before the K loop and scale
+  the accumulator after it (any config, split ones too).
+- residual=r: y = x @ w.T + r, added in the epilogue before the one rounding (its tile loaded
+  before the K loop); squares_out=RowSquares: y's rows' sums of squares too, one partial a
+  column block, for the next projection's norm.
 - swiglu=True (gate_up, w = [gate rows | up rows], 2I x K): y = silu(x @ gate.T) * (x @ up.T),
   [M, I]: a program walks block_n / 2 gate rows and the matching up rows (the tuned config's
   bytes a stage) into two accumulators and writes only the product: no SiLU-and-mul launch and

@@ -103,6 +103,16 @@ def _head_rows(x_ptr, stride_t, stride_h, num_heads, token, HALF: tl.constexpr,
 
 
 @triton.jit
+def _rotated(ptr, mask, cos, sin, HALF: tl.constexpr):
+    """The rows at ptr (first halves; second halves HALF further), rotated, in their dtype."""
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    out1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(ptr.dtype.element_ty)
+    out2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(ptr.dtype.element_ty)
+    return out1, out2
+
+
+@triton.jit
 def rotated_heads(
     x_ptr, stride_t, stride_h, num_heads, cos, sin, token,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -110,20 +120,15 @@ def rotated_heads(
     """token's heads of x, rotated: the halves ([BLOCK_H, HALF] each, in x's dtype; rows past
     num_heads are padding), x untouched."""
     ptr, mask = _head_rows(x_ptr, stride_t, stride_h, num_heads, token, HALF, BLOCK_H)
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    out1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(x_ptr.dtype.element_ty)
-    out2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(x_ptr.dtype.element_ty)
-    return out1, out2
+    return _rotated(ptr, mask, cos, sin, HALF)
 
 
 @triton.jit
 def rotate_heads(x_ptr, stride_t, stride_h, num_heads, cos, sin, token, HALF: tl.constexpr,
                  BLOCK_H: tl.constexpr):  # fmt: skip
     """Rotate token's heads of x in place; returns the rotated halves (rotated_heads)."""
-    out1, out2 = rotated_heads(x_ptr, stride_t, stride_h, num_heads, cos, sin, token, HALF,
-                               BLOCK_H)  # fmt: skip
     ptr, mask = _head_rows(x_ptr, stride_t, stride_h, num_heads, token, HALF, BLOCK_H)
+    out1, out2 = _rotated(ptr, mask, cos, sin, HALF)
     tl.store(ptr, out1, mask=mask)
     tl.store(ptr + HALF, out2, mask=mask)
     return out1, out2
