@@ -14,7 +14,9 @@ from kernel_inputs import (
 
 from kernels.prefill_attention import (
     _CPU_TUNING,
+    NARROW_TUNING,
     _prefill,
+    narrow,
     prefill_attention,
     prefill_attention_ref,
 )
@@ -105,6 +107,17 @@ def test_one_head_per_program():
     """PACK_GROUP off (one query head per program, rows are tokens): an autotuner candidate."""
     run_case([(40, 40), (1, 77), (19, 300)], heads=6, kv_heads=2, head_dim=64, page=32,
              dtype=torch.float16, seed=11, kernel=variant(pack_group=False))  # fmt: skip
+
+
+def test_narrow_launch_config():
+    """The config short prompts take on GPU (64-row programs, 32-bit offsets), on the
+    interpreter; and which launches count as narrow on a 132-SM card (Llama-3-8B's 8 KV heads,
+    GQA 4): one prompt of up to ~1.5k tokens, not 2k, nor sixteen 512-token prompts."""
+    run_case([(70, 70), (1, 77), (45, 300), (33, 129)], heads=8, kv_heads=2, head_dim=64,
+             page=16, dtype=torch.float16, seed=13,
+             kernel=functools.partial(_prefill, tuning=NARROW_TUNING))  # fmt: skip
+    assert narrow(512, 1, 4, 8, 132) and narrow(1024, 1, 4, 8, 132)
+    assert not narrow(2048, 1, 4, 8, 132) and not narrow(16 * 512, 16, 4, 8, 132)
 
 
 # the sweep's variants (benchmarks/bench_kernels.py --prefill-sweep), on the interpreter's tiles
