@@ -10,7 +10,6 @@ the fused qkv (rotating k), attends to it from registers and writes both to the 
 others never read that slot), which is what rope_write_kv then attention would do, in one launch.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.device import num_sms
 from kernels.pdl import pdl_args, pdl_enter
 from kernels.rope import cos_sin_row, rotated_heads
 from kernels.rope_kv import rope_write_kv_ref
@@ -196,13 +196,6 @@ def _decode_merge_kernel(
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: few programs, but still several splits to merge
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @dataclass(frozen=True)
 class DecodeTuning:
     # H100 sweeps (bf16, d128, GQA 4): 32-key tiles beat 64 at batch 64 x 576 keys (Llama-3-8B
@@ -226,7 +219,7 @@ def _num_splits(
     partial write). No host sync: max_ctx is the block table's capacity and the kernel cuts each
     context by its length, so a CUDA graph replays correctly for any context that fits."""
     min_split = t.min_split if device.type == "cuda" else t.block_n
-    wanted = max(1, triton.cdiv(t.waves * _num_sms(device), batch * num_kv_heads))
+    wanted = max(1, triton.cdiv(t.waves * num_sms(device), batch * num_kv_heads))
     return min(wanted, triton.cdiv(max_ctx, min_split)), min_split
 
 

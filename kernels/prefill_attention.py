@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.device import num_sms
+
 # lazy rescaling lets a row's running max lag its true max by up to this much (base 2): p <= 2^8,
 # far from overflow in bf16 P and in the fp32 sums
 RESCALE_SLACK = tl.constexpr(8.0)
@@ -317,8 +319,7 @@ def _prefill(
     max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if on_cpu else total_q - batch + 1
     tuned = tuning is None and not on_cpu and q.dtype != torch.float32
     group = num_heads // num_kv_heads
-    sms = 0 if on_cpu else torch.cuda.get_device_properties(q.device).multi_processor_count
-    if tuned and narrow(total_q, batch, group, num_kv_heads, sms):
+    if tuned and narrow(total_q, batch, group, num_kv_heads, num_sms(q.device)):
         tuned, tuning = False, NARROW_TUNING
     if tuning is None:
         tuning = _CPU_TUNING if on_cpu else _FP32_GPU_TUNING

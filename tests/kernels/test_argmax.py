@@ -16,6 +16,9 @@ def run_case(rows, vocab, dtype, device="cpu", seed=0):
         x[1] = float("-inf")  # nothing above -inf: index 0
         x[2, vocab - 1] = float("nan")  # NaN beats every number (torch.argmax)
         x[3, 1:] = x[3, 0]  # all equal
+    if vocab > 2 and rows > 4:
+        x[4, late] = float("nan")  # two NaN: the first, whatever chunk either lies in
+        x[4, late // 3] = float("nan")
     x = x.to(device)
     got = argmax(x)
     assert got.dtype == torch.int64 and got.shape == (rows,)
@@ -23,7 +26,9 @@ def run_case(rows, vocab, dtype, device="cpu", seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows,vocab", [(1, 1), (5, 7), (6, 4096), (4, 4097), (9, 10000)])
+@pytest.mark.parametrize(
+    "rows,vocab", [(1, 1), (5, 7), (6, 4096), (4, 4097), (9, 10000), (5, 30000), (1, 9000)]
+)
 def test_argmax_is_torch_argmax(rows, vocab, dtype):
     run_case(rows, vocab, dtype, seed=rows * vocab)
 

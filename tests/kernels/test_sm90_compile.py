@@ -144,9 +144,14 @@ def _compile_others() -> list[dict]:
     ]  # fmt: skip
     for fn, types, consts in kernels:
         out.append(dict(what=fn.__name__, asked=_sm90(fn, types, consts, dict(num_warps=4))))
-    asked = _sm90(argmax._argmax_kernel, {"x_ptr": bf16, "out_ptr": "*i64"},
-                  dict(BLOCK=4096, PDL=True), dict(num_warps=8))  # fmt: skip
-    out.append(dict(what="greedy argmax", asked=asked))
+    asked = _sm90(argmax._argmax_chunk_kernel, {"x_ptr": bf16, "val_ptr": "*fp32",
+                                                "idx_ptr": "*i32"},
+                  dict(BLOCK=argmax.BLOCK, PDL=True), dict(num_warps=4))  # fmt: skip
+    out.append(dict(what="greedy argmax, chunks", asked=asked))
+    asked = _sm90(argmax._argmax_merge_kernel, {"val_ptr": "*fp32", "idx_ptr": "*i32",
+                                                "out_ptr": "*i64"},
+                  dict(CHUNKS=16, PDL=True), dict(num_warps=1))  # fmt: skip
+    out.append(dict(what="greedy argmax, merge", asked=asked))
     return out
 
 
@@ -172,7 +177,7 @@ def test_the_decode_kernels_compile_for_sm90():
         assert r["asked"] <= lin.SMEM_LIMIT, r
         if r["bound"] is not None:
             assert r["asked"] <= r["bound"], r
-    assert len(compiled["others"]) == 9
+    assert len(compiled["others"]) == 10
     for r in compiled["others"]:
         assert r["asked"] <= lin.SMEM_LIMIT, r
 
