@@ -542,7 +542,8 @@ def mesh_part(plan: Plan) -> MeshFigures:
     batch = plan.batches[1]
     workload = Workload(batch, batch, plan.prompt, plan.new_tokens)
     config = plan.engine_config("cuda:0" if plan.cuda else plan.device)
-    colocated = asyncio.run(bench_engine(config, workload, progress=False))
+    warmup = Workload(4, 4, plan.prompt, 4)  # both sides alike
+    colocated = asyncio.run(bench_engine(config, workload, progress=False, warmup=warmup))
     log(f"  colocated engine: TPOT p50 {percentile(colocated.tpot, 0.5) * 1e3:.2f} ms")
     release_memory(plan)
     args = [
@@ -571,7 +572,7 @@ def mesh_part(plan: Plan) -> MeshFigures:
         mesh, address = start_mesh(server.url, *args, extra_env=env)
         try:
             log(f"  mesh up, gateway at {address}")
-            asyncio.run(bench_mesh(address, Workload(4, 4, plan.prompt, 4), progress=False))
+            asyncio.run(bench_mesh(address, warmup, progress=False))
             report = asyncio.run(bench_mesh(address, workload, progress=False))
         finally:
             mesh.stop()

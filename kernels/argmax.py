@@ -17,6 +17,7 @@ from kernels.pdl import pdl_args, pdl_enter
 
 BLOCK = 2048  # columns a program reads at a time
 PROGRAMS_PER_SM = 4  # chunk programs a launch aims for
+MAX_CHUNKS = 64  # chunks a row at most: one compile of the merge for any number of rows
 
 
 def argmax_ref(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +84,7 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows == 0:
         return out
-    wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), rows)
+    wanted = min(triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), rows), MAX_CHUNKS)
     chunk = triton.cdiv(triton.cdiv(n, min(wanted, triton.cdiv(n, BLOCK))), BLOCK) * BLOCK
     chunks = triton.cdiv(n, chunk)  # none empty
     val = torch.empty((rows, chunks), dtype=torch.float32, device=x.device)
@@ -91,6 +92,5 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     pdl = pdl_args(x.device)
     _argmax_chunk_kernel[(rows, chunks)](x, val, idx, n, chunk, chunks, x.stride(0), BLOCK=BLOCK,
                                          num_warps=4, **pdl)  # fmt: skip
-    pad = triton.next_power_of_2(chunks)
-    _argmax_merge_kernel[(rows,)](val, idx, out, n, chunks, CHUNKS=pad, num_warps=1, **pdl)
+    _argmax_merge_kernel[(rows,)](val, idx, out, n, chunks, CHUNKS=MAX_CHUNKS, num_warps=1, **pdl)
     return out

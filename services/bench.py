@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -130,13 +131,18 @@ async def bench_mesh(address: str, workload: Workload, progress: bool = True) ->
         return await _drive(workload, run_one, progress)
 
 
-async def bench_engine(config: EngineConfig, workload: Workload, progress: bool = True) -> Report:
+async def bench_engine(
+    config: EngineConfig, workload: Workload, progress: bool = True, warmup: Workload | None = None
+) -> Report:
+    """The workload against an in-process engine; `warmup` first, unreported (as a client would
+    warm a mesh before measuring it)."""
     loop = EngineLoop(Engine(config))
+    serial = itertools.count()
     loop.start()
     params = SamplingParams(max_tokens=workload.new_tokens, ignore_eos=True)
 
     async def run_one(i: int, prompt: list[int], report: Report) -> None:
-        rid = f"bench-{i}"
+        rid = f"bench-{next(serial)}"  # warm-up and workload alike: ids never reused
         queue = loop.subscribe(rid)
         start = time.perf_counter()
         await loop.call(lambda e: e.add_request(rid, prompt, params))
@@ -151,6 +157,8 @@ async def bench_engine(config: EngineConfig, workload: Workload, progress: bool 
         report.record(start, first, time.perf_counter(), tokens)
 
     try:
+        if warmup is not None:
+            await _drive(warmup, run_one, progress=False)
         return await _drive(workload, run_one, progress)
     finally:
         loop.stop()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.batch import StepInputs
+from shared.batch import ForwardBatch, StepInputs
 from shared.cuda_graphs import DecodeGraphs
 from shared.kv_cache import (
     BlockPool,
@@ -170,6 +170,32 @@ class Engine:
             )  # fmt: skip
             with self._on_device():
                 self._graphs.capture()
+        if graphable and config.role is not Role.DECODE:
+            with self._on_device():
+                self._warm_up(scratch_block=num_blocks)
+
+    @torch.inference_mode()
+    def _warm_up(self, scratch_block: int) -> None:
+        """Compile and tune the prefill path's kernels now, not in the first requests (seconds of
+        JIT each): a short and a full-budget prompt, the prefill attention's two launch shapes,
+        and the greedy argmax of their logits. Every token lives in the scratch block."""
+        bs = self.config.block_size
+        for n in sorted({16, min(self.config.max_num_batched_tokens, self.max_model_len)}):
+            positions = torch.arange(n, device=self.device)
+            batch = ForwardBatch(
+                input_ids=torch.zeros(n, dtype=torch.int64, device=self.device),
+                positions=positions,
+                slot_mapping=scratch_block * bs + positions % bs,
+                block_table=torch.full(
+                    (1, blocks_for(n, bs)), scratch_block, dtype=torch.int32, device=self.device
+                ),  # fmt: skip
+                cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+                seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+                sample_indices=torch.tensor([n - 1], device=self.device),
+                max_q_len=n,
+            )
+            self.model.ops.argmax(self.model.forward(batch, self.kv_cache))
+        torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------------------- requests
 

@@ -150,7 +150,7 @@ def _compile_others() -> list[dict]:
     out.append(dict(what="greedy argmax, chunks", asked=asked))
     asked = _sm90(argmax._argmax_merge_kernel, {"val_ptr": "*fp32", "idx_ptr": "*i32",
                                                 "out_ptr": "*i64"},
-                  dict(CHUNKS=16, PDL=True), dict(num_warps=1))  # fmt: skip
+                  dict(CHUNKS=argmax.MAX_CHUNKS, PDL=True), dict(num_warps=1))  # fmt: skip
     out.append(dict(what="greedy argmax, merge", asked=asked))
     return out
 
