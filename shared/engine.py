@@ -180,7 +180,8 @@ class Engine:
         JIT each): a short and a full-budget prompt, the prefill attention's two launch shapes,
         and the greedy argmax of their logits. Every token lives in the scratch block."""
         bs = self.config.block_size
-        for n in sorted({16, min(self.config.max_num_batched_tokens, self.max_model_len)}):
+        longest = min(self.config.max_num_batched_tokens, self.max_model_len)
+        for n in sorted({min(16, longest), longest}):
             positions = torch.arange(n, device=self.device)
             batch = ForwardBatch(
                 input_ids=torch.zeros(n, dtype=torch.int64, device=self.device),
