@@ -257,11 +257,12 @@ NARROW_TUNING = PrefillTuning(64, 64, 4, 2, lean_index=True)
 NARROW_PROGRAMS = 3
 
 
-def narrow(total_q: int, batch: int, group: int, num_kv_heads: int, num_sms: int) -> bool:
-    """Whether a launch has fewer 128-row programs with work than NARROW_PROGRAMS an SM. Rows are
-    (token, query head) pairs, and each sequence may end in a partial tile."""
+def narrow(total_q: int, batch: int, group: int, num_kv_heads: int, sms: int) -> bool:
+    """Whether a launch has fewer 128-row programs with work than NARROW_PROGRAMS for each of the
+    card's `sms` multiprocessors. Rows are (token, query head) pairs, and each sequence may end
+    in a partial tile."""
     programs = num_kv_heads * (triton.cdiv(total_q * group, 128) + batch)
-    return programs < NARROW_PROGRAMS * num_sms
+    return programs < NARROW_PROGRAMS * sms
 
 
 # no tuning for the interpreter (CPU tests) nor fp32 (exactness runs, not speed)

@@ -177,8 +177,9 @@ class Engine:
     @torch.inference_mode()
     def _warm_up(self, scratch_block: int) -> None:
         """Compile and tune the prefill path's kernels now, not in the first requests (seconds of
-        JIT each): a short and a full-budget prompt, the prefill attention's two launch shapes,
-        and the greedy argmax of their logits. Every token lives in the scratch block."""
+        JIT each): a short and a full-budget prompt (the prefill attention's narrow launch, and
+        its autotuned wide one where the budget reaches it), and the greedy argmax of their
+        logits. Every token lives in the scratch block."""
         bs = self.config.block_size
         longest = min(self.config.max_num_batched_tokens, self.max_model_len)
         for n in sorted({min(16, longest), longest}):
