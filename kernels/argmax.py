@@ -25,7 +25,8 @@ def argmax_ref(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
-@triton.jit
+# the chunk count follows the row count: not a specialization (one compile for all batches)
+@triton.jit(do_not_specialize=["num_chunks"])
 def _argmax_chunk_kernel(
     x_ptr, val_ptr, idx_ptr, n, chunk, num_chunks, stride_x,
     BLOCK: tl.constexpr, PDL: tl.constexpr,
@@ -59,7 +60,7 @@ def _argmax_chunk_kernel(
     tl.store(idx_ptr + out, tl.where(first_nan < n, first_nan, first))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def _argmax_merge_kernel(
     val_ptr, idx_ptr, out_ptr, n, num_chunks, CHUNKS: tl.constexpr, PDL: tl.constexpr
 ):

@@ -132,7 +132,8 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+# the table's width changes from step to step: not a specialization (one compile for all)
+@triton.jit(do_not_specialize=["stride_table"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_ptr, lens_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_table,

@@ -49,6 +49,7 @@ class DecodeInputs:
 
 
 _TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32}
+_ALIGN = 16  # bytes between the starts of the views _upload makes
 
 
 class StepInputs:
@@ -81,7 +82,9 @@ class StepInputs:
         offsets, total = [], 0
         for a in arrays:
             offsets.append(total)
-            total += -(-a.nbytes // 8) * 8  # 8-byte aligned: int64 views
+            # 16-byte aligned: Triton compiles a kernel once per pattern of 16-byte aligned
+            # pointer arguments, so every step's views must agree (and int64 views need 8)
+            total += -(-a.nbytes // _ALIGN) * _ALIGN
         host = self._pinned(torch.empty(total, dtype=torch.uint8))
         flat = host.numpy()
         for a, offset in zip(arrays, offsets, strict=True):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.linear import MAX_M
 from shared.batch import ForwardBatch, StepInputs
 from shared.cuda_graphs import DecodeGraphs
 from shared.kv_cache import (
@@ -177,12 +178,16 @@ class Engine:
     @torch.inference_mode()
     def _warm_up(self, scratch_block: int) -> None:
         """Compile and tune the prefill path's kernels now, not in the first requests (seconds of
-        JIT each): a short and a full-budget prompt (the prefill attention's narrow launch, and
-        its autotuned wide one where the budget reaches it), and the greedy argmax of their
-        logits. Every token lives in the scratch block."""
+        JIT each): prompts of every power-of-two length the projections' kernel takes (it is
+        tuned per power-of-two row count; longer steps go to cuBLAS) and a full-budget one (the
+        prefill attention's narrow launch, and its autotuned wide one where the budget reaches
+        it), and the greedy argmax of their logits. Every token lives in the scratch block.
+        Later steps compile nothing new: the kernels take the step's varying counts unspecialized
+        and its input views 16-byte aligned (StepInputs)."""
         bs = self.config.block_size
         longest = min(self.config.max_num_batched_tokens, self.max_model_len)
-        for n in sorted({min(16, longest), longest}):
+        short = (1 << i for i in range(MAX_M.bit_length()))
+        for n in sorted({min(n, longest) for n in short} | {longest}):
             positions = torch.arange(n, device=self.device)
             batch = ForwardBatch(
                 input_ids=torch.zeros(n, dtype=torch.int64, device=self.device),

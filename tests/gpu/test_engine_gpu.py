@@ -7,9 +7,14 @@ Run on a GPU machine: `python -m pytest tests/gpu/test_engine_gpu.py`.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +121,53 @@ def test_engine_on_a_second_gpu_stepped_from_another_thread() -> None:
     thread.start()
     thread.join()
     assert result == [want]
+
+
+# Run in a fresh interpreter: kernels this process compiled in other tests would hide any that the
+# engine's start-up misses. Prints the Triton compiles after start-up as JSON.
+_COMPILES_AFTER_START = r"""
+import json, random
+from triton import knobs
+from shared.engine import Engine, EngineConfig
+from shared.sequence import SamplingParams
+
+compiles = []
+
+def record(*, repr, **_):
+    compiles.append(repr)
+    return False  # compile as usual
+
+knobs.runtime.jit_cache_hook = record
+engine = Engine(EngineConfig(model="synthetic:llama3.2-1b", device="cuda", dtype="bfloat16",
+                             num_blocks=512, max_num_batched_tokens=256, max_num_seqs=8))
+started = len(compiles)
+rng = random.Random(4)
+lengths = [1, 5, 16, 17, 33, 64, 100, 300, 700]  # chunked past the 256-token budget
+pending = [[rng.randrange(3, 30000) for _ in range(n)] for n in lengths]
+steps = 0
+while pending or engine.has_work:
+    if pending and steps % 3 == 0:  # prompts join running decodes: mixed steps
+        for _ in range(1 + steps % 2):  # one or two at once
+            if pending:
+                engine.add_request(str(len(pending)), pending.pop(), SamplingParams(
+                    max_tokens=12, ignore_eos=True))
+    engine.step()
+    steps += 1
+print(json.dumps(compiles[started:]))
+"""
+
+
+def test_serving_compiles_nothing_after_start_up() -> None:
+    """The engine's start-up compiles every kernel variant that requests then need: prompts of
+    any length, alone or together, chunked, beside running decodes (the first requests of a
+    fresh server otherwise wait seconds for the JIT)."""
+    root = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILES_AFTER_START], cwd=root,
+        env={**os.environ, "PYTHONPATH": path}, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiles = json.loads(done.stdout.strip().splitlines()[-1])
+    assert compiles == [], "\n".join(compiles)
