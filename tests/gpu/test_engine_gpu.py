@@ -1,6 +1,6 @@
 """The engine on a GPU: greedy tokens with the Triton kernels equal those with the torch
-references (fp32, synthetic model), over staggered, chunked, batched prompts; and the same tokens
-with CUDA graphs and overlapped steps as without.
+references (fp32, synthetic model), over staggered, chunked, batched prompts; the same tokens
+with CUDA graphs and overlapped steps as without; and no Triton compile after start-up.
 
 Run on a GPU machine: `python -m pytest tests/gpu/test_engine_gpu.py`.
 """
