@@ -186,8 +186,8 @@ class Engine:
         and its input views 16-byte aligned (StepInputs)."""
         bs = self.config.block_size
         longest = min(self.config.max_num_batched_tokens, self.max_model_len)
-        short = (1 << i for i in range(MAX_M.bit_length()))
-        for n in sorted({min(n, longest) for n in short} | {longest}):
+        lengths = {min(1 << i, longest) for i in range(MAX_M.bit_length())} | {longest}
+        for n in sorted(lengths):
             positions = torch.arange(n, device=self.device)
             batch = ForwardBatch(
                 input_ids=torch.zeros(n, dtype=torch.int64, device=self.device),
