@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -338,6 +339,7 @@ def test_dead_collector_shutdown_is_bounded(protocol: str) -> None:
     started = time.perf_counter()
     tracing.shutdown()
     assert time.perf_counter() - started < 2.0
+    join_abandoned("otel-shutdown")
 
 
 # --- metrics and logs ---------------------------------------------------------------------------
@@ -446,6 +448,16 @@ def test_otlp_metrics_stop_is_bounded_when_collector_is_dead() -> None:
     started = time.perf_counter()
     pusher.stop()
     assert time.perf_counter() - started < 3.0
+    join_abandoned("otlp-metrics")
+
+
+def join_abandoned(name: str) -> None:
+    """Wait for the threads `name` a bounded stop left retrying a dead collector, so that their
+    export errors are logged in the test that made them, not into a later one's caplog."""
+    for thread in threading.enumerate():
+        if thread.name == name:
+            thread.join(30)
+            assert not thread.is_alive()
 
 
 def only_point(points: tuple[dict[str, Any], ...]) -> dict[str, Any]:
