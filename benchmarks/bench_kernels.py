@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
+from kernels.first_chunk_attention import first_chunk_attention, supported
 from kernels.kv_write import write_kv
 from kernels.linear import _linear_tuned, linear, shape_key, tuned_for
 from kernels.prefill_attention import (
@@ -212,8 +213,23 @@ def bench_prefill(rows: list[Row], mm: float, sweep: bool) -> None:
         prefill_sweep(args, want, flops, sdpa_ms)
     out = prefill_attention(*args).float()
     print(f"prefill rel. error at 4k vs SDPA: {float((out - want).norm() / want.norm()):.2e}")
-    add("kvmesh Triton (paged)", ms(lambda: prefill_attention(*args)),
-        ">= 350 TFLOP/s, > SDPA default")  # fmt: skip
+    add("kvmesh Triton (paged: later chunks, reused prefixes)",
+        ms(lambda: prefill_attention(*args)))  # fmt: skip
+    # first chunks (the engine's path for fresh prompts on sm_90): q, k, v from the fused qkv
+    qkv = torch.cat([q.flatten(1), kv[0][table[0].long()].flatten(0, 1).flatten(1),
+                     kv[1][table[0].long()].flatten(0, 1).flatten(1)], dim=1)  # fmt: skip
+    fq = qkv[:, : heads * dim].view(seq, heads, dim)
+    fk = qkv[:, heads * dim : (heads + kv_heads) * dim].view(seq, kv_heads, dim)
+    fv = qkv[:, (heads + kv_heads) * dim :].view(seq, kv_heads, dim)
+    if supported(fq, fk, fv):
+        first = first_chunk_attention(fq, fk, fv, cu, seq, scale).float()
+        print(f"first-chunk rel. error at 4k vs SDPA: "
+              f"{float((first - want).norm() / want.norm()):.2e}")  # fmt: skip
+        add("kvmesh Gluon first chunk (sm_90)",
+            ms(lambda: first_chunk_attention(fq, fk, fv, cu, seq, scale)),
+            ">= 350 TFLOP/s, > SDPA default")  # fmt: skip
+    else:
+        print("first-chunk attention: not supported here (needs sm_90 and Gluon)")
     print("prefill autotune pick:", _prefill_tuned.best_config)
     timings = getattr(_prefill_tuned, "configs_timings", None) or {}
     for cfg, t in sorted(timings.items(), key=lambda kv_: kv_[1][0]):

@@ -1,4 +1,5 @@
-"""What the kernels' launch heuristics ask of the device: how many programs fill it."""
+"""What the kernels' launch heuristics ask of the device: how many programs fill it, and which
+architecture it is."""
 
 import functools
 
@@ -12,3 +13,9 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=8)
+def capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, e.g. (9, 0) for an H100."""
+    return torch.cuda.get_device_capability(device)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.device import num_sms
+from kernels.first_chunk_attention import FreshChunks, first_chunk_attention, supported
 
 # lazy rescaling lets a row's running max lag its true max by up to this much (base 2): p <= 2^8,
 # far from overflow in bf16 P and in the fp32 sums
@@ -40,8 +41,10 @@ def prefill_attention_ref(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    fresh: FreshChunks | None = None,
 ) -> torch.Tensor:
     # q: [total_q, H, D]; caches: [num_blocks, block_size, Hk, D]; block_table: [B, max_blocks]
+    # fresh: the same keys and values outside the cache (the kernel's fast path); unused here
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
@@ -279,8 +282,13 @@ def prefill_attention(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    fresh: FreshChunks | None = None,
 ) -> torch.Tensor:
-    """Triton version of `prefill_attention_ref` (same contract). FlashAttention-2 style."""
+    """Triton version of `prefill_attention_ref` (same contract). FlashAttention-2 style. With
+    `fresh` (a step of first chunks only) on an sm_90 GPU, kernels/first_chunk_attention's Gluon
+    kernel runs instead, on the keys and values outside the cache."""
+    if fresh is not None and supported(q, fresh.k, fresh.v):
+        return first_chunk_attention(q, fresh.k, fresh.v, cu_seqlens_q, fresh.max_len, scale)
     return _prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale)
 
 

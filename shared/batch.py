@@ -27,6 +27,7 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # [B] int32
     sample_indices: torch.Tensor  # [S] int64, rows of the packed tokens whose logits are needed
     max_q_len: int
+    fresh: bool = False  # every sequence starts at token 0: no earlier context in the cache
 
     @property
     def decode_only(self) -> bool:
@@ -157,6 +158,7 @@ class StepInputs:
             seq_lens=lens_dev,
             sample_indices=sample_dev,
             max_q_len=max(s.num_new_tokens for s in scheduled),
+            fresh=all(s.seq.num_computed == 0 for s in scheduled),
         )
         return batch, sampled
 

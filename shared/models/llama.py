@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decode_attention import NewToken
+from kernels.first_chunk_attention import FreshChunks
 from kernels.linear import RowSquares
 from kernels.rope import rope_cos_sin
 from shared.batch import ForwardBatch
@@ -116,6 +117,7 @@ class LlamaModel:
             ops.rope_write_kv(
                 q, k, v, batch.positions, self.cos_sin, k_cache, v_cache, batch.slot_mapping
             )
+            fresh = FreshChunks(k, v, batch.max_q_len) if batch.fresh else None
             out = ops.prefill_attention(
                 q,
                 k_cache,
@@ -124,6 +126,7 @@ class LlamaModel:
                 batch.cu_seqlens_q,
                 batch.seq_lens,
                 self.scale,
+                fresh,
             )
         squares = RowSquares()
         h = ops.linear(out.reshape(tokens, cfg.q_size), layer.o, residual=h, out=h,

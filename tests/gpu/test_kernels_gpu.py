@@ -20,6 +20,7 @@ import test_argmax as argmax_cases  # noqa: E402
 import test_block_copy as block_copy_cases  # noqa: E402
 import test_checksum as checksum_cases  # noqa: E402
 import test_decode_attention as decode_attention_cases  # noqa: E402
+import test_first_chunk_attention as first_chunk_cases  # noqa: E402
 import test_kv_write as kv_write_cases  # noqa: E402
 import test_linear as linear_cases  # noqa: E402
 import test_prefill_attention as prefill_attention_cases  # noqa: E402
@@ -34,6 +35,12 @@ import kernels.pdl as pdl_module  # noqa: E402
 from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
 from kernels.checksum import layer_checksum  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from kernels.first_chunk_attention import (  # noqa: E402
+    FreshChunks,
+    first_chunk_attention,
+    first_chunk_attention_ref,
+    supported,
+)
 from kernels.kv_write import write_kv  # noqa: E402
 from kernels.linear import _CAPTURE_TUNING, TUNING, LinearTuning, linear  # noqa: E402
 from kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
@@ -56,6 +63,57 @@ def test_prefill(dtype, group, page, head_dim):
 
 def test_prefill_benchmark_shape():
     prefill_attention_cases.run_case([(4096, 4096)], 32, 8, 128, 16, BF16, "cuda")
+
+
+def _first_chunk_case(lengths, heads, kv_heads, head_dim, dtype, seed=0, check=None):
+    """The Gluon first-chunk attention against its reference in fp64 (sequences `check` only,
+    when given)."""
+    q, k, v, cu = first_chunk_cases.packed_qkv(lengths, heads, kv_heads, head_dim, dtype, "cuda",
+                                               seed)  # fmt: skip
+    assert supported(q, k, v)
+    out = first_chunk_attention(q, k, v, cu, max(lengths), head_dim**-0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    bounds = cu.tolist()
+    for b in check if check is not None else [None]:
+        rows = slice(None) if b is None else slice(bounds[b], bounds[b + 1])
+        sub = cu if b is None else torch.tensor([0, bounds[b + 1] - bounds[b]], device="cuda",
+                                                 dtype=torch.int32)  # fmt: skip
+        ref64 = first_chunk_attention_ref(q[rows].double(), k[rows].double(), v[rows].double(),
+                                          sub, max(lengths), head_dim**-0.5)  # fmt: skip
+        assert_close(out[rows], ref64, dtype)
+
+
+FIRST_CHUNK_CASES = [(BF16, g, d) for g in (1, 3, 4, 8) for d in (128, 64)]
+FIRST_CHUNK_CASES += [(torch.float16, 4, 128), (torch.float16, 3, 64)]
+
+
+@pytest.mark.parametrize("dtype,group,head_dim", FIRST_CHUNK_CASES)
+def test_first_chunk_attention(dtype, group, head_dim):
+    lengths = [300, 1, 177, 64, 16, 129, 2, 2000, 255, 33]
+    _first_chunk_case(lengths, 2 * group, 2, head_dim, dtype, seed=group)
+
+
+def test_first_chunk_attention_benchmark_shape():
+    _first_chunk_case([4096], 32, 8, 128, BF16)
+
+
+def test_first_chunk_attention_past_int32_offsets():
+    """520 sequences of 1,024 tokens, 32 heads of 128: output offsets pass 2^31 elements from
+    sequence 512 on (checked there and at the start)."""
+    _first_chunk_case([1024] * 520, 32, 8, 128, BF16, check=[0, 511, 512, 519])
+
+
+def test_prefill_attention_takes_the_first_chunk_kernel_for_fresh_steps():
+    lengths = [300, 1, 177, 2000]
+    q, k, v, cu = first_chunk_cases.packed_qkv(lengths, 32, 8, 128, BF16, "cuda")
+    k_cache, v_cache, table, lens = first_chunk_cases.paged(k, v, lengths, 16)
+    scale = 128**-0.5
+    fresh = prefill_attention(q, k_cache, v_cache, table, cu, lens, scale,
+                              FreshChunks(k, v, max(lengths)))  # fmt: skip
+    direct = first_chunk_attention(q, k, v, cu, max(lengths), scale)
+    torch.testing.assert_close(fresh, direct, rtol=0, atol=0)
+    paged = prefill_attention(q, k_cache, v_cache, table, cu, lens, scale)
+    assert_close(fresh, paged.double(), BF16, factor=2.0)
 
 
 @pytest.mark.parametrize("dtype,group,page,head_dim", CASES)

@@ -11,6 +11,7 @@ The compiles run in a subprocess: under TRITON_INTERPRET=1 (the CPU suite) the k
 JIT functions that triton.compile takes."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -155,10 +156,69 @@ def _compile_others() -> list[dict]:
     return out
 
 
+def _compile_first_chunk() -> list[dict]:
+    """The Gluon first-chunk attention (prefill's path on sm_90) for head dims 128 and 64, bf16
+    and fp16, with the launch's register cap: shared memory asked, and the registers and stack
+    (spills) of its heaviest partition."""
+    import torch
+    import triton
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    import kernels.first_chunk_attention as fc
+
+    out = []
+    for head_dim, dtype in ((128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)):
+        tokens, heads, kv_heads = 300, 32, 8
+        qkv = torch.empty(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+        q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+        k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, -1)
+        descs = {"q_desc": fc._descriptor(q, fc.ROWS), "k_desc": fc._descriptor(k, fc.BLOCK_N),
+                 "v_desc": fc._descriptor(k, fc.BLOCK_N)}  # fmt: skip
+        types = {n: native_specialize_impl(BaseBackend, d, False, True, True)[0]
+                 for n, d in descs.items()}  # fmt: skip
+        types |= {"out_ptr": "*bf16" if dtype == torch.bfloat16 else "*fp16", "cu_ptr": "*i32",
+                  "qk_scale": "fp32"}  # fmt: skip
+        consts = dict(H=heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim, ROWS=fc.ROWS,
+                      BLOCK_N=fc.BLOCK_N, NUM_STAGES=fc.NUM_STAGES, Q_BUFFERS=fc.Q_BUFFERS,
+                      CONSUMER_REGS=fc.CONSUMER_REGS)  # fmt: skip
+        args = list(fc._first_chunk_kernel.arg_names)
+        signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in args}
+        source = GluonASTSource(fc._first_chunk_kernel, signature,
+                                {(args.index(a),): v for a, v in consts.items()})  # fmt: skip
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options=fc.launch_options())  # fmt: skip
+        ptx = kernel.asm["ptx"]
+        out.append(dict(what=f"first-chunk attention d{head_dim} {dtype}",
+                        asked=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                        setmaxnreg=ptx.count("setmaxnreg"),
+                        stack=_stack_bytes(kernel.asm["cubin"])))  # fmt: skip
+    return out
+
+
+def _stack_bytes(cubin: bytes) -> int:
+    """The kernel's stack frame (spilled registers) in the cubin, read by Triton's cuobjdump."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout  # fmt: skip
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
 def _compile_all() -> dict:
-    return {"linear": _compile_linear(), "others": _compile_others()}
+    return {"linear": _compile_linear(), "others": _compile_others(),
+            "first_chunk": _compile_first_chunk()}  # fmt: skip
 
 
+@functools.cache
 def _compiled() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -180,6 +240,19 @@ def test_the_decode_kernels_compile_for_sm90():
     assert len(compiled["others"]) == 10
     for r in compiled["others"]:
         assert r["asked"] <= lin.SMEM_LIMIT, r
+
+
+def test_the_first_chunk_attention_compiles_for_sm90():
+    """The Gluon kernel has no interpreter: on CPU only its sm_90 compile is checked (its results
+    against the reference are tests/gpu's). It must fit a program's shared memory, issue async
+    wgmma, hand registers between its partitions and spill nothing to local memory."""
+    import kernels.first_chunk_attention as fc
+
+    compiled = _compiled()["first_chunk"]
+    assert len(compiled) == 3
+    for r in compiled:
+        assert r["asked"] <= fc.SMEM_LIMIT, r
+        assert r["wgmma"] > 0 and r["setmaxnreg"] > 0 and r["stack"] == 0, r
 
 
 if __name__ == "__main__":
