@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import secrets
 import time
 from collections.abc import Callable
@@ -181,13 +182,15 @@ class Engine:
         JIT each): prompts of every power-of-two length the projections' kernel takes (it is
         tuned per power-of-two row count; longer steps go to cuBLAS) and a full-budget one (the
         prefill attention's narrow launch, and its autotuned wide one where the budget reaches
-        it), and the greedy argmax of their logits. Every token lives in the scratch block.
+        it), and the greedy argmax of their logits; each as a fresh step (the first-chunk attention
+        on sm_90) and as one through the cache (later chunks, reused prefixes, steps with decodes).
+        Every token lives in the scratch block.
         Later steps compile nothing new: the kernels take the step's varying counts unspecialized
         and its input views 16-byte aligned (StepInputs)."""
         bs = self.config.block_size
         longest = min(self.config.max_num_batched_tokens, self.max_model_len)
         lengths = {min(1 << i, longest) for i in range(MAX_M.bit_length())} | {longest}
-        for n in sorted(lengths):
+        for n, fresh in itertools.product(sorted(lengths), (True, False)):
             positions = torch.arange(n, device=self.device)
             batch = ForwardBatch(
                 input_ids=torch.zeros(n, dtype=torch.int64, device=self.device),
@@ -200,6 +203,7 @@ class Engine:
                 seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
                 sample_indices=torch.tensor([n - 1], device=self.device),
                 max_q_len=n,
+                fresh=fresh,
             )
             self.model.ops.argmax(self.model.forward(batch, self.kv_cache))
         torch.cuda.synchronize(self.device)

@@ -35,9 +35,10 @@ def paged(k: torch.Tensor, v: torch.Tensor, lengths: list[int], page: int, seed:
     shape = (num_blocks, page, k.shape[1], k.shape[2])
     k_cache = torch.zeros(shape, dtype=k.dtype, device=k.device)
     v_cache = torch.zeros_like(k_cache)
-    table = block_table(gen, lengths, page, num_blocks, str(k.device))
+    table = block_table(gen, lengths, page, num_blocks, "cpu")
     slots = torch.cat([table[b, torch.arange(n) // page].long() * page + torch.arange(n) % page
                        for b, n in enumerate(lengths)])  # fmt: skip
+    table = table.to(k.device)
     write_kv_ref(k, v, k_cache, v_cache, slots.to(k.device))
     return k_cache, v_cache, table, torch.tensor(lengths, dtype=torch.int32, device=k.device)
 
