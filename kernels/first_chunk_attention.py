@@ -12,8 +12,8 @@ same attention in torch.
 The kernel is FlashAttention-3's plan for Hopper, on sm_90's asynchronous units:
   * persistent: one program per multiprocessor walks the work items (128 query rows of one head
     of one sequence), longest rows first; rounds alternate the programs' order (snake), so a
-    program that took a long item takes a short one next (plain round robin left 11% of the
-    card idle at 4k tokens);
+    program that took a long item takes a short one next (a model of the items' costs: round
+    robin gives the busiest program 12% more work than the mean at 4k tokens);
   * warp-specialized: a one-warp loader partition issues TMA loads (the next item's Q while the
     current one runs, and a ring of K/V tiles); two 4-warp consumer partitions own 64 query rows
     each and share the K/V tiles;
