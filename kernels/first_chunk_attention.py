@@ -27,6 +27,7 @@ Outputs are masked stores: an item's last rows may belong to the next sequence.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -306,19 +307,24 @@ if gluon is not None:
         )
 
 
+@functools.cache
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The swizzled shared-memory layout of a rows x head_dim tile (built once: every layer of
+    every prefill launches with the same few)."""
+    element = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return gl.NVMMASharedLayout.get_default_for([rows, head_dim], element)
+
+
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """A [T, heads * D] TMA descriptor over a [T, heads, D] view, blocks of rows x D."""
     t, heads, d = x.shape
-    block = [rows, d]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if x.dtype == torch.bfloat16
-                                                  else gl.float16)  # fmt: skip
-    return TensorDescriptor(x, [t, heads * d], [x.stride(0), 1], block, layout)
+    return TensorDescriptor(x, [t, heads * d], [x.stride(0), 1], [rows, d],
+                            _smem_layout(rows, d, x.dtype))  # fmt: skip
 
 
-def launch_options() -> dict:
-    """The register cap of the whole kernel, so that the consumers are left CONSUMER_REGS a
-    thread: 12 warps (two consumer warpgroups and the loader's) share the register file."""
-    return {"num_warps": 4, "maxnreg": (CONSUMER_REGS * 2 + 24) * 128 // (3 * 128) // 8 * 8}
+# the register cap of the whole kernel, so that the consumers are left CONSUMER_REGS a thread:
+# 12 warps (two consumer warpgroups and the loader's) share the register file
+LAUNCH_OPTIONS = {"num_warps": 4, "maxnreg": (CONSUMER_REGS * 2 + 24) * 128 // (3 * 128) // 8 * 8}
 
 
 def first_chunk_attention(
@@ -346,6 +352,6 @@ def first_chunk_attention(
         out.stride(0), scale * 1.4426950408889634, num_mb, batch_heads,
         H=num_heads, GROUP=num_heads // k.shape[1], HEAD_DIM=head_dim, ROWS=ROWS,
         BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, Q_BUFFERS=Q_BUFFERS, CONSUMER_REGS=CONSUMER_REGS,
-        **launch_options(),
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out

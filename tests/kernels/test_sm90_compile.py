@@ -188,7 +188,7 @@ def _compile_first_chunk() -> list[dict]:
         source = GluonASTSource(fc._first_chunk_kernel, signature,
                                 {(args.index(a),): v for a, v in consts.items()})  # fmt: skip
         kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                options=fc.launch_options())  # fmt: skip
+                                options=fc.LAUNCH_OPTIONS)  # fmt: skip
         ptx = kernel.asm["ptx"]
         out.append(dict(what=f"first-chunk attention d{head_dim} {dtype}",
                         asked=kernel.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
