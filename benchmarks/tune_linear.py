@@ -4,19 +4,20 @@
 
 A decode step runs each projection once per layer, on a new weight each time: the weights stream
 from HBM and the kernels run back to back with no host in between (a CUDA graph). The autotuner
-times a candidate on one weight in isolation, which misjudges the narrow shapes (RESULTS.md:
-its pick for qkv, split-K four ways, took 28.9 us a layer in the model against 22.0 for the
-previous config). Here every candidate of every projection and M bucket (split-K ones on any K,
-where the autotuner keeps them to long K) runs in a captured
-graph over `copies` distinct weights (>= 512 MiB of them, well past the L2), and its time is
-the graph's replay time over the calls. Each projection is called as the model calls it (the
-norm on the input of qkv, gate_up and lm_head, its weight folded into theirs; SiLU-and-mul of
-gate_up's product; the residual added by o and down, which hand their rows' sums of squares
-to the norm of gate_up and the next qkv). The table prints the best candidate beside the torch
-path (norm kernel, cuBLAS, SiLU-and-mul kernel) and, for lm_head, whose norm sums x's squares
-itself and whose unsplit candidates run both with the norm in the kernel and with the norm
-kernel first (norm_first), the best time with the norm in the kernel, all timed the same way,
-and the copy-bandwidth floor measured in the same run. --write merges the winners into
+times a candidate on one weight in isolation, which misjudges the narrow shapes (RESULTS.md: its
+pick for qkv, split-K four ways, took 28.9 us a layer in the model against 22.0 for the previous
+config). Here every candidate of every projection and M bucket (split-K ones on any K, where the
+autotuner keeps them to long K) runs in a captured graph over `copies` distinct weights (>= 512
+MiB of them, well past the L2), and its time is the graph's replay time over the calls; every
+dot candidate whose tiles fit a TMA box is timed twice, with pointer loads and with its tiles by
+TMA (LinearTuning.tma). Each projection is called as the model calls it (the norm on the input
+of qkv, gate_up and lm_head, its weight folded into theirs; SiLU-and-mul of gate_up's product;
+the residual added by o and down, which hand their rows' sums of squares to the norm of gate_up
+and the next qkv). The table prints the best candidate beside the torch path (norm kernel,
+cuBLAS, SiLU-and-mul kernel) and, for lm_head, whose norm sums x's squares itself and whose
+unsplit candidates run both with the norm in the kernel and with the norm kernel first
+(norm_first), the best time with the norm in the kernel, all timed the same way, and the copy-
+bandwidth floor measured in the same run. --write merges the winners into
 kernels/linear_tuned.json under this card's name, where `linear` finds them.
 """
 
@@ -41,6 +42,7 @@ from kernels.linear import (
     linear,
     linear_torch,
     shape_key,
+    tma_fits,
     write_tuned,
 )
 from shared.models.config import SHAPES
@@ -121,7 +123,11 @@ def tune(
         if not candidate(base, p.n, p.k, bucket, any_split=True):
             continue
         both = both_ways(p) and base.split_k == 1
-        for t in [base, dataclasses.replace(base, norm_first=True)] if both else [base]:
+        forms = [base, dataclasses.replace(base, norm_first=True)] if both else [base]
+        # and each with its tiles by TMA, where they fit
+        tma = [dataclasses.replace(t, tma=True) for t in forms]
+        forms += [t for t in tma if tma_fits(t, p.n, p.k) and candidate(t, p.n, p.k, bucket, True)]
+        for t in forms:
 
             def call(w: torch.Tensor, t: LinearTuning = t) -> torch.Tensor:
                 out = RowSquares() if p.residual else None

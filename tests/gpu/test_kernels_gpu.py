@@ -339,6 +339,50 @@ def test_linear_norm_and_residual(tuning, m, norm):
                                     device="cuda", seed=m)  # fmt: skip
 
 
+TMA_TUNINGS = [
+    LinearTuning(64, 128, 4, 6, tma=True),
+    LinearTuning(128, 128, 4, 3, tma=True),
+    LinearTuning(64, 256, 4, 3, tma=True),
+    LinearTuning(64, 128, 4, 6, split_k=2, tma=True),
+]
+
+
+@pytest.mark.parametrize(
+    "tuning", TMA_TUNINGS,
+    ids=[f"n{t.block_n}k{t.block_k}s{t.split_k}" for t in TMA_TUNINGS],
+)  # fmt: skip
+@pytest.mark.parametrize("m", [1, 7, 33, 64])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096), (4096, 14336), (1000, 4100)])
+def test_linear_tma(n, k, m, tuning):
+    """Tiles by TMA (sm_90: the last shape's do not fit and take pointer loads): float64
+    reference with x's rows strided, bitwise repeat, and the bits of the same config with pointer
+    loads (the same tiles into the same dots)."""
+    assert linear_module.tma_fits(tuning, n, k) == (n != 1000)
+    y = linear_cases.run_case(m, n, k, BF16, tuning, device="cuda", seed=n + m, row_pad=8)
+    gen = torch.Generator(device="cuda").manual_seed(n + m)
+    x = torch.randn(m, k + 8, generator=gen, device="cuda").to(BF16)[:, :k]
+    w = (torch.randn(n, k, generator=gen, device="cuda") / k**0.5).to(BF16)
+    pointers = linear(x, w, dataclasses.replace(tuning, tma=False))
+    torch.testing.assert_close(y, pointers, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_linear_tma_fused_forms(m):
+    """The decode layer's fused forms with TMA tiles: gate_up's norm and SwiGLU (gate and up
+    tiles from one descriptor), o's norm and residual, and squares handed from a TMA producer to
+    a TMA consumer."""
+    linear_cases.run_fused_case(m, 2 * 14336, 4096, BF16, LinearTuning(128, 128, 8, 4, tma=True),
+                                residual=False, norm=True, device="cuda", seed=m,
+                                swiglu=True)  # fmt: skip
+    linear_cases.run_fused_case(m, 4096, 4096, BF16, LinearTuning(64, 128, 4, 6, tma=True),
+                                residual=True, norm=True, device="cuda", seed=m)  # fmt: skip
+    if m > 1:
+        linear_cases.run_handover_case(
+            m, 4096, 28672, BF16, LinearTuning(64, 128, 4, 6, split_k=2, tma=True),
+            LinearTuning(128, 128, 8, 4, tma=True), True, device="cuda", seed=m,
+        )  # fmt: skip
+
+
 def test_linear_split_k_graph_replay():
     """A split-K launch replays in a CUDA graph on the counters it was captured with: same bits
     as an eager call, replay after replay."""

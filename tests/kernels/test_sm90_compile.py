@@ -53,10 +53,13 @@ def _compile_linear() -> list[dict]:
                           "stride_rm"}  # fmt: skip
     assert "M_PAD" in args
 
-    def smem(t: lin.LinearTuning, bucket: int, **variant: bool) -> int:
+    def smem(t: lin.LinearTuning, bucket: int, tma: bool = False, **variant: bool) -> int:
         has = {name: variant.get(name, False)
                for name in ("residual", "norm", "sq_in", "sq_out", "swiglu")}  # fmt: skip
-        consts = {"M_PAD": max(16, bucket), "BLOCK_N": t.block_n, "BLOCK_K": t.block_k,
+        m_pad = max(16, bucket)
+        descs = {"x_desc": f"tensordesc<bf16[{m_pad},{t.block_k}]>",
+                 "w_desc": f"tensordesc<bf16[{t.block_n},{t.block_k}]>"}  # fmt: skip
+        consts = {"M_PAD": m_pad, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k, "TMA": tma,
                   "USE_DOT": t.dot, "EVEN_K": True, "DOT_PRECISION": "tf32",
                   "SPLIT_K": t.split_k, "HAS_RESIDUAL": has["residual"], "NORM": has["norm"],
                   "GAIN": False, "SQ_IN": has["sq_in"], "SQ_BLOCKS": 64 if has["sq_in"] else 1,
@@ -66,9 +69,10 @@ def _compile_linear() -> list[dict]:
         # norm's weight is folded into w (Llama-3-8B is untied)
         absent = {"r_ptr": not has["residual"], "g_ptr": True, "sq_in_ptr": not has["sq_in"],
                   "sq_out_ptr": not has["sq_out"], "ws_ptr": t.split_k == 1,
-                  "counters_ptr": t.split_k == 1}  # fmt: skip
+                  "counters_ptr": t.split_k == 1, "x_desc": not tma,
+                  "w_desc": not tma}  # fmt: skip
         consts.update({name: None for name, none in absent.items() if none})
-        return _sm90(lin._linear_jit, types, consts, t.options(), aligned)
+        return _sm90(lin._linear_jit, {**types, **descs}, consts, t.options(), aligned)
 
     out = []
     for key, fields in lin.read_tuned()[H100].items():
@@ -86,20 +90,29 @@ def _compile_linear() -> list[dict]:
         }[n]
         if bucket == 1:  # one row: no squares handed over, the norm summed in the loop
             variants = [{"residual": True} if n == 4096 else {"norm": True}]
+        k = int(key.split("x")[1].split()[0])
         for variant in variants:
-            tv = t
+            tv, n_out = t, n
             if n == 28672 and not (t.split_k > 1 or (t.dot and t.block_n < 32)):
                 # gate_up as `linear` launches a SwiGLU of this config (else the plain launch,
                 # then SiLU-and-mul)
-                tv, variant = (
+                tv, n_out, variant = (
                     dataclasses.replace(t, block_n=t.block_n // 2),
+                    n // 2,
                     {**variant, "swiglu": True},
                 )
-            out.append(dict(what=f"{key} {variant}", asked=smem(tv, bucket, **variant), bound=None))
-    for t in lin.TUNING:
-        if lin.candidate(t, 4096, 14336, 64, any_split=True):
-            bound = lin.pipeline_smem(t, 64) if t.dot else None
-            out.append(dict(what=f"candidate {t} at 64 rows", asked=smem(t, 64), bound=bound))
+            # a tma config's tiles arrive by TMA where they fit (the GPU launch)
+            tma = tv.tma and lin.tma_fits(tv, n_out, k)
+            asked = smem(tv, bucket, tma, **variant)
+            out.append(dict(what=f"{key} {variant} {tma=}", asked=asked, bound=None))
+    for base in lin.TUNING:  # as tune_linear times them: each with pointer loads and by TMA
+        for t in (base, dataclasses.replace(base, tma=True)):
+            if lin.candidate(t, 4096, 14336, 64, any_split=True) and (
+                not t.tma or lin.tma_fits(t, 4096, 14336)
+            ):
+                bound = lin.pipeline_smem(t, 64) if t.dot else None
+                asked = smem(t, 64, t.tma)
+                out.append(dict(what=f"candidate {t} at 64 rows", asked=asked, bound=bound))
     return out
 
 
