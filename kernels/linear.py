@@ -383,8 +383,10 @@ class LinearTuning:
     # most configs (21.2 -> 46.4 us), more than the norm launch costs (2 us). The tuner decides.
     norm_first: bool = False
     # the dot path's w and x tiles by TMA (one bulk copy a tile, sm_90+) instead of cp.async (16
-    # bytes a thread), where the tiles fit (tma_fits); pointer loads elsewhere. The tuner decides:
-    # at M = 64 on the H100 it saved 0.055 ms a Llama-3-8B decode step, at M = 1 it cost 0.03.
+    # bytes a thread), where the tiles fit (tma_fits); pointer loads elsewhere. The tuner decides
+    # per shape and bucket: on the H100 TMA for every dot config at once made Llama-3-8B's
+    # batch-64 step 0.055 ms shorter and its batch-1 step 0.03 ms longer; the retuned table took
+    # the batch-64 step from 7.56-7.61 to 7.42-7.44 ms (RESULTS.md, Speed, session 10)
     tma: bool = False
 
     def __post_init__(self) -> None:
