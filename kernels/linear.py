@@ -18,6 +18,10 @@ Two inner products, picked per shape and M bucket by the autotuner:
   weight traffic.
 - gemv (M == 1 only): acc[BLOCK_N, BLOCK_K] += w_tile * x_chunk in fp32 FMAs, reduced once.
 
+A dot config may take its w and x tiles by TMA (LinearTuning.tma, sm_90+, where the tiles tile w
+exactly): one bulk copy a tile into shared memory, x's padding rows filled with zeros by the copy,
+instead of a cp.async per 16 bytes a thread; the same tiles into the same dots, so the same bits.
+
 Fused around the product, as a decoder layer asks (shared/models/llama.py):
 - norm=(g, eps): the input is RMSNorm(x) * g. Each x tile is multiplied by g's as it is loaded,
   the rows' sums of squares accumulate on the way, and the accumulator's columns are scaled by
