@@ -362,6 +362,10 @@ def test_linear_tma(n, k, m, tuning):
     gen = torch.Generator(device="cuda").manual_seed(n + m)
     x = torch.randn(m, k + 8, generator=gen, device="cuda").to(BF16)[:, :k]
     w = (torch.randn(n, k, generator=gen, device="cuda") / k**0.5).to(BF16)
+    # the launch really takes the TMA path where it fits (not a silent fallback)
+    descs = linear_module._tma_descriptors(x, w, tuning, n, 1 << (m - 1).bit_length())
+    sm90 = torch.cuda.get_device_capability() >= (9, 0)
+    assert (descs[0] is not None) == (sm90 and n != 1000)
     pointers = linear(x, w, dataclasses.replace(tuning, tma=False))
     torch.testing.assert_close(y, pointers, rtol=0, atol=0)
 
