@@ -10,11 +10,13 @@ any timing).
 1. Bandwidth: `layers` layers of S bytes each, all queued at once, for one handoff and for a
    batch of 4 (four requests' layers sent as one group per layer). torch.distributed: rank 0
    dist.send()s the same number of S-byte messages, rank 1 dist.recv()s them (one NCCL op each,
-   back to back), timed from a barrier to the sender's synchronize. Handoff: send_layer_group
-   for every layer, then finish() of every handoff (the receiver verified every checksum and
-   ACKed), timed from the first send to the last ACK, so it includes the control round trips.
-   A handoff's layers are slices of one buffer, as KVPusher gathers them (so layers queued
-   together may go as one message).
+   back to back), timed from a barrier to the sender's synchronize. Handoff: every layer of
+   every handoff queued in one call (send_layer_groups: KV that already exists), then finish()
+   of every handoff (the receiver verified every checksum and ACKed), timed from the queueing
+   to the last ACK, so it includes the control round trips. A handoff's layers are slices of
+   one buffer, as KVPusher gathers them (so layers queued together may go as one message).
+   Queued layer by layer (a diagnostic row): send_layer_group once per layer, as a prefill
+   that produces its layers one at a time does, but back to back.
    Raw binding (a diagnostic row): the torch.distributed measurement, but through kvmesh's own
    ctypes binding on a pair communicator made as the handoff makes its pairs (connect_pair):
    no control frames, no checksums. Raw binding vs torch.distributed is the binding's cost;
@@ -47,7 +49,7 @@ from common import header, table
 
 from shared.engine import Engine, EngineConfig, Role
 from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
-from shared.handoff.nccl_channel import send_layer_group
+from shared.handoff.nccl_channel import send_layer_group, send_layer_groups
 from shared.handoff.nccl_device import Device
 from shared.handoff.nccl_link import serve_links
 from shared.handoff.nccl_pair import NcclFabric, PairComm, connect_pair
@@ -223,8 +225,11 @@ def handoff_layers(nbytes: int, layers: int) -> list[torch.Tensor]:
 
 
 def handoff_gbs(
-    decode: Decode, sender: NcclKVSender, nbytes: int, layers: int, reps: int, batch: int
+    decode: Decode, sender: NcclKVSender, nbytes: int, layers: int, reps: int, batch: int,
+    per_layer: bool = False,
 ) -> float:  # fmt: skip
+    """GB/s of `batch` handoffs of `layers` x nbytes, all queued in one call (per_layer: one
+    call per layer), best of `reps`."""
     data = handoff_layers(nbytes, layers)
     torch.cuda.synchronize()
     best = float("inf")
@@ -233,9 +238,13 @@ def handoff_gbs(
         for hid in hids:
             assert decode.call("expect", (hid, layers, nbytes))
         channels = [sender.open(decode.endpoint, hid, layers, decode.address) for hid in hids]
+        groups = [(layer, [(ch, data[layer]) for ch in channels]) for layer in range(layers)]
         start = time.perf_counter()
-        for layer in range(layers):
-            assert not send_layer_group(layer, [(ch, data[layer]) for ch in channels])
+        if per_layer:
+            for layer, items in groups:
+                assert not send_layer_group(layer, items)
+        else:
+            assert not send_layer_groups(groups)
         for channel in channels:
             channel.finish(120)
         elapsed = time.perf_counter() - start
@@ -351,8 +360,7 @@ def timeline_handoff(decode: Decode, sender: NcclKVSender, nbytes: int, layers: 
     channel = sender.open(decode.endpoint, hid, layers, decode.address)
     record(decode, sender, True)
     start = time.perf_counter()
-    for layer in range(layers):
-        assert not send_layer_group(layer, [(channel, data[layer])])
+    assert not send_layer_groups([(layer, [(channel, data[layer])]) for layer in range(layers)])
     channel.finish(120)
     elapsed = time.perf_counter() - start
     ok, error = decode.call("result", hid)
@@ -448,6 +456,9 @@ def main() -> None:
             ours = handoff_gbs(decode, sender, nbytes, args.layers, args.reps, batch)
             what = f"bandwidth, {batch} handoff{'s' * (batch > 1)} x {args.layers} x {mib} MiB"
             row(what, base, ours, ">= 90%" if mib >= 16 else "")
+            if batch == 1:
+                ours = handoff_gbs(decode, sender, nbytes, args.layers, args.reps, 1, True)
+                row(what + ", queued layer by layer (diagnostic)", base, ours)
 
     if not args.skip_ttft:
         ttft_part, engine, pusher = ttft_rows(decode, sender, args.prompt, args.reps)

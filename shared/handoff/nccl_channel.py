@@ -1,5 +1,6 @@
 """A handoff being pushed over NCCL (NcclSendChannel), and `send_layer_group`, which queues one
-layer of several handoffs (one batch) for the sender thread to launch in one NCCL group."""
+layer of several handoffs (one batch) for the sender thread to launch in one NCCL group
+(`send_layer_groups`: several layers at once, for KV that already exists)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class NcclSendChannel(SendChannel):
     def abort(self, reason: str) -> None:
         if settle(self._done, HandoffError(f"aborted: {reason}")):
             job = Job(0, [(self, torch.empty(0))], Event(None), reason or "aborted")
-            self.sender._submit(job)
+            self.sender._submit([job])
 
     # -- called from the sender's threads
 
@@ -89,20 +90,38 @@ def send_layer_group(
     """Queue layer `layer` of several handoffs (one batch, one NcclKVSender): their sends are
     launched together, in one ncclGroupStart/End. Call on the stream that produced the data.
     Returns the channels that had already failed (nothing is queued for them)."""
-    queued, failed = [], []
-    for channel, data in items:
-        try:
-            channel.queue(layer)
-        except HandoffError:
-            failed.append(channel)
-            continue
-        queued.append((channel, data if data.is_contiguous() else data.contiguous()))
-    if queued:
-        sender = queued[0][0].sender
-        if any(ch.sender is not sender for ch, _ in queued):
-            raise ValueError("send_layer_group takes the channels of one sender")
+    return send_layer_groups([(layer, items)])
+
+
+def send_layer_groups(
+    groups: list[tuple[int, list[tuple[NcclSendChannel, torch.Tensor]]]],
+) -> list[NcclSendChannel]:
+    """send_layer_group for several layers whose data all exists by now (a handoff of KV
+    already in the cache, or layers the caller produced together): one event and one queue
+    operation for all of them, so the sender thread takes them in one round and sends each
+    handoff's layers that lie back to back in memory as one message. Returns the channels that
+    had already failed (nothing more is queued for them)."""
+    failed: list[NcclSendChannel] = []
+    jobs: list[tuple[int, list[tuple[NcclSendChannel, torch.Tensor]]]] = []
+    for layer, items in groups:
+        queued = []
+        for channel, data in items:
+            if channel in failed:
+                continue
+            try:
+                channel.queue(layer)
+            except HandoffError:
+                failed.append(channel)
+                continue
+            queued.append((channel, data if data.is_contiguous() else data.contiguous()))
+        if queued:
+            jobs.append((layer, queued))
+    if jobs:
+        sender = jobs[0][1][0][0].sender
+        if any(ch.sender is not sender for _, queued in jobs for ch, _ in queued):
+            raise ValueError("send_layer_groups takes the channels of one sender")
         ready = Event(sender.dev.current_stream())  # after the gathers (and copies above)
-        sender._submit(Job(layer, queued, ready))
+        sender._submit([Job(layer, queued, ready) for layer, queued in jobs])
         if (timeline := sender.timeline) is not None:
-            timeline.mark_all("queued", [(ch.key, layer) for ch, _ in queued])
+            timeline.mark_all("queued", [(ch.key, layer) for layer, q in jobs for ch, _ in q])
     return failed

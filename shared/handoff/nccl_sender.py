@@ -1,7 +1,8 @@
 """Prefill side of the NCCL transport (control protocol: nccl_frames).
 
 The engine's thread only records an event on its compute stream after each layer's gather and
-queues the layer (send_layer_group). One sender thread does the rest, in rounds that each take
+queues the layer (send_layer_group; several layers that already exist: one event and one queue
+operation for all, send_layer_groups). One sender thread does the rest, in rounds that each take
 every layer queued so far, however many (a layer that finds the thread idle goes out alone,
 after one layer's host work):
 
@@ -152,7 +153,7 @@ class NcclKVSender:
         self.pairs = PairCache(max_peers)
         self.connect_timeout, self.setup_timeout = connect_timeout, setup_timeout
         self.timeline: Timeline | None = None
-        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
         self._checksum_stream = self.dev.stream(HIGH_PRIORITY)
         self._thread = threading.Thread(target=self._send_loop, name="nccl-send", daemon=True)
         self._thread.start()
@@ -175,8 +176,8 @@ class NcclKVSender:
         self._jobs.put(None)
         self._thread.join(JOIN_TIMEOUT_S)
 
-    def _submit(self, job: Job) -> None:
-        self._jobs.put(job)
+    def _submit(self, jobs: list[Job]) -> None:
+        self._jobs.put(jobs)
 
     # -- the sender thread
 
@@ -188,8 +189,9 @@ class NcclKVSender:
             if not jobs and unchecked:  # wait (no GIL held) until the oldest one's data exists
                 unchecked[0].ready.synchronize()
                 jobs = self._take(_MAX_BATCH)  # queued meanwhile: their sends go first
-            elif not jobs:  # idle: the first job to come goes out alone
-                jobs = [self._jobs.get()]
+            elif not jobs:  # idle: the first jobs to come go out alone
+                first = self._jobs.get()
+                jobs = [None] if first is None else list(first)
             closing = False
             if jobs:
                 try:
@@ -210,13 +212,17 @@ class NcclKVSender:
         return not self._jobs.empty()
 
     def _take(self, limit: int) -> list[Job | None]:
-        """Up to `limit` of the jobs queued so far."""
+        """The jobs queued so far, in queue operations of `limit` jobs in all (or one more)."""
         jobs: list[Job | None] = []
         while len(jobs) < limit:
             try:
-                jobs.append(self._jobs.get_nowait())
+                more = self._jobs.get_nowait()
             except queue.Empty:
                 break
+            if more is None:
+                jobs.append(None)
+                break
+            jobs += more
         return jobs
 
     def _launch_jobs(self, jobs: list[Job | None], unchecked: collections.deque[_Sent]) -> bool:
