@@ -293,19 +293,15 @@ def ttft(
 
 # ---- timeline --------------------------------------------------------------------------------
 
-_POINTS = ("queued", "launched", "data", "posted", "enqueued", "landed", "summed", "published",
-           "cksum", "delivered")  # fmt: skip
+_POINTS = ("queued", "launched", "data", "posted", "enqueued", "landed", "summed", "delivered")
 _GAPS = [  # (what, from, to) per layer: where its time goes
-    ("sender thread: DATA written, sends enqueued", "queued", "launched"),
+    ("sender thread: checksums, SUMS + DATA written, sends enqueued", "queued", "launched"),
     ("its DATA frame read by the receiver", "queued", "data"),
     ("receiver enqueues its recv", "data", "posted"),
     ("its checksum enqueued", "posted", "enqueued"),
     ("its recv group lands", "posted", "landed"),
     ("receiver checksum", "landed", "summed"),
-    ("data exists, sender checksum, CKSUM written", "launched", "published"),
-    ("CKSUM frame read by the receiver", "published", "cksum"),
     ("delivered after its checksum", "summed", "delivered"),
-    ("delivered after its CKSUM frame", "cksum", "delivered"),
 ]
 
 
@@ -341,8 +337,8 @@ def print_timeline(title: str, marks: list[tuple[str, bytes, int, float]], key: 
             gaps.append((what, f"{a} -> {b}", f"{statistics.median(d) * 1e6:.0f} us",
                          f"{max(d) * 1e6:.0f} us"))  # fmt: skip
     print(table(gaps, ("per layer", "marks", "median", "max")))
-    pace = []  # queued: the engine's (or caller's) thread; published: the GPU's progress
-    for point in ("queued", "published", "delivered"):
+    pace = []  # queued: the engine's (or caller's) thread; landed: the wire's progress
+    for point in ("queued", "landed", "delivered"):
         ts = sorted(at.get(point, {}).values())
         if len(ts) > 1:
             step = statistics.median(b - a for a, b in zip(ts, ts[1:], strict=False))

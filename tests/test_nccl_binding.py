@@ -15,6 +15,7 @@ import time
 import types
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -28,9 +29,17 @@ from shared.handoff.auto import (
     nccl_unusable,
     split_endpoints,
 )
-from shared.handoff.nccl_channel import NcclSendChannel, send_layer_group
+from shared.handoff.nccl_channel import NcclSendChannel, send_layer_group, send_layer_groups
 from shared.handoff.nccl_device import Device, Event, latest
-from shared.handoff.nccl_frames import Kind, message, parse_nccl_endpoint, read_frame, read_payload
+from shared.handoff.nccl_frames import (
+    NO_ID,
+    Kind,
+    message,
+    pack,
+    parse_nccl_endpoint,
+    read_frame,
+    read_payload,
+)
 from shared.handoff.nccl_link import (
     GrpcLinkOpener,
     LinkRefused,
@@ -282,7 +291,9 @@ def test_a_corrupt_layer_is_nacked_and_never_delivered(receiver, sender, fabric)
     channel.send_layer(0, kv[0])
     assert wait_for(lambda: 0 in store)
 
-    def flip(t: torch.Tensor) -> torch.Tensor:
+    def flip(t: torch.Tensor) -> torch.Tensor:  # a layer's bytes, not the checksums ahead
+        if t.numel() != nbytes(kv[0]):
+            return t
         t = t.clone()
         t[5] ^= 1
         return t
@@ -430,11 +441,12 @@ def test_a_wait_for_many_events_is_one_per_stream_on_its_latest() -> None:
 def test_staging_buffers_are_reused_from_handoff_to_handoff(receiver, sender) -> None:
     for _ in range(6):
         assert_pair_still_works(receiver, sender)
-    # two layers per handoff, one handoff at a time: never more than two buffers in use
-    assert 1 <= receiver.staging_allocations <= 2
+    # two layers per handoff, one handoff at a time: never more than two buffers in use, and
+    # two for the rounds' checksums
+    assert 1 <= receiver.staging_allocations <= 4
 
 
-def test_layers_of_a_handoff_that_failed_before_their_checksums_free_their_staging(
+def test_layers_of_a_handoff_aborted_mid_launch_free_their_staging(
     receiver, sender, fabric
 ) -> None:
     for _ in range(6):
@@ -442,14 +454,15 @@ def test_layers_of_a_handoff_that_failed_before_their_checksums_free_their_stagi
         kv = layers(3)
         future = receiver.expect(hid, 3, nbytes(kv[0]), collect({}))
         channel = sender.open(receiver.endpoint, hid, 3)
-        # the sender gives up between the layer's send and its checksum: no CKSUM follows
+        # the sender gives up between the round's checksums and the layer's send
         fabric.on_send = lambda data, channel=channel: channel.abort("gave up mid-launch")
         channel.send_layer(0, kv[0])
         result = future.result(10)
         assert not result.ok and "gave up mid-launch" in result.error
         fabric.on_send = lambda data: None
         assert_pair_still_works(receiver, sender)
-    assert receiver.staging_allocations <= 2  # no buffer stayed with a dead handoff
+        assert wait_for(lambda: receiver.staging_lent == 0)  # no buffer stayed with a dead handoff
+    assert receiver.staging_allocations <= 6  # reused: a message's and a round's sums at a time
 
 
 def test_a_burst_of_layers_is_received_in_bounded_groups(
@@ -460,8 +473,8 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
     calls: list[list[int]] = []  # the layers of each group, per group_sums call
     group_sums = receiver.dev.group_sums
 
-    def count(groups: list[tuple[list[torch.Tensor], Event | None]]) -> list:
-        calls.append([len(layers) for layers, _ in groups])
+    def count(groups: list[tuple[list[torch.Tensor], Event | None, Any]]) -> list:
+        calls.append([len(layers) for layers, _, _ in groups if layers])
         return group_sums(groups)
 
     receiver.dev.group_sums = count  # type: ignore[method-assign]
@@ -475,12 +488,16 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
         channels[hid].finish(10)
         assert futures[hid].result(10).ok
         assert all(torch.equal(stores[hid][i], kv[i].view(torch.uint8).reshape(-1)) for i in (0, 1))
-    groups = fabric.recv_groups[1:]  # after the pair's 1-byte probe
+    # after the pair's 1-byte probe; each round's checksums (8 bytes a layer) go first
+    sums = [[n for n in group if n < layer_bytes] for group in fabric.recv_groups[1:]]
+    assert [n for group in sums for n in group] == [7 * 8, 7 * 8]
+    groups = [[n for n in group if n >= layer_bytes] for group in fabric.recv_groups[1:]]
     assert sum(map(len, groups)) == 14
     assert all(sum(group) <= 3 * layer_bytes for group in groups)
     # layers that arrived together share a launch; a handoff's last layer is alone, so that
     # after the last byte only it waits for its checksum
     assert [len(group) for group in groups] == [3, 3, 1] + [1] * 7
+    assert [len(group) for group in sums] == [1, 0, 0, 1] + [0] * 6  # with the round's first
     # each burst's checksums: one call (one table up), one launch per recv group
     assert [n for call in calls for n in call] == [3, 3, 1] + [1] * 7
     assert 1 <= len(calls) <= 2  # the two layers' DATA frames came in one or two bursts
@@ -489,19 +506,19 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
 def count_checksum_launches(sender: NcclKVSender) -> list[int]:
     """The number of layers of each checksum launch the sender makes from now on."""
     launches: list[int] = []
-    group_sums = sender.dev.group_sums
+    partials = sender.dev.partials
 
-    def count(groups: list[tuple[list[torch.Tensor], Event | None]]) -> list:
-        launches.extend(len(layers) for layers, _ in groups)
-        return group_sums(groups)
+    def count(layers: list[torch.Tensor]) -> torch.Tensor:
+        launches.append(len(layers))
+        return partials(layers)
 
-    sender.dev.group_sums = count  # type: ignore[method-assign]
+    sender.dev.partials = count  # type: ignore[method-assign]
     return launches
 
 
 def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> None:
-    """Layers queued while the sender thread is busy: one group of sends for all of them, and
-    their checksums, with the busy round's, in one launch once they are on the wire."""
+    """Layers queued while the sender thread is busy: one checksum launch and one group of sends
+    (their checksums first) for all of them."""
     launches = count_checksum_launches(sender)
     kv = layers(8)
     store: dict[int, torch.Tensor] = {}
@@ -512,8 +529,8 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     channel.finish(10)
     assert future.result(10).ok
     assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-    assert fabric.send_groups[1:] == [1, 7]  # after the pair's 1-byte probe
-    assert launches == [8]
+    assert fabric.send_groups[1:] == [1 + 1, 1 + 7]  # after the pair's 1-byte probe
+    assert launches == [1, 7]
 
 
 def send_behind_a_held_send(
@@ -554,11 +571,13 @@ def test_adjacent_layers_queued_together_go_as_one_message(receiver, sender, fab
         channel.finish(10)
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(6))
-        assert fabric.send_groups == [1, 2]  # layer 0; then layers 1-4 as one, 5 alone
+        # layer 0; then layers 1-4 as one, 5 alone (each round's checksums first)
+        assert fabric.send_groups == [1 + 1, 1 + 2]
         one = nbytes(kv[0])
-        assert [n for group in fabric.recv_groups for n in group] == [one, 4 * one, one]
+        assert [n for group in fabric.recv_groups for n in group] == [8, one, 5 * 8, 4 * one, one]
         fabric.on_send = lambda data: None
-    assert receiver.staging_allocations <= 3  # one buffer per message size, reused
+    # reused: a few per size class (the checksums' share the layers'), however many rounds
+    assert receiver.staging_allocations <= 5
 
 
 def test_a_corrupt_layer_inside_a_message_fails_its_handoff(receiver, sender, fabric) -> None:
@@ -587,6 +606,100 @@ def test_a_corrupt_layer_inside_a_message_fails_its_handoff(receiver, sender, fa
     assert_pair_still_works(receiver, sender)
 
 
+def test_layers_that_exist_go_in_one_round_when_queued_in_one_call(
+    receiver, sender, fabric
+) -> None:
+    """send_layer_groups: every layer of two handoffs (each in one buffer, as KVPusher lays them
+    out) in one call: one checksum launch and one group of sends, the checksums first, then
+    each handoff's layers as few messages (its last layer alone)."""
+    launches = count_checksum_launches(sender)
+    assert_pair_still_works(receiver, sender)  # the pair exists before the counts start
+    launches.clear()
+    fabric.send_groups.clear()
+    fabric.recv_groups.clear()
+    data = {str(uuid.uuid4()): list(torch.randn(5, *SHAPE).to(torch.bfloat16).unbind(0))
+            for _ in range(2)}  # fmt: skip
+    one = nbytes(layers(1)[0])
+    stores: dict[str, dict[int, torch.Tensor]] = {hid: {} for hid in data}
+    futures = {hid: receiver.expect(hid, 5, one, collect(stores[hid])) for hid in data}
+    channels = {hid: sender.open(receiver.endpoint, hid, 5) for hid in data}
+    groups = [(layer, [(channels[h], kv[layer]) for h, kv in data.items()]) for layer in range(5)]
+    assert send_layer_groups(groups) == []
+    for hid, kv in data.items():
+        channels[hid].finish(10)
+        assert futures[hid].result(10).ok
+        assert all(torch.equal(stores[hid][i], kv[i].view(torch.uint8).reshape(-1))
+                   for i in range(5))  # fmt: skip
+    assert launches == [10]
+    assert fabric.send_groups == [1 + 4]  # the checksums, then 2 x (layers 0-3, layer 4)
+    received = [n for group in fabric.recv_groups for n in group]
+    assert received == [10 * 8, 4 * one, one, 4 * one, one]
+
+
+def test_a_corrupt_checksum_on_the_wire_fails_its_handoff(receiver, sender, fabric) -> None:
+    """The sender's checksums travel on the communicator too: if they arrive altered, the
+    layers they cover are not delivered."""
+    kv = layers(2)
+    one = nbytes(kv[0])
+
+    def corrupt(got: torch.Tensor) -> torch.Tensor:
+        if got.numel() == 8:  # a round of one layer's checksum
+            got = got.clone()
+            got[0] ^= 0x01
+        return got
+
+    assert_pair_still_works(receiver, sender)
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 2, one, collect(store))
+    channel = sender.open(receiver.endpoint, hid, 2)
+    fabric.corrupt = corrupt
+    channel.send_layer(0, kv[0])
+    result = future.result(10)
+    assert not result.ok and "checksum mismatch on layer 0" in result.error
+    assert store == {}
+    fabric.corrupt = lambda t: t
+    assert_pair_still_works(receiver, sender)
+
+
+@pytest.mark.parametrize(
+    ("what", "frames"),
+    [
+        ("DATA with no SUMS before it", [(Kind.DATA, 0, 2, 16, 1)]),
+        ("DATA past its round", [(Kind.SUMS, 0, 1, 8, 1), (Kind.DATA, 0, 2, 16, 2)]),
+        ("SUMS of the wrong size", [(Kind.SUMS, 0, 2, 8, 1)]),
+        ("SUMS of no layers", [(Kind.SUMS, 0, 0, 0, 1)]),
+        ("SUMS with a round still open", [(Kind.SUMS, 0, 2, 16, 1), (Kind.SUMS, 0, 1, 8, 1)]),
+    ],
+)
+def test_frames_that_break_the_rounds_drop_the_connection(
+    fabric: LoopbackFabric, what: str, frames: list[tuple[Kind, int, int, int, int]]
+) -> None:
+    """SUMS announces a round's layers and DATA frames take them in order: a sender that breaks
+    that is not speaking this protocol, and its connection (and pair) is dropped."""
+    rx = NcclKVReceiver(CPU, fabric=fabric)
+    endpoint = rx.start()
+    link_id, unique_id = str(uuid.uuid4()), fabric.unique_id()
+    rx.offer_link(link_id, unique_id)
+    key = uuid.UUID(str(uuid.uuid4())).bytes
+    try:
+        with hello(endpoint, link_id) as sock:
+            rank0 = fabric.communicator(unique_id, 0)
+            with fabric.group():
+                rank0.send(torch.zeros(1, dtype=torch.uint8), 1, None)  # the probe
+            frame = read_frame(sock)
+            assert frame is not None and frame.kind == Kind.READY
+            sock.sendall(b"".join(
+                pack(kind, NO_ID if kind == Kind.SUMS else key, layer, num_layers, nbytes,
+                     value=value)
+                for kind, layer, num_layers, nbytes, value in frames
+            ))  # fmt: skip
+            assert read_frame(sock) is None, what  # closed, no reply
+            assert wait_for(lambda: rx.num_links == 0)
+    finally:
+        rx.close()
+
+
 def test_coalescing_takes_only_runs_back_to_back_in_memory() -> None:
     """Runs break between handoffs, at a gap in the layers or in memory, at the size cap, and
     before a handoff's last layer."""
@@ -594,10 +707,9 @@ def test_coalescing_takes_only_runs_back_to_back_in_memory() -> None:
     b = types.SimpleNamespace(num_layers=8)
     buf = torch.zeros(8, 64, dtype=torch.uint8)
     other = torch.zeros(8, 64, dtype=torch.uint8)
-    ready = Event(None)
 
     def sent(channel: object, layer: int, data: torch.Tensor) -> nccl_sender._Sent:
-        return nccl_sender._Sent(channel, layer, data, ready)  # type: ignore[arg-type]
+        return nccl_sender._Sent(channel, layer, data)  # type: ignore[arg-type]
 
     sends = [
         sent(a, 0, buf[0]), sent(b, 0, other[0]), sent(a, 1, buf[1]), sent(a, 2, buf[2]),
@@ -643,12 +755,11 @@ class GatedQueue:
         return self.inner.empty()
 
 
-def test_a_burst_that_finds_the_sender_idle_is_on_the_wire_before_any_checksum(
+def test_a_burst_that_finds_the_sender_idle_goes_out_in_two_rounds(
     receiver, fabric, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first send of layers queued while the sender thread was idle goes out alone, after
-    one layer's host work; the rest in one round; their checksums in one launch once the
-    backlog's sends are launched."""
+    """The first of layers queued one by one while the sender thread was idle goes out alone,
+    after one layer's host work; the rest in one round (one checksum launch, one group)."""
     jobs = GatedQueue()
     gated_queue = types.SimpleNamespace(SimpleQueue=lambda: jobs, Empty=queue.Empty)
     monkeypatch.setattr(nccl_sender, "queue", gated_queue)
@@ -666,12 +777,12 @@ def test_a_burst_that_finds_the_sender_idle_is_on_the_wire_before_any_checksum(
         channel.finish(10)
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-        assert fabric.send_groups[1:] == [1, 7]  # after the pair's 1-byte probe
-        assert launches == [8]
+        assert fabric.send_groups[1:] == [1 + 1, 1 + 7]  # after the pair's 1-byte probe
+        assert launches == [1, 7]
         # once the backlog was sent, a burst queued while the thread is busy is one round
         fabric.send_groups.clear()
         assert_pair_still_works(receiver, sender)
-        assert sum(fabric.send_groups) == 2
+        assert sum(fabric.send_groups) == 2 + 2  # the layers and their rounds' checksums
     finally:
         jobs.gate.set()
         sender.close()
@@ -683,7 +794,7 @@ def test_a_checksum_that_cannot_be_enqueued_fails_its_handoff_and_the_pair_goes_
     group_sums = receiver.dev.group_sums
     failures = [RuntimeError("no memory for the checksum table")]
 
-    def fail_once(groups: list[tuple[list[torch.Tensor], Event | None]]) -> list:
+    def fail_once(groups: list[tuple[list[torch.Tensor], Event | None, Any]]) -> list:
         if failures:
             raise failures.pop()
         return group_sums(groups)
@@ -719,7 +830,7 @@ def test_the_timeline_marks_every_point_of_every_layer(receiver, sender) -> None
     key = uuid.UUID(hid).bytes
     marks = by_layer(sender.timeline.marks + receiver.timeline.marks, key)
     chains = [  # (landed and summed come from watcher threads: after posted, in no set order)
-        ["queued", "launched", "published", "cksum", "delivered"],  # the sender's, then its CKSUM
+        ["queued", "launched"],  # the sender's
         ["queued", "data", "posted", "delivered"],  # the data's way
         ["posted", "landed"],
         ["posted", "enqueued", "summed"],  # the connection thread's, then a watcher's

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
-from kernels.checksum import checksum_partials, fold, layer_checksum_ref, layer_table
+from kernels.checksum import PROGRAMS, checksum_partials, fold, layer_checksum_ref, layer_table
 
 _order = itertools.count()
 _order_lock = threading.Lock()  # an event's place in `_order` is its place on its stream
 HIGH_PRIORITY = -1  # streams of the handoff: their few small kernels go ahead of compute's
+BYTES_PER_PROGRAM = 4 << 20  # a round's checksum takes one program per this many bytes (>= 32)
 
 
 class Event:
@@ -67,6 +68,9 @@ class Device:
         if self.cuda and device.index is None:  # "cuda": the current device
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
+        self._max_programs = (
+            2 * torch.cuda.get_device_properties(device).multi_processor_count if self.cuda else 1
+        )
 
     def bind_thread(self) -> None:
         if self.cuda:
@@ -96,31 +100,55 @@ class Device:
         if stream is not None:
             tensor.record_stream(stream)
 
+    def partials(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """Partial sums of each layer's checksum (kernels/checksum), [len(layers), programs]
+        int64 on the device, enqueued on the current stream in one launch without a host sync.
+        A larger round gets more programs, up to two per SM: KV that already exists goes out as
+        soon as it is summed, while a layer the prefill just wrote takes the kernel's usual few
+        beside the compute. On CPU the reference: one column, the whole checksum."""
+        if not self.cuda:
+            return torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1)
+        total = sum(x.nbytes for x in layers)
+        programs = max(PROGRAMS, min(self._max_programs, total // BYTES_PER_PROGRAM))
+        return checksum_partials(layers, programs)
+
     def group_sums(
-        self, groups: list[tuple[list[torch.Tensor], Event | None]]
-    ) -> list[tuple[torch.Tensor, Event]]:
-        """Partial sums of the layer checksum (kernels/checksum) of each group's tensors, each
-        enqueued on the current stream after its group's event (if any): per group, [len(layers),
-        P] int64 on the host (pinned), that `checksums` folds once the event returned with them
-        completed. On CUDA: one table up for all groups (it reads only addresses, so it goes
-        ahead of the events), then per group one Triton launch and its partials down; no host
-        sync. On CPU the reference: each row is the whole checksum."""
+        self, groups: list[tuple[list[torch.Tensor], Event | None, torch.Tensor | None]]
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, Event]]:
+        """Per group, enqueued on the current stream after its event (if any): the copy down of
+        its `down` tensor (if any), then the partial sums of its tensors' checksums
+        (kernels/checksum; none if it has none) copied down, and an event after both. Returns
+        (partials [len(tensors), P] int64 on the host, down on the host, event) per group: they
+        hold the values once the event completed. On CUDA: one table up for all groups (it
+        reads only addresses, so it goes ahead of the events), then per group one launch and
+        the copies down; no host sync. On CPU the reference: each row is the whole checksum."""
         stream = self.current_stream()
         if stream is None:
             return [
-                (torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1), Event(None))
-                for layers, _ in groups
+                (
+                    torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1)
+                    if layers
+                    else None,
+                    down.clone() if down is not None else None,
+                    Event(None),
+                )  # fmt: skip
+                for layers, _, down in groups
             ]
-        table = layer_table([x for layers, _ in groups for x in layers])
+        everything = [x for layers, _, _ in groups for x in layers]
+        table = layer_table(everything) if everything else None
         out = []
         row = 0
-        for layers, after in groups:
+        for layers, after, down in groups:
             if after is not None:
                 self.wait(stream, after)
-            rows = table[4 * row : 4 * (row + len(layers))]
-            partials = checksum_partials(layers, table=rows).to("cpu", non_blocking=True)
-            out.append((partials, Event(stream)))
-            row += len(layers)
+            host = down.to("cpu", non_blocking=True) if down is not None else None
+            partials = None
+            if layers:
+                assert table is not None
+                rows = table[4 * row : 4 * (row + len(layers))]
+                partials = checksum_partials(layers, table=rows).to("cpu", non_blocking=True)
+                row += len(layers)
+            out.append((partials, host, Event(stream)))
         return out
 
     @staticmethod
@@ -133,5 +161,7 @@ class Device:
         """Compile the checksum kernel now, not on the first handoff's thread."""
         if self.cuda:
             with torch.cuda.device(self.device):
-                self.group_sums([([torch.zeros(24, dtype=torch.uint8, device=self.device)], None)])
+                layer = torch.zeros(24, dtype=torch.uint8, device=self.device)
+                self.group_sums([([layer], None, layer)])
+                self.partials([layer])
                 torch.cuda.synchronize(self.device)

@@ -9,18 +9,24 @@ decode = rank 1), set up on the first handoff between them:
                                                    ncclCommInitRank(rank 1) + 1-byte probe recv
     ncclCommInitRank(rank 0) + probe send          READY once both ranks are connected
                                         <-------
-  per layer of a handoff, in one order on both sides (NCCL matches sends to recvs by order):
-    DATA(id, layer, nbytes), then ncclSend on the peer's stream ->  ncclRecv into a staging
-    CKSUM(id, layer, checksum) once the GPU computed it         ->  buffer; on CKSUM: verify,
-                                        <-------                    scatter into the reserved
-                                          ACK / NACK(reason)        blocks; ACK after the last
+  per round of the sender (the layers it launches together), in one order on both sides
+  (NCCL matches sends to recvs by order):
+    SUMS(count, programs), then DATA(id, layer, nbytes) per message  ->  ncclRecv of the
+    ncclSend of the round's checksums ([count, programs] int64           checksums, then of each
+    partial sums), then of each message, on the peer's stream            message into a staging
+                                                                        buffer; checksum it
+                                        <-------                        once it landed, verify,
+                                          ACK / NACK(reason)            scatter into the reserved
+                                                                        blocks; ACK after the last
 
 A DATA frame announces `count` layers (its value field, >= 1) of `nbytes` each, starting at
 `layer`: the sender coalesces consecutive layers of a handoff that it launches together and that
 lie back to back in its memory (a handoff's last layer always goes alone, so that after the
-last byte only it waits for its checksum). Every DATA frame is matched by a recv, also for
-handoffs the receiver rejects (into a buffer that is dropped), so the communicator's order never
-breaks; a corrupt layer NACKs the handoff.
+last byte only it waits for its checksum). A SUMS frame announces the checksums of the layers of
+the DATA frames that follow it, up to the next SUMS frame, in their order: row i of the partial
+sums (kernels/checksum; they add up to the layer's checksum) is the i-th of those layers. Every
+SUMS and DATA frame is matched by a recv, also for handoffs the receiver rejects (into a buffer
+that is dropped), so the communicator's order never breaks; a corrupt layer NACKs the handoff.
 A lost control connection aborts the communicator on both sides (ncclCommAbort ends kernels that
 wait on a dead peer), fails its handoffs, and drops the pair from the sender's LRU cache.
 """
@@ -40,33 +46,36 @@ from shared.handoff.wire import (
 )
 
 SCHEME = "nccl://"
-MASK64 = (1 << 64) - 1  # a CKSUM value is the int64 checksum's bit pattern, as uint64
-_NO_ID = bytes(16)
+NO_ID = bytes(16)  # the handoff id of frames about no one handoff
+MAX_SUMS_PROGRAMS = 1 << 12  # partial sums a layer at most (kernels/checksum's grid)
 
 
 class Kind(IntEnum):
     HELLO = 1  # payload: the link id whose NCCL unique id came over gRPC (prefill -> decode)
     READY = 2  # the communicator is up (decode -> prefill)
     DATA = 3  # `value` layers (>= 1) of `nbytes` each, from `layer` on, follow on the communicator
-    CKSUM = 4  # value: the layer's checksum
+    SUMS = 4  # the partial checksums of the next `num_layers` layers (`value` a layer) follow
     ABORT = 5  # payload: reason; the sender gives up on the handoff
     ACK = 6  # all layers delivered
     NACK = 7  # payload: reason; the handoff failed (or, at setup, the pair could not connect)
 
 
-FRAME = HeaderFormat("16sHHQQ", b"KVMN", 2, Kind, "control frame")  # 2: DATA has a count
+# 2: DATA has a count; 3: the checksums go on the communicator ahead of the data (SUMS)
+FRAME = HeaderFormat("16sHHQQ", b"KVMN", 3, Kind, "control frame")
 _LAYOUT = FRAME.layout
 _KINDS = frozenset(Kind)
+_ON_NCCL = frozenset((Kind.DATA, Kind.SUMS))  # frames whose nbytes travel on the communicator
 
 
 @dataclass(frozen=True)
 class Frame:
     kind: Kind
-    handoff_id: bytes = _NO_ID  # 16 bytes (UUID)
+    handoff_id: bytes = NO_ID  # 16 bytes (UUID)
     layer: int = 0
     num_layers: int = 0
-    nbytes: int = 0  # DATA: bytes of each layer on NCCL; others: bytes of the TCP payload
-    value: int = 0  # CKSUM: the layer checksum (kernels/checksum), uint64; DATA: layer count
+    # DATA: bytes of each layer on NCCL; SUMS: bytes of the partials; others: the TCP payload's
+    nbytes: int = 0
+    value: int = 0  # DATA: layer count; SUMS: partial sums a layer
 
     @property
     def count(self) -> int:
@@ -84,7 +93,7 @@ def read_frame(sock: socket.socket) -> Frame | None:
 
 def pack(kind: Kind, handoff_id: bytes, layer: int = 0, num_layers: int = 0, nbytes: int = 0,
          value: int = 0) -> bytes:  # fmt: skip
-    """Frame(...).pack(), without making the Frame (the hot path: DATA and CKSUM frames)."""
+    """Frame(...).pack(), without making the Frame (the hot path: SUMS and DATA frames)."""
     return _LAYOUT.pack(FRAME.magic, FRAME.version, kind, handoff_id, layer, num_layers, nbytes,
                         value)  # fmt: skip
 
@@ -92,7 +101,7 @@ def pack(kind: Kind, handoff_id: bytes, layer: int = 0, num_layers: int = 0, nby
 class FrameReader:
     """Reads a connection's frames in bursts: one recv takes every byte that has arrived, and
     `burst` returns all the complete frames in them (with the TCP payloads of the frames that
-    have one: all but DATA, whose nbytes travel on NCCL)."""
+    have one: all but DATA and SUMS, whose nbytes travel on NCCL)."""
 
     def __init__(self, sock: socket.socket, chunk: int = 1 << 16) -> None:
         self.sock, self.chunk = sock, chunk
@@ -122,7 +131,7 @@ class FrameReader:
             )
             if magic != FRAME.magic or version != FRAME.version or kind not in _KINDS:
                 raise ProtocolError(f"bad control frame (magic {magic!r}, version {version})")
-            payload = nbytes if kind != Kind.DATA else 0
+            payload = nbytes if kind not in _ON_NCCL else 0
             if payload > MAX_MESSAGE_BYTES:
                 raise ProtocolError(f"control payload of {nbytes} bytes")
             if len(buf) - at - size < payload:
@@ -138,7 +147,7 @@ def read_payload(sock: socket.socket, frame: Frame) -> bytes:
     return read_bounded(sock, frame.nbytes, "control payload")
 
 
-def message(kind: Kind, handoff_id: bytes = _NO_ID, text: str | bytes = "") -> bytes:
+def message(kind: Kind, handoff_id: bytes = NO_ID, text: str | bytes = "") -> bytes:
     payload = (text.encode() if isinstance(text, str) else text)[:MAX_MESSAGE_BYTES]
     return Frame(kind, handoff_id, nbytes=len(payload)).pack() + payload
 

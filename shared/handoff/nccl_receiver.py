@@ -2,22 +2,25 @@
 
 Two threads per prefill connection:
 
-    connection thread  reads the frames that arrived (one recv a burst); for all the burst's DATA
-                       frames at once, posts an ncclRecv each on the link's recv stream (only
-                       recvs: they go back to back) into staging buffers the link reuses
-                       (nccl_staging), in groups of at most RECV_GROUP_BYTES (a handoff's last
-                       layer alone, so that after the last byte only it waits for its checksum);
-                       then enqueues the groups' checksums on the check stream (one table up for
-                       the burst, then per group one launch after its recvs and its partials
-                       down), and hands the layers whose CKSUM came to the verify thread. It
-                       never waits for the GPU, and a burst costs a few host calls per group.
-    verify thread      takes every layer whose CKSUM frame came, waits once per group for its
-                       checksums, compares, hands the layers to on_layer on the scatter stream,
-                       and gives their staging buffers back after one event.
+    connection thread  reads the frames that arrived (one recv a burst); for all the burst's SUMS
+                       and DATA frames at once, posts an ncclRecv each on the link's recv stream
+                       (only recvs: they go back to back) into staging buffers the link reuses
+                       (nccl_staging), in groups of at most RECV_GROUP_BYTES (a round's checksums
+                       with its first message; a handoff's last layer alone, so that after the
+                       last byte only it waits for its checksum); then enqueues on the check
+                       stream, per group once its recvs landed, the copy down of the sender's
+                       checksums it holds and the checksums of its layers (one table up for the
+                       burst, then per group one launch and its partials down), and hands the
+                       groups to the verify thread. It never waits for the GPU, and a burst
+                       costs a few host calls per group.
+    verify thread      takes the groups in order, waits (without the GIL) for each one's
+                       checksums, compares them with the sender's, hands the layers to on_layer
+                       on the scatter stream, and gives their staging buffers back after one
+                       event.
 
-    recv stream:     | recv g0 | recv g1 | recv g2 | ...
-    check stream:              | sum g0 |  | sum g1 |  | sum g2 |
-    verify thread:                      compare, scatter g0 (scatter stream), ...
+    recv stream:     | sums + recv g0 | recv g1 | recv g2 | ...
+    check stream:                     | sum g0 |  | sum g1 |  | sum g2 |
+    verify thread:                             compare, scatter g0 (scatter stream), ...
 
 Few threads on purpose: they share the GIL with each other and with the engine, and every
 handover between Python threads costs a wake-up, so the per-layer work is batched per burst
@@ -36,10 +39,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.checksum import fold
 from shared.handoff import nccl
 from shared.handoff.listener import Expected, ListeningReceiver
 from shared.handoff.nccl_device import HIGH_PRIORITY, Device, Event
 from shared.handoff.nccl_frames import (
+    MAX_SUMS_PROGRAMS,
     SCHEME,
     Frame,
     FrameReader,
@@ -61,6 +66,7 @@ log = logging.getLogger(__name__)
 # launch): small enough that the first layers' checksums run while later layers are on the
 # wire, large enough that small layers share the host's work.
 RECV_GROUP_BYTES = 64 << 20
+_MAX_ROUND_LAYERS = 1 << 20  # layers a SUMS frame may announce at most
 
 
 @dataclass(eq=False)
@@ -80,6 +86,28 @@ class _Expected(Expected):
         return ""
 
 
+@dataclass(eq=False, slots=True)
+class _Round:
+    """The sender's checksums of one round's layers (a SUMS frame): [count, programs] int64 partial
+    sums, received into a staging buffer, copied down by the check stream; row i is the i-th
+    layer of the DATA frames that follow the SUMS frame."""
+
+    count: int
+    nbytes: int
+    taken: int = 0  # rows given to the round's DATA frames so far
+    host: torch.Tensor | None = None  # [nbytes] uint8, on the host once its copy completed
+    values: list[int] | None = None  # the checksums, folded by the verify thread
+
+    def expected(self, row: int) -> int | None:
+        """The sender's checksum of row `row` (verify thread, once copied down); None if the
+        copy could not be enqueued."""
+        if self.values is None:
+            if self.host is None:
+                return None
+            self.values = fold(self.host.view(torch.int64).reshape(self.count, -1))
+        return self.values[row]
+
+
 @dataclass(frozen=True, slots=True)
 class _Data:
     """A DATA frame, and the handoff that accepted its layers (None: rejected, NACKed)."""
@@ -87,6 +115,8 @@ class _Data:
     frame: Frame
     state: _Expected | None
     last: bool  # holds the last of its handoff's layers to arrive
+    sums: _Round  # the round whose checksums cover its layers
+    row: int  # its first layer's row in them
 
     @property
     def message_bytes(self) -> int:
@@ -112,47 +142,37 @@ class _Staged:
 
 
 @dataclass(eq=False, slots=True)
-class _Sums:
-    """The checksums of one recv group's accepted layers: enqueued by the connection thread
-    when it posts the group's recvs, folded by the verify thread."""
-
-    layers: list[tuple[bytes, int]]  # (handoff id, layer) of each row of partials
-    received: Event  # on the recv stream, after the group's recvs
-    ready: Event | None = None  # on the check stream, after the checksums and their copy down
-    partials: torch.Tensor | None = None  # [len(layers), P] int64 on the host (group_sums)
-    error: str = ""  # the checksums could not be enqueued
-    values: list[int] | None = None  # the checksums: the verify thread folds them once ready
-
-    def settled(self) -> bool:
-        """Whether the verify thread can go on with the group without waiting: its checksums
-        computed (or failed)."""
-        return self.values is not None or self.ready is None or self.ready.query()
-
-    @property
-    def released(self) -> Event:
-        """Completes after the group's last reader so far (its recvs, then its checksums)."""
-        return self.ready if self.ready is not None else self.received
-
-
-@dataclass(frozen=True, slots=True)
-class _Posted:
-    """A recv group whose recvs are posted."""
-
-    group: list[_Data]
-    bufs: list[torch.Tensor]  # the staging buffers the recvs write, one per DATA frame
-    sums: _Sums  # of the accepted ones
-
-
-@dataclass(eq=False, slots=True)
 class _Landing:
-    """A layer received into a staging buffer, waiting for its CKSUM frame."""
+    """A layer received into a staging buffer."""
 
     state: _Expected
     layer: int
     buf: torch.Tensor  # [nbytes] uint8 on the device (a view of staged.buf), written by a recv
     staged: _Staged  # its message's staging buffer
-    sums: _Sums  # its recv group's checksums
-    index: int  # its row in sums
+    sums: _Round  # the sender's checksums
+    row: int  # its row in them
+
+
+@dataclass(eq=False, slots=True)
+class _Group:
+    """The recvs posted together (one NCCL group): maybe a round's checksums first, then
+    messages. Its accepted layers are checksummed together and verified together."""
+
+    sums: _Round | None = None  # a round whose checksums this group receives first
+    datas: list[_Data] = field(default_factory=list)
+    landings: list[_Landing] = field(default_factory=list)  # its accepted layers, in order
+    received: Event | None = None  # on the recv stream, after the group's recvs
+    ready: Event | None = None  # on the check stream, after its checksums and copies down
+    partials: torch.Tensor | None = None  # [len(landings), P] int64 on the host (group_sums)
+    error: str = ""  # the checksums could not be enqueued
+
+    @property
+    def released(self) -> Event:
+        """Completes after the group's last reader so far (its recvs, then its checksums)."""
+        if self.ready is not None:
+            return self.ready
+        assert self.received is not None
+        return self.received
 
 
 def _layers_of(frame: Frame) -> list[tuple[bytes, int]]:
@@ -160,17 +180,25 @@ def _layers_of(frame: Frame) -> list[tuple[bytes, int]]:
     return [(frame.handoff_id, frame.layer + i) for i in range(frame.count)]
 
 
-def _recv_groups(datas: list[_Data]) -> list[list[_Data]]:
-    """Consecutive DATA frames in groups of at most RECV_GROUP_BYTES (a larger message alone); a
-    handoff's last layer alone."""
-    groups: list[list[_Data]] = []
+def _recv_groups(ops: list[_Round | _Data]) -> list[_Group]:
+    """The burst's SUMS and DATA frames, in order, in groups: a round's checksums start one; its
+    messages follow in groups of at most RECV_GROUP_BYTES (a larger message alone), a handoff's
+    last layer alone."""
+    groups: list[_Group] = []
     size = 0
-    for data in datas:
-        nbytes = data.message_bytes
-        if not groups or size + nbytes > RECV_GROUP_BYTES or data.last or groups[-1][-1].last:
-            groups.append([])
+    for op in ops:
+        if isinstance(op, _Round):
+            groups.append(_Group(sums=op))
             size = 0
-        groups[-1].append(data)
+            continue
+        nbytes = op.message_bytes
+        group = groups[-1] if groups else None
+        if group is None or (
+            group.datas and (size + nbytes > RECV_GROUP_BYTES or op.last or group.datas[-1].last)
+        ):
+            groups.append(_Group())
+            size = 0
+        groups[-1].datas.append(op)
         size += nbytes
     return groups
 
@@ -186,9 +214,8 @@ class _Link:
         self.scatter_stream = dev.stream(HIGH_PRIORITY)
         readers = [self.check_stream, self.scatter_stream]
         self.staging = StagingPool(dev, self.recv_stream, readers, staging_bytes)
-        self.landings: dict[tuple[bytes, int], _Landing] = {}  # only the connection's thread
-        # (landing, the CKSUM frame's value) of layers whose CKSUM came, a list per burst
-        self.verify: queue.SimpleQueue[list[tuple[_Landing, int]] | None] = queue.SimpleQueue()
+        self.round: _Round | None = None  # the sender's latest round (only the connection thread)
+        self.verify: queue.SimpleQueue[list[_Group] | None] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
@@ -244,6 +271,12 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         with self._lock:
             return sum(link.staging.allocated for link in self._links)
 
+    @property
+    def staging_lent(self) -> int:
+        """Staging buffers the live links hold for recvs, checksums and scatters right now."""
+        with self._lock:
+            return sum(link.staging.lent for link in self._links)
+
     def _serve(self, conn: socket.socket) -> None:
         self.dev.bind_thread()
         link = _Link(conn, self.dev, self.staging_bytes)
@@ -285,22 +318,20 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         link.verify.put(None)
         if verifier.is_alive():
             verifier.join(JOIN_TIMEOUT_S)
-        link.landings.clear()
         link.staging.clear()
         link.conn.close()
 
     # -- the connection's thread
 
     def _on_burst(self, link: _Link, burst: list[tuple[Frame, bytes]]) -> None:
-        """Frames that arrived together, in order; then recvs and checksums for all their DATA
-        frames; then the layers whose CKSUM came go to the verify thread."""
-        datas: list[_Data] = []
-        checks: list[Frame] = []
+        """Frames that arrived together, in order; then recvs and checksums for all their SUMS
+        and DATA frames, and the groups go to the verify thread."""
+        ops: list[_Round | _Data] = []
         for frame, payload in burst:
-            if frame.kind == Kind.DATA:
-                datas.append(self._accept(link, frame))
-            elif frame.kind == Kind.CKSUM:  # its DATA came first: its landing is made below
-                checks.append(frame)
+            if frame.kind == Kind.SUMS:
+                ops.append(self._round(link, frame))
+            elif frame.kind == Kind.DATA:
+                ops.append(self._accept(link, frame))
             elif frame.kind == Kind.ABORT:
                 state = self._get(frame.handoff_id)
                 if state is not None:
@@ -309,21 +340,35 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             else:
                 raise ProtocolError(f"unexpected {frame.kind.name} frame from a sender")
         if (timeline := self.timeline) is not None:
-            timeline.mark_all("data", [key for d in datas for key in _layers_of(d.frame)])
-            timeline.mark_all("cksum", [(f.handoff_id, f.layer) for f in checks])
-        if datas:
-            self._receive(link, datas)
-        verify = []
-        for frame in checks:
-            landing = link.landings.pop((frame.handoff_id, frame.layer), None)
-            if landing is not None:
-                verify.append((landing, frame.value))
-        if verify:
-            link.verify.put(verify)
-        self._sweep(link)
+            timeline.mark_all("data", [key for d in ops if isinstance(d, _Data)
+                                       for key in _layers_of(d.frame)])  # fmt: skip
+        if ops:
+            link.verify.put(self._receive(link, ops))
+
+    def _round(self, link: _Link, frame: Frame) -> _Round:
+        """A SUMS frame: the checksums of the next `num_layers` layers."""
+        count, programs = frame.num_layers, frame.value
+        if link.round is not None and link.round.taken != link.round.count:
+            raise ProtocolError("SUMS frame before the previous round's layers all came")
+        if not 1 <= count <= _MAX_ROUND_LAYERS or not 1 <= programs <= MAX_SUMS_PROGRAMS:
+            raise ProtocolError(f"SUMS frame of {count} layers x {programs} partial sums")
+        if frame.nbytes != 8 * count * programs:
+            raise ProtocolError(f"SUMS frame of {frame.nbytes} bytes for {count} x {programs}")
+        link.round = _Round(count, frame.nbytes)
+        return link.round
 
     def _accept(self, link: _Link, frame: Frame) -> _Data:
-        """A DATA frame with the handoff its layers belong to, or None (rejected: NACKed)."""
+        """A DATA frame with the handoff its layers belong to (None: rejected, NACKed) and the
+        round whose checksums cover them."""
+        if frame.nbytes > self.max_layer_bytes:
+            raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
+        if not 1 <= frame.count <= frame.num_layers:
+            raise ProtocolError("a DATA frame of no layers, or of more than its handoff has")
+        sums = link.round
+        if sums is None or sums.taken + frame.count > sums.count:
+            raise ProtocolError("DATA frame beyond the layers its SUMS frame announced")
+        row = sums.taken
+        sums.taken += frame.count
         state = self._get(frame.handoff_id)
         error = "handoff not expected (reserve first)"
         last = False
@@ -336,78 +381,84 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 last = len(state.arrived) == state.num_layers
         if state is None or error:
             self._reject(link, frame.handoff_id, state, error)
-            return _Data(frame, None, False)
-        return _Data(frame, state, last)
+            return _Data(frame, None, False, sums, row)
+        return _Data(frame, state, last, sums, row)
 
-    def _receive(self, link: _Link, datas: list[_Data]) -> None:
-        """A recv for every DATA frame (also rejected ones: NCCL's order must hold), in groups
-        (_recv_groups); then each group's checksums, to run once it landed; each group's
-        accepted layers wait for their CKSUM frames (landings)."""
-        if any(d.frame.nbytes > self.max_layer_bytes for d in datas):
-            raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
-        if any(not 1 <= d.frame.count <= d.frame.num_layers for d in datas):
-            raise ProtocolError("a DATA frame of no layers, or of more than its handoff has")
+    def _receive(self, link: _Link, ops: list[_Round | _Data]) -> list[_Group]:
+        """A recv for every SUMS and DATA frame (also rejected ones: NCCL's order must hold), in
+        groups (_recv_groups); then each group's checksums, to run once it landed."""
         assert link.comm is not None
-        posted: list[_Posted] = []
-        for group in _recv_groups(datas):  # first every recv: the wire goes on meanwhile
-            bufs = link.staging.take_all([d.message_bytes for d in group])
+        groups = _recv_groups(ops)
+        sums_bufs: dict[int, torch.Tensor] = {}
+        data_bufs: dict[int, list[torch.Tensor]] = {}
+        for group in groups:  # first every recv: the wire goes on meanwhile
+            sizes = [d.message_bytes for d in group.datas]
+            if group.sums is not None:
+                sizes.insert(0, group.sums.nbytes)
+            bufs = link.staging.take_all(sizes)
             with self.fabric.group():
                 for buf in bufs:
                     link.comm.recv(buf, 0, link.recv_stream)
-            posted.append(_Posted(group, bufs, _Sums([], Event(link.recv_stream))))
+            group.received = Event(link.recv_stream)
+            if group.sums is not None:
+                sums_bufs[id(group)] = bufs.pop(0)
+            data_bufs[id(group)] = bufs
         if (timeline := self.timeline) is not None:
-            timeline.mark_all("posted", [key for d in datas for key in _layers_of(d.frame)])
-        for p in posted:  # a CKSUM frame read next finds its landing, checksummed or not yet
-            for d, buf in zip(p.group, p.bufs, strict=True):
+            timeline.mark_all("posted", [key for g in groups for d in g.datas
+                                         for key in _layers_of(d.frame)])  # fmt: skip
+        for group in groups:
+            bufs = data_bufs[id(group)]
+            rejected = [buf for d, buf in zip(group.datas, bufs, strict=True) if d.state is None]
+            if rejected:  # the recvs still land (NCCL's order must hold), then free
+                link.staging.give_all(rejected, group.received)  # type: ignore[arg-type]
+            for d, buf in zip(group.datas, bufs, strict=True):
                 if d.state is None:
                     continue
                 staged, size = _Staged(buf, d.frame.count), d.frame.nbytes
-                for i, key in enumerate(_layers_of(d.frame)):
+                for i in range(d.frame.count):
                     view = buf[i * size : (i + 1) * size]
-                    layer = _Landing(d.state, key[1], view, staged, p.sums, len(p.sums.layers))
-                    link.landings[key] = layer
-                    p.sums.layers.append(key)
-        self._checksum(link, posted)
+                    landing = _Landing(d.state, d.frame.layer + i, view, staged, d.sums, d.row + i)
+                    group.landings.append(landing)
+        self._checksum(link, groups, sums_bufs)
         if timeline is not None:  # a diagnostic: it waits on its own thread
-            for p in posted:
-                if p.sums.layers:
-                    self._watch(timeline, link, "landed", p.sums.received, p.sums.layers)
-                    self._watch(timeline, link, "summed", p.sums.released, p.sums.layers)
+            for g in groups:
+                if g.landings:
+                    keys = [(x.state.key, x.layer) for x in g.landings]
+                    assert g.received is not None
+                    self._watch(timeline, link, "landed", g.received, keys)
+                    self._watch(timeline, link, "summed", g.released, keys)
+        return groups
 
-    def _sweep(self, link: _Link) -> None:
-        """Give back the buffers of layers whose handoff closed before their CKSUM came (the
-        sender stops checksumming a handoff once it failed), after their checksums' reads."""
-        for key in [key for key, landing in link.landings.items() if landing.state.closed]:
-            landing = link.landings.pop(key)
-            self._give(link, landing, landing.sums.released)
-
-    def _checksum(self, link: _Link, posted: list[_Posted]) -> None:
-        """Enqueue the checksums of each posted group's accepted layers on the check stream
-        (each after its group's recvs), and give rejected layers' buffers back once they
-        landed. Never waits for the GPU; if the launch fails, the groups' handoffs fail."""
-        checked = []
-        for p in posted:
-            pairs = list(zip(p.group, p.bufs, strict=True))
-            rejected = [buf for d, buf in pairs if d.state is None]
-            if rejected:  # the recvs still land (NCCL's order must hold), then free
-                link.staging.give_all(rejected, p.sums.received)
-            if p.sums.layers:  # each accepted layer, in sums.layers' order
-                views = [link.landings[key].buf for key in p.sums.layers]
-                checked.append((p.sums, views))
-        if not checked:
-            return
+    def _checksum(
+        self, link: _Link, groups: list[_Group], sums_bufs: dict[int, torch.Tensor]
+    ) -> None:  # fmt: skip
+        """Enqueue, per group on the check stream once its recvs landed, the copy down of the
+        sender's checksums it received and the checksums of its accepted layers. Never waits
+        for the GPU; if the launch fails, the groups' handoffs fail."""
+        work = [g for g in groups if g.landings or g.sums is not None]
         try:
             with self.dev.on(link.check_stream):
-                sums = self.dev.group_sums([(bufs, s.received) for s, bufs in checked])
+                done = self.dev.group_sums(
+                    [
+                        ([x.buf for x in g.landings], g.received, sums_bufs.get(id(g)))
+                        for g in work
+                    ]  # fmt: skip
+                )
         except Exception as exc:  # the verify thread fails the groups' handoffs
             log.exception("KV checksum launch failed")
-            for s, _ in checked:
-                s.error = f"checksum failed: {exc}"
+            for g in work:
+                g.error = f"checksum failed: {exc}"
+            for buf in sums_bufs.values():
+                link.staging.give(buf, groups[-1].released)
             return
-        for (s, _), (partials, ready) in zip(checked, sums, strict=True):
-            s.partials, s.ready = partials, ready
+        for g, (partials, down, ready) in zip(work, done, strict=True):
+            g.partials, g.ready = partials, ready
+            if g.sums is not None:
+                g.sums.host = down
+                link.staging.give(sums_bufs[id(g)], ready)
         if (timeline := self.timeline) is not None:
-            timeline.mark_all("enqueued", [key for s, _ in checked for key in s.layers])
+            keys = [(x.state.key, x.layer) for g in work for x in g.landings]
+            timeline.mark_all("enqueued", keys)
 
     def _watch(
         self, timeline: Timeline, link: _Link, point: str, event: Event,
@@ -425,66 +476,49 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
 
     def _verify_loop(self, link: _Link) -> None:
         self.dev.bind_thread()
-        while (items := link.verify.get()) is not None:
-            closing = False
-            while True:  # every layer whose CKSUM came by now
-                try:
-                    more = link.verify.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    closing = True
-                    break
-                items += more
-            self._verify(link, items)
-            if closing:
-                return
+        while (groups := link.verify.get()) is not None:
+            self._verify(link, groups)
 
-    def _verify(self, link: _Link, items: list[tuple[_Landing, int]]) -> None:
-        """Deliver each landed layer whose checksum is its CKSUM frame's value, in order; their
-        staging buffers go back to the pool (after their last reader) before the handoffs they
-        complete are settled."""
-        delivered: list[_Landing] = []  # layers whose staging the scatter stream reads
-        completed: list[_Expected] = []
+    def _verify(self, link: _Link, groups: list[_Group]) -> None:
+        """Deliver each landed layer whose checksum is the sender's, in order, a group at a time
+        (what is delivered goes on while the next group is awaited); their staging buffers go
+        back to the pool (after their last reader) before the handoffs they complete are
+        settled."""
         timeline = self.timeline
         with self.dev.on(link.scatter_stream):  # where on_layer scatters
-            for landing, expected in items:
-                sums = landing.sums
-                if not sums.settled():  # what is delivered so far goes on meanwhile
-                    self._release(link, delivered, completed)
-                    delivered, completed = [], []
-                state = landing.state
-                if sums.error:
-                    self._give(link, landing, sums.released)
-                    self._reject(link, state.key, state, sums.error)
+            for group in groups:
+                if not group.landings:
                     continue
-                if sums.values is None:
-                    self._wait(sums)
-                assert sums.values is not None
-                if sums.values[landing.index] != expected:
-                    self._give(link, landing, sums.released)
-                    error = f"checksum mismatch on layer {landing.layer}"
-                    self._reject(link, state.key, state, error)
-                    continue
-                with state.lock:
-                    if state.closed:
-                        self._give(link, landing, sums.released)
+                values: list[int] = []
+                if not group.error:
+                    assert group.ready is not None and group.partials is not None
+                    group.ready.synchronize()
+                    values = self.dev.checksums(group.partials)
+                delivered: list[_Landing] = []  # layers whose staging the scatter stream reads
+                completed: list[_Expected] = []
+                for i, landing in enumerate(group.landings):
+                    state = landing.state
+                    expected = landing.sums.expected(landing.row) if not group.error else None
+                    if expected is None or values[i] != expected:
+                        self._give(link, landing, group.released)
+                        error = group.error or "the sender's checksums were lost"
+                        if expected is not None:
+                            error = f"checksum mismatch on layer {landing.layer}"
+                        self._reject(link, state.key, state, error)
                         continue
-                    error = state.deliver(landing.layer, landing.buf)
-                    delivered.append(landing)
-                    if not error and len(state.layers) == state.num_layers:
-                        completed.append(state)
-                if timeline is not None:
-                    timeline.mark("delivered", state.key, landing.layer)
-                if error:
-                    self._reject(link, state.key, state, error)
-            self._release(link, delivered, completed)
-
-    def _wait(self, sums: _Sums) -> None:
-        """Wait for a recv group's checksums and fold them."""
-        assert sums.ready is not None and sums.partials is not None
-        sums.ready.synchronize()
-        sums.values = self.dev.checksums(sums.partials)
+                    with state.lock:
+                        if state.closed:
+                            self._give(link, landing, group.released)
+                            continue
+                        error = state.deliver(landing.layer, landing.buf)
+                        delivered.append(landing)
+                        if not error and len(state.layers) == state.num_layers:
+                            completed.append(state)
+                    if timeline is not None:
+                        timeline.mark("delivered", state.key, landing.layer)
+                    if error:
+                        self._reject(link, state.key, state, error)
+                self._release(link, delivered, completed)
 
     def _release(self, link: _Link, delivered: list[_Landing], completed: list[_Expected]) -> None:
         """Give delivered layers' staging buffers back after their scatters, and complete the

@@ -6,28 +6,24 @@ operation for all, send_layer_groups). One sender thread does the rest, in round
 every layer queued so far, however many (a layer that finds the thread idle goes out alone,
 after one layer's host work):
 
-    DATA frames     one write per peer
-    sends           one ncclGroupStart/End; each peer's stream waits for the newest gathers;
-                    one send per message: consecutive layers of a handoff that lie back to back
-                    in memory (KVPusher gathers a request's layers into one buffer) go as one
-                    message of up to MESSAGE_BYTES, a handoff's last layer alone
-    ...             while layers are queued, their rounds first (a backlog is on the wire
-                    before any checksum work); then, once the oldest launched layer's data
-                    exists on the GPU (the thread waits for its event without the GIL; layers
-                    queued meanwhile are launched first), for every launched layer whose data
-                    exists:
-    checksums       one Triton launch (kernels/checksum) on the checksum stream
-    CKSUM frames    one write per peer, once the checksums are computed
+    checksums       one Triton launch (kernels/checksum) for all the round's layers, on the
+                    checksum stream once their data exists: [layers, programs] partial sums,
+                    left on the device
+    SUMS, DATA      one write per peer: the round's checksums, then its messages
+    sends           one ncclGroupStart/End; each peer's stream waits for the checksums (and so
+                    for the data), then sends its rows of the partial sums and one message per
+                    DATA frame: consecutive layers of a handoff that lie back to back in memory
+                    (KVPusher gathers a request's layers into one buffer) go as one message of up
+                    to MESSAGE_BYTES, a handoff's last layer alone
 
-So the receiver has its recvs posted before the data exists (a send never spins on the GPU
-waiting for them), a round costs a few dozen host calls whatever its size, the thread that
-shares the GIL with the engine wakes about once per layer the GPU produces (layers the engine
-queues ahead of the GPU batch up), and the compute stream never waits on the network.
+So the checksums travel on the communicator ahead of the data they cover: the receiver verifies
+each message as soon as it landed (the last byte waits only for the last message's checksum), the
+sender thread never waits for the GPU, a round costs a few dozen host calls whatever its size,
+and the compute stream never waits on the network.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -38,10 +34,11 @@ import torch
 from shared.handoff import nccl
 from shared.handoff.nccl_channel import Job, NcclSendChannel
 from shared.handoff.nccl_device import HIGH_PRIORITY, Device, Event
-from shared.handoff.nccl_frames import MASK64, Kind, message, pack
+from shared.handoff.nccl_frames import NO_ID, Kind, message, pack
 from shared.handoff.nccl_link import GrpcLinkOpener, LinkOpener
 from shared.handoff.nccl_pair import Fabric, NcclFabric, PairCache, Peer
 from shared.handoff.timeline import Timeline
+from shared.handoff.transport import HandoffError
 from shared.handoff.wire import JOIN_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -52,27 +49,45 @@ _MAX_BATCH = 256  # jobs taken into one round when they queued up
 MESSAGE_BYTES = 256 << 20
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """One layer of one handoff in a round."""
+
+    channel: NcclSendChannel
+    layer: int
+    data: torch.Tensor  # contiguous, on the device
+
+
+@dataclass(frozen=True, slots=True)
 class _Message:
     """Consecutive layers of one handoff sent as one NCCL message (`data` spans them)."""
 
-    first: _Sent
-    count: int
+    layers: list[_Sent]
     data: torch.Tensor  # uint8, the layers' bytes back to back
 
     @property
+    def first(self) -> _Sent:
+        return self.layers[0]
+
+    @property
+    def count(self) -> int:
+        return len(self.layers)
+
+    @property
     def layer_nbytes(self) -> int:
-        return self.first.data.nbytes
+        return self.layers[0].data.nbytes
 
 
 def _follows(prev: _Sent, s: _Sent) -> bool:
-    """Whether s is the next layer of prev's handoff, right after it in the same storage."""
+    """Whether s is the next layer of prev's handoff, right after it in the same buffer (views
+    of one base tensor: two allocations that happen to be adjacent do not count)."""
+    base = s.data._base
     return (
         s.channel is prev.channel
         and s.layer == prev.layer + 1
+        and base is not None
+        and base is prev.data._base
         and s.data.nbytes == prev.data.nbytes
-        and s.data.device == prev.data.device
-        and s.data.untyped_storage().data_ptr() == prev.data.untyped_storage().data_ptr()
         and s.data.data_ptr() == prev.data.data_ptr() + prev.data.nbytes
     )
 
@@ -95,9 +110,8 @@ def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Messag
     for run in by_channel.values():
         current: list[_Sent] = []
         for s in run:
-            last_layer = s.layer == s.channel.num_layers - 1
             if current and (
-                last_layer
+                s.layer == s.channel.num_layers - 1
                 or not _follows(current[-1], s)
                 or (len(current) + 1) * s.data.nbytes > max_bytes
             ):
@@ -110,24 +124,8 @@ def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Messag
 
 
 def _message(run: list[_Sent]) -> _Message:
-    first = run[0]
-    data = first.data if len(run) == 1 else _span(first.data, first.data.nbytes * len(run))
-    return _Message(first, len(run), data)
-
-
-@dataclass(frozen=True, slots=True)
-class _Sent:
-    """One layer of one handoff whose send is launched; its checksum follows once its data
-    exists."""
-
-    channel: NcclSendChannel
-    layer: int
-    data: torch.Tensor  # contiguous, on the device
-    ready: Event  # the data exists once it completes
-
-    @property
-    def live(self) -> bool:
-        return not self.channel.failed and not self.channel.peer.dead
+    first = run[0].data
+    return _Message(run, first if len(run) == 1 else _span(first, first.nbytes * len(run)))
 
 
 class NcclKVSender:
@@ -183,33 +181,18 @@ class NcclKVSender:
 
     def _send_loop(self) -> None:
         self.dev.bind_thread()
-        unchecked: collections.deque[_Sent] = collections.deque()  # launched, in launch order
         while True:
             jobs = self._take(_MAX_BATCH)
-            if not jobs and unchecked:  # wait (no GIL held) until the oldest one's data exists
-                unchecked[0].ready.synchronize()
-                jobs = self._take(_MAX_BATCH)  # queued meanwhile: their sends go first
-            elif not jobs:  # idle: the first jobs to come go out alone
+            if not jobs:  # idle: the first jobs to come go out alone
                 first = self._jobs.get()
                 jobs = [None] if first is None else list(first)
-            closing = False
-            if jobs:
-                try:
-                    closing = self._launch_jobs(jobs, unchecked)
-                except Exception:  # never let one round kill the thread every handoff relies on
-                    log.exception("KV send failed")
-                    closing = any(job is None for job in jobs)
-                if not closing and self._queued():  # a backlog: on the wire before checksums
-                    continue
             try:
-                self._checksum(unchecked)
-            except Exception:
-                log.exception("KV checksum failed")
+                closing = self._launch_jobs(jobs)
+            except Exception:  # never let one round kill the thread every handoff relies on
+                log.exception("KV send failed")
+                closing = any(job is None for job in jobs)
             if closing:
                 return
-
-    def _queued(self) -> bool:
-        return not self._jobs.empty()
 
     def _take(self, limit: int) -> list[Job | None]:
         """The jobs queued so far, in queue operations of `limit` jobs in all (or one more)."""
@@ -225,26 +208,26 @@ class NcclKVSender:
             jobs += more
         return jobs
 
-    def _launch_jobs(self, jobs: list[Job | None], unchecked: collections.deque[_Sent]) -> bool:
+    def _launch_jobs(self, jobs: list[Job | None]) -> bool:
         """Launch the sends of `jobs` in order, an ABORT where one is; True at the end (None)."""
         run: list[Job] = []
         for job in jobs:
             if job is None:
-                self._launch(run, unchecked)
+                self._launch(run)
                 return True
             if job.abort:  # after the DATA of the layers queued before it
-                self._launch(run, unchecked)
+                self._launch(run)
                 run = []
                 channel = job.items[0][0]
                 channel.peer.write(message(Kind.ABORT, channel.key, job.abort))
             else:
                 run.append(job)
-        self._launch(run, unchecked)
+        self._launch(run)
         return False
 
-    def _launch(self, jobs: list[Job], unchecked: collections.deque[_Sent]) -> None:
+    def _launch(self, jobs: list[Job]) -> None:
         sends = [
-            _Sent(channel, job.layer, data, job.ready)
+            _Sent(channel, job.layer, data)
             for job in jobs
             for channel, data in job.items
             if not channel.failed and not channel.peer.dead
@@ -253,34 +236,57 @@ class NcclKVSender:
             return
         peers = list({id(s.channel.peer): s.channel.peer for s in sends}.values())
         messages = {id(p): coalesce([s for s in sends if s.channel.peer is p]) for p in peers}
-        for peer in peers:  # DATA before the sends: the receiver posts its recvs on them, so
-            # a send that must first connect more NCCL channels never waits for nothing
-            peer.write(
-                b"".join(
-                    pack(
-                        Kind.DATA,
-                        m.first.channel.key,
-                        m.first.layer,
-                        m.first.channel.num_layers,
-                        m.layer_nbytes,
-                        value=m.count,
-                    )
-                    for m in messages[id(peer)]
+        # the layers in the order of their peer's messages: each peer's rows of the partials
+        ordered = [s for p in peers for m in messages[id(p)] for s in m.layers]
+        try:
+            partials, summed = self._checksums(jobs, ordered)
+        except Exception as exc:  # nothing announced yet: the round's handoffs fail, pairs go on
+            log.exception("KV checksum launch failed")
+            for s in sends:
+                s.channel.fail(HandoffError(f"checksum failed: {exc}"))
+            return
+        rows: dict[int, torch.Tensor] = {}
+        at = 0
+        for peer in peers:  # SUMS and DATA before the sends: the receiver posts its recvs on
+            # them, so a send that must first connect more NCCL channels never waits for nothing
+            count = sum(m.count for m in messages[id(peer)])
+            rows[id(peer)] = partials[at : at + count]
+            at += count
+            frames = [pack(Kind.SUMS, NO_ID, 0, count, rows[id(peer)].nbytes,
+                           value=partials.shape[1])]  # fmt: skip
+            frames += [
+                pack(
+                    Kind.DATA,
+                    m.first.channel.key,
+                    m.first.layer,
+                    m.first.channel.num_layers,
+                    m.layer_nbytes,
+                    value=m.count,
                 )  # fmt: skip
-            )
-        launched, spans = self._launch_sends(jobs, sends, peers, messages)
+                for m in messages[id(peer)]
+            ]
+            peer.write(b"".join(frames))
+        launched, spans = self._launch_sends(summed, sends, peers, messages, rows)
         for s in launched:
             s.channel.launched(s.layer, s.data.nbytes, spans[id(s.channel.peer)])
-        unchecked.extend(launched)
         if (timeline := self.timeline) is not None:
             timeline.mark_all("launched", [(s.channel.key, s.layer) for s in launched])
 
+    def _checksums(self, jobs: list[Job], layers: list[_Sent]) -> tuple[torch.Tensor, Event]:
+        """The partial sums of every layer's checksum ([len(layers), programs] int64 on the
+        device), on the checksum stream once the jobs' data exists, and the event after them."""
+        stream = self._checksum_stream
+        self.dev.wait_all(stream, [job.ready for job in jobs])
+        with self.dev.on(stream):
+            partials = self.dev.partials([s.data for s in layers])
+            return partials, Event(stream)
+
     def _launch_sends(
-        self, jobs: list[Job], sends: list[_Sent], peers: list[Peer],
-        messages: dict[int, list[_Message]],
+        self, summed: Event, sends: list[_Sent], peers: list[Peer],
+        messages: dict[int, list[_Message]], rows: dict[int, torch.Tensor],
     ) -> tuple[list[_Sent], dict[int, tuple[Event, Event]]]:  # fmt: skip
-        """One group of sends (one per message), each peer's on its own stream after the compute
-        stream's events."""
+        """One group of sends: per peer, on its own stream after the checksums, its rows of the
+        partials, then one send per message."""
         for peer in sorted(peers, key=id):
             peer.lock.acquire()
         try:
@@ -289,12 +295,13 @@ class NcclKVSender:
             live = [s for s in sends if not s.channel.peer.dead]
             starts = {}
             for peer in peers:
-                self.dev.wait_all(peer.stream, [job.ready for job in jobs])
+                self.dev.wait(peer.stream, summed)
                 starts[id(peer)] = Event(peer.stream, timing=True)
             try:
                 with self.fabric.group():
                     for peer in peers:
                         if not peer.dead:
+                            peer.comm.send(rows[id(peer)], 1, peer.stream)
                             for m in messages[id(peer)]:
                                 peer.comm.send(m.data, 1, peer.stream)
             except nccl.NcclError as exc:
@@ -303,36 +310,13 @@ class NcclKVSender:
             else:
                 failed, error = [], ""
             spans = {id(p): (starts[id(p)], Event(p.stream, timing=True)) for p in peers}
-            for s in live:
-                self.dev.keep(s.data, s.channel.peer.stream)
+            for peer in peers:
+                self.dev.keep(rows[id(peer)], peer.stream)
+                for m in messages[id(peer)]:
+                    self.dev.keep(m.data, peer.stream)
         finally:
             for peer in peers:
                 peer.lock.release()
         for peer in failed:
             peer.die(f"NCCL send failed: {error}")
         return ([] if failed else live), spans
-
-    def _checksum(self, unchecked: collections.deque[_Sent]) -> None:
-        """Checksum the launched layers whose data exists (the oldest first: a stream's events
-        complete in order), then send their CKSUM frames: one launch, one write per peer."""
-        batch: list[_Sent] = []
-        seen: Event | None = None  # the layers of one job share its event
-        while unchecked and (unchecked[0].ready is seen or unchecked[0].ready.query()):
-            seen = unchecked[0].ready
-            batch.append(unchecked.popleft())
-        batch = [s for s in batch if s.live]  # a failed handoff needs no more checksums
-        if not batch:
-            return
-        with self.dev.on(self._checksum_stream):  # beside the sends: both only read the data
-            [(partials, done)] = self.dev.group_sums([([s.data for s in batch], None)])
-        done.synchronize()
-        values = self.dev.checksums(partials)
-        frames: dict[int, tuple[Peer, list[bytes]]] = {}
-        for s, value in zip(batch, values, strict=True):
-            if s.live:  # after the DATA frames: a CKSUM never overtakes its DATA
-                frame = pack(Kind.CKSUM, s.channel.key, s.layer, value=value & MASK64)
-                frames.setdefault(id(s.channel.peer), (s.channel.peer, []))[1].append(frame)
-        if (timeline := self.timeline) is not None:
-            timeline.mark_all("published", [(s.channel.key, s.layer) for s in batch])
-        for peer, packed in frames.values():
-            peer.write(b"".join(packed))

@@ -49,6 +49,12 @@ class StagingPool:
         self._free_bytes = 0
         self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> the buffer a taken view is of
 
+    @property
+    def lent(self) -> int:
+        """Buffers taken and not given back yet."""
+        with self._lock:
+            return len(self._lent)
+
     def take(self, nbytes: int) -> torch.Tensor:
         """A [nbytes] uint8 buffer that work enqueued next on the recv stream may overwrite."""
         return self.take_all([nbytes])[0]

@@ -5,10 +5,9 @@ each point; `by_layer` lays them out for printing.
     prefill (NcclKVSender)            decode (NcclKVReceiver)
     queued     send_layer returned    data       its DATA frame read
     launched   its send enqueued      posted     its recv enqueued
-    published  its CKSUM written      enqueued   its checksum enqueued (connection thread)
-    acked      the ACK read (-1)      landed     its recv group complete
+    acked      the ACK read (-1)      enqueued   its checksum enqueued (connection thread)
+                                      landed     its recv group complete
                                       summed     its checksum computed
-                                      cksum      its CKSUM frame read
                                       delivered  on_layer returned
                                       ack        the ACK written (-1)
 
@@ -24,8 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 
-SENDER_POINTS = ("queued", "launched", "published")
-RECEIVER_POINTS = ("data", "posted", "enqueued", "landed", "summed", "cksum", "delivered")
+SENDER_POINTS = ("queued", "launched")
+RECEIVER_POINTS = ("data", "posted", "enqueued", "landed", "summed", "delivered")
 WHOLE = -1  # the layer of marks about a whole handoff (its ACK)
 
 
