@@ -150,6 +150,7 @@ class LoopbackComm:
     def send(self, data: torch.Tensor, peer: int, stream: object) -> None:
         self.pipe.put(data.reshape(-1).view(torch.uint8).clone())  # NCCL moves the bytes
         self.fabric.opened.sends += 1
+        self.fabric.sent.append(data.numel() * data.element_size())
         self.fabric.on_send(data)
 
     def recv(self, data: torch.Tensor, peer: int, stream: object) -> None:
@@ -205,6 +206,7 @@ class LoopbackFabric:
         self.on_send: Callable[[torch.Tensor], None] = lambda t: None  # after each send
         self.recv_groups: list[list[int]] = []  # bytes of each recv, per group of recvs
         self.send_groups: list[int] = []  # sends per group of sends
+        self.sent: list[int] = []  # bytes of each send
         self.opened = threading.local()  # .group, .sends: this thread's open group's ops
 
     def unique_id(self) -> bytes:
@@ -488,7 +490,7 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
         channels[hid].finish(10)
         assert futures[hid].result(10).ok
         assert all(torch.equal(stores[hid][i], kv[i].view(torch.uint8).reshape(-1)) for i in (0, 1))
-    # after the pair's 1-byte probe; each round's checksums (8 bytes a layer) go first
+    # after the pair's 1-byte probe; each round's checksums (8 bytes a layer) end its last group
     sums = [[n for n in group if n < layer_bytes] for group in fabric.recv_groups[1:]]
     assert [n for group in sums for n in group] == [7 * 8, 7 * 8]
     groups = [[n for n in group if n >= layer_bytes] for group in fabric.recv_groups[1:]]
@@ -497,7 +499,7 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
     # layers that arrived together share a launch; a handoff's last layer is alone, so that
     # after the last byte only it waits for its checksum
     assert [len(group) for group in groups] == [3, 3, 1] + [1] * 7
-    assert [len(group) for group in sums] == [1, 0, 0, 1] + [0] * 6  # with the round's first
+    assert [len(group) for group in sums] == [0, 0, 1] + [0] * 6 + [1]
     # each burst's checksums: one call (one table up), one launch per recv group
     assert [n for call in calls for n in call] == [3, 3, 1] + [1] * 7
     assert 1 <= len(calls) <= 2  # the two layers' DATA frames came in one or two bursts
@@ -508,17 +510,17 @@ def count_checksum_launches(sender: NcclKVSender) -> list[int]:
     launches: list[int] = []
     partials = sender.dev.partials
 
-    def count(layers: list[torch.Tensor]) -> torch.Tensor:
+    def count(layers: list[torch.Tensor], programs: int) -> torch.Tensor:
         launches.append(len(layers))
-        return partials(layers)
+        return partials(layers, programs)
 
     sender.dev.partials = count  # type: ignore[method-assign]
     return launches
 
 
 def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> None:
-    """Layers queued while the sender thread is busy: one checksum launch and one group of sends
-    (their checksums first) for all of them."""
+    """Layers queued while the sender thread is busy: one group of sends for all of them, then
+    their checksums (one launch, one send)."""
     launches = count_checksum_launches(sender)
     kv = layers(8)
     store: dict[int, torch.Tensor] = {}
@@ -529,7 +531,7 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     channel.finish(10)
     assert future.result(10).ok
     assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-    assert fabric.send_groups[1:] == [1 + 1, 1 + 7]  # after the pair's 1-byte probe
+    assert fabric.send_groups[1:] == [1, 1, 7, 1]  # after the pair's 1-byte probe
     assert launches == [1, 7]
 
 
@@ -571,10 +573,10 @@ def test_adjacent_layers_queued_together_go_as_one_message(receiver, sender, fab
         channel.finish(10)
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(6))
-        # layer 0; then layers 1-4 as one, 5 alone (each round's checksums first)
-        assert fabric.send_groups == [1 + 1, 1 + 2]
+        # layer 0; then layers 1-4 as one, 5 alone (each round's checksums after it)
+        assert fabric.send_groups == [1, 1, 2, 1]
         one = nbytes(kv[0])
-        assert [n for group in fabric.recv_groups for n in group] == [8, one, 5 * 8, 4 * one, one]
+        assert [n for group in fabric.recv_groups for n in group] == [one, 8, 4 * one, one, 5 * 8]
         fabric.on_send = lambda data: None
     # reused: a few per size class (the checksums' share the layers'), however many rounds
     assert receiver.staging_allocations <= 5
@@ -610,8 +612,8 @@ def test_layers_that_exist_go_in_one_round_when_queued_in_one_call(
     receiver, sender, fabric
 ) -> None:
     """send_layer_groups: every layer of two handoffs (each in one buffer, as KVPusher lays them
-    out) in one call: one checksum launch and one group of sends, the checksums first, then
-    each handoff's layers as few messages (its last layer alone)."""
+    out) in one call: one group of sends of each handoff's layers as few messages (its last
+    layer alone), then their checksums (one launch, one send)."""
     launches = count_checksum_launches(sender)
     assert_pair_still_works(receiver, sender)  # the pair exists before the counts start
     launches.clear()
@@ -631,9 +633,9 @@ def test_layers_that_exist_go_in_one_round_when_queued_in_one_call(
         assert all(torch.equal(stores[hid][i], kv[i].view(torch.uint8).reshape(-1))
                    for i in range(5))  # fmt: skip
     assert launches == [10]
-    assert fabric.send_groups == [1 + 4]  # the checksums, then 2 x (layers 0-3, layer 4)
+    assert fabric.send_groups == [4, 1]  # 2 x (layers 0-3, layer 4), then the checksums
     received = [n for group in fabric.recv_groups for n in group]
-    assert received == [10 * 8, 4 * one, one, 4 * one, one]
+    assert received == [4 * one, one, 4 * one, one, 10 * 8]
 
 
 def test_a_corrupt_checksum_on_the_wire_fails_its_handoff(receiver, sender, fabric) -> None:
@@ -665,18 +667,22 @@ def test_a_corrupt_checksum_on_the_wire_fails_its_handoff(receiver, sender, fabr
 @pytest.mark.parametrize(
     ("what", "frames"),
     [
-        ("DATA with no SUMS before it", [(Kind.DATA, 0, 2, 16, 1)]),
-        ("DATA past its round", [(Kind.SUMS, 0, 1, 8, 1), (Kind.DATA, 0, 2, 16, 2)]),
-        ("SUMS of the wrong size", [(Kind.SUMS, 0, 2, 8, 1)]),
+        ("SUMS of more layers than came", [(Kind.DATA, 0, 2, 16, 1), (Kind.SUMS, 0, 2, 16, 1)]),
+        ("SUMS of fewer layers than came", [(Kind.DATA, 0, 2, 16, 2), (Kind.SUMS, 0, 1, 8, 1)]),
+        ("SUMS of the wrong size", [(Kind.DATA, 0, 2, 16, 1), (Kind.SUMS, 0, 1, 16, 1)]),
         ("SUMS of no layers", [(Kind.SUMS, 0, 0, 0, 1)]),
-        ("SUMS with a round still open", [(Kind.SUMS, 0, 2, 16, 1), (Kind.SUMS, 0, 1, 8, 1)]),
+        (
+            "SUMS of too many partial sums",
+            [(Kind.DATA, 0, 2, 16, 1), (Kind.SUMS, 0, 1, 8 << 20, 1 << 20)],
+        ),
     ],
 )
 def test_frames_that_break_the_rounds_drop_the_connection(
     fabric: LoopbackFabric, what: str, frames: list[tuple[Kind, int, int, int, int]]
 ) -> None:
-    """SUMS announces a round's layers and DATA frames take them in order: a sender that breaks
-    that is not speaking this protocol, and its connection (and pair) is dropped."""
+    """A SUMS frame covers the layers of the DATA frames before it, with the bytes it announces: a
+    sender that breaks that is not speaking this protocol, and its connection (and pair) is
+    dropped (after the NACK of a DATA frame for a handoff nobody expects)."""
     rx = NcclKVReceiver(CPU, fabric=fabric)
     endpoint = rx.start()
     link_id, unique_id = str(uuid.uuid4()), fabric.unique_id()
@@ -694,7 +700,9 @@ def test_frames_that_break_the_rounds_drop_the_connection(
                      value=value)
                 for kind, layer, num_layers, nbytes, value in frames
             ))  # fmt: skip
-            assert read_frame(sock) is None, what  # closed, no reply
+            while (frame := read_frame(sock)) is not None:  # closed
+                assert frame.kind == Kind.NACK, what
+                read_payload(sock, frame)
             assert wait_for(lambda: rx.num_links == 0)
     finally:
         rx.close()
@@ -777,12 +785,12 @@ def test_a_burst_that_finds_the_sender_idle_goes_out_in_two_rounds(
         channel.finish(10)
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-        assert fabric.send_groups[1:] == [1 + 1, 1 + 7]  # after the pair's 1-byte probe
+        assert fabric.send_groups[1:] == [1, 1, 7, 1]  # after the pair's 1-byte probe
         assert launches == [1, 7]
         # once the backlog was sent, a burst queued while the thread is busy is one round
-        fabric.send_groups.clear()
+        fabric.sent.clear()
         assert_pair_still_works(receiver, sender)
-        assert sum(fabric.send_groups) == 2 + 2  # the layers and their rounds' checksums
+        assert [n for n in fabric.sent if n >= nbytes(kv[0])] == [nbytes(kv[0])] * 2
     finally:
         jobs.gate.set()
         sender.close()

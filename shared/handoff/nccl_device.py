@@ -100,17 +100,26 @@ class Device:
         if stream is not None:
             tensor.record_stream(stream)
 
-    def partials(self, layers: list[torch.Tensor]) -> torch.Tensor:
+    def sum_programs(self, nbytes: int) -> int:
+        """How many partial sums a layer's checksum has in a batch of `nbytes`: more programs
+        for a larger batch, up to two per SM (its checksum runs beside the sends, which use few
+        SMs); the checksum kernel's usual few for a layer the prefill just wrote (beside the
+        compute). One on CPU (the reference)."""
+        if not self.cuda:
+            return 1
+        return max(PROGRAMS, min(self._max_programs, nbytes // BYTES_PER_PROGRAM))
+
+    def partials(self, layers: list[torch.Tensor], programs: int) -> torch.Tensor:
         """Partial sums of each layer's checksum (kernels/checksum), [len(layers), programs]
-        int64 on the device, enqueued on the current stream in one launch without a host sync.
-        A larger round gets more programs, up to two per SM: KV that already exists goes out as
-        soon as it is summed, while a layer the prefill just wrote takes the kernel's usual few
-        beside the compute. On CPU the reference: one column, the whole checksum."""
+        int64 on the device (programs: `sum_programs`), enqueued on the current stream in one
+        launch without a host sync. On CPU the reference: one column, the whole checksum."""
         if not self.cuda:
             return torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1)
-        total = sum(x.nbytes for x in layers)
-        programs = max(PROGRAMS, min(self._max_programs, total // BYTES_PER_PROGRAM))
         return checksum_partials(layers, programs)
+
+    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """int64 zeros on the device, on the current stream."""
+        return torch.zeros(shape, dtype=torch.int64, device=self.device)
 
     def group_sums(
         self, groups: list[tuple[list[torch.Tensor], Event | None, torch.Tensor | None]]
@@ -163,5 +172,5 @@ class Device:
             with torch.cuda.device(self.device):
                 layer = torch.zeros(24, dtype=torch.uint8, device=self.device)
                 self.group_sums([([layer], None, layer)])
-                self.partials([layer])
+                self.partials([layer], self.sum_programs(layer.nbytes))
                 torch.cuda.synchronize(self.device)

@@ -9,23 +9,21 @@ decode = rank 1), set up on the first handoff between them:
                                                    ncclCommInitRank(rank 1) + 1-byte probe recv
     ncclCommInitRank(rank 0) + probe send          READY once both ranks are connected
                                         <-------
-  per round of the sender (the layers it launches together), in one order on both sides
-  (NCCL matches sends to recvs by order):
-    SUMS(count, programs), then DATA(id, layer, nbytes) per message  ->  ncclRecv of the
-    ncclSend of the round's checksums ([count, programs] int64           checksums, then of each
-    partial sums), then of each message, on the peer's stream            message into a staging
-                                                                        buffer; checksum it
-                                        <-------                        once it landed, verify,
-                                          ACK / NACK(reason)            scatter into the reserved
-                                                                        blocks; ACK after the last
+  per batch of messages, in one order on both sides (NCCL matches sends to recvs by order):
+    DATA(id, layer, nbytes) per message, ncclSend of each   ->  ncclRecv of each message into a
+    SUMS(count, programs), ncclSend of the batch's checksums     staging buffer, then of the
+    ([count, programs] int64 partial sums) once computed         checksums; checksum the landed
+                                        <-------                 layers, verify, scatter them into
+                                          ACK / NACK(reason)     the reserved blocks; ACK after
+                                                                 the last
 
 A DATA frame announces `count` layers (its value field, >= 1) of `nbytes` each, starting at
 `layer`: the sender coalesces consecutive layers of a handoff that it launches together and that
 lie back to back in its memory (a handoff's last layer always goes alone, so that after the
 last byte only it waits for its checksum). A SUMS frame announces the checksums of the layers of
-the DATA frames that follow it, up to the next SUMS frame, in their order: row i of the partial
-sums (kernels/checksum; they add up to the layer's checksum) is the i-th of those layers. Every
-SUMS and DATA frame is matched by a recv, also for handoffs the receiver rejects (into a buffer
+the DATA frames since the previous SUMS frame, in their order: row i of the partial sums
+(kernels/checksum; a row adds up to its layer's checksum) is the i-th of those layers. Every
+DATA and SUMS frame is matched by a recv, also for handoffs the receiver rejects (into a buffer
 that is dropped), so the communicator's order never breaks; a corrupt layer NACKs the handoff.
 A lost control connection aborts the communicator on both sides (ncclCommAbort ends kernels that
 wait on a dead peer), fails its handoffs, and drops the pair from the sender's LRU cache.
@@ -54,13 +52,13 @@ class Kind(IntEnum):
     HELLO = 1  # payload: the link id whose NCCL unique id came over gRPC (prefill -> decode)
     READY = 2  # the communicator is up (decode -> prefill)
     DATA = 3  # `value` layers (>= 1) of `nbytes` each, from `layer` on, follow on the communicator
-    SUMS = 4  # the partial checksums of the next `num_layers` layers (`value` a layer) follow
+    SUMS = 4  # the partial checksums of the last `num_layers` layers (`value` a layer) follow
     ABORT = 5  # payload: reason; the sender gives up on the handoff
     ACK = 6  # all layers delivered
     NACK = 7  # payload: reason; the handoff failed (or, at setup, the pair could not connect)
 
 
-# 2: DATA has a count; 3: the checksums go on the communicator ahead of the data (SUMS)
+# 2: DATA has a count; 3: the checksums follow their data on the communicator (SUMS)
 FRAME = HeaderFormat("16sHHQQ", b"KVMN", 3, Kind, "control frame")
 _LAYOUT = FRAME.layout
 _KINDS = frozenset(Kind)

@@ -88,23 +88,26 @@ class _Expected(Expected):
 
 @dataclass(eq=False, slots=True)
 class _Round:
-    """The sender's checksums of one round's layers (a SUMS frame): [count, programs] int64 partial
-    sums, received into a staging buffer, copied down by the check stream; row i is the i-th
-    layer of the DATA frames that follow the SUMS frame."""
+    """The layers of the DATA frames since the last SUMS frame, and then (their SUMS frame) the
+    sender's checksums of them: [count, programs] int64 partial sums, received into a staging
+    buffer right after their data, copied down by the check stream; row i is the round's i-th
+    layer."""
 
-    count: int
-    nbytes: int
     taken: int = 0  # rows given to the round's DATA frames so far
-    host: torch.Tensor | None = None  # [nbytes] uint8, on the host once its copy completed
+    nbytes: int = 0  # of the partial sums on the communicator, once the SUMS frame came
+    posted: bool = False  # their recv is posted; `ready` completes once they are on the host
+    ready: Event | None = None
+    host: torch.Tensor | None = None  # [nbytes] uint8 on the host once `ready` completed
     values: list[int] | None = None  # the checksums, folded by the verify thread
 
     def expected(self, row: int) -> int | None:
-        """The sender's checksum of row `row` (verify thread, once copied down); None if the
-        copy could not be enqueued."""
+        """The sender's checksum of row `row` (verify thread, once `ready` completed); None if
+        their copy could not be enqueued."""
         if self.values is None:
-            if self.host is None:
+            if self.host is None or self.ready is None:
                 return None
-            self.values = fold(self.host.view(torch.int64).reshape(self.count, -1))
+            self.ready.synchronize()
+            self.values = fold(self.host.view(torch.int64).reshape(self.taken, -1))
         return self.values[row]
 
 
@@ -115,7 +118,7 @@ class _Data:
     frame: Frame
     state: _Expected | None
     last: bool  # holds the last of its handoff's layers to arrive
-    sums: _Round  # the round whose checksums cover its layers
+    sums: _Round  # the round whose checksums (they follow it) cover its layers
     row: int  # its first layer's row in them
 
     @property
@@ -155,11 +158,11 @@ class _Landing:
 
 @dataclass(eq=False, slots=True)
 class _Group:
-    """The recvs posted together (one NCCL group): maybe a round's checksums first, then
-    messages. Its accepted layers are checksummed together and verified together."""
+    """The recvs posted together (one NCCL group): messages, then maybe the checksums of the round
+    they end. Its accepted layers are checksummed together and verified together."""
 
-    sums: _Round | None = None  # a round whose checksums this group receives first
     datas: list[_Data] = field(default_factory=list)
+    sums: _Round | None = None  # the round whose checksums this group receives last
     landings: list[_Landing] = field(default_factory=list)  # its accepted layers, in order
     received: Event | None = None  # on the recv stream, after the group's recvs
     ready: Event | None = None  # on the check stream, after its checksums and copies down
@@ -174,6 +177,11 @@ class _Group:
         assert self.received is not None
         return self.received
 
+    @property
+    def verifiable(self) -> bool:
+        """Whether the sender's checksums of all its layers are posted (their SUMS came)."""
+        return all(x.sums.posted for x in self.landings)
+
 
 def _layers_of(frame: Frame) -> list[tuple[bytes, int]]:
     """(handoff id, layer) of each layer a DATA frame announces."""
@@ -181,18 +189,20 @@ def _layers_of(frame: Frame) -> list[tuple[bytes, int]]:
 
 
 def _recv_groups(ops: list[_Round | _Data]) -> list[_Group]:
-    """The burst's SUMS and DATA frames, in order, in groups: a round's checksums start one; its
-    messages follow in groups of at most RECV_GROUP_BYTES (a larger message alone), a handoff's
-    last layer alone."""
+    """The burst's DATA frames, in order, in groups of at most RECV_GROUP_BYTES (a larger message
+    alone; a handoff's last layer alone); a round's checksums (SUMS) end the group they come in,
+    so that its layers are verified once that group landed."""
     groups: list[_Group] = []
     size = 0
     for op in ops:
+        group = groups[-1] if groups and groups[-1].sums is None else None
         if isinstance(op, _Round):
-            groups.append(_Group(sums=op))
-            size = 0
+            if group is None:
+                group = _Group()
+                groups.append(group)
+            group.sums = op
             continue
         nbytes = op.message_bytes
-        group = groups[-1] if groups else None
         if group is None or (
             group.datas and (size + nbytes > RECV_GROUP_BYTES or op.last or group.datas[-1].last)
         ):
@@ -214,7 +224,10 @@ class _Link:
         self.scatter_stream = dev.stream(HIGH_PRIORITY)
         readers = [self.check_stream, self.scatter_stream]
         self.staging = StagingPool(dev, self.recv_stream, readers, staging_bytes)
-        self.round: _Round | None = None  # the sender's latest round (only the connection thread)
+        # only the connection thread: the round the next DATA frames join; the posted groups
+        # whose checksums are not all posted yet (their SUMS frame is still to come)
+        self.round = _Round()
+        self.waiting: list[_Group] = []
         self.verify: queue.SimpleQueue[list[_Group] | None] = queue.SimpleQueue()
         self._write_lock = threading.Lock()
 
@@ -315,6 +328,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         if link.comm is not None:
             with contextlib.suppress(nccl.NcclError):
                 link.comm.abort()  # ends recvs still waiting on the dead peer
+        link.waiting.clear()
         link.verify.put(None)
         if verifier.is_alive():
             verifier.join(JOIN_TIMEOUT_S)
@@ -324,14 +338,15 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     # -- the connection's thread
 
     def _on_burst(self, link: _Link, burst: list[tuple[Frame, bytes]]) -> None:
-        """Frames that arrived together, in order; then recvs and checksums for all their SUMS
-        and DATA frames, and the groups go to the verify thread."""
+        """Frames that arrived together, in order; then recvs and checksums for all their DATA
+        and SUMS frames; then the groups whose checksums are all posted go to the verify
+        thread."""
         ops: list[_Round | _Data] = []
         for frame, payload in burst:
-            if frame.kind == Kind.SUMS:
-                ops.append(self._round(link, frame))
-            elif frame.kind == Kind.DATA:
+            if frame.kind == Kind.DATA:
                 ops.append(self._accept(link, frame))
+            elif frame.kind == Kind.SUMS:
+                ops.append(self._close_round(link, frame))
             elif frame.kind == Kind.ABORT:
                 state = self._get(frame.handoff_id)
                 if state is not None:
@@ -342,31 +357,39 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         if (timeline := self.timeline) is not None:
             timeline.mark_all("data", [key for d in ops if isinstance(d, _Data)
                                        for key in _layers_of(d.frame)])  # fmt: skip
-        if ops:
-            link.verify.put(self._receive(link, ops))
+        if not ops:
+            return
+        link.waiting += self._receive(link, ops)
+        n = 0  # in order: a group goes once it and all before it can be verified
+        while n < len(link.waiting) and link.waiting[n].verifiable:
+            n += 1
+        if n:
+            link.verify.put(link.waiting[:n])
+            del link.waiting[:n]
 
-    def _round(self, link: _Link, frame: Frame) -> _Round:
-        """A SUMS frame: the checksums of the next `num_layers` layers."""
+    def _close_round(self, link: _Link, frame: Frame) -> _Round:
+        """A SUMS frame: the checksums of the layers of the DATA frames since the last one."""
         count, programs = frame.num_layers, frame.value
-        if link.round is not None and link.round.taken != link.round.count:
-            raise ProtocolError("SUMS frame before the previous round's layers all came")
+        done, link.round = link.round, _Round()
+        if count != done.taken:
+            raise ProtocolError(f"SUMS frame of {count} layers after {done.taken} in DATA frames")
         if not 1 <= count <= _MAX_ROUND_LAYERS or not 1 <= programs <= MAX_SUMS_PROGRAMS:
             raise ProtocolError(f"SUMS frame of {count} layers x {programs} partial sums")
         if frame.nbytes != 8 * count * programs:
             raise ProtocolError(f"SUMS frame of {frame.nbytes} bytes for {count} x {programs}")
-        link.round = _Round(count, frame.nbytes)
-        return link.round
+        done.nbytes = frame.nbytes
+        return done
 
     def _accept(self, link: _Link, frame: Frame) -> _Data:
-        """A DATA frame with the handoff its layers belong to (None: rejected, NACKed) and the
-        round whose checksums cover them."""
+        """A DATA frame with the handoff its layers belong to (None: rejected, NACKed), and its
+        rows in the round's checksums."""
         if frame.nbytes > self.max_layer_bytes:
             raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
         if not 1 <= frame.count <= frame.num_layers:
             raise ProtocolError("a DATA frame of no layers, or of more than its handoff has")
         sums = link.round
-        if sums is None or sums.taken + frame.count > sums.count:
-            raise ProtocolError("DATA frame beyond the layers its SUMS frame announced")
+        if sums.taken + frame.count > _MAX_ROUND_LAYERS:
+            raise ProtocolError(f"more than {_MAX_ROUND_LAYERS} layers with no SUMS frame")
         row = sums.taken
         sums.taken += frame.count
         state = self._get(frame.handoff_id)
@@ -385,33 +408,35 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         return _Data(frame, state, last, sums, row)
 
     def _receive(self, link: _Link, ops: list[_Round | _Data]) -> list[_Group]:
-        """A recv for every SUMS and DATA frame (also rejected ones: NCCL's order must hold), in
+        """A recv for every DATA and SUMS frame (also rejected ones: NCCL's order must hold), in
         groups (_recv_groups); then each group's checksums, to run once it landed."""
         assert link.comm is not None
         groups = _recv_groups(ops)
-        sums_bufs: dict[int, torch.Tensor] = {}
-        data_bufs: dict[int, list[torch.Tensor]] = {}
+        bufs: dict[int, list[torch.Tensor]] = {}  # per group: its messages', then its sums'
         for group in groups:  # first every recv: the wire goes on meanwhile
             sizes = [d.message_bytes for d in group.datas]
             if group.sums is not None:
-                sizes.insert(0, group.sums.nbytes)
-            bufs = link.staging.take_all(sizes)
+                sizes.append(group.sums.nbytes)
+            bufs[id(group)] = link.staging.take_all(sizes)
             with self.fabric.group():
-                for buf in bufs:
+                for buf in bufs[id(group)]:
                     link.comm.recv(buf, 0, link.recv_stream)
             group.received = Event(link.recv_stream)
             if group.sums is not None:
-                sums_bufs[id(group)] = bufs.pop(0)
-            data_bufs[id(group)] = bufs
+                group.sums.posted = True
         if (timeline := self.timeline) is not None:
             timeline.mark_all("posted", [key for g in groups for d in g.datas
                                          for key in _layers_of(d.frame)])  # fmt: skip
+        sums_bufs: dict[int, torch.Tensor] = {}
         for group in groups:
-            bufs = data_bufs[id(group)]
-            rejected = [buf for d, buf in zip(group.datas, bufs, strict=True) if d.state is None]
+            received = group.released
+            if group.sums is not None:
+                sums_bufs[id(group)] = bufs[id(group)].pop()
+            pairs = list(zip(group.datas, bufs[id(group)], strict=True))
+            rejected = [buf for d, buf in pairs if d.state is None]
             if rejected:  # the recvs still land (NCCL's order must hold), then free
-                link.staging.give_all(rejected, group.received)  # type: ignore[arg-type]
-            for d, buf in zip(group.datas, bufs, strict=True):
+                link.staging.give_all(rejected, received)
+            for d, buf in pairs:
                 if d.state is None:
                     continue
                 staged, size = _Staged(buf, d.frame.count), d.frame.nbytes
@@ -448,13 +473,14 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             log.exception("KV checksum launch failed")
             for g in work:
                 g.error = f"checksum failed: {exc}"
-            for buf in sums_bufs.values():
-                link.staging.give(buf, groups[-1].released)
+            for g in work:
+                if g.sums is not None:
+                    link.staging.give(sums_bufs[id(g)], g.released)
             return
         for g, (partials, down, ready) in zip(work, done, strict=True):
             g.partials, g.ready = partials, ready
             if g.sums is not None:
-                g.sums.host = down
+                g.sums.host, g.sums.ready = down, ready
                 link.staging.give(sums_bufs[id(g)], ready)
         if (timeline := self.timeline) is not None:
             keys = [(x.state.key, x.layer) for g in work for x in g.landings]

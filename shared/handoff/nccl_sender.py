@@ -6,20 +6,21 @@ operation for all, send_layer_groups). One sender thread does the rest, in round
 every layer queued so far, however many (a layer that finds the thread idle goes out alone,
 after one layer's host work):
 
-    checksums       one Triton launch (kernels/checksum) for all the round's layers, on the
-                    checksum stream once their data exists: [layers, programs] partial sums,
-                    left on the device
-    SUMS, DATA      one write per peer: the round's checksums, then its messages
-    sends           one ncclGroupStart/End; each peer's stream waits for the checksums (and so
-                    for the data), then sends its rows of the partial sums and one message per
-                    DATA frame: consecutive layers of a handoff that lie back to back in memory
-                    (KVPusher gathers a request's layers into one buffer) go as one message of up
-                    to MESSAGE_BYTES, a handoff's last layer alone
+    DATA, SUMS      one write per peer: the round's messages in batches of about BATCH_BYTES,
+                    each batch's DATA frames followed by the SUMS frame of its checksums.
+                    Consecutive layers of a handoff that lie back to back in memory (KVPusher
+                    gathers a request's layers into one buffer) go as one message of up to
+                    MESSAGE_BYTES, a handoff's last layer alone
+    per batch       one ncclGroupStart/End of its sends, each peer's on its own stream after the
+                    compute stream's events; one Triton launch (kernels/checksum) of its layers'
+                    checksums on the checksum stream, beside the sends; then one group of the
+                    checksums' sends ([layers, programs] partial sums), each peer's stream
+                    waiting for them
 
-So the checksums travel on the communicator ahead of the data they cover: the receiver verifies
-each message as soon as it landed (the last byte waits only for the last message's checksum), the
-sender thread never waits for the GPU, a round costs a few dozen host calls whatever its size,
-and the compute stream never waits on the network.
+So the checksums travel on the communicator right behind the data they cover: the receiver
+verifies a batch as soon as it landed (after the last byte, only the last batch waits for its
+checksums), the sender thread never waits for the GPU, a round costs a few dozen host calls
+whatever its size, and the compute stream never waits on the network.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ _MAX_BATCH = 256  # jobs taken into one round when they queued up
 # Layers coalesced into one send at most: the receiver stages a message in one buffer and
 # checksums it once it landed, so a larger one costs staging memory and tail latency.
 MESSAGE_BYTES = 256 << 20
+# Messages whose checksums go together, after them: the receiver verifies a batch once its last
+# message and the checksums landed, so a large round is verified in pieces while it lands.
+BATCH_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,22 @@ def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Messag
 def _message(run: list[_Sent]) -> _Message:
     first = run[0].data
     return _Message(run, first if len(run) == 1 else _span(first, first.nbytes * len(run)))
+
+
+def batch_messages(
+    messages: list[_Message], batch_bytes: int = BATCH_BYTES
+) -> list[list[_Message]]:
+    """The messages in batches, in order: a batch ends once it holds batch_bytes (its checksums
+    follow it on the wire, so the receiver verifies it while the next batch is on the wire)."""
+    batches: list[list[_Message]] = [[]]
+    size = 0
+    for m in messages:
+        if size >= batch_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(m)
+        size += m.data.nbytes
+    return batches
 
 
 class NcclKVSender:
@@ -235,75 +255,72 @@ class NcclKVSender:
         if not sends:
             return
         peers = list({id(s.channel.peer): s.channel.peer for s in sends}.values())
-        messages = {id(p): coalesce([s for s in sends if s.channel.peer is p]) for p in peers}
-        # the layers in the order of their peer's messages: each peer's rows of the partials
-        ordered = [s for p in peers for m in messages[id(p)] for s in m.layers]
-        try:
-            partials, summed = self._checksums(jobs, ordered)
-        except Exception as exc:  # nothing announced yet: the round's handoffs fail, pairs go on
-            log.exception("KV checksum launch failed")
-            for s in sends:
-                s.channel.fail(HandoffError(f"checksum failed: {exc}"))
-            return
-        rows: dict[int, torch.Tensor] = {}
-        at = 0
-        for peer in peers:  # SUMS and DATA before the sends: the receiver posts its recvs on
+        batches = {
+            id(p): batch_messages(coalesce([s for s in sends if s.channel.peer is p]))
+            for p in peers
+        }
+        for peer in peers:  # DATA and SUMS before the sends: the receiver posts its recvs on
             # them, so a send that must first connect more NCCL channels never waits for nothing
-            count = sum(m.count for m in messages[id(peer)])
-            rows[id(peer)] = partials[at : at + count]
-            at += count
-            frames = [pack(Kind.SUMS, NO_ID, 0, count, rows[id(peer)].nbytes,
-                           value=partials.shape[1])]  # fmt: skip
-            frames += [
-                pack(
-                    Kind.DATA,
-                    m.first.channel.key,
-                    m.first.layer,
-                    m.first.channel.num_layers,
-                    m.layer_nbytes,
-                    value=m.count,
-                )  # fmt: skip
-                for m in messages[id(peer)]
-            ]
-            peer.write(b"".join(frames))
-        launched, spans = self._launch_sends(summed, sends, peers, messages, rows)
+            peer.write(b"".join(self._frames(b) for b in batches[id(peer)]))
+        launched, spans = self._launch_sends(jobs, sends, peers, batches)
         for s in launched:
             s.channel.launched(s.layer, s.data.nbytes, spans[id(s.channel.peer)])
         if (timeline := self.timeline) is not None:
             timeline.mark_all("launched", [(s.channel.key, s.layer) for s in launched])
 
-    def _checksums(self, jobs: list[Job], layers: list[_Sent]) -> tuple[torch.Tensor, Event]:
-        """The partial sums of every layer's checksum ([len(layers), programs] int64 on the
-        device), on the checksum stream once the jobs' data exists, and the event after them."""
-        stream = self._checksum_stream
-        self.dev.wait_all(stream, [job.ready for job in jobs])
-        with self.dev.on(stream):
-            partials = self.dev.partials([s.data for s in layers])
-            return partials, Event(stream)
+    def _frames(self, batch: list[_Message]) -> bytes:
+        """A batch's DATA frames, then the SUMS frame of its checksums."""
+        frames = [
+            pack(
+                Kind.DATA,
+                m.first.channel.key,
+                m.first.layer,
+                m.first.channel.num_layers,
+                m.layer_nbytes,
+                value=m.count,
+            )  # fmt: skip
+            for m in batch
+        ]
+        count = sum(m.count for m in batch)
+        programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
+        frames.append(pack(Kind.SUMS, NO_ID, 0, count, 8 * count * programs, value=programs))
+        return b"".join(frames)
 
     def _launch_sends(
-        self, summed: Event, sends: list[_Sent], peers: list[Peer],
-        messages: dict[int, list[_Message]], rows: dict[int, torch.Tensor],
+        self, jobs: list[Job], sends: list[_Sent], peers: list[Peer],
+        batches: dict[int, list[list[_Message]]],
     ) -> tuple[list[_Sent], dict[int, tuple[Event, Event]]]:  # fmt: skip
-        """One group of sends: per peer, on its own stream after the checksums, its rows of the
-        partials, then one send per message."""
+        """Per batch: one group of sends (one per message, each peer's on its own stream after
+        the compute stream's events); the batch's checksums on the checksum stream beside them;
+        then one group of the checksums' sends, each peer's stream waiting for them."""
         for peer in sorted(peers, key=id):
             peer.lock.acquire()
         try:
             # every layer whose DATA went out is sent, also if its handoff failed meanwhile:
             # the receiver posted a recv for it
             live = [s for s in sends if not s.channel.peer.dead]
+            ready = [job.ready for job in jobs]
             starts = {}
             for peer in peers:
-                self.dev.wait(peer.stream, summed)
+                self.dev.wait_all(peer.stream, ready)
                 starts[id(peer)] = Event(peer.stream, timing=True)
+            self.dev.wait_all(self._checksum_stream, ready)
             try:
-                with self.fabric.group():
-                    for peer in peers:
-                        if not peer.dead:
-                            peer.comm.send(rows[id(peer)], 1, peer.stream)
-                            for m in messages[id(peer)]:
-                                peer.comm.send(m.data, 1, peer.stream)
+                for b in range(max(len(batches[id(p)]) for p in peers)):
+                    now = [(p, batches[id(p)][b]) for p in peers if b < len(batches[id(p)])]
+                    with self.fabric.group():
+                        for peer, batch in now:
+                            if not peer.dead:
+                                for m in batch:
+                                    peer.comm.send(m.data, 1, peer.stream)
+                    sums = [(peer, self._checksums(batch)) for peer, batch in now]
+                    with self.fabric.group():
+                        for peer, (partials, summed) in sums:
+                            if not peer.dead:
+                                self.dev.wait(peer.stream, summed)
+                                peer.comm.send(partials, 1, peer.stream)
+                    for peer, (partials, _) in sums:
+                        self.dev.keep(partials, peer.stream)
             except nccl.NcclError as exc:
                 failed: list[Peer] = peers
                 error = str(exc)
@@ -311,12 +328,29 @@ class NcclKVSender:
                 failed, error = [], ""
             spans = {id(p): (starts[id(p)], Event(p.stream, timing=True)) for p in peers}
             for peer in peers:
-                self.dev.keep(rows[id(peer)], peer.stream)
-                for m in messages[id(peer)]:
-                    self.dev.keep(m.data, peer.stream)
+                for batch in batches[id(peer)]:
+                    for m in batch:
+                        self.dev.keep(m.data, peer.stream)
         finally:
             for peer in peers:
                 peer.lock.release()
         for peer in failed:
             peer.die(f"NCCL send failed: {error}")
         return ([] if failed else live), spans
+
+    def _checksums(self, batch: list[_Message]) -> tuple[torch.Tensor, Event]:
+        """The partial sums of the checksums of a batch's layers ([layers, programs] int64 on
+        the device, as its SUMS frame announced), enqueued on the checksum stream (which waits
+        for the data), and the event after them. If they cannot be computed, the batch's
+        handoffs fail and zeros go in their place (the receiver expects the bytes)."""
+        layers = [s.data for m in batch for s in m.layers]
+        programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
+        with self.dev.on(self._checksum_stream):
+            try:
+                partials = self.dev.partials(layers, programs)
+            except Exception as exc:
+                log.exception("KV checksum launch failed")
+                for m in batch:
+                    m.first.channel.fail(HandoffError(f"checksum failed: {exc}"))
+                partials = self.dev.zeros((len(layers), programs))
+            return partials, Event(self._checksum_stream)
