@@ -11,7 +11,7 @@ any timing).
    batch of 4 (four requests' layers sent as one group per layer). torch.distributed: rank 0
    dist.send()s the same number of S-byte messages, rank 1 dist.recv()s them (one NCCL op each,
    back to back), timed from a barrier to the sender's synchronize. Handoff: every layer of
-   every handoff queued in one call (send_layer_groups: KV that already exists), then finish()
+   every handoff queued in one call (send_layer_runs: KV that already exists), then finish()
    of every handoff (the receiver verified every checksum and ACKed), timed from the queueing
    to the last ACK, so it includes the control round trips. A handoff's layers are slices of
    one buffer, as KVPusher gathers them (so layers queued together may go as one message).
@@ -49,7 +49,7 @@ from common import header, table
 
 from shared.engine import Engine, EngineConfig, Role
 from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
-from shared.handoff.nccl_channel import send_layer_group, send_layer_groups
+from shared.handoff.nccl_channel import send_layer_group, send_layer_runs
 from shared.handoff.nccl_device import Device
 from shared.handoff.nccl_link import serve_links
 from shared.handoff.nccl_pair import NcclFabric, PairComm, connect_pair
@@ -218,10 +218,9 @@ def raw_binding_gbs(decode: Decode, pair: PairComm, nbytes: int, layers: int, re
                       lambda buf: pair.send(buf, 1, stream), stream.synchronize)  # fmt: skip
 
 
-def handoff_layers(nbytes: int, layers: int) -> list[torch.Tensor]:
-    """A handoff's layers as KVPusher lays them out: slices of one buffer, back to back."""
-    buf = torch.randint(0, 255, (layers, nbytes), dtype=torch.uint8, device=PREFILL_DEV)
-    return list(buf.unbind(0))
+def handoff_layers(nbytes: int, layers: int) -> torch.Tensor:
+    """A handoff's layers as KVPusher lays them out: one buffer [layers, nbytes], back to back."""
+    return torch.randint(0, 255, (layers, nbytes), dtype=torch.uint8, device=PREFILL_DEV)
 
 
 def handoff_gbs(
@@ -244,7 +243,7 @@ def handoff_gbs(
             for layer, items in groups:
                 assert not send_layer_group(layer, items)
         else:
-            assert not send_layer_groups(groups)
+            assert not send_layer_runs([(ch, 0, data) for ch in channels])
         for channel in channels:
             channel.finish(120)
         elapsed = time.perf_counter() - start
@@ -356,7 +355,7 @@ def timeline_handoff(decode: Decode, sender: NcclKVSender, nbytes: int, layers: 
     channel = sender.open(decode.endpoint, hid, layers, decode.address)
     record(decode, sender, True)
     start = time.perf_counter()
-    assert not send_layer_groups([(layer, [(channel, data[layer])]) for layer in range(layers)])
+    assert not send_layer_runs([(channel, 0, data)])
     channel.finish(120)
     elapsed = time.perf_counter() - start
     ok, error = decode.call("result", hid)

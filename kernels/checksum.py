@@ -115,37 +115,46 @@ def _partials_kernel(table_ptr, partials_ptr, num_layers, BLOCK: tl.constexpr):
         tl.store(partials_ptr + layer * programs + pid, total)
 
 
-def _row(data: torch.Tensor) -> tuple[int, int, int, int]:
+def _rows(data: torch.Tensor, count: int) -> list[int]:
+    """The table rows of `count` equal layers back to back in `data`."""
     assert data.is_contiguous(), "the checksum reads the tensor's bytes in memory order"
-    nbytes = data.numel() * data.element_size()
-    address = data.data_ptr()
-    alignment = 16 if address % 16 == 0 else 8 if address % 8 == 0 else 1
-    return address, nbytes // 8, nbytes % 8, alignment
+    size = data.numel() * data.element_size() // count
+    rows: list[int] = []
+    for i in range(count):
+        address = data.data_ptr() + i * size
+        alignment = 16 if address % 16 == 0 else 8 if address % 8 == 0 else 1
+        rows += (address, size // 8, size % 8, alignment)
+    return rows
 
 
-def layer_table(layers: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The kernel's table of contiguous tensors (all on one device): [len(layers) * 4] int64
-    on that device, copied up on the current stream (it reads only their addresses and
-    sizes, so it may go ahead of the work that writes them)."""
+def layer_table(layers: Sequence[torch.Tensor], counts: Sequence[int] | None = None) -> torch.Tensor:
+    """The kernel's table of contiguous tensors (all on one device), tensor i holding counts[i]
+    equal layers back to back (default 1): [layers * 4] int64 on that device, copied up on the
+    current stream (it reads only their addresses and sizes, so it may go ahead of the work
+    that writes them)."""
     assert layers, "no layers to checksum"
     device = layers[0].device
     assert all(x.device == device for x in layers), "the layers of one launch share a device"
-    rows = [v for x in layers for v in _row(x)]
+    counts = counts or [1] * len(layers)
+    rows = [v for x, n in zip(layers, counts, strict=True) for v in _rows(x, n)]
     table = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda")
     return table.to(device, non_blocking=True)
 
 
 def checksum_partials(
-    layers: Sequence[torch.Tensor], programs: int = PROGRAMS, table: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Partial sums of the checksum of each contiguous tensor (all on one device), as
-    [len(layers), programs] int64 on that device: row i adds up to layer i's checksum (`fold`).
-    One launch (of `table`, else `layer_table(layers)`), enqueued on the current stream without
-    a host sync; the tensors must stay alive and unchanged until it ran."""
-    table = layer_table(layers) if table is None else table
-    assert table.numel() == 4 * len(layers) and table.device == layers[0].device
-    partials = torch.empty((len(layers), programs), dtype=torch.int64, device=table.device)
-    _partials_kernel[(programs,)](table, partials, len(layers), BLOCK=BLOCK, num_warps=8)
+    layers: Sequence[torch.Tensor], programs: int = PROGRAMS, table: torch.Tensor | None = None,
+    counts: Sequence[int] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Partial sums of the checksum of each layer of the contiguous tensors (all on one device;
+    tensor i holds counts[i] equal layers back to back, default 1), as [layers, programs] int64
+    on that device: row i adds up to layer i's checksum (`fold`). One launch (of `table`, else
+    `layer_table(layers, counts)`), enqueued on the current stream without a host sync; the
+    tensors must stay alive and unchanged until it ran."""
+    num_layers = sum(counts) if counts else len(layers)
+    table = layer_table(layers, counts) if table is None else table
+    assert table.numel() == 4 * num_layers and table.device == layers[0].device
+    partials = torch.empty((num_layers, programs), dtype=torch.int64, device=table.device)
+    _partials_kernel[(programs,)](table, partials, num_layers, BLOCK=BLOCK, num_warps=8)
     return partials
 
 

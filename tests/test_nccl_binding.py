@@ -29,7 +29,7 @@ from shared.handoff.auto import (
     nccl_unusable,
     split_endpoints,
 )
-from shared.handoff.nccl_channel import NcclSendChannel, send_layer_group, send_layer_groups
+from shared.handoff.nccl_channel import NcclSendChannel, send_layer_group, send_layer_runs
 from shared.handoff.nccl_device import Device, Event, latest
 from shared.handoff.nccl_frames import (
     NO_ID,
@@ -472,12 +472,13 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
 ) -> None:
     layer_bytes = nbytes(layers(1)[0])
     monkeypatch.setattr(nccl_receiver, "RECV_GROUP_BYTES", 3 * layer_bytes)
-    calls: list[list[int]] = []  # the layers of each group, per group_sums call
+    calls: list[int] = []  # the layers of each group_sums call (one a recv group)
     group_sums = receiver.dev.group_sums
 
-    def count(groups: list[tuple[list[torch.Tensor], Event | None, Any]]) -> list:
-        calls.append([len(layers) for layers, _, _ in groups if layers])
-        return group_sums(groups)
+    def count(runs: list[tuple[torch.Tensor, int]], after: Event | None, down: Any) -> Any:
+        if runs:
+            calls.append(sum(n for _, n in runs))
+        return group_sums(runs, after, down)
 
     receiver.dev.group_sums = count  # type: ignore[method-assign]
     data = {str(uuid.uuid4()): layers(2) for _ in range(7)}
@@ -500,9 +501,8 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
     # after the last byte only it waits for its checksum
     assert [len(group) for group in groups] == [3, 3, 1] + [1] * 7
     assert [len(group) for group in sums] == [0, 0, 1] + [0] * 6 + [1]
-    # each burst's checksums: one call (one table up), one launch per recv group
-    assert [n for call in calls for n in call] == [3, 3, 1] + [1] * 7
-    assert 1 <= len(calls) <= 2  # the two layers' DATA frames came in one or two bursts
+    # one checksum launch per recv group
+    assert calls == [3, 3, 1] + [1] * 7
 
 
 def count_checksum_launches(sender: NcclKVSender) -> list[int]:
@@ -510,9 +510,9 @@ def count_checksum_launches(sender: NcclKVSender) -> list[int]:
     launches: list[int] = []
     partials = sender.dev.partials
 
-    def count(layers: list[torch.Tensor], programs: int) -> torch.Tensor:
-        launches.append(len(layers))
-        return partials(layers, programs)
+    def count(runs: list[tuple[torch.Tensor, int]], programs: int) -> torch.Tensor:
+        launches.append(sum(n for _, n in runs))
+        return partials(runs, programs)
 
     sender.dev.partials = count  # type: ignore[method-assign]
     return launches
@@ -611,7 +611,7 @@ def test_a_corrupt_layer_inside_a_message_fails_its_handoff(receiver, sender, fa
 def test_layers_that_exist_go_in_one_round_when_queued_in_one_call(
     receiver, sender, fabric
 ) -> None:
-    """send_layer_groups: every layer of two handoffs (each in one buffer, as KVPusher lays them
+    """send_layer_runs: every layer of two handoffs (each in one buffer, as KVPusher lays them
     out) in one call: one group of sends of each handoff's layers as few messages (its last
     layer alone), then their checksums (one launch, one send)."""
     launches = count_checksum_launches(sender)
@@ -619,14 +619,12 @@ def test_layers_that_exist_go_in_one_round_when_queued_in_one_call(
     launches.clear()
     fabric.send_groups.clear()
     fabric.recv_groups.clear()
-    data = {str(uuid.uuid4()): list(torch.randn(5, *SHAPE).to(torch.bfloat16).unbind(0))
-            for _ in range(2)}  # fmt: skip
+    data = {str(uuid.uuid4()): torch.randn(5, *SHAPE).to(torch.bfloat16) for _ in range(2)}
     one = nbytes(layers(1)[0])
     stores: dict[str, dict[int, torch.Tensor]] = {hid: {} for hid in data}
     futures = {hid: receiver.expect(hid, 5, one, collect(stores[hid])) for hid in data}
     channels = {hid: sender.open(receiver.endpoint, hid, 5) for hid in data}
-    groups = [(layer, [(channels[h], kv[layer]) for h, kv in data.items()]) for layer in range(5)]
-    assert send_layer_groups(groups) == []
+    assert send_layer_runs([(channels[h], 0, kv) for h, kv in data.items()]) == []
     for hid, kv in data.items():
         channels[hid].finish(10)
         assert futures[hid].result(10).ok
@@ -726,10 +724,7 @@ def test_coalescing_takes_only_runs_back_to_back_in_memory() -> None:
         sent(a, 7, other[7]),  # the last layer: alone
         sent(b, 1, other[1]),
     ]  # fmt: skip
-    runs = [
-        (m.first.channel, m.first.layer, m.count, m.data.numel())
-        for m in nccl_sender.coalesce(sends)
-    ]
+    runs = [(m.channel, m.first, m.count, m.data.numel()) for m in nccl_sender.coalesce(sends)]
     assert runs == [
         (a, 0, 3, 192), (a, 3, 2, 128), (a, 6, 1, 64), (a, 7, 1, 64), (b, 0, 2, 128),
     ]  # fmt: skip
@@ -737,7 +732,26 @@ def test_coalescing_takes_only_runs_back_to_back_in_memory() -> None:
     message = nccl_sender.coalesce(sends)[0]
     assert message.data.data_ptr() == buf[0].data_ptr()
     capped = nccl_sender.coalesce([sent(a, i, buf[i]) for i in range(6)], max_bytes=128)
-    assert [(m.first.layer, m.count) for m in capped] == [(0, 2), (2, 2), (4, 2)]
+    assert [(m.first, m.count) for m in capped] == [(0, 2), (2, 2), (4, 2)]
+
+
+def test_a_run_of_layers_splits_into_messages_of_bounded_size() -> None:
+    """A run goes as messages of at most max_bytes (at least one layer each), in place, the
+    handoff's last layer alone; a run that ends before the last layer has no lone layer."""
+    a = types.SimpleNamespace(num_layers=8)
+    buf = torch.zeros(8, 64, dtype=torch.uint8)
+
+    def parts(first: int, count: int, max_bytes: int) -> list[tuple[int, int, int]]:
+        run = buf[first : first + count]
+        messages = nccl_sender.split(a, first, run, count, max_bytes)  # type: ignore[arg-type]
+        assert all(m.data.data_ptr() == buf[m.first].data_ptr() for m in messages)
+        return [(m.first, m.count, m.data.nbytes) for m in messages]
+
+    assert parts(0, 8, 192) == [(0, 3, 192), (3, 3, 192), (6, 1, 64), (7, 1, 64)]
+    assert parts(0, 8, 1 << 20) == [(0, 7, 448), (7, 1, 64)]
+    assert parts(2, 4, 1 << 20) == [(2, 4, 256)]  # not the last layer: one message
+    assert parts(5, 3, 10) == [(5, 1, 64), (6, 1, 64), (7, 1, 64)]  # a layer over the cap
+    assert parts(7, 1, 1 << 20) == [(7, 1, 64)]
 
 
 class GatedQueue:
@@ -802,10 +816,10 @@ def test_a_checksum_that_cannot_be_enqueued_fails_its_handoff_and_the_pair_goes_
     group_sums = receiver.dev.group_sums
     failures = [RuntimeError("no memory for the checksum table")]
 
-    def fail_once(groups: list[tuple[list[torch.Tensor], Event | None, Any]]) -> list:
+    def fail_once(runs: list[tuple[torch.Tensor, int]], after: Event | None, down: Any) -> Any:
         if failures:
             raise failures.pop()
-        return group_sums(groups)
+        return group_sums(runs, after, down)
 
     receiver.dev.group_sums = fail_once  # type: ignore[method-assign]
     kv = layers(2)

@@ -68,15 +68,19 @@ class SendChannel(ABC):
     def failed(self) -> bool:
         return self._done.done() and self._done.exception() is not None
 
-    def queue(self, layer: int) -> None:
-        """Bookkeeping of send_layer: HandoffError if failed, ValueError if repeated."""
+    def queue(self, layer: int, count: int = 1) -> None:
+        """Bookkeeping of send_layer (of `count` layers from `layer`): HandoffError if failed,
+        ValueError if out of range or repeated."""
         if self.failed:
             error = self._done.exception()
             assert isinstance(error, HandoffError)
             raise error
-        if not 0 <= layer < self.num_layers or layer in self._queued:
-            raise ValueError(f"layer {layer} out of range [0, {self.num_layers}) or repeated")
-        self._queued.add(layer)
+        layers = range(layer, layer + count)
+        if count < 1 or layer < 0 or layer + count > self.num_layers:
+            raise ValueError(f"layers {layer}..{layer + count - 1} out of [0, {self.num_layers})")
+        if not self._queued.isdisjoint(layers):
+            raise ValueError(f"a layer of {layer}..{layer + count - 1} repeated")
+        self._queued.update(layers)
         self._first_send = self._first_send or time.perf_counter()
 
     @abstractmethod

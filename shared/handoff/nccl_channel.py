@@ -1,6 +1,6 @@
 """A handoff being pushed over NCCL (NcclSendChannel), and `send_layer_group`, which queues one
 layer of several handoffs (one batch) for the sender thread to launch in one NCCL group
-(`send_layer_groups`: several layers at once, for KV that already exists)."""
+(`send_layer_runs`: runs of layers that already exist, each run one tensor)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Job:
-    """One layer of one or more handoffs (a batch), or (reason set) an ABORT."""
+    """Layers `layer`.. (`count` of them) of one or more handoffs (a batch), or (reason set) an
+    ABORT."""
 
     layer: int
-    items: list[tuple[NcclSendChannel, torch.Tensor]]  # data: contiguous, on the device
+    # data: contiguous, on the device; `count` layers back to back
+    items: list[tuple[NcclSendChannel, torch.Tensor]]
     ready: Event  # recorded on the compute stream after the gathers
     abort: str = ""
+    count: int = 1
 
 
 class NcclSendChannel(SendChannel):
@@ -52,6 +55,12 @@ class NcclSendChannel(SendChannel):
         if send_layer_group(layer, [(self, data)]):
             self.queue(layer)  # raises the channel's error
 
+    def send_layers(self, first: int, data: torch.Tensor) -> None:
+        """send_layer for layers first.. at once: data is [count, ...], the layers back to back
+        (KVPusher's buffer of a request's layers, or a slice of it)."""
+        if send_layer_runs([(self, first, data)]):
+            self.queue(first, data.shape[0])  # raises the channel's error
+
     def finish(self, timeout: float) -> HandoffStats:
         self._await_ack(timeout, self.peer)
         return self._stats()
@@ -63,8 +72,10 @@ class NcclSendChannel(SendChannel):
 
     # -- called from the sender's threads
 
-    def launched(self, layer: int, nbytes: int, span: tuple[Event, Event]) -> None:
-        self._spans[layer] = span
+    def launched(self, first: int, count: int, nbytes: int, span: tuple[Event, Event]) -> None:
+        """Layers first.. (`count`, `nbytes` in all) are enqueued between the events of `span`."""
+        for layer in range(first, first + count):
+            self._spans[layer] = span
         self._nbytes += nbytes
 
     def acked(self) -> None:
@@ -90,38 +101,51 @@ def send_layer_group(
     """Queue layer `layer` of several handoffs (one batch, one NcclKVSender): their sends are
     launched together, in one ncclGroupStart/End. Call on the stream that produced the data.
     Returns the channels that had already failed (nothing is queued for them)."""
-    return send_layer_groups([(layer, items)])
-
-
-def send_layer_groups(
-    groups: list[tuple[int, list[tuple[NcclSendChannel, torch.Tensor]]]],
-) -> list[NcclSendChannel]:
-    """send_layer_group for several layers whose data all exists by now (a handoff of KV
-    already in the cache, or layers the caller produced together): one event and one queue
-    operation for all of them, so the sender thread takes them in one round and sends each
-    handoff's layers that lie back to back in memory as one message. Returns the channels that
-    had already failed (nothing more is queued for them)."""
-    failed: list[NcclSendChannel] = []
-    jobs: list[tuple[int, list[tuple[NcclSendChannel, torch.Tensor]]]] = []
-    for layer, items in groups:
-        queued = []
-        for channel, data in items:
-            if channel in failed:
-                continue
-            try:
-                channel.queue(layer)
-            except HandoffError:
-                failed.append(channel)
-                continue
-            queued.append((channel, data if data.is_contiguous() else data.contiguous()))
-        if queued:
-            jobs.append((layer, queued))
-    if jobs:
-        sender = jobs[0][1][0][0].sender
-        if any(ch.sender is not sender for _, queued in jobs for ch, _ in queued):
-            raise ValueError("send_layer_groups takes the channels of one sender")
+    queued, failed = [], []
+    for channel, data in items:
+        try:
+            channel.queue(layer)
+        except HandoffError:
+            failed.append(channel)
+            continue
+        queued.append((channel, data if data.is_contiguous() else data.contiguous()))
+    if queued:
+        sender = queued[0][0].sender
+        if any(ch.sender is not sender for ch, _ in queued):
+            raise ValueError("send_layer_group takes the channels of one sender")
         ready = Event(sender.dev.current_stream())  # after the gathers (and copies above)
-        sender._submit([Job(layer, queued, ready) for layer, queued in jobs])
+        sender._submit([Job(layer, queued, ready)])
         if (timeline := sender.timeline) is not None:
-            timeline.mark_all("queued", [(ch.key, layer) for layer, q in jobs for ch, _ in q])
+            timeline.mark_all("queued", [(ch.key, layer) for ch, _ in queued])
+    return failed
+
+
+def send_layer_runs(runs: list[tuple[NcclSendChannel, int, torch.Tensor]]) -> list[NcclSendChannel]:
+    """Queue runs of layers whose data all exists by now (KV already in the cache, or a
+    request's layers gathered into one buffer): (channel, first layer, data [count, ...], the
+    layers back to back), of one NcclKVSender. One event and one queue operation for all of
+    them: the sender thread takes them in one round and sends each run as a few large
+    messages. Call on the stream that produced the data. Returns the channels that had already
+    failed (nothing is queued for them)."""
+    failed: list[NcclSendChannel] = []
+    jobs: list[Job] = []
+    ready = None
+    for channel, first, data in runs:
+        try:
+            channel.queue(first, data.shape[0])
+        except HandoffError:
+            failed.append(channel)
+            continue
+        if ready is None:
+            ready = Event(channel.sender.dev.current_stream())  # after the gathers
+        data = data if data.is_contiguous() else data.contiguous()
+        jobs.append(Job(first, [(channel, data)], ready, count=data.shape[0]))
+    if jobs:
+        sender = jobs[0].items[0][0].sender
+        if any(job.items[0][0].sender is not sender for job in jobs):
+            raise ValueError("send_layer_runs takes the channels of one sender")
+        sender._submit(jobs)
+        if (timeline := sender.timeline) is not None:
+            timeline.mark_all("queued", [(job.items[0][0].key, job.layer + i)
+                                         for job in jobs for i in range(job.count)])  # fmt: skip
     return failed

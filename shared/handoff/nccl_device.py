@@ -49,6 +49,12 @@ class Event:
         return self.cuda.elapsed_time(later.cuda) / 1e3
 
 
+def _layers(runs: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+    """The layers of runs (a contiguous tensor, the number of equal layers in it), one by one."""
+    flat = [(x.reshape(-1).view(torch.uint8), n) for x, n in runs]
+    return [raw.view(n, -1)[i] for raw, n in flat for i in range(n)]
+
+
 def latest(events: Iterable[Event]) -> list[Event]:
     """The last recorded of `events` on each stream: waiting for them waits for all."""
     last: dict[int, Event] = {}
@@ -109,56 +115,46 @@ class Device:
             return 1
         return max(PROGRAMS, min(self._max_programs, nbytes // BYTES_PER_PROGRAM))
 
-    def partials(self, layers: list[torch.Tensor], programs: int) -> torch.Tensor:
-        """Partial sums of each layer's checksum (kernels/checksum), [len(layers), programs]
-        int64 on the device (programs: `sum_programs`), enqueued on the current stream in one
-        launch without a host sync. On CPU the reference: one column, the whole checksum."""
+    def partials(self, runs: list[tuple[torch.Tensor, int]], programs: int) -> torch.Tensor:
+        """Partial sums of each layer's checksum (kernels/checksum) of runs (a contiguous tensor,
+        the number of equal layers it holds back to back): [layers, programs] int64 on the
+        device (programs: `sum_programs`), enqueued on the current stream in one launch without
+        a host sync. On CPU the reference: one column, the whole checksum."""
         if not self.cuda:
-            return torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1)
-        return checksum_partials(layers, programs)
+            return torch.stack([layer_checksum_ref(x) for x in _layers(runs)]).reshape(-1, 1)
+        return checksum_partials([x for x, _ in runs], programs, counts=[n for _, n in runs])
 
     def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         """int64 zeros on the device, on the current stream."""
         return torch.zeros(shape, dtype=torch.int64, device=self.device)
 
     def group_sums(
-        self, groups: list[tuple[list[torch.Tensor], Event | None, torch.Tensor | None]]
-    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, Event]]:
-        """Per group, enqueued on the current stream after its event (if any): the copy down of
-        its `down` tensor (if any), then the partial sums of its tensors' checksums
-        (kernels/checksum; none if it has none) copied down, and an event after both. Returns
-        (partials [len(tensors), P] int64 on the host, down on the host, event) per group: they
-        hold the values once the event completed. On CUDA: one table up for all groups (it
-        reads only addresses, so it goes ahead of the events), then per group one launch and
-        the copies down; no host sync. On CPU the reference: each row is the whole checksum."""
+        self, runs: list[tuple[torch.Tensor, int]], after: Event | None, down: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, Event]:  # fmt: skip
+        """Enqueued on the current stream after `after` (if given): the copy down of `down` (if
+        given), then the partial sums of the checksums of the layers of `runs` (a contiguous
+        tensor, the number of equal layers it holds back to back; kernels/checksum) copied down
+        (none without runs), and an event after both. Returns (partials [layers, P] int64 on
+        the host, down on the host, event): they hold the values once the event completed. On
+        CUDA one table up, one launch and the copies down, no host sync; on CPU the reference
+        (each row the whole checksum)."""
         stream = self.current_stream()
         if stream is None:
-            return [
-                (
-                    torch.stack([layer_checksum_ref(x) for x in layers]).reshape(-1, 1)
-                    if layers
-                    else None,
-                    down.clone() if down is not None else None,
-                    Event(None),
-                )  # fmt: skip
-                for layers, _, down in groups
-            ]
-        everything = [x for layers, _, _ in groups for x in layers]
-        table = layer_table(everything) if everything else None
-        out = []
-        row = 0
-        for layers, after, down in groups:
-            if after is not None:
-                self.wait(stream, after)
-            host = down.to("cpu", non_blocking=True) if down is not None else None
             partials = None
-            if layers:
-                assert table is not None
-                rows = table[4 * row : 4 * (row + len(layers))]
-                partials = checksum_partials(layers, table=rows).to("cpu", non_blocking=True)
-                row += len(layers)
-            out.append((partials, host, Event(stream)))
-        return out
+            if runs:
+                partials = torch.stack([layer_checksum_ref(x) for x in _layers(runs)])
+            host = down.clone() if down is not None else None
+            return (partials.reshape(-1, 1) if partials is not None else None), host, Event(None)
+        table = layer_table([x for x, _ in runs], [n for _, n in runs]) if runs else None
+        if after is not None:
+            self.wait(stream, after)
+        host = down.to("cpu", non_blocking=True) if down is not None else None
+        partials = None
+        if runs:
+            tensors, counts = [x for x, _ in runs], [n for _, n in runs]
+            partials = checksum_partials(tensors, table=table, counts=counts)
+            partials = partials.to("cpu", non_blocking=True)
+        return partials, host, Event(stream)
 
     @staticmethod
     def checksums(partials: torch.Tensor) -> list[int]:
@@ -171,6 +167,6 @@ class Device:
         if self.cuda:
             with torch.cuda.device(self.device):
                 layer = torch.zeros(24, dtype=torch.uint8, device=self.device)
-                self.group_sums([([layer], None, layer)])
-                self.partials([layer], self.sum_programs(layer.nbytes))
+                self.group_sums([(layer, 1)], None, layer)
+                self.partials([(layer, 1)], self.sum_programs(layer.nbytes))
                 torch.cuda.synchronize(self.device)

@@ -95,7 +95,7 @@ class _Round:
 
     taken: int = 0  # rows given to the round's DATA frames so far
     nbytes: int = 0  # of the partial sums on the communicator, once the SUMS frame came
-    posted: bool = False  # their recv is posted; `ready` completes once they are on the host
+    settled: bool = False  # their copy down is enqueued (ready, host) or failed
     ready: Event | None = None
     host: torch.Tensor | None = None  # [nbytes] uint8 on the host once `ready` completed
     values: list[int] | None = None  # the checksums, folded by the verify thread
@@ -164,6 +164,8 @@ class _Group:
     datas: list[_Data] = field(default_factory=list)
     sums: _Round | None = None  # the round whose checksums this group receives last
     landings: list[_Landing] = field(default_factory=list)  # its accepted layers, in order
+    # its accepted messages' staging (the landings' buffers): (buffer, layers in it)
+    runs: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     received: Event | None = None  # on the recv stream, after the group's recvs
     ready: Event | None = None  # on the check stream, after its checksums and copies down
     partials: torch.Tensor | None = None  # [len(landings), P] int64 on the host (group_sums)
@@ -179,8 +181,9 @@ class _Group:
 
     @property
     def verifiable(self) -> bool:
-        """Whether the sender's checksums of all its layers are posted (their SUMS came)."""
-        return all(x.sums.posted for x in self.landings)
+        """Whether the copies down of the sender's checksums of all its layers are enqueued (or
+        failed): their SUMS came, and the group that receives them was handled."""
+        return all(x.sums.settled for x in self.landings)
 
 
 def _layers_of(frame: Frame) -> list[tuple[bytes, int]]:
@@ -357,10 +360,14 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         if (timeline := self.timeline) is not None:
             timeline.mark_all("data", [key for d in ops if isinstance(d, _Data)
                                        for key in _layers_of(d.frame)])  # fmt: skip
-        if not ops:
-            return
-        link.waiting += self._receive(link, ops)
-        n = 0  # in order: a group goes once it and all before it can be verified
+        if ops:
+            self._receive(link, ops)
+
+    def _hand_over(self, link: _Link, group: _Group) -> None:
+        """Queue a group for the verify thread once it and every group before it can be
+        verified (their rounds' checksums posted)."""
+        link.waiting.append(group)
+        n = 0
         while n < len(link.waiting) and link.waiting[n].verifiable:
             n += 1
         if n:
@@ -407,9 +414,10 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             return _Data(frame, None, False, sums, row)
         return _Data(frame, state, last, sums, row)
 
-    def _receive(self, link: _Link, ops: list[_Round | _Data]) -> list[_Group]:
+    def _receive(self, link: _Link, ops: list[_Round | _Data]) -> None:
         """A recv for every DATA and SUMS frame (also rejected ones: NCCL's order must hold), in
-        groups (_recv_groups); then each group's checksums, to run once it landed."""
+        groups (_recv_groups); then each group's checksums, to run once it landed, and the group
+        to the verify thread."""
         assert link.comm is not None
         groups = _recv_groups(ops)
         bufs: dict[int, list[torch.Tensor]] = {}  # per group: its messages', then its sums'
@@ -422,69 +430,57 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 for buf in bufs[id(group)]:
                     link.comm.recv(buf, 0, link.recv_stream)
             group.received = Event(link.recv_stream)
-            if group.sums is not None:
-                group.sums.posted = True
         if (timeline := self.timeline) is not None:
             timeline.mark_all("posted", [key for g in groups for d in g.datas
                                          for key in _layers_of(d.frame)])  # fmt: skip
-        sums_bufs: dict[int, torch.Tensor] = {}
-        for group in groups:
-            received = group.released
-            if group.sums is not None:
-                sums_bufs[id(group)] = bufs[id(group)].pop()
+        for group in groups:  # then, a group at a time, its checksums: the verify thread
+            # takes the first group while the connection thread goes on with the next
+            sums_buf = bufs[id(group)].pop() if group.sums is not None else None
             pairs = list(zip(group.datas, bufs[id(group)], strict=True))
             rejected = [buf for d, buf in pairs if d.state is None]
             if rejected:  # the recvs still land (NCCL's order must hold), then free
-                link.staging.give_all(rejected, received)
+                link.staging.give_all(rejected, group.released)
             for d, buf in pairs:
                 if d.state is None:
                     continue
                 staged, size = _Staged(buf, d.frame.count), d.frame.nbytes
+                group.runs.append((buf, d.frame.count))
                 for i in range(d.frame.count):
                     view = buf[i * size : (i + 1) * size]
                     landing = _Landing(d.state, d.frame.layer + i, view, staged, d.sums, d.row + i)
                     group.landings.append(landing)
-        self._checksum(link, groups, sums_bufs)
-        if timeline is not None:  # a diagnostic: it waits on its own thread
-            for g in groups:
-                if g.landings:
-                    keys = [(x.state.key, x.layer) for x in g.landings]
-                    assert g.received is not None
-                    self._watch(timeline, link, "landed", g.received, keys)
-                    self._watch(timeline, link, "summed", g.released, keys)
-        return groups
+            self._checksum(link, group, sums_buf)
+            if timeline is not None and group.landings:  # a diagnostic: its own thread waits
+                keys = [(x.state.key, x.layer) for x in group.landings]
+                assert group.received is not None
+                self._watch(timeline, link, "landed", group.received, keys)
+                self._watch(timeline, link, "summed", group.released, keys)
+            self._hand_over(link, group)
 
-    def _checksum(
-        self, link: _Link, groups: list[_Group], sums_bufs: dict[int, torch.Tensor]
-    ) -> None:  # fmt: skip
-        """Enqueue, per group on the check stream once its recvs landed, the copy down of the
+    def _checksum(self, link: _Link, group: _Group, sums_buf: torch.Tensor | None) -> None:
+        """Enqueue on the check stream, once the group's recvs landed, the copy down of the
         sender's checksums it received and the checksums of its accepted layers. Never waits
-        for the GPU; if the launch fails, the groups' handoffs fail."""
-        work = [g for g in groups if g.landings or g.sums is not None]
+        for the GPU; if the launch fails, the group's handoffs fail."""
+        if not group.runs and sums_buf is None:
+            return
+        if group.sums is not None:
+            group.sums.settled = True  # from here on, expected() has the values or says why not
         try:
             with self.dev.on(link.check_stream):
-                done = self.dev.group_sums(
-                    [
-                        ([x.buf for x in g.landings], g.received, sums_bufs.get(id(g)))
-                        for g in work
-                    ]  # fmt: skip
-                )
-        except Exception as exc:  # the verify thread fails the groups' handoffs
+                partials, down, ready = self.dev.group_sums(group.runs, group.received, sums_buf)
+        except Exception as exc:  # the verify thread fails the group's handoffs
             log.exception("KV checksum launch failed")
-            for g in work:
-                g.error = f"checksum failed: {exc}"
-            for g in work:
-                if g.sums is not None:
-                    link.staging.give(sums_bufs[id(g)], g.released)
+            group.error = f"checksum failed: {exc}"
+            if sums_buf is not None:
+                link.staging.give(sums_buf, group.released)
             return
-        for g, (partials, down, ready) in zip(work, done, strict=True):
-            g.partials, g.ready = partials, ready
-            if g.sums is not None:
-                g.sums.host, g.sums.ready = down, ready
-                link.staging.give(sums_bufs[id(g)], ready)
+        group.partials, group.ready = partials, ready
+        if group.sums is not None:
+            assert sums_buf is not None
+            group.sums.host, group.sums.ready = down, ready
+            link.staging.give(sums_buf, ready)
         if (timeline := self.timeline) is not None:
-            keys = [(x.state.key, x.layer) for g in work for x in g.landings]
-            timeline.mark_all("enqueued", keys)
+            timeline.mark_all("enqueued", [(x.state.key, x.layer) for x in group.landings])
 
     def _watch(
         self, timeline: Timeline, link: _Link, point: str, event: Event,

@@ -64,22 +64,16 @@ class _Sent:
 
 @dataclass(frozen=True, slots=True)
 class _Message:
-    """Consecutive layers of one handoff sent as one NCCL message (`data` spans them)."""
+    """Consecutive layers of one handoff sent as one NCCL message."""
 
-    layers: list[_Sent]
-    data: torch.Tensor  # uint8, the layers' bytes back to back
-
-    @property
-    def first(self) -> _Sent:
-        return self.layers[0]
-
-    @property
-    def count(self) -> int:
-        return len(self.layers)
+    channel: NcclSendChannel
+    first: int  # its first layer
+    count: int
+    data: torch.Tensor  # contiguous: the layers' bytes back to back
 
     @property
     def layer_nbytes(self) -> int:
-        return self.layers[0].data.nbytes
+        return self.data.nbytes // self.count
 
 
 def _follows(prev: _Sent, s: _Sent) -> bool:
@@ -104,9 +98,9 @@ def _span(first: torch.Tensor, nbytes: int) -> torch.Tensor:
 
 
 def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Message]:
-    """The messages of one round's sends to one peer, in their order within each handoff: runs of
-    consecutive layers back to back in memory, of at most max_bytes (a handoff's last layer
-    alone)."""
+    """The messages of one round's single layers to one peer, in their order within each
+    handoff: runs of consecutive layers back to back in memory, of at most max_bytes (a
+    handoff's last layer alone)."""
     by_channel: dict[int, list[_Sent]] = {}
     for s in sends:
         by_channel.setdefault(id(s.channel), []).append(s)
@@ -128,8 +122,32 @@ def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Messag
 
 
 def _message(run: list[_Sent]) -> _Message:
-    first = run[0].data
-    return _Message(run, first if len(run) == 1 else _span(first, first.nbytes * len(run)))
+    first = run[0]
+    data = first.data if len(run) == 1 else _span(first.data, first.data.nbytes * len(run))
+    return _Message(first.channel, first.layer, len(run), data)
+
+
+def split(
+    channel: NcclSendChannel, first: int, data: torch.Tensor, count: int,
+    max_bytes: int = MESSAGE_BYTES,
+) -> list[_Message]:  # fmt: skip
+    """The messages of a run of `count` layers back to back in `data` (contiguous): of at most
+    max_bytes each (at least a layer), the handoff's last layer alone."""
+    raw = data.reshape(-1).view(torch.uint8) if count > 1 else data
+    size = data.nbytes // count
+    step = max(1, max_bytes // size)
+    end = first + count
+    if end == channel.num_layers and count > 1:
+        end -= 1  # the last layer alone, below
+    messages = []
+    for layer in range(first, end, step):
+        n = min(step, end - layer)
+        at = (layer - first) * size
+        chunk = data if n == count else raw[at : at + n * size]
+        messages.append(_Message(channel, layer, n, chunk))
+    if end < first + count:
+        messages.append(_Message(channel, end, 1, raw[(end - first) * size :]))
+    return messages
 
 
 def batch_messages(
@@ -246,36 +264,42 @@ class NcclKVSender:
         return False
 
     def _launch(self, jobs: list[Job]) -> None:
-        sends = [
-            _Sent(channel, job.layer, data)
+        live = [
+            (job, channel, data)
             for job in jobs
             for channel, data in job.items
             if not channel.failed and not channel.peer.dead
         ]
-        if not sends:
+        if not live:
             return
-        peers = list({id(s.channel.peer): s.channel.peer for s in sends}.values())
-        batches = {
-            id(p): batch_messages(coalesce([s for s in sends if s.channel.peer is p]))
-            for p in peers
-        }
+        peers = list({id(ch.peer): ch.peer for _, ch, _ in live}.values())
+        batches = {}
+        for peer in peers:
+            mine = [(job, ch, data) for job, ch, data in live if ch.peer is peer]
+            singles = [_Sent(ch, job.layer, data) for job, ch, data in mine if job.count == 1]
+            messages = coalesce(singles)
+            for job, ch, data in mine:
+                if job.count > 1:
+                    messages += split(ch, job.layer, data, job.count)
+            batches[id(peer)] = batch_messages(messages)
         for peer in peers:  # DATA and SUMS before the sends: the receiver posts its recvs on
             # them, so a send that must first connect more NCCL channels never waits for nothing
             peer.write(b"".join(self._frames(b) for b in batches[id(peer)]))
-        launched, spans = self._launch_sends(jobs, sends, peers, batches)
-        for s in launched:
-            s.channel.launched(s.layer, s.data.nbytes, spans[id(s.channel.peer)])
+        launched, spans = self._launch_sends(jobs, peers, batches)
+        for m in launched:
+            m.channel.launched(m.first, m.count, m.data.nbytes, spans[id(m.channel.peer)])
         if (timeline := self.timeline) is not None:
-            timeline.mark_all("launched", [(s.channel.key, s.layer) for s in launched])
+            keys = [(m.channel.key, m.first + i) for m in launched for i in range(m.count)]
+            timeline.mark_all("launched", keys)
 
     def _frames(self, batch: list[_Message]) -> bytes:
         """A batch's DATA frames, then the SUMS frame of its checksums."""
         frames = [
             pack(
                 Kind.DATA,
-                m.first.channel.key,
-                m.first.layer,
-                m.first.channel.num_layers,
+                m.channel.key,
+                m.first,
+                m.channel.num_layers,
                 m.layer_nbytes,
                 value=m.count,
             )  # fmt: skip
@@ -287,9 +311,8 @@ class NcclKVSender:
         return b"".join(frames)
 
     def _launch_sends(
-        self, jobs: list[Job], sends: list[_Sent], peers: list[Peer],
-        batches: dict[int, list[list[_Message]]],
-    ) -> tuple[list[_Sent], dict[int, tuple[Event, Event]]]:  # fmt: skip
+        self, jobs: list[Job], peers: list[Peer], batches: dict[int, list[list[_Message]]]
+    ) -> tuple[list[_Message], dict[int, tuple[Event, Event]]]:  # fmt: skip
         """Per batch: one group of sends (one per message, each peer's on its own stream after
         the compute stream's events); the batch's checksums on the checksum stream beside them;
         then one group of the checksums' sends, each peer's stream waiting for them."""
@@ -298,7 +321,7 @@ class NcclKVSender:
         try:
             # every layer whose DATA went out is sent, also if its handoff failed meanwhile:
             # the receiver posted a recv for it
-            live = [s for s in sends if not s.channel.peer.dead]
+            live = [m for p in peers if not p.dead for b in batches[id(p)] for m in b]
             ready = [job.ready for job in jobs]
             starts = {}
             for peer in peers:
@@ -343,14 +366,13 @@ class NcclKVSender:
         the device, as its SUMS frame announced), enqueued on the checksum stream (which waits
         for the data), and the event after them. If they cannot be computed, the batch's
         handoffs fail and zeros go in their place (the receiver expects the bytes)."""
-        layers = [s.data for m in batch for s in m.layers]
         programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
         with self.dev.on(self._checksum_stream):
             try:
-                partials = self.dev.partials(layers, programs)
+                partials = self.dev.partials([(m.data, m.count) for m in batch], programs)
             except Exception as exc:
                 log.exception("KV checksum launch failed")
                 for m in batch:
-                    m.first.channel.fail(HandoffError(f"checksum failed: {exc}"))
-                partials = self.dev.zeros((len(layers), programs))
+                    m.channel.fail(HandoffError(f"checksum failed: {exc}"))
+                partials = self.dev.zeros((sum(m.count for m in batch), programs))
             return partials, Event(self._checksum_stream)

@@ -130,6 +130,20 @@ def test_layers_of_any_dtype_share_a_launch():
     assert fold(checksum_partials(layers)) == [definition(x) for x in layers]
 
 
+@pytest.mark.parametrize("layer_bytes", [8 * BLOCK + 8, 8 * BLOCK + 5, 24])
+def test_a_run_of_layers_back_to_back_is_checksummed_layer_by_layer(layer_bytes):
+    """A tensor holding several equal layers back to back (counts) gives each layer its own row,
+    as if each were its own tensor; alignments differ from layer to layer when the size is odd."""
+    runs = [random_bytes(3 * layer_bytes, 0, 1, "cpu"), random_bytes(layer_bytes, 8, 2, "cpu"),
+            random_bytes(2 * layer_bytes, 3, 3, "cpu")]  # fmt: skip
+    counts = [3, 1, 2]
+    layers = [run[i * layer_bytes : (i + 1) * layer_bytes]
+              for run, n in zip(runs, counts, strict=True) for i in range(n)]  # fmt: skip
+    got = fold(checksum_partials(runs, 5, counts=counts))
+    assert got == [definition(x) for x in layers]
+    assert got == fold(checksum_partials(layers, 5))
+
+
 def test_fold_wraps_mod_2_64():
     partials = torch.tensor([[-1, 2], [2**62, 2**62 + 2**62 - 1]], dtype=torch.int64)
     assert fold(partials) == [1, (2**63 - 1 + 2**62) & MASK64]
