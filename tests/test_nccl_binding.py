@@ -472,13 +472,12 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
 ) -> None:
     layer_bytes = nbytes(layers(1)[0])
     monkeypatch.setattr(nccl_receiver, "RECV_GROUP_BYTES", 3 * layer_bytes)
-    calls: list[int] = []  # the layers of each group_sums call (one a recv group)
+    calls: list[int] = []  # the layers of each recv group's checksum launch
     group_sums = receiver.dev.group_sums
 
-    def count(runs: list[tuple[torch.Tensor, int]], after: Event | None, down: Any) -> Any:
-        if runs:
-            calls.append(sum(n for _, n in runs))
-        return group_sums(runs, after, down)
+    def count(groups: list[tuple[list[tuple[torch.Tensor, int]], Event | None, Any]]) -> Any:
+        calls.extend(sum(n for _, n in runs) for runs, _, _ in groups if runs)
+        return group_sums(groups)
 
     receiver.dev.group_sums = count  # type: ignore[method-assign]
     data = {str(uuid.uuid4()): layers(2) for _ in range(7)}
@@ -816,10 +815,10 @@ def test_a_checksum_that_cannot_be_enqueued_fails_its_handoff_and_the_pair_goes_
     group_sums = receiver.dev.group_sums
     failures = [RuntimeError("no memory for the checksum table")]
 
-    def fail_once(runs: list[tuple[torch.Tensor, int]], after: Event | None, down: Any) -> Any:
+    def fail_once(groups: list[tuple[list[tuple[torch.Tensor, int]], Event | None, Any]]) -> Any:
         if failures:
             raise failures.pop()
-        return group_sums(runs, after, down)
+        return group_sums(groups)
 
     receiver.dev.group_sums = fail_once  # type: ignore[method-assign]
     kv = layers(2)

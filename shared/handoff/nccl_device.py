@@ -129,32 +129,47 @@ class Device:
         return torch.zeros(shape, dtype=torch.int64, device=self.device)
 
     def group_sums(
-        self, runs: list[tuple[torch.Tensor, int]], after: Event | None, down: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, Event]:  # fmt: skip
-        """Enqueued on the current stream after `after` (if given): the copy down of `down` (if
-        given), then the partial sums of the checksums of the layers of `runs` (a contiguous
-        tensor, the number of equal layers it holds back to back; kernels/checksum) copied down
-        (none without runs), and an event after both. Returns (partials [layers, P] int64 on
-        the host, down on the host, event): they hold the values once the event completed. On
-        CUDA one table up, one launch and the copies down, no host sync; on CPU the reference
-        (each row the whole checksum)."""
+        self, groups: list[tuple[list[tuple[torch.Tensor, int]], Event | None, torch.Tensor | None]]
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, Event]]:  # fmt: skip
+        """Per group (runs, after, down), enqueued on the current stream after `after` (if
+        given): the copy down of `down` (if given), then the partial sums of the checksums of
+        the layers of `runs` (a contiguous tensor, the number of equal layers it holds back to
+        back; kernels/checksum) copied down (none without runs), and an event after both.
+        Returns per group (partials [layers, P] int64 on the host, down on the host, event): they
+        hold the values once the event completed. On CUDA one table up for all groups (it reads
+        only addresses, so it goes ahead of the events), then per group one launch and the
+        copies down, no host sync; on CPU the reference (each row the whole checksum)."""
         stream = self.current_stream()
         if stream is None:
+            out = []
+            for runs, _, down in groups:
+                partials = None
+                if runs:
+                    partials = torch.stack([layer_checksum_ref(x) for x in _layers(runs)])
+                    partials = partials.reshape(-1, 1)
+                out.append((partials, down.clone() if down is not None else None, Event(None)))
+            return out
+        everything = [run for runs, _, _ in groups for run in runs]
+        table = None
+        if everything:
+            table = layer_table([x for x, _ in everything], [n for _, n in everything])
+        results = []
+        row = 0
+        for runs, after, down in groups:
+            if after is not None:
+                self.wait(stream, after)
+            host = down.to("cpu", non_blocking=True) if down is not None else None
             partials = None
             if runs:
-                partials = torch.stack([layer_checksum_ref(x) for x in _layers(runs)])
-            host = down.clone() if down is not None else None
-            return (partials.reshape(-1, 1) if partials is not None else None), host, Event(None)
-        table = layer_table([x for x, _ in runs], [n for _, n in runs]) if runs else None
-        if after is not None:
-            self.wait(stream, after)
-        host = down.to("cpu", non_blocking=True) if down is not None else None
-        partials = None
-        if runs:
-            tensors, counts = [x for x, _ in runs], [n for _, n in runs]
-            partials = checksum_partials(tensors, table=table, counts=counts)
-            partials = partials.to("cpu", non_blocking=True)
-        return partials, host, Event(stream)
+                assert table is not None
+                n = sum(count for _, count in runs)
+                rows = table[4 * row : 4 * (row + n)]
+                tensors, counts = [x for x, _ in runs], [c for _, c in runs]
+                partials = checksum_partials(tensors, table=rows, counts=counts)
+                partials = partials.to("cpu", non_blocking=True)
+                row += n
+            results.append((partials, host, Event(stream)))
+        return results
 
     @staticmethod
     def checksums(partials: torch.Tensor) -> list[int]:
@@ -167,6 +182,6 @@ class Device:
         if self.cuda:
             with torch.cuda.device(self.device):
                 layer = torch.zeros(24, dtype=torch.uint8, device=self.device)
-                self.group_sums([(layer, 1)], None, layer)
+                self.group_sums([([(layer, 1)], None, layer)])
                 self.partials([(layer, 1)], self.sum_programs(layer.nbytes))
                 torch.cuda.synchronize(self.device)

@@ -95,7 +95,7 @@ class _Round:
 
     taken: int = 0  # rows given to the round's DATA frames so far
     nbytes: int = 0  # of the partial sums on the communicator, once the SUMS frame came
-    settled: bool = False  # their copy down is enqueued (ready, host) or failed
+    posted: bool = False  # their recv is posted: the verify thread copies them down
     ready: Event | None = None
     host: torch.Tensor | None = None  # [nbytes] uint8 on the host once `ready` completed
     values: list[int] | None = None  # the checksums, folded by the verify thread
@@ -166,6 +166,7 @@ class _Group:
     landings: list[_Landing] = field(default_factory=list)  # its accepted layers, in order
     # its accepted messages' staging (the landings' buffers): (buffer, layers in it)
     runs: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    sums_buf: torch.Tensor | None = None  # the staging the round's checksums land in
     received: Event | None = None  # on the recv stream, after the group's recvs
     ready: Event | None = None  # on the check stream, after its checksums and copies down
     partials: torch.Tensor | None = None  # [len(landings), P] int64 on the host (group_sums)
@@ -181,9 +182,8 @@ class _Group:
 
     @property
     def verifiable(self) -> bool:
-        """Whether the copies down of the sender's checksums of all its layers are enqueued (or
-        failed): their SUMS came, and the group that receives them was handled."""
-        return all(x.sums.settled for x in self.landings)
+        """Whether the sender's checksums of all its layers are posted (their SUMS came)."""
+        return all(x.sums.posted for x in self.landings)
 
 
 def _layers_of(frame: Frame) -> list[tuple[bytes, int]]:
@@ -363,17 +363,6 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         if ops:
             self._receive(link, ops)
 
-    def _hand_over(self, link: _Link, group: _Group) -> None:
-        """Queue a group for the verify thread once it and every group before it can be
-        verified (their rounds' checksums posted)."""
-        link.waiting.append(group)
-        n = 0
-        while n < len(link.waiting) and link.waiting[n].verifiable:
-            n += 1
-        if n:
-            link.verify.put(link.waiting[:n])
-            del link.waiting[:n]
-
     def _close_round(self, link: _Link, frame: Frame) -> _Round:
         """A SUMS frame: the checksums of the layers of the DATA frames since the last one."""
         count, programs = frame.num_layers, frame.value
@@ -430,12 +419,13 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 for buf in bufs[id(group)]:
                     link.comm.recv(buf, 0, link.recv_stream)
             group.received = Event(link.recv_stream)
+            if group.sums is not None:
+                group.sums.posted = True
+                group.sums_buf = bufs[id(group)].pop()
         if (timeline := self.timeline) is not None:
             timeline.mark_all("posted", [key for g in groups for d in g.datas
                                          for key in _layers_of(d.frame)])  # fmt: skip
-        for group in groups:  # then, a group at a time, its checksums: the verify thread
-            # takes the first group while the connection thread goes on with the next
-            sums_buf = bufs[id(group)].pop() if group.sums is not None else None
+        for group in groups:  # then the layers; the verify thread checksums and verifies
             pairs = list(zip(group.datas, bufs[id(group)], strict=True))
             rejected = [buf for d, buf in pairs if d.state is None]
             if rejected:  # the recvs still land (NCCL's order must hold), then free
@@ -449,38 +439,13 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     view = buf[i * size : (i + 1) * size]
                     landing = _Landing(d.state, d.frame.layer + i, view, staged, d.sums, d.row + i)
                     group.landings.append(landing)
-            self._checksum(link, group, sums_buf)
-            if timeline is not None and group.landings:  # a diagnostic: its own thread waits
-                keys = [(x.state.key, x.layer) for x in group.landings]
-                assert group.received is not None
-                self._watch(timeline, link, "landed", group.received, keys)
-                self._watch(timeline, link, "summed", group.released, keys)
-            self._hand_over(link, group)
-
-    def _checksum(self, link: _Link, group: _Group, sums_buf: torch.Tensor | None) -> None:
-        """Enqueue on the check stream, once the group's recvs landed, the copy down of the
-        sender's checksums it received and the checksums of its accepted layers. Never waits
-        for the GPU; if the launch fails, the group's handoffs fail."""
-        if not group.runs and sums_buf is None:
-            return
-        if group.sums is not None:
-            group.sums.settled = True  # from here on, expected() has the values or says why not
-        try:
-            with self.dev.on(link.check_stream):
-                partials, down, ready = self.dev.group_sums(group.runs, group.received, sums_buf)
-        except Exception as exc:  # the verify thread fails the group's handoffs
-            log.exception("KV checksum launch failed")
-            group.error = f"checksum failed: {exc}"
-            if sums_buf is not None:
-                link.staging.give(sums_buf, group.released)
-            return
-        group.partials, group.ready = partials, ready
-        if group.sums is not None:
-            assert sums_buf is not None
-            group.sums.host, group.sums.ready = down, ready
-            link.staging.give(sums_buf, ready)
-        if (timeline := self.timeline) is not None:
-            timeline.mark_all("enqueued", [(x.state.key, x.layer) for x in group.landings])
+        link.waiting += groups  # in order: a group goes once it and all before it can be verified
+        n = 0
+        while n < len(link.waiting) and link.waiting[n].verifiable:
+            n += 1
+        if n:
+            link.verify.put(link.waiting[:n])
+            del link.waiting[:n]
 
     def _watch(
         self, timeline: Timeline, link: _Link, point: str, event: Event,
@@ -499,7 +464,53 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     def _verify_loop(self, link: _Link) -> None:
         self.dev.bind_thread()
         while (groups := link.verify.get()) is not None:
+            closing = False
+            while True:  # every group posted by now: their checksums in one pass
+                try:
+                    more = link.verify.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                groups += more
+            self._checksum(link, groups)
             self._verify(link, groups)
+            if closing:
+                return
+
+    def _checksum(self, link: _Link, groups: list[_Group]) -> None:
+        """Enqueue on the check stream, per group once its recvs landed, the copy down of the
+        sender's checksums it received and the checksums of its accepted layers (one table up
+        for all, one launch a group). Never waits for the GPU; if the launch fails, the groups'
+        handoffs fail."""
+        work = [g for g in groups if g.runs or g.sums_buf is not None]
+        if not work:
+            return
+        try:
+            with self.dev.on(link.check_stream):
+                done = self.dev.group_sums([(g.runs, g.received, g.sums_buf) for g in work])
+        except Exception as exc:  # the groups' handoffs fail below
+            log.exception("KV checksum launch failed")
+            for g in work:
+                g.error = f"checksum failed: {exc}"
+                if g.sums_buf is not None:
+                    link.staging.give(g.sums_buf, g.released)
+            return
+        for g, (partials, down, ready) in zip(work, done, strict=True):
+            g.partials, g.ready = partials, ready
+            if g.sums is not None and g.sums_buf is not None:
+                g.sums.host, g.sums.ready = down, ready
+                link.staging.give(g.sums_buf, ready)
+        if (timeline := self.timeline) is not None:
+            keys = [(x.state.key, x.layer) for g in work for x in g.landings]
+            timeline.mark_all("enqueued", keys)
+            for g in work:  # a diagnostic: watcher threads wait
+                if g.landings:
+                    keys = [(x.state.key, x.layer) for x in g.landings]
+                    assert g.received is not None
+                    self._watch(timeline, link, "landed", g.received, keys)
+                    self._watch(timeline, link, "summed", g.released, keys)
 
     def _verify(self, link: _Link, groups: list[_Group]) -> None:
         """Deliver each landed layer whose checksum is the sender's, in order, a group at a time
