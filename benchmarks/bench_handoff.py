@@ -56,7 +56,6 @@ from shared.handoff.nccl_pair import NcclFabric, PairComm, connect_pair
 from shared.handoff.nccl_receiver import NcclKVReceiver
 from shared.handoff.nccl_sender import NcclKVSender
 from shared.handoff.timeline import RECEIVER_POINTS, SENDER_POINTS, WHOLE, Timeline, by_layer
-from shared.lifetime import freeze_heap
 from shared.sequence import SamplingParams
 
 PREFILL_DEV, DECODE_DEV = torch.device("cuda:0"), torch.device("cuda:1")
@@ -84,7 +83,6 @@ def decode_main(conn: Connection, dist_port: int, switch_interval: float) -> Non
     rx = NcclKVReceiver(DECODE_DEV)
     endpoint = rx.start()
     _links, address = serve_links(rx)  # Decode.OpenKVLink: the pair's unique id
-    freeze_heap()  # as a worker does once it is built
     conn.send((endpoint, address))
     engine: Engine | None = None
     raw: PairComm | None = None
@@ -123,7 +121,6 @@ def decode_main(conn: Connection, dist_port: int, switch_interval: float) -> Non
             conn.send(True)
         elif op == "engine":
             engine = Engine(engine_config(Role.DECODE, DECODE_DEV))
-            freeze_heap()
             conn.send(True)
         elif op == "reserve":
             assert engine is not None
@@ -390,7 +387,6 @@ def ttft_rows(decode: Decode, sender: NcclKVSender, prompt_len: int, reps: int
               ) -> tuple[list[tuple[str, ...]], Engine, KVPusher]:  # fmt: skip
     """The TTFT rows: the prefill engine alone, then with the handoff."""
     engine = Engine(engine_config(Role.PREFILL, PREFILL_DEV))
-    freeze_heap()
     assert decode.call("engine")
     prompt = prompt_of(prompt_len)
     for _ in range(2):  # warm-up: kernels compiled
@@ -438,7 +434,6 @@ def main() -> None:
     decode = Decode(args.switch_interval)
     sender = NcclKVSender(PREFILL_DEV)
     pair = raw_pair(decode)
-    freeze_heap()  # as a worker does once it is built
     rows: list[tuple[str, ...]] = []
 
     def row(what: str, base: float, ours: float, target: str = "") -> None:

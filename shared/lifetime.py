@@ -1,10 +1,8 @@
-"""Process lifetime: child processes that do not outlive their parent (Linux), even when it is
-SIGKILLed; a worker's heap frozen once it is built."""
+"""Child processes that do not outlive their parent (Linux), even when it is SIGKILLed."""
 
 from __future__ import annotations
 
 import ctypes
-import gc
 import signal
 import sys
 
@@ -16,13 +14,3 @@ def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def freeze_heap() -> None:
-    """Collect once, then move every object alive now out of the cyclic collector's reach
-    (gc.freeze). What a worker built at start-up (modules, model, kernels, connections: a few
-    hundred thousand objects) is then never traversed again: a collection that runs while a
-    request is served (they come every 700 allocations) walks only what was made since, tens
-    of microseconds, not the milliseconds a pass over the whole heap costs."""
-    gc.collect()
-    gc.freeze()

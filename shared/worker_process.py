@@ -16,7 +16,6 @@ from typing import Any
 
 from shared.engine import Engine
 from shared.engine_loop import EngineLoop, publish_gauges
-from shared.lifetime import freeze_heap
 from shared.rpc import ServiceSpec, create_server, serve_until_signal, shutdown_signal
 from shared.telemetry import TracingServerInterceptor
 from shared.telemetry.process import ProcessTelemetry, start_process_telemetry
@@ -66,7 +65,6 @@ async def serve_worker(config: WorkerConfig, build: Callable[[WorkerContext], Wo
     log.info("%s worker %s serving on %s:%d %s", role, registration.worker_id, host, port,
              parts.kv_endpoint)  # fmt: skip
     stop = shutdown_signal()
-    freeze_heap()  # the engine, its kernels and the server are built
     print(f"{role} ready {host}:{port}", flush=True)
 
     async def drain() -> None:
