@@ -13,12 +13,9 @@ import torch
 
 
 def header(title: str) -> str:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
     return (
-        f"# {title}\n{datetime.date.today()}  commit {commit or '?'}  torch {torch.__version__}  "
+        f"# {title}\n{datetime.date.today()}  commit {commit() or '?'}  torch {torch.__version__}  "
         f"{device or platform.machine()}  {torch.get_num_threads()} threads"
     )
 

@@ -742,7 +742,7 @@ def test_a_run_of_layers_splits_into_messages_of_bounded_size() -> None:
 
     def parts(first: int, count: int, max_bytes: int) -> list[tuple[int, int, int]]:
         run = buf[first : first + count]
-        messages = nccl_sender.split(a, first, run, count, max_bytes)  # type: ignore[arg-type]
+        messages = nccl_sender.split(a, first, run, max_bytes)  # type: ignore[arg-type]
         assert all(m.data.data_ptr() == buf[m.first].data_ptr() for m in messages)
         return [(m.first, m.count, m.data.nbytes) for m in messages]
 

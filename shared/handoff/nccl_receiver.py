@@ -96,6 +96,7 @@ class _Round:
     taken: int = 0  # rows given to the round's DATA frames so far
     nbytes: int = 0  # of the partial sums on the communicator, once the SUMS frame came
     posted: bool = False  # their recv is posted: the verify thread copies them down
+    enqueued: bool = False  # that copy is enqueued (ready, host), or failed to be
     ready: Event | None = None
     host: torch.Tensor | None = None  # [nbytes] uint8 on the host once `ready` completed
     values: list[int] | None = None  # the checksums, folded by the verify thread
@@ -474,8 +475,14 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     closing = True
                     break
                 groups += more
-            self._checksum(link, groups)
-            self._verify(link, groups)
+            ahead = 0  # groups whose checksums are enqueued: one ahead of the one verified
+            for i, group in enumerate(groups):
+                while ahead < len(groups) and (
+                    ahead <= i + 1 or not all(x.sums.enqueued for x in group.landings)
+                ):
+                    self._checksum(link, [groups[ahead]])
+                    ahead += 1
+                self._verify(link, [group])
             if closing:
                 return
 
@@ -494,13 +501,14 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             log.exception("KV checksum launch failed")
             for g in work:
                 g.error = f"checksum failed: {exc}"
-                if g.sums_buf is not None:
+                if g.sums is not None and g.sums_buf is not None:
+                    g.sums.enqueued = True  # lost: the layers they cover fail
                     link.staging.give(g.sums_buf, g.released)
             return
         for g, (partials, down, ready) in zip(work, done, strict=True):
             g.partials, g.ready = partials, ready
             if g.sums is not None and g.sums_buf is not None:
-                g.sums.host, g.sums.ready = down, ready
+                g.sums.host, g.sums.ready, g.sums.enqueued = down, ready, True
                 link.staging.give(g.sums_buf, ready)
         if (timeline := self.timeline) is not None:
             keys = [(x.state.key, x.layer) for g in work for x in g.landings]

@@ -128,25 +128,20 @@ def _message(run: list[_Sent]) -> _Message:
 
 
 def split(
-    channel: NcclSendChannel, first: int, data: torch.Tensor, count: int,
-    max_bytes: int = MESSAGE_BYTES,
+    channel: NcclSendChannel, first: int, data: torch.Tensor, max_bytes: int = MESSAGE_BYTES
 ) -> list[_Message]:  # fmt: skip
-    """The messages of a run of `count` layers back to back in `data` (contiguous): of at most
-    max_bytes each (at least a layer), the handoff's last layer alone."""
-    raw = data.reshape(-1).view(torch.uint8) if count > 1 else data
-    size = data.nbytes // count
-    step = max(1, max_bytes // size)
-    end = first + count
-    if end == channel.num_layers and count > 1:
-        end -= 1  # the last layer alone, below
-    messages = []
-    for layer in range(first, end, step):
-        n = min(step, end - layer)
-        at = (layer - first) * size
-        chunk = data if n == count else raw[at : at + n * size]
-        messages.append(_Message(channel, layer, n, chunk))
-    if end < first + count:
-        messages.append(_Message(channel, end, 1, raw[(end - first) * size :]))
+    """The messages of a run of layers first.. (data [count, ...], contiguous, a layer a row):
+    of at most max_bytes each (at least a layer), in place, the handoff's last layer alone."""
+    count = data.shape[0]
+    step = max(1, max_bytes // (data.nbytes // count))
+    end = count - 1 if first + count == channel.num_layers and count > 1 else count
+    messages = [
+        _Message(channel, first + i, n, data if n == count else data[i : i + n])
+        for i in range(0, end, step)
+        for n in (min(step, end - i),)
+    ]
+    if end < count:
+        messages.append(_Message(channel, first + end, 1, data[end:]))
     return messages
 
 
@@ -280,7 +275,7 @@ class NcclKVSender:
             messages = coalesce(singles)
             for job, ch, data in mine:
                 if job.count > 1:
-                    messages += split(ch, job.layer, data, job.count)
+                    messages += split(ch, job.layer, data)
             batches[id(peer)] = batch_messages(messages)
         for peer in peers:  # DATA and SUMS before the sends: the receiver posts its recvs on
             # them, so a send that must first connect more NCCL channels never waits for nothing
