@@ -96,7 +96,6 @@ class _Round:
     taken: int = 0  # rows given to the round's DATA frames so far
     nbytes: int = 0  # of the partial sums on the communicator, once the SUMS frame came
     posted: bool = False  # their recv is posted: the verify thread copies them down
-    enqueued: bool = False  # that copy is enqueued (ready, host), or failed to be
     ready: Event | None = None
     host: torch.Tensor | None = None  # [nbytes] uint8 on the host once `ready` completed
     values: list[int] | None = None  # the checksums, folded by the verify thread
@@ -475,14 +474,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     closing = True
                     break
                 groups += more
-            ahead = 0  # groups whose checksums are enqueued: one ahead of the one verified
-            for i, group in enumerate(groups):
-                while ahead < len(groups) and (
-                    ahead <= i + 1 or not all(x.sums.enqueued for x in group.landings)
-                ):
-                    self._checksum(link, [groups[ahead]])
-                    ahead += 1
-                self._verify(link, [group])
+            self._checksum(link, groups)
+            self._verify(link, groups)
             if closing:
                 return
 
@@ -501,14 +494,13 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             log.exception("KV checksum launch failed")
             for g in work:
                 g.error = f"checksum failed: {exc}"
-                if g.sums is not None and g.sums_buf is not None:
-                    g.sums.enqueued = True  # lost: the layers they cover fail
+                if g.sums_buf is not None:
                     link.staging.give(g.sums_buf, g.released)
             return
         for g, (partials, down, ready) in zip(work, done, strict=True):
             g.partials, g.ready = partials, ready
             if g.sums is not None and g.sums_buf is not None:
-                g.sums.host, g.sums.ready, g.sums.enqueued = down, ready, True
+                g.sums.host, g.sums.ready = down, ready
                 link.staging.give(g.sums_buf, ready)
         if (timeline := self.timeline) is not None:
             keys = [(x.state.key, x.layer) for g in work for x in g.landings]
