@@ -127,33 +127,18 @@ class _Data:
 
 
 @dataclass(eq=False, slots=True)
-class _Staged:
-    """One message's staging buffer, shared by the landings of its layers: it goes back to the
-    pool once every layer is done with it, after all their last readers."""
-
-    buf: torch.Tensor
-    remaining: int  # layers not done with it yet
-    released: list[Event] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def done(self, released: Event) -> list[Event] | None:
-        """One layer is done once `released` completes; all the events once every layer is."""
-        with self.lock:
-            self.released.append(released)
-            self.remaining -= 1
-            return self.released if self.remaining == 0 else None
-
-
-@dataclass(eq=False, slots=True)
 class _Landing:
-    """A layer received into a staging buffer."""
+    """A message's layers, accepted, received into one staging buffer."""
 
     state: _Expected
-    layer: int
-    buf: torch.Tensor  # [nbytes] uint8 on the device (a view of staged.buf), written by a recv
-    staged: _Staged  # its message's staging buffer
+    first: int  # its first layer
+    count: int
+    buf: torch.Tensor  # [count * layer_nbytes] uint8 on the device, written by a recv
     sums: _Round  # the sender's checksums
-    row: int  # its row in them
+    row: int  # its first layer's row in them
+
+    def layer_keys(self) -> list[tuple[bytes, int]]:
+        return [(self.state.key, self.first + i) for i in range(self.count)]
 
 
 @dataclass(eq=False, slots=True)
@@ -163,13 +148,11 @@ class _Group:
 
     datas: list[_Data] = field(default_factory=list)
     sums: _Round | None = None  # the round whose checksums this group receives last
-    landings: list[_Landing] = field(default_factory=list)  # its accepted layers, in order
-    # its accepted messages' staging (the landings' buffers): (buffer, layers in it)
-    runs: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    landings: list[_Landing] = field(default_factory=list)  # its accepted messages, in order
     sums_buf: torch.Tensor | None = None  # the staging the round's checksums land in
     received: Event | None = None  # on the recv stream, after the group's recvs
     ready: Event | None = None  # on the check stream, after its checksums and copies down
-    partials: torch.Tensor | None = None  # [len(landings), P] int64 on the host (group_sums)
+    partials: torch.Tensor | None = None  # [its layers, P] int64 on the host (group_sums)
     error: str = ""  # the checksums could not be enqueued
 
     @property
@@ -179,6 +162,11 @@ class _Group:
             return self.ready
         assert self.received is not None
         return self.received
+
+    @property
+    def runs(self) -> list[tuple[torch.Tensor, int]]:
+        """Its accepted messages' staging buffers and how many layers each holds."""
+        return [(x.buf, x.count) for x in self.landings]
 
     @property
     def verifiable(self) -> bool:
@@ -431,13 +419,8 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             if rejected:  # the recvs still land (NCCL's order must hold), then free
                 link.staging.give_all(rejected, group.released)
             for d, buf in pairs:
-                if d.state is None:
-                    continue
-                staged, size = _Staged(buf, d.frame.count), d.frame.nbytes
-                group.runs.append((buf, d.frame.count))
-                for i in range(d.frame.count):
-                    view = buf[i * size : (i + 1) * size]
-                    landing = _Landing(d.state, d.frame.layer + i, view, staged, d.sums, d.row + i)
+                if d.state is not None:
+                    landing = _Landing(d.state, d.frame.layer, d.frame.count, buf, d.sums, d.row)
                     group.landings.append(landing)
         link.waiting += groups  # in order: a group goes once it and all before it can be verified
         n = 0
@@ -503,21 +486,21 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 g.sums.host, g.sums.ready = down, ready
                 link.staging.give(g.sums_buf, ready)
         if (timeline := self.timeline) is not None:
-            keys = [(x.state.key, x.layer) for g in work for x in g.landings]
-            timeline.mark_all("enqueued", keys)
+            timeline.mark_all(
+                "enqueued", [key for g in work for x in g.landings for key in x.layer_keys()]
+            )
             for g in work:  # a diagnostic: watcher threads wait
                 if g.landings:
-                    keys = [(x.state.key, x.layer) for x in g.landings]
+                    keys = [key for x in g.landings for key in x.layer_keys()]
                     assert g.received is not None
                     self._watch(timeline, link, "landed", g.received, keys)
                     self._watch(timeline, link, "summed", g.released, keys)
 
     def _verify(self, link: _Link, groups: list[_Group]) -> None:
         """Deliver each landed layer whose checksum is the sender's, in order, a group at a time
-        (what is delivered goes on while the next group is awaited); their staging buffers go
-        back to the pool (after their last reader) before the handoffs they complete are
-        settled."""
-        timeline = self.timeline
+        and a message at a time (what is delivered goes on while the next group is awaited);
+        their staging buffers go back to the pool (after their last reader) before the handoffs
+        they complete are settled."""
         with self.dev.on(link.scatter_stream):  # where on_layer scatters
             for group in groups:
                 if not group.landings:
@@ -527,51 +510,58 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     assert group.ready is not None and group.partials is not None
                     group.ready.synchronize()
                     values = self.dev.checksums(group.partials)
-                delivered: list[_Landing] = []  # layers whose staging the scatter stream reads
+                delivered: list[_Landing] = []  # messages whose staging the scatters read
                 completed: list[_Expected] = []
-                for i, landing in enumerate(group.landings):
+                at = 0  # the message's first row in values
+                for landing in group.landings:
+                    error = group.error or self._mismatch(landing, values[at : at + landing.count])
+                    at += landing.count
                     state = landing.state
-                    expected = landing.sums.expected(landing.row) if not group.error else None
-                    if expected is None or values[i] != expected:
-                        self._give(link, landing, group.released)
-                        error = group.error or "the sender's checksums were lost"
-                        if expected is not None:
-                            error = f"checksum mismatch on layer {landing.layer}"
+                    if error:
+                        link.staging.give(landing.buf, group.released)
                         self._reject(link, state.key, state, error)
                         continue
                     with state.lock:
                         if state.closed:
-                            self._give(link, landing, group.released)
+                            link.staging.give(landing.buf, group.released)
                             continue
-                        error = state.deliver(landing.layer, landing.buf)
+                        size = state.layer_nbytes
+                        for i in range(landing.count):
+                            payload = landing.buf[i * size : (i + 1) * size]
+                            if error := state.deliver(landing.first + i, payload):
+                                break
                         delivered.append(landing)
                         if not error and len(state.layers) == state.num_layers:
                             completed.append(state)
-                    if timeline is not None:
-                        timeline.mark("delivered", state.key, landing.layer)
+                    if (timeline := self.timeline) is not None:
+                        timeline.mark_all("delivered", landing.layer_keys())
                     if error:
                         self._reject(link, state.key, state, error)
                 self._release(link, delivered, completed)
 
+    @staticmethod
+    def _mismatch(landing: _Landing, values: list[int]) -> str:
+        """Why a message's layers are not the sender's ('' if they all are): `values` are their
+        checksums as received."""
+        for i, value in enumerate(values):
+            expected = landing.sums.expected(landing.row + i)
+            if expected is None:
+                return "the sender's checksums were lost"
+            if value != expected:
+                return f"checksum mismatch on layer {landing.first + i}"
+        return ""
+
     def _release(self, link: _Link, delivered: list[_Landing], completed: list[_Expected]) -> None:
-        """Give delivered layers' staging buffers back after their scatters, and complete the
+        """Give delivered messages' staging buffers back after their scatters, and complete the
         handoffs they finished once the scatters landed (decode reads the blocks next)."""
         if not delivered:
             return
         released = Event(link.scatter_stream)
-        for landing in delivered:
-            self._give(link, landing, released)
+        link.staging.give_all([landing.buf for landing in delivered], released)
         if completed:
             released.synchronize()
             for state in completed:
                 self._complete(link, state)
-
-    @staticmethod
-    def _give(link: _Link, landing: _Landing, released: Event) -> None:
-        """The layer is done with its staging once `released` completes; its message's buffer
-        goes back to the pool when all the message's layers are."""
-        if (events := landing.staged.done(released)) is not None:
-            link.staging.give(landing.staged.buf, events)
 
     def _complete(self, link: _Link, state: _Expected) -> None:
         if self._close(state, ok=True):
