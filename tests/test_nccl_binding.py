@@ -290,24 +290,23 @@ def test_a_corrupt_layer_is_nacked_and_never_delivered(receiver, sender, fabric)
     hid = str(uuid.uuid4())
     future = receiver.expect(hid, 3, nbytes(kv[0]), collect(store))
     channel = sender.open(receiver.endpoint, hid, 3)
-    channel.send_layer(0, kv[0])
-    assert wait_for(lambda: 0 in store)
+    bad = kv[1].view(torch.uint8).reshape(-1)
 
-    def flip(t: torch.Tensor) -> torch.Tensor:  # a layer's bytes, not the checksums ahead
-        if t.numel() != nbytes(kv[0]):
+    def flip(t: torch.Tensor) -> torch.Tensor:  # layer 1's bytes, nothing else
+        if not torch.equal(t, bad):
             return t
         t = t.clone()
         t[5] ^= 1
         return t
 
     fabric.corrupt = flip
-    channel.send_layer(1, kv[1])
-    channel.send_layer(2, kv[2])
+    for layer in range(3):
+        channel.send_layer(layer, kv[layer])
     with pytest.raises(HandoffError, match="checksum mismatch on layer 1"):
         channel.finish(10)
     result = future.result(10)
     assert not result.ok and "checksum mismatch on layer 1" in result.error
-    assert 1 not in store
+    assert 1 not in store and 2 not in store  # layer 0 may have been delivered before
     fabric.corrupt = lambda t: t
     assert_pair_still_works(receiver, sender)
 
@@ -490,16 +489,17 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
         channels[hid].finish(10)
         assert futures[hid].result(10).ok
         assert all(torch.equal(stores[hid][i], kv[i].view(torch.uint8).reshape(-1)) for i in (0, 1))
-    # after the pair's 1-byte probe; each round's checksums (8 bytes a layer) end its last group
+    # after the pair's 1-byte probe; the checksums (8 bytes a layer) of both rounds' layers come
+    # once the second round, with the handoffs' last layers, was sent: at the end of its group
     sums = [[n for n in group if n < layer_bytes] for group in fabric.recv_groups[1:]]
-    assert [n for group in sums for n in group] == [7 * 8, 7 * 8]
+    assert [n for group in sums for n in group] == [14 * 8]
     groups = [[n for n in group if n >= layer_bytes] for group in fabric.recv_groups[1:]]
     assert sum(map(len, groups)) == 14
     assert all(sum(group) <= 3 * layer_bytes for group in groups)
     # layers that arrived together share a launch; a handoff's last layer is alone, so that
     # after the last byte only it waits for its checksum
     assert [len(group) for group in groups] == [3, 3, 1] + [1] * 7
-    assert [len(group) for group in sums] == [0, 0, 1] + [0] * 6 + [1]
+    assert [len(group) for group in sums] == [0] * 9 + [1]
     # one checksum launch per recv group
     assert calls == [3, 3, 1] + [1] * 7
 
@@ -519,7 +519,8 @@ def count_checksum_launches(sender: NcclKVSender) -> list[int]:
 
 def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> None:
     """Layers queued while the sender thread is busy: one group of sends for all of them, then
-    their checksums (one launch, one send)."""
+    (the handoff's last layer is among them) the checksums of all eight (one launch, one
+    send)."""
     launches = count_checksum_launches(sender)
     kv = layers(8)
     store: dict[int, torch.Tensor] = {}
@@ -530,8 +531,8 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     channel.finish(10)
     assert future.result(10).ok
     assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-    assert fabric.send_groups[1:] == [1, 1, 7, 1]  # after the pair's 1-byte probe
-    assert launches == [1, 7]
+    assert fabric.send_groups[1:] == [1, 7, 1]  # after the pair's 1-byte probe
+    assert launches == [8]
 
 
 def send_behind_a_held_send(
@@ -572,10 +573,10 @@ def test_adjacent_layers_queued_together_go_as_one_message(receiver, sender, fab
         channel.finish(10)
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(6))
-        # layer 0; then layers 1-4 as one, 5 alone (each round's checksums after it)
-        assert fabric.send_groups == [1, 1, 2, 1]
+        # layer 0; then layers 1-4 as one, 5 alone; then the checksums of all six
+        assert fabric.send_groups == [1, 2, 1]
         one = nbytes(kv[0])
-        assert [n for group in fabric.recv_groups for n in group] == [one, 8, 4 * one, one, 5 * 8]
+        assert [n for group in fabric.recv_groups for n in group] == [one, 4 * one, one, 6 * 8]
         fabric.on_send = lambda data: None
     # reused: a few per size class (the checksums' share the layers'), however many rounds
     assert receiver.staging_allocations <= 5
@@ -642,7 +643,7 @@ def test_a_corrupt_checksum_on_the_wire_fails_its_handoff(receiver, sender, fabr
     one = nbytes(kv[0])
 
     def corrupt(got: torch.Tensor) -> torch.Tensor:
-        if got.numel() == 8:  # a round of one layer's checksum
+        if got.numel() == 2 * 8:  # the checksums of the handoff's two layers
             got = got.clone()
             got[0] ^= 0x01
         return got
@@ -653,7 +654,8 @@ def test_a_corrupt_checksum_on_the_wire_fails_its_handoff(receiver, sender, fabr
     future = receiver.expect(hid, 2, one, collect(store))
     channel = sender.open(receiver.endpoint, hid, 2)
     fabric.corrupt = corrupt
-    channel.send_layer(0, kv[0])
+    for layer in range(2):
+        channel.send_layer(layer, kv[layer])
     result = future.result(10)
     assert not result.ok and "checksum mismatch on layer 0" in result.error
     assert store == {}
@@ -714,7 +716,7 @@ def test_coalescing_takes_only_runs_back_to_back_in_memory() -> None:
     other = torch.zeros(8, 64, dtype=torch.uint8)
 
     def sent(channel: object, layer: int, data: torch.Tensor) -> nccl_sender._Sent:
-        return nccl_sender._Sent(channel, layer, data)  # type: ignore[arg-type]
+        return nccl_sender._Sent(channel, layer, data, Event(None))  # type: ignore[arg-type]
 
     sends = [
         sent(a, 0, buf[0]), sent(b, 0, other[0]), sent(a, 1, buf[1]), sent(a, 2, buf[2]),
@@ -742,7 +744,7 @@ def test_a_run_of_layers_splits_into_messages_of_bounded_size() -> None:
 
     def parts(first: int, count: int, max_bytes: int) -> list[tuple[int, int, int]]:
         run = buf[first : first + count]
-        messages = nccl_sender.split(a, first, run, max_bytes)  # type: ignore[arg-type]
+        messages = nccl_sender.split(a, first, run, Event(None), max_bytes)  # type: ignore[arg-type]
         assert all(m.data.data_ptr() == buf[m.first].data_ptr() for m in messages)
         return [(m.first, m.count, m.data.nbytes) for m in messages]
 
@@ -780,7 +782,8 @@ def test_a_burst_that_finds_the_sender_idle_goes_out_in_two_rounds(
     receiver, fabric, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first of layers queued one by one while the sender thread was idle goes out alone,
-    after one layer's host work; the rest in one round (one checksum launch, one group)."""
+    after one layer's host work; the rest in one round (one group), then the checksums of all
+    eight (one launch: the handoff's last layer closes the batch)."""
     jobs = GatedQueue()
     gated_queue = types.SimpleNamespace(SimpleQueue=lambda: jobs, Empty=queue.Empty)
     monkeypatch.setattr(nccl_sender, "queue", gated_queue)
@@ -798,8 +801,8 @@ def test_a_burst_that_finds_the_sender_idle_goes_out_in_two_rounds(
         channel.finish(10)
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-        assert fabric.send_groups[1:] == [1, 1, 7, 1]  # after the pair's 1-byte probe
-        assert launches == [1, 7]
+        assert fabric.send_groups[1:] == [1, 7, 1]  # after the pair's 1-byte probe
+        assert launches == [8]
         # once the backlog was sent, a burst queued while the thread is busy is one round
         fabric.sent.clear()
         assert_pair_still_works(receiver, sender)

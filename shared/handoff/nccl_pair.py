@@ -134,6 +134,10 @@ class Peer(SenderLink):
             raise
         self.sock.settimeout(None)
         self.stream = sender.dev.stream(HIGH_PRIORITY)
+        # only the sender thread: messages sent since the last SUMS frame (their checksums follow
+        # in a later round), and their bytes
+        self.unsummed: list[Any] = []
+        self.unsummed_bytes = 0
         self._reader = threading.Thread(target=self._read_loop, name="nccl-ack", daemon=True)
         self._reader.start()
 

@@ -1,26 +1,30 @@
 """Prefill side of the NCCL transport (control protocol: nccl_frames).
 
 The engine's thread only records an event on its compute stream after each layer's gather and
-queues the layer (send_layer_group; several layers that already exist: one event and one queue
-operation for all, send_layer_groups). One sender thread does the rest, in rounds that each take
+queues the layer (send_layer_group; runs of layers that already exist: one event and one queue
+operation for all, send_layer_runs). One sender thread does the rest, in rounds that each take
 every layer queued so far, however many (a layer that finds the thread idle goes out alone,
 after one layer's host work):
 
-    DATA, SUMS      one write per peer: the round's messages in batches of about BATCH_BYTES,
-                    each batch's DATA frames followed by the SUMS frame of its checksums.
-                    Consecutive layers of a handoff that lie back to back in memory (KVPusher
-                    gathers a request's layers into one buffer) go as one message of up to
-                    MESSAGE_BYTES, a handoff's last layer alone
-    per batch       one ncclGroupStart/End of its sends, each peer's on its own stream after the
-                    compute stream's events; one Triton launch (kernels/checksum) of its layers'
-                    checksums on the checksum stream, beside the sends; then one group of the
-                    checksums' sends ([layers, programs] partial sums), each peer's stream
-                    waiting for them
+    DATA, SUMS      one write per peer: a DATA frame a message (consecutive layers of a
+                    handoff that lie back to back in memory go as one message of up to
+                    MESSAGE_BYTES, a handoff's last layer alone; KVPusher gathers a request's
+                    layers into one buffer), and a SUMS frame wherever the batch of messages
+                    sent since the last one closes: once it holds BATCH_BYTES, and at the end
+                    of a round that holds a handoff's last layer
+    per segment     (the messages up to a SUMS frame, or the round's rest) one
+                    ncclGroupStart/End of its sends, each peer's on its own stream after the
+                    compute stream's events; where it closes a batch, one Triton launch
+                    (kernels/checksum) of the batch's checksums on the checksum stream, beside
+                    the sends, then one group of the checksums' sends ([layers, programs] partial
+                    sums), each peer's stream waiting for them
 
 So the checksums travel on the communicator right behind the data they cover: the receiver
-verifies a batch as soon as it landed (after the last byte, only the last batch waits for its
-checksums), the sender thread never waits for the GPU, a round costs a few dozen host calls
-whatever its size, and the compute stream never waits on the network.
+verifies a batch once it landed (after the last byte, only the last batch waits for its
+checksums); a handoff the prefill produces a layer at a time costs one checksum launch per
+BATCH_BYTES and one at its end, not one a layer; the sender thread never waits for the GPU, a
+round costs a few dozen host calls whatever its size, and the compute stream never waits on
+the network.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class _Sent:
     channel: NcclSendChannel
     layer: int
     data: torch.Tensor  # contiguous, on the device
+    ready: Event  # its data exists once it completed
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +75,16 @@ class _Message:
     first: int  # its first layer
     count: int
     data: torch.Tensor  # contiguous: the layers' bytes back to back
+    ready: list[Event]  # the data exists once they completed
 
     @property
     def layer_nbytes(self) -> int:
         return self.data.nbytes // self.count
+
+    @property
+    def ends_handoff(self) -> bool:
+        """Whether it holds its handoff's last layer."""
+        return self.first + self.count == self.channel.num_layers
 
 
 def _follows(prev: _Sent, s: _Sent) -> bool:
@@ -124,11 +135,12 @@ def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Messag
 def _message(run: list[_Sent]) -> _Message:
     first = run[0]
     data = first.data if len(run) == 1 else _span(first.data, first.data.nbytes * len(run))
-    return _Message(first.channel, first.layer, len(run), data)
+    return _Message(first.channel, first.layer, len(run), data, [s.ready for s in run])
 
 
 def split(
-    channel: NcclSendChannel, first: int, data: torch.Tensor, max_bytes: int = MESSAGE_BYTES
+    channel: NcclSendChannel, first: int, data: torch.Tensor, ready: Event,
+    max_bytes: int = MESSAGE_BYTES,
 ) -> list[_Message]:  # fmt: skip
     """The messages of a run of layers first.. (data [count, ...], contiguous, a layer a row):
     of at most max_bytes each (at least a layer), in place, the handoff's last layer alone."""
@@ -136,29 +148,22 @@ def split(
     step = max(1, max_bytes // (data.nbytes // count))
     end = count - 1 if first + count == channel.num_layers and count > 1 else count
     messages = [
-        _Message(channel, first + i, n, data if n == count else data[i : i + n])
+        _Message(channel, first + i, n, data if n == count else data[i : i + n], [ready])
         for i in range(0, end, step)
         for n in (min(step, end - i),)
     ]
     if end < count:
-        messages.append(_Message(channel, first + end, 1, data[end:]))
+        messages.append(_Message(channel, first + end, 1, data[end:], [ready]))
     return messages
 
 
-def batch_messages(
-    messages: list[_Message], batch_bytes: int = BATCH_BYTES
-) -> list[list[_Message]]:
-    """The messages in batches, in order: a batch ends once it holds batch_bytes (its checksums
-    follow it on the wire, so the receiver verifies it while the next batch is on the wire)."""
-    batches: list[list[_Message]] = [[]]
-    size = 0
-    for m in messages:
-        if size >= batch_bytes:
-            batches.append([])
-            size = 0
-        batches[-1].append(m)
-        size += m.data.nbytes
-    return batches
+@dataclass(slots=True)
+class _Segment:
+    """Messages of a round to one peer sent in one group, then, if `sums` is set, the checksums
+    of the batch it closes (`sums`: every message sent to the peer since the last SUMS)."""
+
+    messages: list[_Message]
+    sums: list[_Message] | None = None
 
 
 class NcclKVSender:
@@ -268,27 +273,50 @@ class NcclKVSender:
         if not live:
             return
         peers = list({id(ch.peer): ch.peer for _, ch, _ in live}.values())
-        batches = {}
+        segments = {}
         for peer in peers:
             mine = [(job, ch, data) for job, ch, data in live if ch.peer is peer]
-            singles = [_Sent(ch, job.layer, data) for job, ch, data in mine if job.count == 1]
+            singles = [_Sent(ch, job.layer, data, job.ready)
+                       for job, ch, data in mine if job.count == 1]  # fmt: skip
             messages = coalesce(singles)
             for job, ch, data in mine:
                 if job.count > 1:
-                    messages += split(ch, job.layer, data)
-            batches[id(peer)] = batch_messages(messages)
+                    messages += split(ch, job.layer, data, job.ready)
+            segments[id(peer)] = self._segments(peer, messages)
         for peer in peers:  # DATA and SUMS before the sends: the receiver posts its recvs on
             # them, so a send that must first connect more NCCL channels never waits for nothing
-            peer.write(b"".join(self._frames(b) for b in batches[id(peer)]))
-        launched, spans = self._launch_sends(jobs, peers, batches)
-        for m in launched:
-            m.channel.launched(m.first, m.count, m.data.nbytes, spans[id(m.channel.peer)])
-        if (timeline := self.timeline) is not None:
-            keys = [(m.channel.key, m.first + i) for m in launched for i in range(m.count)]
-            timeline.mark_all("launched", keys)
+            peer.write(b"".join(self._frames(seg) for seg in segments[id(peer)]))
+        self._launch_sends(jobs, peers, segments)
 
-    def _frames(self, batch: list[_Message]) -> bytes:
-        """A batch's DATA frames, then the SUMS frame of its checksums."""
+    @staticmethod
+    def _segments(peer: Peer, messages: list[_Message]) -> list[_Segment]:
+        """A round's messages to `peer` in segments: the batch of messages sent since the last
+        SUMS closes (its checksums follow) once it holds BATCH_BYTES, and at the end of a round
+        that holds a handoff's last layer. So a handoff that already exists goes in batches
+        verified while the next are on the wire, and one a prefill produces a layer at a time
+        costs one checksum launch per BATCH_BYTES and one at its end, not one a layer."""
+        segments = [_Segment([])]
+        ends = False  # a message since the last SUMS holds its handoff's last layer
+
+        def close() -> None:
+            nonlocal ends
+            segments[-1].sums, peer.unsummed = peer.unsummed, []
+            peer.unsummed_bytes, ends = 0, False
+            segments.append(_Segment([]))
+
+        for m in messages:
+            segments[-1].messages.append(m)
+            peer.unsummed.append(m)
+            peer.unsummed_bytes += m.data.nbytes
+            ends = ends or m.ends_handoff
+            if peer.unsummed_bytes >= BATCH_BYTES:
+                close()
+        if ends and peer.unsummed:
+            close()
+        return [seg for seg in segments if seg.messages]
+
+    def _frames(self, segment: _Segment) -> bytes:
+        """A segment's DATA frames, then the SUMS frame of the checksums of the batch it closes."""
         frames = [
             pack(
                 Kind.DATA,
@@ -298,40 +326,43 @@ class NcclKVSender:
                 m.layer_nbytes,
                 value=m.count,
             )  # fmt: skip
-            for m in batch
+            for m in segment.messages
         ]
-        count = sum(m.count for m in batch)
-        programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
-        frames.append(pack(Kind.SUMS, NO_ID, 0, count, 8 * count * programs, value=programs))
+        if (batch := segment.sums) is not None:
+            count = sum(m.count for m in batch)
+            programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
+            frames.append(pack(Kind.SUMS, NO_ID, 0, count, 8 * count * programs, value=programs))
         return b"".join(frames)
 
     def _launch_sends(
-        self, jobs: list[Job], peers: list[Peer], batches: dict[int, list[list[_Message]]]
-    ) -> tuple[list[_Message], dict[int, tuple[Event, Event]]]:  # fmt: skip
-        """Per batch: one group of sends (one per message, each peer's on its own stream after
-        the compute stream's events); the batch's checksums on the checksum stream beside them;
-        then one group of the checksums' sends, each peer's stream waiting for them."""
+        self, jobs: list[Job], peers: list[Peer], segments: dict[int, list[_Segment]]
+    ) -> None:  # fmt: skip
+        """Per segment: one group of sends (one per message, each peer's on its own stream after
+        the compute stream's events), their channels told (before any checksums go: the ACK may
+        follow them); if it closes a batch, the batch's checksums on the checksum stream beside
+        them, then one group of the checksums' sends, each peer's stream waiting for them."""
         for peer in sorted(peers, key=id):
             peer.lock.acquire()
         try:
             # every layer whose DATA went out is sent, also if its handoff failed meanwhile:
             # the receiver posted a recv for it
-            live = [m for p in peers if not p.dead for b in batches[id(p)] for m in b]
             ready = [job.ready for job in jobs]
             starts = {}
             for peer in peers:
                 self.dev.wait_all(peer.stream, ready)
                 starts[id(peer)] = Event(peer.stream, timing=True)
-            self.dev.wait_all(self._checksum_stream, ready)
             try:
-                for b in range(max(len(batches[id(p)]) for p in peers)):
-                    now = [(p, batches[id(p)][b]) for p in peers if b < len(batches[id(p)])]
+                for b in range(max(len(segments[id(p)]) for p in peers)):
+                    now = [(p, segments[id(p)][b]) for p in peers if b < len(segments[id(p)])]
                     with self.fabric.group():
-                        for peer, batch in now:
+                        for peer, seg in now:
                             if not peer.dead:
-                                for m in batch:
+                                for m in seg.messages:
                                     peer.comm.send(m.data, 1, peer.stream)
-                    sums = [(peer, self._checksums(batch)) for peer, batch in now]
+                    self._launched([(p, seg.messages) for p, seg in now], starts)
+                    sums = [(p, self._checksums(seg.sums)) for p, seg in now if seg.sums]
+                    if not sums:
+                        continue
                     with self.fabric.group():
                         for peer, (partials, summed) in sums:
                             if not peer.dead:
@@ -344,17 +375,30 @@ class NcclKVSender:
                 error = str(exc)
             else:
                 failed, error = [], ""
-            spans = {id(p): (starts[id(p)], Event(p.stream, timing=True)) for p in peers}
             for peer in peers:
-                for batch in batches[id(peer)]:
-                    for m in batch:
+                for seg in segments[id(peer)]:
+                    for m in seg.messages:
                         self.dev.keep(m.data, peer.stream)
         finally:
             for peer in peers:
                 peer.lock.release()
         for peer in failed:
             peer.die(f"NCCL send failed: {error}")
-        return ([] if failed else live), spans
+
+    def _launched(
+        self, sent: list[tuple[Peer, list[_Message]]], starts: dict[int, Event]
+    ) -> None:  # fmt: skip
+        """Tell the channels of messages just enqueued (stats: the span of their sends)."""
+        keys = []
+        for peer, messages in sent:
+            if peer.dead:
+                continue
+            span = (starts[id(peer)], Event(peer.stream, timing=True))
+            for m in messages:
+                m.channel.launched(m.first, m.count, m.data.nbytes, span)
+                keys += [(m.channel.key, m.first + i) for i in range(m.count)]
+        if (timeline := self.timeline) is not None:
+            timeline.mark_all("launched", keys)
 
     def _checksums(self, batch: list[_Message]) -> tuple[torch.Tensor, Event]:
         """The partial sums of the checksums of a batch's layers ([layers, programs] int64 on
@@ -362,6 +406,9 @@ class NcclKVSender:
         for the data), and the event after them. If they cannot be computed, the batch's
         handoffs fail and zeros go in their place (the receiver expects the bytes)."""
         programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
+        self.dev.wait_all(self._checksum_stream, [e for m in batch for e in m.ready])
+        for m in batch:  # sent in earlier rounds, perhaps: not reused before it is read here
+            self.dev.keep(m.data, self._checksum_stream)
         with self.dev.on(self._checksum_stream):
             try:
                 partials = self.dev.partials([(m.data, m.count) for m in batch], programs)
