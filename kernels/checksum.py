@@ -127,7 +127,9 @@ def _rows(data: torch.Tensor, count: int) -> list[int]:
     return rows
 
 
-def layer_table(layers: Sequence[torch.Tensor], counts: Sequence[int] | None = None) -> torch.Tensor:
+def layer_table(
+    layers: Sequence[torch.Tensor], counts: Sequence[int] | None = None
+) -> torch.Tensor:
     """The kernel's table of contiguous tensors (all on one device), tensor i holding counts[i]
     equal layers back to back (default 1): [layers * 4] int64 on that device, copied up on the
     current stream (it reads only their addresses and sizes, so it may go ahead of the work
