@@ -466,6 +466,27 @@ def test_layers_of_a_handoff_aborted_mid_launch_free_their_staging(
     assert receiver.staging_allocations <= 6  # reused: a message's and a round's sums at a time
 
 
+def test_a_handoff_aborted_before_its_last_layer_frees_its_staging_at_once(
+    receiver, sender
+) -> None:
+    """Layers sent before an abort wait for the checksums of their batch; the abort sends them,
+    so the receiver frees their staging with no more traffic on the pair."""
+    kv = layers(4)
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 4, nbytes(kv[0]), collect({}))
+    channel = sender.open(receiver.endpoint, hid, 4)
+    for layer in range(2):
+        channel.send_layer(layer, kv[layer])
+    assert wait_for(lambda: receiver.staging_lent == 2)  # both landed, no checksums yet
+    time.sleep(0.05)
+    assert receiver.staging_lent == 2 and not future.done()
+    channel.abort("the prefill was cancelled")
+    result = future.result(10)
+    assert not result.ok and "the prefill was cancelled" in result.error
+    assert wait_for(lambda: receiver.staging_lent == 0)
+    assert_pair_still_works(receiver, sender)
+
+
 def test_a_burst_of_layers_is_received_in_bounded_groups(
     receiver, sender, fabric, monkeypatch: pytest.MonkeyPatch
 ) -> None:

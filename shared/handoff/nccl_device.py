@@ -18,7 +18,7 @@ from kernels.checksum import PROGRAMS, checksum_partials, fold, layer_checksum_r
 _order = itertools.count()
 _order_lock = threading.Lock()  # an event's place in `_order` is its place on its stream
 HIGH_PRIORITY = -1  # streams of the handoff: their few small kernels go ahead of compute's
-BYTES_PER_PROGRAM = 4 << 20  # a round's checksum takes one program per this many bytes (>= 32)
+BYTES_PER_PROGRAM = 4 << 20  # a batch's checksum takes one program per this many bytes (>= 32)
 
 
 class Event:

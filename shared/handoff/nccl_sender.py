@@ -257,6 +257,8 @@ class NcclKVSender:
                 self._launch(run)
                 run = []
                 channel = job.items[0][0]
+                # its last layer may never come to close the batch its layers are in
+                self._close_batch(channel.peer)
                 channel.peer.write(message(Kind.ABORT, channel.key, job.abort))
             else:
                 run.append(job)
@@ -384,6 +386,26 @@ class NcclKVSender:
                 peer.lock.release()
         for peer in failed:
             peer.die(f"NCCL send failed: {error}")
+
+    def _close_batch(self, peer: Peer) -> None:
+        """Send the checksums of the messages sent to `peer` since the last SUMS frame, so that
+        the receiver settles their layers (and frees their staging) without waiting for more."""
+        if not peer.unsummed or peer.dead:
+            return
+        batch, peer.unsummed, peer.unsummed_bytes = peer.unsummed, [], 0
+        peer.write(self._frames(_Segment([], batch)))
+        with peer.lock:
+            partials, summed = self._checksums(batch)
+            try:
+                with self.fabric.group():
+                    self.dev.wait(peer.stream, summed)
+                    peer.comm.send(partials, 1, peer.stream)
+            except nccl.NcclError as exc:
+                error = str(exc)
+            else:
+                self.dev.keep(partials, peer.stream)
+                return
+        peer.die(f"NCCL send failed: {error}")
 
     def _launched(
         self, sent: list[tuple[Peer, list[_Message]]], starts: dict[int, Event]
