@@ -411,15 +411,14 @@ class NcclKVSender:
         self, sent: list[tuple[Peer, list[_Message]]], starts: dict[int, Event]
     ) -> None:  # fmt: skip
         """Tell the channels of messages just enqueued (stats: the span of their sends)."""
-        keys = []
-        for peer, messages in sent:
-            if peer.dead:
-                continue
+        told = [(peer, messages) for peer, messages in sent if not peer.dead]
+        for peer, messages in told:
             span = (starts[id(peer)], Event(peer.stream, timing=True))
             for m in messages:
                 m.channel.launched(m.first, m.count, m.data.nbytes, span)
-                keys += [(m.channel.key, m.first + i) for i in range(m.count)]
-        if (timeline := self.timeline) is not None:
+        if (timeline := self.timeline) is not None:  # a diagnostic: no keys built without it
+            keys = [(m.channel.key, m.first + i)
+                    for _, messages in told for m in messages for i in range(m.count)]  # fmt: skip
             timeline.mark_all("launched", keys)
 
     def _checksums(self, batch: list[_Message]) -> tuple[torch.Tensor, Event]:
