@@ -528,13 +528,13 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
 def count_checksum_launches(sender: NcclKVSender) -> list[int]:
     """The number of layers of each checksum launch the sender makes from now on."""
     launches: list[int] = []
-    partials = sender.dev.partials
+    layer_sums = sender.dev.layer_sums
 
     def count(runs: list[tuple[torch.Tensor, int]], programs: int) -> torch.Tensor:
         launches.append(sum(n for _, n in runs))
-        return partials(runs, programs)
+        return layer_sums(runs, programs)
 
-    sender.dev.partials = count  # type: ignore[method-assign]
+    sender.dev.layer_sums = count  # type: ignore[method-assign]
     return launches
 
 

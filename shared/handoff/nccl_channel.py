@@ -85,6 +85,10 @@ class NcclSendChannel(SendChannel):
 
     def _stats(self) -> HandoffStats:
         seconds = max(self._acked_at - self._first_send, 1e-9)
+        return HandoffStats(self._nbytes, seconds, self._nbytes / seconds / 1e9, self._layer_times)
+
+    def _layer_times(self) -> list[float]:
+        """Each layer's share of the time its send's span took on the GPU."""
         layer_seconds = [0.0] * self.num_layers
         sharing = collections.Counter(id(span) for span in self._spans.values())
         elapsed: dict[int, float] = {}  # layers launched together share one span: time it once
@@ -92,7 +96,7 @@ class NcclSendChannel(SendChannel):
             if id(span) not in elapsed:
                 elapsed[id(span)] = span[0].seconds_until(span[1]) / sharing[id(span)]
             layer_seconds[layer] = elapsed[id(span)]
-        return HandoffStats(self._nbytes, seconds, self._nbytes / seconds / 1e9, layer_seconds)
+        return layer_seconds
 
 
 def send_layer_group(

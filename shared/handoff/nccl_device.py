@@ -115,14 +115,16 @@ class Device:
             return 1
         return max(PROGRAMS, min(self._max_programs, nbytes // BYTES_PER_PROGRAM))
 
-    def partials(self, runs: list[tuple[torch.Tensor, int]], programs: int) -> torch.Tensor:
-        """Partial sums of each layer's checksum (kernels/checksum) of runs (a contiguous tensor,
-        the number of equal layers it holds back to back): [layers, programs] int64 on the
-        device (programs: `sum_programs`), enqueued on the current stream in one launch without
-        a host sync. On CPU the reference: one column, the whole checksum."""
+    def layer_sums(self, runs: list[tuple[torch.Tensor, int]], programs: int) -> torch.Tensor:
+        """Each layer's checksum (kernels/checksum) of runs (a contiguous tensor, the number of
+        equal layers it holds back to back): [layers, 1] int64 on the device, enqueued on the
+        current stream without a host sync: one launch of `programs` partial sums a layer
+        (`sum_programs`), folded on the device (int64 sums wrap mod 2^64, as `fold`), so that
+        whoever reads them folds one value a layer. On CPU the reference."""
         if not self.cuda:
             return torch.stack([layer_checksum_ref(x) for x in _layers(runs)]).reshape(-1, 1)
-        return checksum_partials([x for x, _ in runs], programs, counts=[n for _, n in runs])
+        partials = checksum_partials([x for x, _ in runs], programs, counts=[n for _, n in runs])
+        return partials.sum(dim=1, keepdim=True)
 
     def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
         """int64 zeros on the device, on the current stream."""
@@ -132,13 +134,13 @@ class Device:
         self, groups: list[tuple[list[tuple[torch.Tensor, int]], Event | None, torch.Tensor | None]]
     ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, Event]]:  # fmt: skip
         """Per group (runs, after, down), enqueued on the current stream after `after` (if
-        given): the copy down of `down` (if given), then the partial sums of the checksums of
-        the layers of `runs` (a contiguous tensor, the number of equal layers it holds back to
-        back; kernels/checksum) copied down (none without runs), and an event after both.
-        Returns per group (partials [layers, P] int64 on the host, down on the host, event): they
+        given): the copy down of `down` (if given), then the checksums of the layers of `runs`
+        (a contiguous tensor, the number of equal layers it holds back to back; kernels/checksum)
+        folded on the device and copied down (none without runs), and an event after both.
+        Returns per group (sums [layers, 1] int64 on the host, down on the host, event): they
         hold the values once the event completed. On CUDA one table up for all groups (it reads
-        only addresses, so it goes ahead of the events), then per group one launch and the
-        copies down, no host sync; on CPU the reference (each row the whole checksum)."""
+        only addresses, so it goes ahead of the events), then per group one launch, the fold and
+        the copies down, no host sync; on CPU the reference."""
         stream = self.current_stream()
         if stream is None:
             out = []
@@ -166,7 +168,7 @@ class Device:
                 rows = table[4 * row : 4 * (row + n)]
                 tensors, counts = [x for x, _ in runs], [c for _, c in runs]
                 partials = checksum_partials(tensors, table=rows, counts=counts)
-                partials = partials.to("cpu", non_blocking=True)
+                partials = partials.sum(dim=1, keepdim=True).to("cpu", non_blocking=True)
                 row += n
             results.append((partials, host, Event(stream)))
         return results
@@ -183,5 +185,5 @@ class Device:
             with torch.cuda.device(self.device):
                 layer = torch.zeros(24, dtype=torch.uint8, device=self.device)
                 self.group_sums([([(layer, 1)], None, layer)])
-                self.partials([(layer, 1)], self.sum_programs(layer.nbytes))
+                self.layer_sums([(layer, 1)], self.sum_programs(layer.nbytes))
                 torch.cuda.synchronize(self.device)

@@ -22,7 +22,8 @@ A DATA frame announces `count` layers (its value field, >= 1) of `nbytes` each, 
 lie back to back in its memory (a handoff's last layer always goes alone, so that after the
 last byte only it waits for its checksum). A SUMS frame announces the checksums of the layers of
 the DATA frames since the previous SUMS frame, in their order: row i of the partial sums
-(kernels/checksum; a row adds up to its layer's checksum) is the i-th of those layers. Every
+(kernels/checksum; a row adds up to its layer's checksum) is the i-th of those layers
+(NcclKVSender folds them on its GPU: one value a layer, `programs` = 1). Every
 DATA and SUMS frame is matched by a recv, also for handoffs the receiver rejects (into a buffer
 that is dropped), so the communicator's order never breaks; a corrupt layer NACKs the handoff.
 A lost control connection aborts the communicator on both sides (ncclCommAbort ends kernels that

@@ -3,17 +3,18 @@
 Two threads per prefill connection:
 
     connection thread  reads the frames that arrived (one recv a burst); for all the burst's SUMS
-                       and DATA frames at once, posts an ncclRecv each on the link's recv stream
-                       (only recvs: they go back to back) into staging buffers the link reuses
-                       (nccl_staging), in groups of at most RECV_GROUP_BYTES (a round's checksums
-                       with its first message; a handoff's last layer alone, so that after the
-                       last byte only it waits for its checksum); then enqueues on the check
-                       stream, per group once its recvs landed, the copy down of the sender's
-                       checksums it holds and the checksums of its layers (one table up for the
-                       burst, then per group one launch and its partials down), and hands the
-                       groups to the verify thread. It never waits for the GPU, and a burst
-                       costs a few host calls per group.
-    verify thread      takes the groups in order, waits (without the GIL) for each one's
+                       and DATA frames at once, takes staging buffers the link reuses
+                       (nccl_staging) and posts an ncclRecv each on the link's recv stream (only
+                       recvs: they go back to back), in groups of at most RECV_GROUP_BYTES (a
+                       SUMS frame's checksums end the group they come in; a handoff's last layer
+                       alone, so that after the last byte only it waits for its checksum); then
+                       hands the groups whose checksums are all posted to the verify thread. It
+                       never waits for the GPU, and a burst costs a few host calls per group.
+    verify thread      takes every group handed over so far and enqueues on the check stream,
+                       per group once its recvs landed, the copy down of the sender's checksums
+                       it holds and the checksums of its layers, folded on the device (one table
+                       up for all, then per group one launch, the fold and the copies down); then
+                       takes the groups in order, waits (without the GIL) for each one's
                        checksums, compares them with the sender's, hands the layers to on_layer
                        on the scatter stream, and gives their staging buffers back after one
                        event.
@@ -397,12 +398,14 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         to the verify thread."""
         assert link.comm is not None
         groups = _recv_groups(ops)
+        sizes = [
+            [d.message_bytes for d in g.datas] + ([g.sums.nbytes] if g.sums is not None else [])
+            for g in groups
+        ]
+        staged = iter(link.staging.take_all([n for group_sizes in sizes for n in group_sizes]))
         bufs: dict[int, list[torch.Tensor]] = {}  # per group: its messages', then its sums'
-        for group in groups:  # first every recv: the wire goes on meanwhile
-            sizes = [d.message_bytes for d in group.datas]
-            if group.sums is not None:
-                sizes.append(group.sums.nbytes)
-            bufs[id(group)] = link.staging.take_all(sizes)
+        for group, group_sizes in zip(groups, sizes, strict=True):  # first every recv
+            bufs[id(group)] = [next(staged) for _ in group_sizes]
             with self.fabric.group():
                 for buf in bufs[id(group)]:
                     link.comm.recv(buf, 0, link.recv_stream)
@@ -525,9 +528,9 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                         if state.closed:
                             link.staging.give(landing.buf, group.released)
                             continue
-                        size = state.layer_nbytes
-                        for i in range(landing.count):
-                            payload = landing.buf[i * size : (i + 1) * size]
+                        # one view per layer in one call, not a slice each
+                        payloads = landing.buf.view(landing.count, -1).unbind(0)
+                        for i, payload in enumerate(payloads):
                             if error := state.deliver(landing.first + i, payload):
                                 break
                         delivered.append(landing)

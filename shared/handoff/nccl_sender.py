@@ -16,8 +16,8 @@ after one layer's host work):
                     ncclGroupStart/End of its sends, each peer's on its own stream after the
                     compute stream's events; where it closes a batch, one Triton launch
                     (kernels/checksum) of the batch's checksums on the checksum stream, beside
-                    the sends, then one group of the checksums' sends ([layers, programs] partial
-                    sums), each peer's stream waiting for them
+                    the sends (folded there to one int64 a layer), then one group of the
+                    checksums' sends, each peer's stream waiting for them
 
 So the checksums travel on the communicator right behind the data they cover: the receiver
 verifies a batch once it landed (after the last byte, only the last batch waits for its
@@ -29,6 +29,7 @@ the network.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -147,14 +148,13 @@ def split(
     count = data.shape[0]
     step = max(1, max_bytes // (data.nbytes // count))
     end = count - 1 if first + count == channel.num_layers and count > 1 else count
-    messages = [
-        _Message(channel, first + i, n, data if n == count else data[i : i + n], [ready])
-        for i in range(0, end, step)
-        for n in (min(step, end - i),)
+    sizes = [min(step, end - i) for i in range(0, end, step)] + [1] * (count - end)
+    parts = data.split(sizes) if len(sizes) > 1 else (data,)  # one call for all the views
+    starts = itertools.accumulate(sizes[:-1], initial=0)
+    return [
+        _Message(channel, first + i, n, part, [ready])
+        for i, n, part in zip(starts, sizes, parts, strict=True)
     ]
-    if end < count:
-        messages.append(_Message(channel, first + end, 1, data[end:], [ready]))
-    return messages
 
 
 @dataclass(slots=True)
@@ -330,10 +330,9 @@ class NcclKVSender:
             )  # fmt: skip
             for m in segment.messages
         ]
-        if (batch := segment.sums) is not None:
+        if (batch := segment.sums) is not None:  # one checksum a layer (_checksums)
             count = sum(m.count for m in batch)
-            programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
-            frames.append(pack(Kind.SUMS, NO_ID, 0, count, 8 * count * programs, value=programs))
+            frames.append(pack(Kind.SUMS, NO_ID, 0, count, 8 * count, value=1))
         return b"".join(frames)
 
     def _launch_sends(
@@ -422,20 +421,21 @@ class NcclKVSender:
             timeline.mark_all("launched", keys)
 
     def _checksums(self, batch: list[_Message]) -> tuple[torch.Tensor, Event]:
-        """The partial sums of the checksums of a batch's layers ([layers, programs] int64 on
-        the device, as its SUMS frame announced), enqueued on the checksum stream (which waits
-        for the data), and the event after them. If they cannot be computed, the batch's
-        handoffs fail and zeros go in their place (the receiver expects the bytes)."""
+        """The checksums of a batch's layers ([layers, 1] int64 on the device, as its SUMS frame
+        announced: folded there, so the receiver folds one value a layer), enqueued on the
+        checksum stream (which waits for the data), and the event after them. If they cannot
+        be computed, the batch's handoffs fail and zeros go in their place (the receiver expects
+        the bytes)."""
         programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
         self.dev.wait_all(self._checksum_stream, [e for m in batch for e in m.ready])
         for m in batch:  # sent in earlier rounds, perhaps: not reused before it is read here
             self.dev.keep(m.data, self._checksum_stream)
         with self.dev.on(self._checksum_stream):
             try:
-                partials = self.dev.partials([(m.data, m.count) for m in batch], programs)
+                partials = self.dev.layer_sums([(m.data, m.count) for m in batch], programs)
             except Exception as exc:
                 log.exception("KV checksum launch failed")
                 for m in batch:
                     m.channel.fail(HandoffError(f"checksum failed: {exc}"))
-                partials = self.dev.zeros((sum(m.count for m in batch), programs))
+                partials = self.dev.zeros((sum(m.count for m in batch), 1))
             return partials, Event(self._checksum_stream)

@@ -80,7 +80,7 @@ class StagingPool:
         with self._lock:
             for buf in bufs:
                 self._lent[buf.data_ptr()] = buf
-        return [buf[:n] for buf, n in zip(bufs, sizes, strict=True)]
+        return [buf if buf.numel() == n else buf[:n] for buf, n in zip(bufs, sizes, strict=True)]
 
     def give(self, view: torch.Tensor, released: Event | list[Event]) -> None:
         """Return a buffer `take` gave; `released` completes (all complete) after its last

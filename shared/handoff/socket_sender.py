@@ -8,6 +8,7 @@ a reader thread (ACK/NACK, or the connection's death, which fails every handoff 
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -150,7 +151,7 @@ class _SocketChannel(SendChannel):
             nbytes=self._nbytes,
             seconds=seconds,
             gbps=self._nbytes / seconds / 1e9,
-            layer_seconds=list(self._layer_seconds),
+            layer_times=functools.partial(list, self._layer_seconds),
         )
 
 

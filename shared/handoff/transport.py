@@ -31,10 +31,11 @@ auto picks the transport per endpoint; kv_io moves KV between the paged cache an
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -60,12 +61,19 @@ class HandoffResult:
 
 @dataclass(frozen=True)
 class HandoffStats:
-    """Sender-side statistics of one acknowledged handoff."""
+    """Sender-side statistics of one acknowledged handoff. The per-layer times are worked out
+    when first read (on the GPU they come from CUDA events: a caller that does not read them
+    does not wait for them)."""
 
     nbytes: int  # payload bytes sent (all layers)
     seconds: float  # first send_layer -> receiver's ACK (includes overlapped compute)
     gbps: float  # nbytes / seconds, in GB/s (1e9 bytes per second)
-    layer_seconds: list[float]  # per layer (index = layer): seconds spent on the wire
+    layer_times: Callable[[], list[float]] = field(repr=False)
+
+    @functools.cached_property
+    def layer_seconds(self) -> list[float]:
+        """Per layer (index = layer): seconds spent on the wire."""
+        return self.layer_times()
 
 
 def handoff_id_bytes(handoff_id: str) -> bytes:
