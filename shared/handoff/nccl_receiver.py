@@ -153,7 +153,7 @@ class _Group:
     sums_buf: torch.Tensor | None = None  # the staging the round's checksums land in
     received: Event | None = None  # on the recv stream, after the group's recvs
     ready: Event | None = None  # on the check stream, after its checksums and copies down
-    partials: torch.Tensor | None = None  # [its layers, P] int64 on the host (group_sums)
+    partials: torch.Tensor | None = None  # [its layers, 1] int64 on the host (group_sums)
     error: str = ""  # the checksums could not be enqueued
 
     @property
