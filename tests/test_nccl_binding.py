@@ -15,6 +15,7 @@ import time
 import types
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import grpc
@@ -263,6 +264,17 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def open_handoff(
+    receiver: NcclKVReceiver, sender: NcclKVSender, num_layers: int, layer_nbytes: int
+) -> tuple[str, Future[HandoffResult], NcclSendChannel, dict[int, torch.Tensor]]:
+    """A new handoff the receiver expects, its layers collected into a store, and the sender's
+    channel for it: (handoff id, the receiver's future, the channel, the store)."""
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, num_layers, layer_nbytes, collect(store))
+    return hid, future, sender.open(receiver.endpoint, hid, num_layers), store
+
+
 def test_a_batch_of_handoffs_arrives_bit_identical(receiver, sender, fabric) -> None:
     shapes = [SHAPE, (2, 1, 16, 2, 8), (2, 7, 16, 2, 8)]  # a mixed batch
     data = {str(uuid.uuid4()): layers(4, s) for s in shapes}
@@ -286,10 +298,7 @@ def test_a_batch_of_handoffs_arrives_bit_identical(receiver, sender, fabric) -> 
 
 def test_a_corrupt_layer_is_nacked_and_never_delivered(receiver, sender, fabric) -> None:
     kv = layers(3)
-    store: dict[int, torch.Tensor] = {}
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 3, nbytes(kv[0]), collect(store))
-    channel = sender.open(receiver.endpoint, hid, 3)
+    hid, future, channel, store = open_handoff(receiver, sender, 3, nbytes(kv[0]))
     bad = kv[1].view(torch.uint8).reshape(-1)
 
     def flip(t: torch.Tensor) -> torch.Tensor:  # layer 1's bytes, nothing else
@@ -321,9 +330,7 @@ def test_an_unexpected_handoff_is_rejected_and_the_pair_stays_in_order(receiver,
 
 
 def test_a_wrong_size_is_rejected(receiver, sender) -> None:
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 1, 999, collect({}))
-    channel = sender.open(receiver.endpoint, hid, 1)
+    hid, future, channel, _ = open_handoff(receiver, sender, 1, 999)
     channel.send_layer(0, layers(1)[0])
     with pytest.raises(HandoffError, match="bytes != expected 999"):
         channel.finish(10)
@@ -331,9 +338,7 @@ def test_a_wrong_size_is_rejected(receiver, sender) -> None:
 
 
 def test_sender_abort_fails_the_receiving_side(receiver, sender) -> None:
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 2, nbytes(layers(1)[0]), collect({}))
-    channel = sender.open(receiver.endpoint, hid, 2)
+    hid, future, channel, _ = open_handoff(receiver, sender, 2, nbytes(layers(1)[0]))
     channel.send_layer(0, layers(1)[0])
     channel.abort("prefill cancelled")
     result = future.result(10)
@@ -472,9 +477,7 @@ def test_a_handoff_aborted_before_its_last_layer_frees_its_staging_at_once(
     """Layers sent before an abort wait for the checksums of their batch; the abort sends them,
     so the receiver frees their staging with no more traffic on the pair."""
     kv = layers(4)
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 4, nbytes(kv[0]), collect({}))
-    channel = sender.open(receiver.endpoint, hid, 4)
+    hid, future, channel, _ = open_handoff(receiver, sender, 4, nbytes(kv[0]))
     for layer in range(2):
         channel.send_layer(layer, kv[layer])
     assert wait_for(lambda: receiver.staging_lent == 2)  # both landed, no checksums yet
@@ -544,10 +547,7 @@ def test_layers_queued_together_go_in_one_round(receiver, sender, fabric) -> Non
     send)."""
     launches = count_checksum_launches(sender)
     kv = layers(8)
-    store: dict[int, torch.Tensor] = {}
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 8, nbytes(kv[0]), collect(store))
-    channel = sender.open(receiver.endpoint, hid, 8)
+    hid, future, channel, store = open_handoff(receiver, sender, 8, nbytes(kv[0]))
     send_behind_a_held_send(fabric, channel, kv)  # once the pair exists (its setup sends a probe)
     channel.finish(10)
     assert future.result(10).ok
@@ -584,10 +584,7 @@ def test_adjacent_layers_queued_together_go_as_one_message(receiver, sender, fab
     for _ in range(3):
         buf = torch.randn(6, *SHAPE).to(torch.bfloat16)
         kv = list(buf.unbind(0))  # contiguous slices, back to back
-        store: dict[int, torch.Tensor] = {}
-        hid = str(uuid.uuid4())
-        future = receiver.expect(hid, 6, nbytes(kv[0]), collect(store))
-        channel = sender.open(receiver.endpoint, hid, 6)
+        hid, future, channel, store = open_handoff(receiver, sender, 6, nbytes(kv[0]))
         fabric.send_groups.clear()
         fabric.recv_groups.clear()
         send_behind_a_held_send(fabric, channel, kv)
@@ -614,10 +611,7 @@ def test_a_corrupt_layer_inside_a_message_fails_its_handoff(receiver, sender, fa
             got[one + 5] ^= 0xFF
         return got
 
-    store: dict[int, torch.Tensor] = {}
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 4, one, collect(store))
-    channel = sender.open(receiver.endpoint, hid, 4)
+    hid, future, channel, store = open_handoff(receiver, sender, 4, one)
     fabric.corrupt = corrupt
     send_behind_a_held_send(fabric, channel, kv)
     result = future.result(10)
@@ -670,10 +664,7 @@ def test_a_corrupt_checksum_on_the_wire_fails_its_handoff(receiver, sender, fabr
         return got
 
     assert_pair_still_works(receiver, sender)
-    store: dict[int, torch.Tensor] = {}
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 2, one, collect(store))
-    channel = sender.open(receiver.endpoint, hid, 2)
+    hid, future, channel, store = open_handoff(receiver, sender, 2, one)
     fabric.corrupt = corrupt
     for layer in range(2):
         channel.send_layer(layer, kv[layer])
@@ -812,10 +803,7 @@ def test_a_burst_that_finds_the_sender_idle_goes_out_in_two_rounds(
     try:
         launches = count_checksum_launches(sender)
         kv = layers(8)
-        store: dict[int, torch.Tensor] = {}
-        hid = str(uuid.uuid4())
-        future = receiver.expect(hid, 8, nbytes(kv[0]), collect(store))
-        channel = sender.open(receiver.endpoint, hid, 8)  # type: ignore[attr-defined]
+        hid, future, channel, store = open_handoff(receiver, sender, 8, nbytes(kv[0]))
         for layer in range(8):  # all queued before the idle sender thread wakes
             channel.send_layer(layer, kv[layer])
         jobs.gate.set()
@@ -846,10 +834,7 @@ def test_a_checksum_that_cannot_be_enqueued_fails_its_handoff_and_the_pair_goes_
 
     receiver.dev.group_sums = fail_once  # type: ignore[method-assign]
     kv = layers(2)
-    store: dict[int, torch.Tensor] = {}
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 2, nbytes(kv[0]), collect(store))
-    channel = sender.open(receiver.endpoint, hid, 2)
+    hid, future, channel, store = open_handoff(receiver, sender, 2, nbytes(kv[0]))
     for layer in range(2):
         channel.send_layer(layer, kv[layer])
     result = future.result(10)
@@ -863,9 +848,7 @@ def test_a_checksum_that_cannot_be_enqueued_fails_its_handoff_and_the_pair_goes_
 def test_the_timeline_marks_every_point_of_every_layer(receiver, sender) -> None:
     sender.timeline, receiver.timeline = Timeline(), Timeline()
     kv = layers(3)
-    hid = str(uuid.uuid4())
-    future = receiver.expect(hid, 3, nbytes(kv[0]), collect({}))
-    channel = sender.open(receiver.endpoint, hid, 3)
+    hid, future, channel, _ = open_handoff(receiver, sender, 3, nbytes(kv[0]))
     for layer in range(3):
         channel.send_layer(layer, kv[layer])
     channel.finish(10)
