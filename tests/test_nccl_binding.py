@@ -337,6 +337,30 @@ def test_a_wrong_size_is_rejected(receiver, sender) -> None:
     assert "bytes != expected 999" in future.result(10).error
 
 
+def test_finish_leaves_the_per_layer_times_until_they_are_read(
+    receiver, sender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finish() returns once the ACK came; the per-layer send times (a CUDA event query and
+    elapsed time per send on a GPU) are worked out when the caller first reads them."""
+    timed: list[Event] = []
+    seconds_until = Event.seconds_until
+
+    def spy(self: Event, later: Event) -> float:
+        timed.append(self)
+        return seconds_until(self, later)
+
+    monkeypatch.setattr(Event, "seconds_until", spy)
+    kv = layers(3)
+    _, future, channel, _ = open_handoff(receiver, sender, 3, nbytes(kv[0]))
+    for layer in range(3):
+        channel.send_layer(layer, kv[layer])
+    stats = channel.finish(10)
+    assert future.result(10).ok and stats.nbytes == 3 * nbytes(kv[0])
+    assert timed == []
+    assert len(stats.layer_seconds) == 3 and all(s >= 0 for s in stats.layer_seconds)
+    assert timed and stats.layer_seconds is stats.layer_seconds  # worked out once
+
+
 def test_sender_abort_fails_the_receiving_side(receiver, sender) -> None:
     hid, future, channel, _ = open_handoff(receiver, sender, 2, nbytes(layers(1)[0]))
     channel.send_layer(0, layers(1)[0])
