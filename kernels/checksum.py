@@ -119,9 +119,10 @@ def _rows(data: torch.Tensor, count: int) -> list[int]:
     """The table rows of `count` equal layers back to back in `data`."""
     assert data.is_contiguous(), "the checksum reads the tensor's bytes in memory order"
     size = data.numel() * data.element_size() // count
+    start = data.data_ptr()
     rows: list[int] = []
     for i in range(count):
-        address = data.data_ptr() + i * size
+        address = start + i * size
         alignment = 16 if address % 16 == 0 else 8 if address % 8 == 0 else 1
         rows += (address, size // 8, size % 8, alignment)
     return rows

@@ -885,7 +885,7 @@ def test_the_timeline_marks_every_point_of_every_layer(receiver, sender) -> None
         ["queued", "launched"],  # the sender's
         ["queued", "data", "posted", "delivered"],  # the data's way
         ["posted", "landed"],
-        ["posted", "enqueued", "summed"],  # the connection thread's, then a watcher's
+        ["posted", "enqueued", "summed"],  # connection, verify, watcher thread
     ]
     for layer in range(3):
         for chain in chains:

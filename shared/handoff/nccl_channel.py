@@ -55,12 +55,6 @@ class NcclSendChannel(SendChannel):
         if send_layer_group(layer, [(self, data)]):
             self.queue(layer)  # raises the channel's error
 
-    def send_layers(self, first: int, data: torch.Tensor) -> None:
-        """send_layer for layers first.. at once: data is [count, ...], the layers back to back
-        (KVPusher's buffer of a request's layers, or a slice of it)."""
-        if send_layer_runs([(self, first, data)]):
-            self.queue(first, data.shape[0])  # raises the channel's error
-
     def finish(self, timeout: float) -> HandoffStats:
         self._await_ack(timeout, self.peer)
         return self._stats()

@@ -5,7 +5,7 @@ each point; `by_layer` lays them out for printing.
     prefill (NcclKVSender)            decode (NcclKVReceiver)
     queued     send_layer returned    data       its DATA frame read
     launched   its send enqueued      posted     its recv enqueued
-    acked      the ACK read (-1)      enqueued   its checksum enqueued (connection thread)
+    acked      the ACK read (-1)      enqueued   its checksum enqueued (verify thread)
                                       landed     its recv group complete
                                       summed     its checksum computed
                                       delivered  on_layer returned
