@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import queue
 import socket
@@ -519,7 +520,8 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
 ) -> None:
     layer_bytes = nbytes(layers(1)[0])
     monkeypatch.setattr(nccl_receiver, "RECV_GROUP_BYTES", 3 * layer_bytes)
-    calls: list[int] = []  # the layers of each recv group's checksum launch
+    monkeypatch.setattr(nccl_receiver, "CHECK_BYTES", 3 * layer_bytes)
+    calls: list[int] = []  # the layers of each checksum launch
     group_sums = receiver.dev.group_sums
 
     def count(groups: list[tuple[list[tuple[torch.Tensor, int]], Event | None, Any]]) -> Any:
@@ -548,8 +550,8 @@ def test_a_burst_of_layers_is_received_in_bounded_groups(
     # after the last byte only it waits for its checksum
     assert [len(group) for group in groups] == [3, 3, 1] + [1] * 7
     assert [len(group) for group in sums] == [0] * 9 + [1]
-    # one checksum launch per recv group
-    assert calls == [3, 3, 1] + [1] * 7
+    # one checksum launch per unit of consecutive groups of up to CHECK_BYTES
+    assert calls == [3, 3, 3, 3, 2]
 
 
 def count_checksum_launches(sender: NcclKVSender) -> list[int]:
@@ -675,6 +677,62 @@ def test_layers_that_exist_go_in_one_round_when_queued_in_one_call(
     assert received == [4 * one, one, 4 * one, one, 10 * 8]
 
 
+def test_a_handoffs_tail_is_verified_message_by_message(
+    receiver, sender, fabric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handoff that exists goes as messages that halve towards its end, each large enough
+    followed by its checksums (the receiver verifies it while the next is on the wire); the
+    checksums of the batches after one of MESSAGE_BYTES share a launch."""
+    one = nbytes(layers(1)[0])
+    monkeypatch.setattr(nccl_sender, "MESSAGE_BYTES", 4 * one)
+    monkeypatch.setattr(nccl_sender, "BATCH_BYTES", 2 * one)
+    launches = count_checksum_launches(sender)
+    assert_pair_still_works(receiver, sender)  # the pair exists before the counts start
+    launches.clear()
+    fabric.send_groups.clear()
+    fabric.recv_groups.clear()
+    kv = torch.randn(8, *SHAPE).to(torch.bfloat16)
+    hid, future, channel, store = open_handoff(receiver, sender, 8, one)
+    assert send_layer_runs([(channel, 0, kv)]) == []
+    channel.finish(10)
+    assert future.result(10).ok
+    assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
+    assert launches == [4, 4]
+    # layers 0-3, their sums; 4-5, their sums; 6 and the last layer alone, their sums
+    assert fabric.send_groups == [1, 1, 1, 1, 2, 1]
+    assert fabric.recv_groups == [[4 * one, 4 * 8], [2 * one, 2 * 8], [one], [one, 2 * 8]]
+
+
+def test_layers_that_exist_launch_on_the_callers_thread_unless_the_sender_is_busy(
+    receiver, sender
+) -> None:
+    """send_layer_runs launches on the calling thread when nothing is queued before it (no
+    hand-over to the sender thread); while a launch is going on, it queues behind it."""
+    threads: list[str] = []
+    launch_jobs = sender._launch_jobs
+
+    def record(jobs: list[Any]) -> bool:
+        threads.append(threading.current_thread().name)
+        return launch_jobs(jobs)
+
+    sender._launch_jobs = record  # type: ignore[method-assign]
+    kv = torch.randn(3, *SHAPE).to(torch.bfloat16)
+    for busy in (False, True):
+        hid, future, channel, store = open_handoff(receiver, sender, 3, nbytes(kv[0]))
+        if busy:  # as if another thread were launching: the runs wait for its turn to end
+            with sender._turn:
+                sender._launching = True
+        assert send_layer_runs([(channel, 0, kv)]) == []
+        if busy:
+            time.sleep(0.2)
+            assert not future.done()
+            sender._end_turn()
+        channel.finish(10)
+        assert future.result(10).ok
+        assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(3))
+    assert threads == [threading.current_thread().name, "nccl-send"]
+
+
 def test_a_corrupt_checksum_on_the_wire_fails_its_handoff(receiver, sender, fabric) -> None:
     """The sender's checksums travel on the communicator too: if they arrive altered, the
     layers they cover are not delivered."""
@@ -789,6 +847,27 @@ def test_a_run_of_layers_splits_into_messages_of_bounded_size() -> None:
     assert parts(2, 4, 1 << 20) == [(2, 4, 256)]  # not the last layer: one message
     assert parts(5, 3, 10) == [(5, 1, 64), (6, 1, 64), (7, 1, 64)]  # a layer over the cap
     assert parts(7, 1, 1 << 20) == [(7, 1, 64)]
+
+
+def test_a_run_that_ends_its_handoff_ends_in_halving_messages() -> None:
+    """The messages before the last layer halve in size down to tail_bytes (no larger than
+    max_bytes), so that each is verified while the next is on the wire."""
+    mib = 1 << 20
+
+    def sizes(count: int, layer_mib: int, ends: bool = True) -> list[int]:
+        return nccl_sender.message_sizes(count, layer_mib * mib, ends, 256 * mib, 32 * mib)
+
+    assert sizes(32, 16) == [16, 8, 4, 2, 1, 1]  # halving down to 2 x 16 MiB
+    assert sizes(32, 4) == [16, 8, 7, 1]  # 4 x 4 MiB is below 32 MiB: the rest at once
+    assert sizes(32, 64) == [4] * 7 + [2, 1, 1]  # 256 MiB at most
+    assert sizes(32, 256) == [1] * 32
+    assert sizes(32, 1) == [31, 1]
+    assert sizes(32, 16, ends=False) == [16, 16]  # not the handoff's end: full messages
+    assert sizes(1, 16) == [1]
+    for count, layer_mib in itertools.product(range(1, 40), (1, 3, 16, 50, 300)):
+        got = sizes(count, layer_mib)
+        assert sum(got) == count and got[-1] == 1
+        assert all(n == 1 or n * layer_mib <= 256 for n in got)
 
 
 class GatedQueue:

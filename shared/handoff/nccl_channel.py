@@ -121,10 +121,11 @@ def send_layer_group(
 def send_layer_runs(runs: list[tuple[NcclSendChannel, int, torch.Tensor]]) -> list[NcclSendChannel]:
     """Queue runs of layers whose data all exists by now (KV already in the cache, or a
     request's layers gathered into one buffer): (channel, first layer, data [count, ...], the
-    layers back to back), of one NcclKVSender. One event and one queue operation for all of
-    them: the sender thread takes them in one round and sends each run as a few large
-    messages. Call on the stream that produced the data. Returns the channels that had already
-    failed (nothing is queued for them)."""
+    layers back to back), of one NcclKVSender. One event for all of them, launched in one
+    round, each run as a few large messages: on the calling thread if the sender thread has
+    nothing queued (no hand-over to it: the caller waits for the ACKs next), else by the sender
+    thread after what is queued. Call on the stream that produced the data. Returns the
+    channels that had already failed (nothing is queued for them)."""
     failed: list[NcclSendChannel] = []
     jobs: list[Job] = []
     ready = None
@@ -142,8 +143,8 @@ def send_layer_runs(runs: list[tuple[NcclSendChannel, int, torch.Tensor]]) -> li
         sender = jobs[0].items[0][0].sender
         if any(job.items[0][0].sender is not sender for job in jobs):
             raise ValueError("send_layer_runs takes the channels of one sender")
-        sender._submit(jobs)
         if (timeline := sender.timeline) is not None:
             timeline.mark_all("queued", [(job.items[0][0].key, job.layer + i)
                                          for job in jobs for i in range(job.count)])  # fmt: skip
+        sender._submit(jobs, inline=True)
     return failed

@@ -82,6 +82,10 @@ class Device:
         if self.cuda:
             torch.cuda.set_device(self.device)
 
+    def bound(self) -> contextlib.AbstractContextManager[Any]:
+        """The calling thread works on this device (for a block of work on a borrowed thread)."""
+        return torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext()
+
     def stream(self, priority: int = 0) -> torch.cuda.Stream | None:
         return torch.cuda.Stream(device=self.device, priority=priority) if self.cuda else None
 
@@ -131,25 +135,25 @@ class Device:
         return torch.zeros(shape, dtype=torch.int64, device=self.device)
 
     def group_sums(
-        self, groups: list[tuple[list[tuple[torch.Tensor, int]], Event | None, torch.Tensor | None]]
-    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None, Event]]:  # fmt: skip
-        """Per group (runs, after, down), enqueued on the current stream after `after` (if
-        given): the copy down of `down` (if given), then the checksums of the layers of `runs`
-        (a contiguous tensor, the number of equal layers it holds back to back; kernels/checksum)
+        self, groups: list[tuple[list[tuple[torch.Tensor, int]], Event | None, list[torch.Tensor]]]
+    ) -> list[tuple[torch.Tensor | None, list[torch.Tensor], Event]]:  # fmt: skip
+        """Per group (runs, after, downs), enqueued on the current stream after `after` (if
+        given): the copies down of `downs`, then the checksums of the layers of `runs` (a
+        contiguous tensor, the number of equal layers it holds back to back; kernels/checksum)
         folded on the device and copied down (none without runs), and an event after both.
-        Returns per group (sums [layers, 1] int64 on the host, down on the host, event): they
+        Returns per group (sums [layers, 1] int64 on the host, downs on the host, event): they
         hold the values once the event completed. On CUDA one table up for all groups (it reads
         only addresses, so it goes ahead of the events), then per group one launch, the fold and
         the copies down, no host sync; on CPU the reference."""
         stream = self.current_stream()
         if stream is None:
             out = []
-            for runs, _, down in groups:
+            for runs, _, downs in groups:
                 partials = None
                 if runs:
                     partials = torch.stack([layer_checksum_ref(x) for x in _layers(runs)])
                     partials = partials.reshape(-1, 1)
-                out.append((partials, down.clone() if down is not None else None, Event(None)))
+                out.append((partials, [down.clone() for down in downs], Event(None)))
             return out
         everything = [run for runs, _, _ in groups for run in runs]
         table = None
@@ -157,10 +161,10 @@ class Device:
             table = layer_table([x for x, _ in everything], [n for _, n in everything])
         results = []
         row = 0
-        for runs, after, down in groups:
+        for runs, after, downs in groups:
             if after is not None:
                 self.wait(stream, after)
-            host = down.to("cpu", non_blocking=True) if down is not None else None
+            hosts = [down.to("cpu", non_blocking=True) for down in downs]
             partials = None
             if runs:
                 assert table is not None
@@ -170,7 +174,7 @@ class Device:
                 partials = checksum_partials(tensors, table=rows, counts=counts)
                 partials = partials.sum(dim=1, keepdim=True).to("cpu", non_blocking=True)
                 row += n
-            results.append((partials, host, Event(stream)))
+            results.append((partials, hosts, Event(stream)))
         return results
 
     @staticmethod
@@ -184,6 +188,6 @@ class Device:
         if self.cuda:
             with torch.cuda.device(self.device):
                 layer = torch.zeros(24, dtype=torch.uint8, device=self.device)
-                self.group_sums([([(layer, 1)], None, layer)])
+                self.group_sums([([(layer, 1)], None, [layer])])
                 self.layer_sums([(layer, 1)], self.sum_programs(layer.nbytes))
                 torch.cuda.synchronize(self.device)

@@ -2,25 +2,29 @@
 
 Two threads per prefill connection:
 
-    connection thread  reads the frames that arrived (one recv a burst); for all the burst's SUMS
-                       and DATA frames at once, takes staging buffers the link reuses
-                       (nccl_staging) and posts an ncclRecv each on the link's recv stream (only
-                       recvs: they go back to back), in groups of at most RECV_GROUP_BYTES (a
-                       SUMS frame's checksums end the group they come in; a handoff's last layer
-                       alone, so that after the last byte only it waits for its checksum); then
-                       hands the groups whose checksums are all posted to the verify thread. It
-                       never waits for the GPU, and a burst costs a few host calls per group.
-    verify thread      takes every group handed over so far and enqueues on the check stream,
-                       per group once its recvs landed, the copy down of the sender's checksums
-                       it holds and the checksums of its layers, folded on the device (one table
-                       up for all, then per group one launch, the fold and the copies down); then
+    connection thread  reads the frames that arrived (one recv a burst) and splits its DATA and
+                       SUMS frames into groups of at most RECV_GROUP_BYTES (a SUMS frame's
+                       checksums end the group they come in; a handoff's last layer alone, so
+                       that after the last byte only it waits for its checksum). For the first
+                       group, then for all the others at once: takes staging buffers the link
+                       reuses (nccl_staging), posts an ncclRecv each on the link's recv stream
+                       (only recvs: they go back to back), one NCCL group per group; only then
+                       looks up the handoffs the DATA frames name (the data flows meanwhile),
+                       and hands the groups whose checksums are all posted to the verify thread.
+                       It never waits for the GPU, and a burst costs a few host calls per group.
+    verify thread      takes every group handed over so far (and, before each wait for the
+                       GPU, those handed over since) and enqueues on the check stream,
+                       per unit of consecutive groups (up to CHECK_BYTES) once its last group
+                       landed, the copies down of the sender's checksums they hold and the
+                       checksums of their layers, folded on the device (one table up for all,
+                       then per unit one launch, the fold and the copies down); then
                        takes the groups in order, waits (without the GIL) for each one's
                        checksums, compares them with the sender's, hands the layers to on_layer
                        on the scatter stream, and gives their staging buffers back after one
                        event.
 
     recv stream:     | sums + recv g0 | recv g1 | recv g2 | ...
-    check stream:                     | sum g0 |  | sum g1 |  | sum g2 |
+    check stream:                     | sum g0 |  | sum g1 |  | sum g2 |   (a unit a group)
     verify thread:                             compare, scatter g0 (scatter stream), ...
 
 Few threads on purpose: they share the GIL with each other and with the engine, and every
@@ -67,6 +71,10 @@ log = logging.getLogger(__name__)
 # launch): small enough that the first layers' checksums run while later layers are on the
 # wire, large enough that small layers share the host's work.
 RECV_GROUP_BYTES = 64 << 20
+# Consecutive groups handed over together share one checksum launch (after the last of them
+# landed) until they hold this much: a launch and its verification cost the verify thread about
+# what this many bytes take on the wire, so smaller groups (a handoff's tail) go together.
+CHECK_BYTES = 64 << 20
 _MAX_ROUND_LAYERS = 1 << 20  # layers a SUMS frame may announce at most
 
 
@@ -101,30 +109,36 @@ class _Round:
     host: torch.Tensor | None = None  # [nbytes] uint8 on the host once `ready` completed
     values: list[int] | None = None  # the checksums, folded by the verify thread
 
-    def expected(self, row: int) -> int | None:
-        """The sender's checksum of row `row` (verify thread, once `ready` completed); None if
-        their copy could not be enqueued."""
+    def expected(self, row: int, count: int) -> list[int] | None:
+        """The sender's checksums of rows row.. (`count`; verify thread, once `ready`
+        completed); None if their copy could not be enqueued."""
         if self.values is None:
             if self.host is None or self.ready is None:
                 return None
             self.ready.synchronize()
             self.values = fold(self.host.view(torch.int64).reshape(self.taken, -1))
-        return self.values[row]
+        return self.values[row : row + count]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Data:
-    """A DATA frame, and the handoff that accepted its layers (None: rejected, NACKed)."""
+    """A DATA frame, and (once accepted, after its recv is posted) the handoff that accepted its
+    layers (None: rejected, NACKed)."""
 
     frame: Frame
-    state: _Expected | None
-    last: bool  # holds the last of its handoff's layers to arrive
     sums: _Round  # the round whose checksums (they follow it) cover its layers
     row: int  # its first layer's row in them
+    state: _Expected | None = None
 
     @property
     def message_bytes(self) -> int:
         return self.frame.nbytes * self.frame.count
+
+    @property
+    def ends_handoff(self) -> bool:
+        """Whether it holds its handoff's last layer (the sender sends a handoff's layers in
+        order, so that is the last to arrive)."""
+        return self.frame.layer + self.frame.count == self.frame.num_layers
 
 
 @dataclass(eq=False, slots=True)
@@ -149,11 +163,13 @@ class _Group:
 
     datas: list[_Data] = field(default_factory=list)
     sums: _Round | None = None  # the round whose checksums this group receives last
+    bufs: list[torch.Tensor] = field(default_factory=list)  # its messages' staging, in order
     landings: list[_Landing] = field(default_factory=list)  # its accepted messages, in order
     sums_buf: torch.Tensor | None = None  # the staging the round's checksums land in
     received: Event | None = None  # on the recv stream, after the group's recvs
     ready: Event | None = None  # on the check stream, after its checksums and copies down
-    partials: torch.Tensor | None = None  # [its layers, 1] int64 on the host (group_sums)
+    # [its layers, 1] int64 on the host: its rows of its unit's group_sums
+    partials: torch.Tensor | None = None
     error: str = ""  # the checksums could not be enqueued
 
     @property
@@ -168,6 +184,16 @@ class _Group:
     def runs(self) -> list[tuple[torch.Tensor, int]]:
         """Its accepted messages' staging buffers and how many layers each holds."""
         return [(x.buf, x.count) for x in self.landings]
+
+    @property
+    def num_layers(self) -> int:
+        """Its accepted layers."""
+        return sum(x.count for x in self.landings)
+
+    @property
+    def nbytes(self) -> int:
+        """Its accepted layers' bytes."""
+        return sum(x.buf.numel() for x in self.landings)
 
     @property
     def verifiable(self) -> bool:
@@ -195,8 +221,10 @@ def _recv_groups(ops: list[_Round | _Data]) -> list[_Group]:
             group.sums = op
             continue
         nbytes = op.message_bytes
+        prev = group.datas[-1] if group is not None and group.datas else None
         if group is None or (
-            group.datas and (size + nbytes > RECV_GROUP_BYTES or op.last or group.datas[-1].last)
+            prev is not None
+            and (size + nbytes > RECV_GROUP_BYTES or op.ends_handoff or prev.ends_handoff)
         ):
             groups.append(_Group())
             size = 0
@@ -330,27 +358,41 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     # -- the connection's thread
 
     def _on_burst(self, link: _Link, burst: list[tuple[Frame, bytes]]) -> None:
-        """Frames that arrived together, in order; then recvs and checksums for all their DATA
-        and SUMS frames; then the groups whose checksums are all posted go to the verify
-        thread."""
+        """Frames that arrived together, in their recv groups (_recv_groups): the first group,
+        then all the others, each first posted (whatever the receiver makes of their frames:
+        the data flows while it does), then its DATA frames (and the ABORT frames before them)
+        taken in order, then handed to the verify thread."""
         ops: list[_Round | _Data] = []
-        for frame, payload in burst:
+        for frame, _ in burst:
             if frame.kind == Kind.DATA:
-                ops.append(self._accept(link, frame))
+                ops.append(self._announced(link, frame))
             elif frame.kind == Kind.SUMS:
                 ops.append(self._close_round(link, frame))
-            elif frame.kind == Kind.ABORT:
-                state = self._get(frame.handoff_id)
-                if state is not None:
-                    reason = payload.decode(errors="replace")
-                    self._fail(state, f"aborted by sender: {reason}")
-            else:
+            elif frame.kind != Kind.ABORT:
                 raise ProtocolError(f"unexpected {frame.kind.name} frame from a sender")
         if (timeline := self.timeline) is not None:
             timeline.mark_all("data", [key for d in ops if isinstance(d, _Data)
                                        for key in _layers_of(d.frame)])  # fmt: skip
-        if ops:
-            self._receive(link, ops)
+        groups = _recv_groups(ops)
+        datas = iter([op for op in ops if isinstance(op, _Data)])
+        frames = iter(burst)
+        for part in (groups[:1], groups[1:]):
+            if part:
+                self._post(link, part)
+            for _ in range(sum(len(g.datas) for g in part)):  # up to its last DATA frame
+                while (item := next(frames))[0].kind != Kind.DATA:
+                    self._on_abort(*item)
+                self._accept(link, next(datas))
+            if part:
+                self._hand_over(link, part)
+        for item in frames:  # the ABORT frames after the last DATA frame
+            self._on_abort(*item)
+
+    def _on_abort(self, frame: Frame, payload: bytes) -> None:
+        """A frame between DATA frames: an ABORT fails its handoff (SUMS are posted with their
+        group)."""
+        if frame.kind == Kind.ABORT and (state := self._get(frame.handoff_id)) is not None:
+            self._fail(state, f"aborted by sender: {payload.decode(errors='replace')}")
 
     def _close_round(self, link: _Link, frame: Frame) -> _Round:
         """A SUMS frame: the checksums of the layers of the DATA frames since the last one."""
@@ -365,9 +407,9 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         done.nbytes = frame.nbytes
         return done
 
-    def _accept(self, link: _Link, frame: Frame) -> _Data:
-        """A DATA frame with the handoff its layers belong to (None: rejected, NACKed), and its
-        rows in the round's checksums."""
+    def _announced(self, link: _Link, frame: Frame) -> _Data:
+        """A DATA frame with its rows in the round's checksums (ProtocolError if no sender of
+        this protocol would send it)."""
         if frame.nbytes > self.max_layer_bytes:
             raise ProtocolError(f"a layer of more than {self.max_layer_bytes} bytes")
         if not 1 <= frame.count <= frame.num_layers:
@@ -377,47 +419,53 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             raise ProtocolError(f"more than {_MAX_ROUND_LAYERS} layers with no SUMS frame")
         row = sums.taken
         sums.taken += frame.count
+        return _Data(frame, sums, row)
+
+    def _accept(self, link: _Link, data: _Data) -> None:
+        """Sets the handoff a DATA frame's layers belong to, if it accepts them all (else
+        NACKs)."""
+        frame = data.frame
         state = self._get(frame.handoff_id)
         error = "handoff not expected (reserve first)"
-        last = False
         if state is not None:
             with state.lock:
                 state.started = state.started or time.perf_counter()
                 error = state.rejects(frame)
                 state.arrived.update(range(frame.layer, frame.layer + frame.count))
                 state.link = link
-                last = len(state.arrived) == state.num_layers
         if state is None or error:
             self._reject(link, frame.handoff_id, state, error)
-            return _Data(frame, None, False, sums, row)
-        return _Data(frame, state, last, sums, row)
+        else:
+            data.state = state
 
-    def _receive(self, link: _Link, ops: list[_Round | _Data]) -> None:
-        """A recv for every DATA and SUMS frame (also rejected ones: NCCL's order must hold), in
-        groups (_recv_groups); then each group's checksums, to run once it landed, and the group
-        to the verify thread."""
+    def _post(self, link: _Link, groups: list[_Group]) -> None:
+        """A recv for every DATA and SUMS frame of `groups` (also those of handoffs it will
+        reject: NCCL's order must hold), a group at a time, into staging buffers."""
         assert link.comm is not None
-        groups = _recv_groups(ops)
         sizes = [
             [d.message_bytes for d in g.datas] + ([g.sums.nbytes] if g.sums is not None else [])
             for g in groups
         ]
         staged = iter(link.staging.take_all([n for group_sizes in sizes for n in group_sizes]))
-        bufs: dict[int, list[torch.Tensor]] = {}  # per group: its messages', then its sums'
-        for group, group_sizes in zip(groups, sizes, strict=True):  # first every recv
-            bufs[id(group)] = [next(staged) for _ in group_sizes]
+        for group, group_sizes in zip(groups, sizes, strict=True):
+            group.bufs = [next(staged) for _ in group_sizes]  # its messages', then its sums'
             with self.fabric.group():
-                for buf in bufs[id(group)]:
+                for buf in group.bufs:
                     link.comm.recv(buf, 0, link.recv_stream)
             group.received = Event(link.recv_stream)
             if group.sums is not None:
                 group.sums.posted = True
-                group.sums_buf = bufs[id(group)].pop()
+                group.sums_buf = group.bufs.pop()
         if (timeline := self.timeline) is not None:
             timeline.mark_all("posted", [key for g in groups for d in g.datas
                                          for key in _layers_of(d.frame)])  # fmt: skip
-        for group in groups:  # then the layers; the verify thread checksums and verifies
-            pairs = list(zip(group.datas, bufs[id(group)], strict=True))
+
+    def _hand_over(self, link: _Link, groups: list[_Group]) -> None:
+        """The posted groups' accepted messages (the staging of rejected ones goes back once it
+        landed); then the groups whose checksums are all posted, in order, to the verify
+        thread."""
+        for group in groups:
+            pairs = list(zip(group.datas, group.bufs, strict=True))
             rejected = [buf for d, buf in pairs if d.state is None]
             if rejected:  # the recvs still land (NCCL's order must hold), then free
                 link.staging.give_all(rejected, group.released)
@@ -450,32 +498,44 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     def _verify_loop(self, link: _Link) -> None:
         self.dev.bind_thread()
         while (groups := link.verify.get()) is not None:
-            closing = False
-            while True:  # every group posted by now: their checksums in one pass
-                try:
-                    more = link.verify.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    closing = True
-                    break
-                groups += more
-            self._checksum(link, groups)
-            self._verify(link, groups)
-            if closing:
+            if self._verify(link, groups):
                 return
 
+    @staticmethod
+    def _take_more(link: _Link, groups: list[_Group]) -> bool:
+        """Add to `groups` every group handed over since; True once the link is closing."""
+        while True:
+            try:
+                more = link.verify.get_nowait()
+            except queue.Empty:
+                return False
+            if more is None:
+                return True
+            groups += more
+
     def _checksum(self, link: _Link, groups: list[_Group]) -> None:
-        """Enqueue on the check stream, per group once its recvs landed, the copy down of the
-        sender's checksums it received and the checksums of its accepted layers (one table up
-        for all, one launch a group). Never waits for the GPU; if the launch fails, the groups'
-        handoffs fail."""
+        """Enqueue on the check stream, per unit of groups (consecutive ones up to CHECK_BYTES)
+        once its last group landed, the copies down of the sender's checksums its groups
+        received and the checksums of their accepted layers (one table up for all, one launch a
+        unit). Never waits for the GPU; if the launch fails, the groups' handoffs fail."""
         work = [g for g in groups if g.runs or g.sums_buf is not None]
         if not work:
             return
+        units: list[list[_Group]] = []
+        size = CHECK_BYTES
+        for g in work:
+            if size >= CHECK_BYTES:
+                units.append([])
+                size = 0
+            units[-1].append(g)
+            size += g.nbytes
         try:
             with self.dev.on(link.check_stream):
-                done = self.dev.group_sums([(g.runs, g.received, g.sums_buf) for g in work])
+                done = self.dev.group_sums([
+                    ([run for g in unit for run in g.runs], unit[-1].received,
+                     [g.sums_buf for g in unit if g.sums_buf is not None])
+                    for unit in units
+                ])  # fmt: skip
         except Exception as exc:  # the groups' handoffs fail below
             log.exception("KV checksum launch failed")
             for g in work:
@@ -483,11 +543,17 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 if g.sums_buf is not None:
                     link.staging.give(g.sums_buf, g.released)
             return
-        for g, (partials, down, ready) in zip(work, done, strict=True):
-            g.partials, g.ready = partials, ready
-            if g.sums is not None and g.sums_buf is not None:
-                g.sums.host, g.sums.ready = down, ready
-                link.staging.give(g.sums_buf, ready)
+        for unit, (partials, downs, ready) in zip(units, done, strict=True):
+            row = 0
+            hosts = iter(downs)
+            for g in unit:  # each its rows of the unit's checksums
+                if partials is not None:
+                    g.partials = partials[row : row + g.num_layers]
+                    row += g.num_layers
+                g.ready = ready
+                if g.sums is not None and g.sums_buf is not None:
+                    g.sums.host, g.sums.ready = next(hosts), ready
+                    link.staging.give(g.sums_buf, ready)
         if (timeline := self.timeline) is not None:
             timeline.mark_all(
                 "enqueued", [key for g in work for x in g.landings for key in x.layer_keys()]
@@ -499,60 +565,79 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                     self._watch(timeline, link, "landed", g.received, keys)
                     self._watch(timeline, link, "summed", g.released, keys)
 
-    def _verify(self, link: _Link, groups: list[_Group]) -> None:
+    def _verify(self, link: _Link, groups: list[_Group]) -> bool:
         """Deliver each landed layer whose checksum is the sender's, in order, a group at a time
         and a message at a time (what is delivered goes on while the next group is awaited);
-        their staging buffers go back to the pool (after their last reader) before the handoffs
-        they complete are settled."""
+        after each unit of groups checksummed together, their staging buffers go back to the
+        pool (after their last reader) before the handoffs they complete are settled. Before
+        each group, the groups handed over meanwhile join, their checksums enqueued: the thread
+        never waits for the GPU while groups wait for it. True once the link is closing."""
+        delivered: list[_Landing] = []  # messages whose staging the scatters read
+        completed: list[_Expected] = []
+        closing = False
+        checked = n = 0  # groups[:checked] have their checksums enqueued
         with self.dev.on(link.scatter_stream):  # where on_layer scatters
-            for group in groups:
-                if not group.landings:
+            while n < len(groups):
+                closing = closing or self._take_more(link, groups)
+                if checked < len(groups):
+                    self._checksum(link, groups[checked:])
+                    checked = len(groups)
+                group = groups[n]
+                if group.landings:
+                    self._deliver(link, group, delivered, completed)
+                n += 1
+                if n == len(groups) or groups[n].ready is not group.ready or group.ready is None:
+                    self._release(link, delivered, completed)  # the unit's end
+                    delivered, completed = [], []
+        return closing
+
+    def _deliver(
+        self, link: _Link, group: _Group, delivered: list[_Landing], completed: list[_Expected]
+    ) -> None:  # fmt: skip
+        """Deliver a group's layers once its checksums are in, adding to `delivered` the messages
+        handed to on_layer and to `completed` the handoffs they complete."""
+        values: list[int] = []
+        if not group.error:
+            assert group.ready is not None and group.partials is not None
+            group.ready.synchronize()
+            values = self.dev.checksums(group.partials)
+        at = 0  # the message's first row in values
+        for landing in group.landings:
+            error = group.error or self._mismatch(landing, values[at : at + landing.count])
+            at += landing.count
+            state = landing.state
+            if error:
+                link.staging.give(landing.buf, group.released)
+                self._reject(link, state.key, state, error)
+                continue
+            with state.lock:
+                if state.closed:
+                    link.staging.give(landing.buf, group.released)
                     continue
-                values: list[int] = []
-                if not group.error:
-                    assert group.ready is not None and group.partials is not None
-                    group.ready.synchronize()
-                    values = self.dev.checksums(group.partials)
-                delivered: list[_Landing] = []  # messages whose staging the scatters read
-                completed: list[_Expected] = []
-                at = 0  # the message's first row in values
-                for landing in group.landings:
-                    error = group.error or self._mismatch(landing, values[at : at + landing.count])
-                    at += landing.count
-                    state = landing.state
-                    if error:
-                        link.staging.give(landing.buf, group.released)
-                        self._reject(link, state.key, state, error)
-                        continue
-                    with state.lock:
-                        if state.closed:
-                            link.staging.give(landing.buf, group.released)
-                            continue
-                        # one view per layer in one call, not a slice each
-                        payloads = landing.buf.view(landing.count, -1).unbind(0)
-                        for i, payload in enumerate(payloads):
-                            if error := state.deliver(landing.first + i, payload):
-                                break
-                        delivered.append(landing)
-                        if not error and len(state.layers) == state.num_layers:
-                            completed.append(state)
-                    if (timeline := self.timeline) is not None:
-                        timeline.mark_all("delivered", landing.layer_keys())
-                    if error:
-                        self._reject(link, state.key, state, error)
-                self._release(link, delivered, completed)
+                # one view per layer in one call, not a slice each
+                payloads = landing.buf.view(landing.count, -1).unbind(0)
+                for i, payload in enumerate(payloads):
+                    if error := state.deliver(landing.first + i, payload):
+                        break
+                delivered.append(landing)
+                if not error and len(state.layers) == state.num_layers:
+                    completed.append(state)
+            if (timeline := self.timeline) is not None:
+                timeline.mark_all("delivered", landing.layer_keys())
+            if error:
+                self._reject(link, state.key, state, error)
 
     @staticmethod
     def _mismatch(landing: _Landing, values: list[int]) -> str:
         """Why a message's layers are not the sender's ('' if they all are): `values` are their
         checksums as received."""
-        for i, value in enumerate(values):
-            expected = landing.sums.expected(landing.row + i)
-            if expected is None:
-                return "the sender's checksums were lost"
-            if value != expected:
-                return f"checksum mismatch on layer {landing.first + i}"
-        return ""
+        expected = landing.sums.expected(landing.row, landing.count)
+        if expected is None:
+            return "the sender's checksums were lost"
+        if values == expected:
+            return ""
+        bad = next(i for i, (a, b) in enumerate(zip(values, expected, strict=True)) if a != b)
+        return f"checksum mismatch on layer {landing.first + bad}"
 
     def _release(self, link: _Link, delivered: list[_Landing], completed: list[_Expected]) -> None:
         """Give delivered messages' staging buffers back after their scatters, and complete the
@@ -567,10 +652,12 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 self._complete(link, state)
 
     def _complete(self, link: _Link, state: _Expected) -> None:
-        if self._close(state, ok=True):
+        def ack() -> None:  # before the handoff's future: the sender waits for it
             if (timeline := self.timeline) is not None:
                 timeline.mark("ack", state.key, WHOLE)
             link.send(message(Kind.ACK, state.key))
+
+        self._close(state, ok=True, first=ack)
 
     def _reject(self, link: _Link, key: bytes, state: _Expected | None, error: str) -> None:
         if state is not None:

@@ -1,10 +1,12 @@
 """Prefill side of the NCCL transport (control protocol: nccl_frames).
 
 The engine's thread only records an event on its compute stream after each layer's gather and
-queues the layer (send_layer_group; runs of layers that already exist: one event and one queue
-operation for all, send_layer_runs). One sender thread does the rest, in rounds that each take
-every layer queued so far, however many (a layer that finds the thread idle goes out alone,
-after one layer's host work):
+queues the layer (send_layer_group). One sender thread does the rest, in rounds that each take
+every layer queued so far, however many (a layer that finds the thread idle goes out with
+those queued while it woke). Runs of layers that already exist (send_layer_runs: one event for
+all) go out in one round on the caller's thread if nothing is queued before them, since that
+caller waits for their ACKs next; launches never overlap and keep the order of submission.
+A round:
 
     DATA, SUMS      one write per peer: a DATA frame a message (consecutive layers of a
                     handoff that lie back to back in memory go as one message of up to
@@ -14,10 +16,12 @@ after one layer's host work):
                     of a round that holds a handoff's last layer
     per segment     (the messages up to a SUMS frame, or the round's rest) one
                     ncclGroupStart/End of its sends, each peer's on its own stream after the
-                    compute stream's events; where it closes a batch, one Triton launch
-                    (kernels/checksum) of the batch's checksums on the checksum stream, beside
-                    the sends (folded there to one int64 a layer), then one group of the
-                    checksums' sends, each peer's stream waiting for them
+                    compute stream's events; where it closes a batch, one group of the batch's
+                    checksums' sends, each peer's stream waiting for them. A segment that
+                    closes a batch whose checksums are not computed yet launches, right after
+                    its sends, those of the batches the round closes from it on, up to
+                    MESSAGE_BYTES of them: one Triton launch (kernels/checksum) on the checksum
+                    stream, beside the sends (folded there to one int64 a layer)
 
 So the checksums travel on the communicator right behind the data they cover: the receiver
 verifies a batch once it landed (after the last byte, only the last batch waits for its
@@ -75,12 +79,20 @@ class _Message:
     channel: NcclSendChannel
     first: int  # its first layer
     count: int
-    data: torch.Tensor  # contiguous: the layers' bytes back to back
+    source: torch.Tensor  # contiguous: its bytes, or (row >= 0) rows row.. of it are
+    nbytes: int
     ready: list[Event]  # the data exists once they completed
+    row: int = -1
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The layers' bytes back to back, contiguous (a view made where it is sent: not on the
+        way to its DATA frame)."""
+        return self.source if self.row < 0 else self.source[self.row : self.row + self.count]
 
     @property
     def layer_nbytes(self) -> int:
-        return self.data.nbytes // self.count
+        return self.nbytes // self.count
 
     @property
     def ends_handoff(self) -> bool:
@@ -136,24 +148,49 @@ def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Messag
 def _message(run: list[_Sent]) -> _Message:
     first = run[0]
     data = first.data if len(run) == 1 else _span(first.data, first.data.nbytes * len(run))
-    return _Message(first.channel, first.layer, len(run), data, [s.ready for s in run])
+    return _Message(first.channel, first.layer, len(run), data, data.nbytes,
+                    [s.ready for s in run])  # fmt: skip
+
+
+def message_sizes(
+    count: int, layer_bytes: int, ends: bool, max_bytes: int, tail_bytes: int
+) -> list[int]:  # fmt: skip
+    """How many layers each message of a run of `count` layers holds: at most max_bytes (at
+    least a layer). A run that ends its handoff (`ends`) ends in messages that halve in size
+    down to tail_bytes, then the last layer alone: the receiver verifies each message while the
+    next, half as large, is on the wire, so that after the last byte it has little left to
+    verify."""
+    step = max(1, max_bytes // layer_bytes)
+    if not ends:
+        return [min(step, count - i) for i in range(0, count, step)]
+    sizes = []
+    left = count - 1
+    while left:
+        n = step if left >= 2 * step else -(-left // 2)
+        if n * layer_bytes < tail_bytes:  # too small to halve further: the rest at once
+            n = min(left, step)
+        sizes.append(n)
+        left -= n
+    return [*sizes, 1]
 
 
 def split(
     channel: NcclSendChannel, first: int, data: torch.Tensor, ready: Event,
-    max_bytes: int = MESSAGE_BYTES,
+    max_bytes: int | None = None,
 ) -> list[_Message]:  # fmt: skip
-    """The messages of a run of layers first.. (data [count, ...], contiguous, a layer a row):
-    of at most max_bytes each (at least a layer), in place, the handoff's last layer alone."""
+    """The messages of a run of layers first.. (data [count, ...], contiguous, a layer a row),
+    in place, of message_sizes (max_bytes: MESSAGE_BYTES, tail_bytes: BATCH_BYTES)."""
     count = data.shape[0]
-    step = max(1, max_bytes // (data.nbytes // count))
-    end = count - 1 if first + count == channel.num_layers and count > 1 else count
-    sizes = [min(step, end - i) for i in range(0, end, step)] + [1] * (count - end)
-    parts = data.split(sizes) if len(sizes) > 1 else (data,)  # one call for all the views
+    layer_bytes = data.nbytes // count
+    ends = first + count == channel.num_layers
+    max_bytes = MESSAGE_BYTES if max_bytes is None else max_bytes
+    sizes = message_sizes(count, layer_bytes, ends, max_bytes, BATCH_BYTES)
+    if len(sizes) == 1:
+        return [_Message(channel, first, count, data, data.nbytes, [ready])]
     starts = itertools.accumulate(sizes[:-1], initial=0)
     return [
-        _Message(channel, first + i, n, part, [ready])
-        for i, n, part in zip(starts, sizes, parts, strict=True)
+        _Message(channel, first + i, n, data, n * layer_bytes, [ready], i)
+        for i, n in zip(starts, sizes, strict=True)
     ]
 
 
@@ -190,6 +227,11 @@ class NcclKVSender:
         self.connect_timeout, self.setup_timeout = connect_timeout, setup_timeout
         self.timeline: Timeline | None = None
         self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
+        # launches go one at a time, in submission order: `_waiting` counts the submissions
+        # queued for the sender thread and not yet taken, `_launching` is set while one runs
+        self._turn = threading.Condition()
+        self._waiting = 0
+        self._launching = False
         self._checksum_stream = self.dev.stream(HIGH_PRIORITY)
         self._thread = threading.Thread(target=self._send_loop, name="nccl-send", daemon=True)
         self._thread.start()
@@ -209,42 +251,73 @@ class NcclKVSender:
 
     def close(self) -> None:
         self.pairs.clear("sender closed")
-        self._jobs.put(None)
+        self._submit(None)
         self._thread.join(JOIN_TIMEOUT_S)
 
-    def _submit(self, jobs: list[Job]) -> None:
-        self._jobs.put(jobs)
+    def _submit(self, jobs: list[Job] | None, inline: bool = False) -> None:
+        """Queue `jobs` for the sender thread (None: it ends); `inline`: launch them on the
+        calling thread instead if nothing queued before them waits (no hand-over to the sender
+        thread: for a caller that has nothing else to do until its handoffs are ACKed)."""
+        with self._turn:
+            if not inline or jobs is None or self._waiting or self._launching:
+                self._waiting += 1
+                self._jobs.put(jobs)
+                return
+            self._launching = True
+        try:
+            with self.dev.bound():
+                self._round(list(jobs))
+        finally:
+            self._end_turn()
+
+    def _end_turn(self) -> None:
+        with self._turn:
+            self._launching = False
+            self._turn.notify()
 
     # -- the sender thread
 
     def _send_loop(self) -> None:
         self.dev.bind_thread()
         while True:
-            jobs = self._take(_MAX_BATCH)
-            if not jobs:  # idle: the first jobs to come go out alone
-                first = self._jobs.get()
-                jobs = [None] if first is None else list(first)
             try:
-                closing = self._launch_jobs(jobs)
-            except Exception:  # never let one round kill the thread every handoff relies on
-                log.exception("KV send failed")
-                closing = any(job is None for job in jobs)
+                first, limit = self._jobs.get_nowait(), _MAX_BATCH
+            except queue.Empty:  # idle: the first jobs to come go out alone
+                first, limit = self._jobs.get(), 0
+            with self._turn:  # after the inline launch of jobs submitted before `first`
+                while self._launching:
+                    self._turn.wait()
+                self._launching = True
+                jobs = self._take(first, limit)
+            try:
+                closing = self._round(jobs)
+            finally:
+                self._end_turn()
             if closing:
                 return
 
-    def _take(self, limit: int) -> list[Job | None]:
-        """The jobs queued so far, in queue operations of `limit` jobs in all (or one more)."""
-        jobs: list[Job | None] = []
-        while len(jobs) < limit:
+    def _take(self, first: list[Job] | None, limit: int) -> list[Job | None]:
+        """`first` and the jobs queued after it so far, while fewer than `limit` (the last queue
+        operation may pass it), no further than an end (None); under `_turn`."""
+        jobs: list[Job | None] = [None] if first is None else list(first)
+        taken = 1
+        while jobs[-1] is not None and len(jobs) < limit:
             try:
                 more = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if more is None:
-                jobs.append(None)
-                break
-            jobs += more
+            taken += 1
+            jobs += [None] if more is None else more
+        self._waiting -= taken
         return jobs
+
+    def _round(self, jobs: list[Job | None]) -> bool:
+        """Launch `jobs` (_launch_jobs), logging what fails; True at the end (None)."""
+        try:
+            return self._launch_jobs(jobs)
+        except Exception:  # never let one round kill the thread every handoff relies on
+            log.exception("KV send failed")
+            return any(job is None for job in jobs)
 
     def _launch_jobs(self, jobs: list[Job | None]) -> bool:
         """Launch the sends of `jobs` in order, an ABORT where one is; True at the end (None)."""
@@ -309,7 +382,7 @@ class NcclKVSender:
         for m in messages:
             segments[-1].messages.append(m)
             peer.unsummed.append(m)
-            peer.unsummed_bytes += m.data.nbytes
+            peer.unsummed_bytes += m.nbytes
             ends = ends or m.ends_handoff
             if peer.unsummed_bytes >= BATCH_BYTES:
                 close()
@@ -352,6 +425,11 @@ class NcclKVSender:
             for peer in peers:
                 self.dev.wait_all(peer.stream, ready)
                 starts[id(peer)] = Event(peer.stream, timing=True)
+            sums: dict[int, tuple[torch.Tensor, Event]] = {}  # by id(batch): its checksums
+            batches = [  # in the order they close
+                seg.sums for segs in itertools.zip_longest(*(segments[id(p)] for p in peers))
+                for seg in segs if seg is not None and seg.sums is not None
+            ]  # fmt: skip
             try:
                 for b in range(max(len(segments[id(p)]) for p in peers)):
                     now = [(p, segments[id(p)][b]) for p in peers if b < len(segments[id(p)])]
@@ -361,16 +439,19 @@ class NcclKVSender:
                                 for m in seg.messages:
                                     peer.comm.send(m.data, 1, peer.stream)
                     self._launched([(p, seg.messages) for p, seg in now], starts)
-                    sums = [(p, self._checksums(seg.sums)) for p, seg in now if seg.sums]
-                    if not sums:
+                    closing = [(p, seg.sums) for p, seg in now if seg.sums]
+                    if not closing:
                         continue
+                    if any(id(batch) not in sums for _, batch in closing):
+                        sums.update(self._batch_checksums(batches, closing[0][1]))
                     with self.fabric.group():
-                        for peer, (partials, summed) in sums:
+                        for peer, batch in closing:
                             if not peer.dead:
+                                partials, summed = sums[id(batch)]
                                 self.dev.wait(peer.stream, summed)
                                 peer.comm.send(partials, 1, peer.stream)
-                    for peer, (partials, _) in sums:
-                        self.dev.keep(partials, peer.stream)
+                    for peer, batch in closing:
+                        self.dev.keep(sums[id(batch)][0], peer.stream)
             except nccl.NcclError as exc:
                 failed: list[Peer] = peers
                 error = str(exc)
@@ -379,7 +460,7 @@ class NcclKVSender:
             for peer in peers:
                 for seg in segments[id(peer)]:
                     for m in seg.messages:
-                        self.dev.keep(m.data, peer.stream)
+                        self.dev.keep(m.source, peer.stream)
         finally:
             for peer in peers:
                 peer.lock.release()
@@ -414,11 +495,27 @@ class NcclKVSender:
         for peer, messages in told:
             span = (starts[id(peer)], Event(peer.stream, timing=True))
             for m in messages:
-                m.channel.launched(m.first, m.count, m.data.nbytes, span)
+                m.channel.launched(m.first, m.count, m.nbytes, span)
         if (timeline := self.timeline) is not None:  # a diagnostic: no keys built without it
             keys = [(m.channel.key, m.first + i)
                     for _, messages in told for m in messages for i in range(m.count)]  # fmt: skip
             timeline.mark_all("launched", keys)
+
+    def _batch_checksums(
+        self, batches: list[list[_Message]], first: list[_Message]
+    ) -> dict[int, tuple[torch.Tensor, Event]]:  # fmt: skip
+        """_checksums of the batches from `first` on, in one launch, up to the one that makes
+        them MESSAGE_BYTES (the small batches at a handoff's end share one launch; a large one
+        is not held up by the rest): by id(batch), its rows and the event."""
+        start = next(i for i, batch in enumerate(batches) if batch is first)
+        end, size = start, 0
+        while end < len(batches) and size < MESSAGE_BYTES:
+            size += sum(m.nbytes for m in batches[end])
+            end += 1
+        chosen = batches[start:end]
+        partials, summed = self._checksums([m for batch in chosen for m in batch])
+        rows = partials.split([sum(m.count for m in batch) for batch in chosen])
+        return {id(batch): (part, summed) for batch, part in zip(chosen, rows, strict=True)}
 
     def _checksums(self, batch: list[_Message]) -> tuple[torch.Tensor, Event]:
         """The checksums of a batch's layers ([layers, 1] int64 on the device, as its SUMS frame
@@ -426,10 +523,10 @@ class NcclKVSender:
         checksum stream (which waits for the data), and the event after them. If they cannot
         be computed, the batch's handoffs fail and zeros go in their place (the receiver expects
         the bytes)."""
-        programs = self.dev.sum_programs(sum(m.data.nbytes for m in batch))
+        programs = self.dev.sum_programs(sum(m.nbytes for m in batch))
         self.dev.wait_all(self._checksum_stream, [e for m in batch for e in m.ready])
         for m in batch:  # sent in earlier rounds, perhaps: not reused before it is read here
-            self.dev.keep(m.data, self._checksum_stream)
+            self.dev.keep(m.source, self._checksum_stream)
         with self.dev.on(self._checksum_stream):
             try:
                 partials = self.dev.layer_sums([(m.data, m.count) for m in batch], programs)
