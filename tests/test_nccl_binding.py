@@ -703,6 +703,37 @@ def test_a_handoffs_tail_is_verified_message_by_message(
     assert fabric.recv_groups == [[4 * one, 4 * 8], [2 * one, 2 * 8], [one], [one, 2 * 8]]
 
 
+def test_runs_to_two_peers_have_each_batch_checksummed_once(
+    fabric, sender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One call with a run to each of two decode workers: each peer's batches get their
+    checksums, each batch once, also where a launch's MESSAGE_BYTES end between the peers'."""
+    one = nbytes(layers(1)[0])
+    monkeypatch.setattr(nccl_sender, "MESSAGE_BYTES", 4 * one)
+    monkeypatch.setattr(nccl_sender, "BATCH_BYTES", 2 * one)
+    launches = count_checksum_launches(sender)
+    a, b = NcclKVReceiver(CPU, fabric=fabric), NcclKVReceiver(CPU, fabric=fabric)
+    try:
+        for rx in (a, b):
+            rx.endpoint = fabric.links.add(rx.start(), rx)  # type: ignore[attr-defined]
+            assert_pair_still_works(rx, sender)  # the pairs exist before the counts start
+        launches.clear()
+        kv = {rx: torch.randn(8, *SHAPE).to(torch.bfloat16) for rx in (a, b)}
+        opened = {rx: open_handoff(rx, sender, 8, one) for rx in (a, b)}
+        assert send_layer_runs([(opened[rx][2], 0, kv[rx]) for rx in (a, b)]) == []
+        for rx in (a, b):
+            hid, future, channel, store = opened[rx]
+            channel.finish(10)
+            assert future.result(10).ok
+            assert all(torch.equal(store[i], kv[rx][i].view(torch.uint8).reshape(-1))
+                       for i in range(8))  # fmt: skip
+        # each peer: layers 0-3 | 4-5 | 6, 7, one batch each; a launch stops at 4 layers' bytes
+        assert launches == [4, 4, 4, 4]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_layers_that_exist_launch_on_the_callers_thread_unless_the_sender_is_busy(
     receiver, sender
 ) -> None:

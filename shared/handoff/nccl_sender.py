@@ -79,7 +79,7 @@ class _Message:
     channel: NcclSendChannel
     first: int  # its first layer
     count: int
-    source: torch.Tensor  # contiguous: its bytes, or (row >= 0) rows row.. of it are
+    source: torch.Tensor  # contiguous: its bytes (row < 0), or holding them as rows row..
     nbytes: int
     ready: list[Event]  # the data exists once they completed
     row: int = -1
@@ -442,8 +442,9 @@ class NcclKVSender:
                     closing = [(p, seg.sums) for p, seg in now if seg.sums]
                     if not closing:
                         continue
-                    if any(id(batch) not in sums for _, batch in closing):
-                        sums.update(self._batch_checksums(batches, closing[0][1]))
+                    for _, batch in closing:  # a launch may stop short of the next peer's
+                        if id(batch) not in sums:
+                            sums.update(self._batch_checksums(batches, batch))
                     with self.fabric.group():
                         for peer, batch in closing:
                             if not peer.dead:
