@@ -147,14 +147,11 @@ class Device:
         the copies down, no host sync; on CPU the reference."""
         stream = self.current_stream()
         if stream is None:
-            out = []
-            for runs, _, downs in groups:
-                partials = None
-                if runs:
-                    partials = torch.stack([layer_checksum_ref(x) for x in _layers(runs)])
-                    partials = partials.reshape(-1, 1)
-                out.append((partials, [down.clone() for down in downs], Event(None)))
-            return out
+            done = Event(None)
+            return [
+                (self.layer_sums(runs, 1) if runs else None, [x.clone() for x in downs], done)
+                for runs, _, downs in groups
+            ]
         everything = [run for runs, _, _ in groups for run in runs]
         table = None
         if everything:

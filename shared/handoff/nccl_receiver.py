@@ -377,14 +377,14 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         datas = iter([op for op in ops if isinstance(op, _Data)])
         frames = iter(burst)
         for part in (groups[:1], groups[1:]):
-            if part:
-                self._post(link, part)
+            if not part:
+                continue
+            self._post(link, part)
             for _ in range(sum(len(g.datas) for g in part)):  # up to its last DATA frame
                 while (item := next(frames))[0].kind != Kind.DATA:
                     self._on_abort(*item)
                 self._accept(link, next(datas))
-            if part:
-                self._hand_over(link, part)
+            self._hand_over(link, part)
         for item in frames:  # the ABORT frames after the last DATA frame
             self._on_abort(*item)
 

@@ -209,9 +209,10 @@ class NcclKVSender:
     Keeps one pair (control connection + communicator) per decode endpoint, created on the
     first handoff to it, in an LRU cache of `max_peers`: the least recently used idle pair is
     torn down (ncclCommAbort) to make room. A pair's unique id goes to the decode worker by
-    `links` (default: Decode.OpenKVLink at open's `decode_address`, as `worker_id`). One thread
-    launches every send and checksum, in queue order. `timeline`, if set, records when each
-    layer passes each point (a diagnostic).
+    `links` (default: Decode.OpenKVLink at open's `decode_address`, as `worker_id`). The sender
+    thread launches the sends and checksums (a caller of send_layer_runs its own, when nothing is
+    queued before them); launches take turns, in the order they were submitted. `timeline`, if
+    set, records when each layer passes each point (a diagnostic).
     """
 
     def __init__(
@@ -414,7 +415,9 @@ class NcclKVSender:
         """Per segment: one group of sends (one per message, each peer's on its own stream after
         the compute stream's events), their channels told (before any checksums go: the ACK may
         follow them); if it closes a batch, the batch's checksums on the checksum stream beside
-        them, then one group of the checksums' sends, each peer's stream waiting for them."""
+        them (launched with those of the batches after it, _batch_checksums, unless an earlier
+        segment's launch covered it), then one group of the checksums' sends, each peer's stream
+        waiting for them."""
         for peer in sorted(peers, key=id):
             peer.lock.acquire()
         try:
