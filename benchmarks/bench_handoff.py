@@ -20,7 +20,8 @@ any timing).
    Raw binding (a diagnostic row): the torch.distributed measurement, but through kvmesh's own
    ctypes binding on a pair communicator made as the handoff makes its pairs (connect_pair):
    no control frames, no checksums. Raw binding vs torch.distributed is the binding's cost;
-   handoff vs raw binding is the protocol's. Best of `reps`.
+   handoff vs raw binding is the protocol's. Best of `reps` each, the measurements taken round
+   robin (a repetition of each in turn), so that the machine's drift touches them alike.
 2. TTFT, Llama-3-8B shape (synthetic weights), bf16, one 2,048-token prompt: the prefill engine
    alone (add_request -> first token), and with the handoff to a decode engine on cuda:1 that
    reserved blocks (add_request -> first token and the receiver's ACK). Median of `reps`.
@@ -86,6 +87,7 @@ def decode_main(conn: Connection, dist_port: int, switch_interval: float) -> Non
     conn.send((endpoint, address))
     engine: Engine | None = None
     raw: PairComm | None = None
+    stream = torch.cuda.Stream(DECODE_DEV)  # the raw binding's recvs
     futures: dict[str, Any] = {}
     while True:
         op, args = conn.recv()
@@ -93,27 +95,24 @@ def decode_main(conn: Connection, dist_port: int, switch_interval: float) -> Non
             conn.send("bye")
             os._exit(0)  # no teardown handshakes: the parent is exiting too
         if op == "dist_recv":
-            nbytes, layers, reps = args
+            nbytes, layers = args
             buf = torch.empty(nbytes, dtype=torch.uint8, device=DECODE_DEV)
-            for _ in range(reps):
-                dist.barrier()
-                for _ in range(layers):
-                    dist.recv(buf, src=0)
-                torch.cuda.synchronize()
+            dist.barrier()
+            for _ in range(layers):
+                dist.recv(buf, src=0)
+            torch.cuda.synchronize()
             conn.send(True)
         elif op == "raw_pair":
             raw = connect_pair(NcclFabric(), Device(DECODE_DEV), args, 1, 120)
             conn.send(True)
         elif op == "raw_recv":
             assert raw is not None
-            nbytes, layers, reps = args
+            nbytes, layers = args
             buf = torch.empty(nbytes, dtype=torch.uint8, device=DECODE_DEV)
-            stream = torch.cuda.Stream(DECODE_DEV)
-            for _ in range(reps):
-                dist.barrier()
-                for _ in range(layers):
-                    raw.recv(buf, 0, stream)
-                stream.synchronize()
+            dist.barrier()
+            for _ in range(layers):
+                raw.recv(buf, 0, stream)
+            stream.synchronize()
             conn.send(True)
         elif op == "expect":
             hid, layers, nbytes = args
@@ -174,31 +173,34 @@ class Decode:
 # ---- bandwidth -------------------------------------------------------------------------------
 
 
-def _sends_gbs(
-    decode: Decode, op: str, nbytes: int, layers: int, reps: int,
+def sends_seconds(
+    decode: Decode, op: str, buf: torch.Tensor, layers: int,
     send: Callable[[torch.Tensor], None], wait: Callable[[], None],
 ) -> float:  # fmt: skip
-    """Best GB/s of `layers` back-to-back sends of nbytes while the decode side runs `op` (its
-    matching recvs); each rep starts at a barrier and ends when the sends completed here."""
-    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=PREFILL_DEV)
-    decode.conn.send((op, (nbytes, layers, reps + 1)))
-    best = float("inf")
-    for rep in range(reps + 1):  # the first is warm-up
-        dist.barrier()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(layers):
-            send(buf)
-        wait()
-        if rep:
-            best = min(best, time.perf_counter() - start)
+    """Seconds of `layers` back-to-back sends of buf while the decode side runs `op` (its
+    matching recvs), from a barrier to the sends' completion here."""
+    decode.conn.send((op, (buf.numel(), layers)))
+    dist.barrier()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(layers):
+        send(buf)
+    wait()
+    elapsed = time.perf_counter() - start
     assert decode.conn.recv()
-    return nbytes * layers / best / 1e9
+    return elapsed
 
 
-def torch_dist_gbs(decode: Decode, nbytes: int, layers: int, reps: int) -> float:
-    return _sends_gbs(decode, "dist_recv", nbytes, layers, reps,
-                      lambda buf: dist.send(buf, dst=1), torch.cuda.synchronize)  # fmt: skip
+def best_seconds(reps: int, measures: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """The best of `reps` seconds of each measure, after a warm-up round, taken round robin (a
+    rep of each in turn), so that the machine's drift during the run touches them all alike."""
+    best = dict.fromkeys(measures, float("inf"))
+    for rep in range(reps + 1):
+        for name, measure in measures.items():
+            seconds = measure()
+            if rep:
+                best[name] = min(best[name], seconds)
+    return best
 
 
 def raw_pair(decode: Decode) -> PairComm:
@@ -211,48 +213,63 @@ def raw_pair(decode: Decode) -> PairComm:
     return pair
 
 
-def raw_binding_gbs(decode: Decode, pair: PairComm, nbytes: int, layers: int, reps: int) -> float:
-    """torch_dist_gbs through the binding: one ncclSend/ncclRecv per message, back to back."""
-    stream = torch.cuda.Stream(PREFILL_DEV)
-    return _sends_gbs(decode, "raw_recv", nbytes, layers, reps,
-                      lambda buf: pair.send(buf, 1, stream), stream.synchronize)  # fmt: skip
-
-
 def handoff_layers(nbytes: int, layers: int) -> torch.Tensor:
     """A handoff's layers as KVPusher lays them out: one buffer [layers, nbytes], back to back."""
     return torch.randint(0, 255, (layers, nbytes), dtype=torch.uint8, device=PREFILL_DEV)
 
 
-def handoff_gbs(
-    decode: Decode, sender: NcclKVSender, nbytes: int, layers: int, reps: int, batch: int,
-    per_layer: bool = False,
+def handoff_seconds(
+    decode: Decode, sender: NcclKVSender, data: torch.Tensor, batch: int, per_layer: bool = False
 ) -> float:  # fmt: skip
-    """GB/s of `batch` handoffs of `layers` x nbytes, all queued in one call (per_layer: one
-    call per layer), best of `reps`."""
+    """Seconds of `batch` handoffs of data's layers, all queued in one call (per_layer: one call
+    per layer), from the queueing to the last ACK."""
+    layers, nbytes = data.shape
+    hids = [str(uuid.uuid4()) for _ in range(batch)]
+    for hid in hids:
+        assert decode.call("expect", (hid, layers, nbytes))
+    channels = [sender.open(decode.endpoint, hid, layers, decode.address) for hid in hids]
+    groups = [(layer, [(ch, data[layer]) for ch in channels]) for layer in range(layers)]
+    start = time.perf_counter()
+    if per_layer:
+        for layer, items in groups:
+            assert not send_layer_group(layer, items)
+    else:
+        assert not send_layer_runs([(ch, 0, data) for ch in channels])
+    for channel in channels:
+        channel.finish(120)
+    elapsed = time.perf_counter() - start
+    for hid in hids:
+        ok, error = decode.call("result", hid)
+        assert ok, error
+    return elapsed
+
+
+def bandwidth(
+    decode: Decode, sender: NcclKVSender, pair: PairComm, nbytes: int, layers: int, reps: int
+) -> dict[str, float]:  # fmt: skip
+    """GB/s of torch.distributed (`dist 1`, `dist 4`: the bytes of 1 and 4 handoffs), the raw
+    binding, 1 handoff (also queued layer by layer) and 4 handoffs of `layers` x nbytes, each
+    the best of `reps`, taken round robin."""
     data = handoff_layers(nbytes, layers)
+    buf = data[0]
+    stream = torch.cuda.Stream(PREFILL_DEV)
     torch.cuda.synchronize()
-    best = float("inf")
-    for rep in range(reps + 1):
-        hids = [str(uuid.uuid4()) for _ in range(batch)]
-        for hid in hids:
-            assert decode.call("expect", (hid, layers, nbytes))
-        channels = [sender.open(decode.endpoint, hid, layers, decode.address) for hid in hids]
-        groups = [(layer, [(ch, data[layer]) for ch in channels]) for layer in range(layers)]
-        start = time.perf_counter()
-        if per_layer:
-            for layer, items in groups:
-                assert not send_layer_group(layer, items)
-        else:
-            assert not send_layer_runs([(ch, 0, data) for ch in channels])
-        for channel in channels:
-            channel.finish(120)
-        elapsed = time.perf_counter() - start
-        for hid in hids:
-            ok, error = decode.call("result", hid)
-            assert ok, error
-        if rep:
-            best = min(best, elapsed)
-    return batch * nbytes * layers / best / 1e9
+
+    def dist_sends(batch: int) -> float:
+        return sends_seconds(decode, "dist_recv", buf, layers * batch,
+                             lambda x: dist.send(x, dst=1), torch.cuda.synchronize)  # fmt: skip
+
+    best = best_seconds(reps, {
+        "dist 1": lambda: dist_sends(1),
+        "raw": lambda: sends_seconds(decode, "raw_recv", buf, layers,
+                                     lambda x: pair.send(x, 1, stream), stream.synchronize),
+        "handoff 1": lambda: handoff_seconds(decode, sender, data, 1),
+        "by layer": lambda: handoff_seconds(decode, sender, data, 1, per_layer=True),
+        "dist 4": lambda: dist_sends(4),
+        "handoff 4": lambda: handoff_seconds(decode, sender, data, 4),
+    })  # fmt: skip
+    return {name: nbytes * layers * (4 if name.endswith("4") else 1) / seconds / 1e9
+            for name, seconds in best.items()}  # fmt: skip
 
 
 # ---- TTFT ------------------------------------------------------------------------------------
@@ -347,9 +364,8 @@ def print_timeline(title: str, marks: list[tuple[str, bytes, int, float]], key: 
 
 
 def timeline_handoff(decode: Decode, sender: NcclKVSender, nbytes: int, layers: int) -> None:
-    handoff_gbs(decode, sender, nbytes, layers, 0, 1)  # warm: staging buffers, kernels
     data = handoff_layers(nbytes, layers)
-    torch.cuda.synchronize()
+    handoff_seconds(decode, sender, data, 1)  # warm: staging buffers, kernels
     hid = str(uuid.uuid4())
     assert decode.call("expect", (hid, layers, nbytes))
     channel = sender.open(decode.endpoint, hid, layers, decode.address)
@@ -442,18 +458,15 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     for mib in map(int, args.sizes_mib.split(",")):
-        nbytes = mib * MIB
-        for batch in (1, 4):
-            base = torch_dist_gbs(decode, nbytes, args.layers * batch, args.reps)
-            if batch == 1:
-                raw = raw_binding_gbs(decode, pair, nbytes, args.layers, args.reps)
-                row(f"bandwidth, raw binding x {args.layers} x {mib} MiB (diagnostic)", base, raw)
-            ours = handoff_gbs(decode, sender, nbytes, args.layers, args.reps, batch)
-            what = f"bandwidth, {batch} handoff{'s' * (batch > 1)} x {args.layers} x {mib} MiB"
-            row(what, base, ours, ">= 90%" if mib >= 16 else "")
-            if batch == 1:
-                ours = handoff_gbs(decode, sender, nbytes, args.layers, args.reps, 1, True)
-                row(what + ", queued layer by layer (diagnostic)", base, ours)
+        gbs = bandwidth(decode, sender, pair, mib * MIB, args.layers, args.reps)
+        target = ">= 90%" if mib >= 16 else ""
+        what = f"bandwidth, 1 handoff x {args.layers} x {mib} MiB"
+        row(f"bandwidth, raw binding x {args.layers} x {mib} MiB (diagnostic)", gbs["dist 1"],
+            gbs["raw"])  # fmt: skip
+        row(what, gbs["dist 1"], gbs["handoff 1"], target)
+        row(what + ", queued layer by layer (diagnostic)", gbs["dist 1"], gbs["by layer"])
+        row(f"bandwidth, 4 handoffs x {args.layers} x {mib} MiB", gbs["dist 4"],
+            gbs["handoff 4"], target)  # fmt: skip
 
     if not args.skip_ttft:
         ttft_part, engine, pusher = ttft_rows(decode, sender, args.prompt, args.reps)

@@ -682,7 +682,7 @@ def test_a_handoffs_tail_is_verified_message_by_message(
 ) -> None:
     """A handoff that exists goes as messages that halve towards its end, each large enough
     followed by its checksums (the receiver verifies it while the next is on the wire); the
-    checksums of the batches after one of MESSAGE_BYTES share a launch."""
+    checksums of batches of up to LAUNCH_RATIO times the first's bytes share a launch."""
     one = nbytes(layers(1)[0])
     monkeypatch.setattr(nccl_sender, "MESSAGE_BYTES", 4 * one)
     monkeypatch.setattr(nccl_sender, "BATCH_BYTES", 2 * one)
@@ -697,7 +697,7 @@ def test_a_handoffs_tail_is_verified_message_by_message(
     channel.finish(10)
     assert future.result(10).ok
     assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(8))
-    assert launches == [4, 4]
+    assert launches == [8]  # 4 x the first batch's bytes: the whole round
     # layers 0-3, their sums; 4-5, their sums; 6 and the last layer alone, their sums
     assert fabric.send_groups == [1, 1, 1, 1, 2, 1]
     assert fabric.recv_groups == [[4 * one, 4 * 8], [2 * one, 2 * 8], [one], [one, 2 * 8]]
@@ -707,10 +707,11 @@ def test_runs_to_two_peers_have_each_batch_checksummed_once(
     fabric, sender, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One call with a run to each of two decode workers: each peer's batches get their
-    checksums, each batch once, also where a launch's MESSAGE_BYTES end between the peers'."""
+    checksums, each batch once, also where a launch's bytes end between the peers'."""
     one = nbytes(layers(1)[0])
     monkeypatch.setattr(nccl_sender, "MESSAGE_BYTES", 4 * one)
     monkeypatch.setattr(nccl_sender, "BATCH_BYTES", 2 * one)
+    monkeypatch.setattr(nccl_sender, "LAUNCH_RATIO", 1)
     launches = count_checksum_launches(sender)
     a, b = NcclKVReceiver(CPU, fabric=fabric), NcclKVReceiver(CPU, fabric=fabric)
     try:

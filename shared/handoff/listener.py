@@ -162,17 +162,12 @@ class ListeningReceiver(ABC, Generic[S]):
     def _fail(self, state: S, error: str) -> None:
         self._close(state, ok=False, error=error)
 
-    def _close(
-        self, state: S, ok: bool, error: str = "", first: Callable[[], None] | None = None
-    ) -> bool:  # fmt: skip
-        """Complete or fail the handoff unless it already is (then `first`, if given, runs before
-        its future is settled); True if this call did."""
+    def _close(self, state: S, ok: bool, error: str = "") -> bool:
+        """Complete or fail the handoff unless it already is; True if this call did."""
         with state.lock:
             if state.closed:
                 return False
             state.closed = True
-            if first is not None:
-                first()
             self._forget(state)
             state.future.set_result(state.result(ok=ok, error=error))
         return True

@@ -640,24 +640,30 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         return f"checksum mismatch on layer {landing.first + bad}"
 
     def _release(self, link: _Link, delivered: list[_Landing], completed: list[_Expected]) -> None:
-        """Give delivered messages' staging buffers back after their scatters, and complete the
-        handoffs they finished once the scatters landed (decode reads the blocks next)."""
+        """ACK the handoffs the delivered messages finished (their layers all passed their
+        checksums and went to on_layer: the sender may reuse its side at once), give the
+        messages' staging buffers back after their scatters, and complete those handoffs once
+        the scatters landed (decode reads the blocks next)."""
         if not delivered:
             return
+        acked = [state for state in completed if self._ack(link, state)]
         released = Event(link.scatter_stream)
         link.staging.give_all([landing.buf for landing in delivered], released)
-        if completed:
+        if acked:
             released.synchronize()
-            for state in completed:
-                self._complete(link, state)
+            for state in acked:
+                self._close(state, ok=True)
 
-    def _complete(self, link: _Link, state: _Expected) -> None:
-        def ack() -> None:  # before the handoff's future: the sender waits for it
+    def _ack(self, link: _Link, state: _Expected) -> bool:
+        """Send a handoff's ACK unless it was closed (failed or cancelled) meanwhile; whether it
+        was sent."""
+        with state.lock:
+            if state.closed:
+                return False
             if (timeline := self.timeline) is not None:
                 timeline.mark("ack", state.key, WHOLE)
             link.send(message(Kind.ACK, state.key))
-
-        self._close(state, ok=True, first=ack)
+        return True
 
     def _reject(self, link: _Link, key: bytes, state: _Expected | None, error: str) -> None:
         if state is not None:

@@ -60,6 +60,12 @@ MESSAGE_BYTES = 256 << 20
 # Messages whose checksums go together, after them: the receiver verifies a batch once its last
 # message and the checksums landed, so a large round is verified in pieces while it lands.
 BATCH_BYTES = 64 << 20
+# One checksum launch reads up to this many times the bytes of the batch it starts at (and at
+# least MESSAGE_BYTES): the GPU reads for a checksum about ten times faster than the link
+# carries, so they are done before that batch has left, and the send of its checksums, which
+# waits for them, holds up none of the messages after it; the fewer launches, the less host
+# work between the sends.
+LAUNCH_RATIO = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -509,11 +515,13 @@ class NcclKVSender:
         self, batches: list[list[_Message]], first: list[_Message]
     ) -> dict[int, tuple[torch.Tensor, Event]]:  # fmt: skip
         """_checksums of the batches from `first` on, in one launch, up to the one that makes
-        them MESSAGE_BYTES (the small batches at a handoff's end share one launch; a large one
-        is not held up by the rest): by id(batch), its rows and the event."""
+        them LAUNCH_RATIO times first's bytes, or MESSAGE_BYTES if more (the batches of a round
+        share a few launches; the first batch's checksums are not held up by more than the GPU
+        reads while it is on the wire): by id(batch), its rows and the event."""
         start = next(i for i, batch in enumerate(batches) if batch is first)
+        limit = max(MESSAGE_BYTES, LAUNCH_RATIO * sum(m.nbytes for m in first))
         end, size = start, 0
-        while end < len(batches) and size < MESSAGE_BYTES:
+        while end < len(batches) and size < limit:
             size += sum(m.nbytes for m in batches[end])
             end += 1
         chosen = batches[start:end]
