@@ -386,6 +386,80 @@ def test_a_dead_receiver_fails_the_handoff_and_tears_the_pair_down(fabric, sende
     assert wait_for(lambda: all(c.aborted for c in fabric.comms))  # both ranks torn down
 
 
+def slow_last_layer(store: dict[int, torch.Tensor], last: int, seconds: float):
+    """An on_layer that collects, taking `seconds` over layer `last` (so its ACK comes late)."""
+    keep = collect(store)
+
+    def on_layer(layer: int, payload: torch.Tensor) -> None:
+        if layer == last:
+            time.sleep(seconds)
+        keep(layer, payload)
+
+    return on_layer
+
+
+def test_finish_reads_its_own_ack_and_waiters_share_the_reading(receiver, sender) -> None:
+    """A thread in finish() reads the receiver's replies itself (its ACK wakes it with no
+    hand-over from the pair's reader thread); with two waiting on one pair, whichever reads
+    settles the other's handoff too, and both complete."""
+    kv = layers(3)
+    assert_pair_still_works(receiver, sender)
+    peer = sender.pairs.get(receiver.endpoint, lambda e: pytest.fail("the pair exists"))
+    readers: dict[bytes, str] = {}
+    on_reply = peer.on_reply
+
+    def record(handoff_id: bytes, kind: str, text: str) -> None:
+        readers[handoff_id] = threading.current_thread().name
+        on_reply(handoff_id, kind, text)
+
+    peer.on_reply = record  # type: ignore[method-assign]
+    opened = []
+    for _ in range(2):
+        store: dict[int, torch.Tensor] = {}
+        hid = str(uuid.uuid4())
+        future = receiver.expect(hid, 3, nbytes(kv[0]), slow_last_layer(store, 2, 0.3))
+        opened.append((future, sender.open(receiver.endpoint, hid, 3), store))
+    for _, channel, _ in opened:
+        for layer in range(3):
+            channel.send_layer(layer, kv[layer])
+    done: dict[str, bool] = {}
+
+    def finish(name: str, channel: NcclSendChannel) -> None:
+        threading.current_thread().name = name
+        channel.finish(10)
+        done[name] = True
+
+    waiters = [threading.Thread(target=finish, args=(f"waiter-{i}", channel))
+               for i, (_, channel, _) in enumerate(opened)]  # fmt: skip
+    for waiter in waiters:
+        waiter.start()
+    for waiter in waiters:
+        waiter.join(10)
+    assert done == {"waiter-0": True, "waiter-1": True}
+    for future, channel, store in opened:
+        assert future.result(10).ok
+        assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(3))
+        assert readers[channel.key].startswith("waiter-")  # not the reader thread
+
+
+def test_a_finish_that_times_out_gives_the_reading_back(receiver, sender) -> None:
+    """A finish() that gives up while it reads the replies hands the reading back to the pair's
+    reader thread, which goes on settling handoffs nobody waits for (here a NACK)."""
+    kv = layers(2)
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    receiver.expect(hid, 2, nbytes(kv[0]), slow_last_layer(store, 1, 1.0))
+    channel = sender.open(receiver.endpoint, hid, 2)
+    for layer in range(2):
+        channel.send_layer(layer, kv[layer])
+    with pytest.raises(HandoffError, match="no ACK within"):
+        channel.finish(0.2)
+    unexpected = sender.open(receiver.endpoint, str(uuid.uuid4()), 2)
+    unexpected.send_layer(0, kv[0])  # not expected: the receiver NACKs it
+    assert wait_for(lambda: unexpected.failed)
+    assert_pair_still_works(receiver, sender)
+
+
 def test_the_pair_cache_evicts_the_least_recently_used_idle_pair(fabric) -> None:
     tx = NcclKVSender(CPU, fabric=fabric, max_peers=1, links=fabric.links)
     a, b = NcclKVReceiver(CPU, fabric=fabric), NcclKVReceiver(CPU, fabric=fabric)

@@ -36,6 +36,11 @@ class SenderLink:
             if self.channels.get(channel.key) is channel:
                 del self.channels[channel.key]
 
+    def await_reply(self, done: Future[None], timeout: float) -> None:
+        """Wait until `done` (a channel's future, settled by the replies) is settled:
+        FutureTimeout after `timeout` seconds, the channel's error if it failed."""
+        done.result(timeout)
+
     def on_reply(self, handoff_id: bytes, kind: str, text: str) -> None:
         """Settle a handoff by the receiver's reply: `kind` is the frame kind's name, ACK or
         NACK (with `text` the reason); any other kind is a ProtocolError."""
@@ -93,7 +98,7 @@ class SendChannel(ABC):
         try:
             if len(self._queued) != self.num_layers:
                 raise HandoffError(f"finish() after {len(self._queued)}/{self.num_layers} layers")
-            self._done.result(timeout)
+            link.await_reply(self._done, timeout)
         except FutureTimeout:
             self.abort(f"sender saw no ACK within {timeout} s")
             raise HandoffError(f"handoff {self.handoff_id}: no ACK within {timeout} s") from None

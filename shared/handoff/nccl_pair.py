@@ -8,7 +8,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import select
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -115,7 +118,12 @@ def connect_pair(
 
 class Peer(SenderLink):
     """Prefill side of one decode receiver: control connection + communicator + send stream.
-    `lock` also guards comm: launches vs abort; `dead` says why the pair was torn down."""
+    `lock` also guards comm: launches vs abort; `dead` says why the pair was torn down.
+
+    The receiver's replies are read by one thread at a time: the pair's reader thread, unless
+    threads wait in await_reply (finish()). Then one of those reads, so that its own ACK wakes
+    it directly, without a hand-over between threads on the way; the reader thread takes its
+    turn back once none waits, and notices a receiver that dies while none does."""
 
     def __init__(self, sender: NcclKVSender, endpoint: str, decode_address: str) -> None:
         super().__init__(endpoint)
@@ -138,6 +146,12 @@ class Peer(SenderLink):
         # in a later round), and their bytes
         self.unsummed: list[Any] = []
         self.unsummed_bytes = 0
+        # the reading turn: `_reading` while a thread reads, `_wanted` threads in await_reply;
+        # a byte on `_wake` makes the reader thread give its turn up
+        self._turn = threading.Condition()
+        self._reading = False
+        self._wanted = 0
+        self._woken, self._wake = socket.socketpair()
         self._reader = threading.Thread(target=self._read_loop, name="nccl-ack", daemon=True)
         self._reader.start()
 
@@ -205,17 +219,95 @@ class Peer(SenderLink):
         with contextlib.suppress(nccl.NcclError):
             self.comm.abort()  # ends send kernels still waiting on the peer
 
-    def _read_loop(self) -> None:
-        reason = "receiver closed the connection"
+    def await_reply(self, done: Future[None], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._turn:
+            self._wanted += 1
+        with contextlib.suppress(OSError):  # closed: the reader thread has ended
+            self._wake.send(b"\0")
         try:
-            while (frame := read_frame(self.sock)) is not None:
+            while not done.done():
+                with self._turn:  # until this thread may read, or another read its reply
+                    while self._reading and not done.done():
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not self._turn.wait(left):
+                            raise FutureTimeout
+                    if done.done():
+                        break
+                    self._reading = True
+                try:
+                    self._read_until(done, deadline)
+                finally:
+                    self._end_turn()
+                if self.dead and not done.done():  # not this link's handoff any more
+                    raise HandoffError(f"connection to {self.endpoint} lost: {self.dead}")
+        finally:
+            with self._turn:
+                self._wanted -= 1
+                self._turn.notify_all()
+        done.result(0)  # the channel's error, if it failed
+
+    def _read_until(self, done: Future[None], deadline: float) -> None:
+        """Read replies (in this thread's turn) until `done` is settled or the connection ended:
+        FutureTimeout at the deadline."""
+        while not done.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FutureTimeout
+            try:
+                readable = select.select([self.sock], [], [], left)[0]
+            except (OSError, ValueError):  # closed: the pair is torn down
+                return
+            if readable:
+                alive = self._read_reply()
+                with self._turn:  # it may have settled another waiter's handoff
+                    self._turn.notify_all()
+                if not alive:
+                    return
+
+    def _end_turn(self) -> None:
+        with self._turn:
+            self._reading = False
+            self._turn.notify_all()
+
+    def _read_reply(self) -> bool:
+        """Read one reply and settle its handoff; False once the connection ended (the pair is
+        torn down)."""
+        try:
+            frame = read_frame(self.sock)
+            if frame is not None:
                 text = read_payload(self.sock, frame).decode(errors="replace")
                 self.on_reply(frame.handoff_id, frame.kind.name, text)
+                return True
+            reason = "receiver closed the connection"
         except (OSError, ConnectionError) as exc:
             reason = str(exc) or type(exc).__name__
+        self.die(reason)
+        return False
+
+    def _read_loop(self) -> None:
+        """The reader thread: reads replies whenever no thread waits in await_reply."""
+        try:
+            alive = True
+            while alive:
+                with self._turn:
+                    while self._wanted or self._reading:
+                        self._turn.wait()
+                    self._reading = True
+                try:
+                    readable = select.select([self.sock, self._woken], [], [])[0]
+                    if self._woken in readable:
+                        self._woken.recv(4096)
+                    if self.sock in readable:
+                        alive = self._read_reply()
+                finally:
+                    self._end_turn()
+        except (OSError, ValueError) as exc:  # the socket was closed under it
+            self.die(str(exc) or type(exc).__name__)
         finally:
-            self.die(reason)
             self.sock.close()
+            self._woken.close()
+            self._wake.close()
 
 
 class PairCache:

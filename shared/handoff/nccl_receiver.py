@@ -614,8 +614,11 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 if state.closed:
                     link.staging.give(landing.buf, group.released)
                     continue
-                # one view per layer in one call, not a slice each
-                payloads = landing.buf.view(landing.count, -1).unbind(0)
+                # one view per layer in one call, not a slice each (none for a lone layer)
+                payloads = (
+                    (landing.buf,) if landing.count == 1
+                    else landing.buf.view(landing.count, -1).unbind(0)
+                )  # fmt: skip
                 for i, payload in enumerate(payloads):
                     if error := state.deliver(landing.first + i, payload):
                         break
