@@ -14,9 +14,10 @@ Two threads per prefill connection:
                        It never waits for the GPU, and a burst costs a few host calls per group.
     verify thread      takes every group handed over so far (and, before each wait for the
                        GPU, those handed over since) and enqueues on the check stream,
-                       per unit of consecutive groups (up to CHECK_BYTES) once its last group
-                       landed, the copies down of the sender's checksums they hold and the
-                       checksums of their layers, folded on the device (one table up for all,
+                       per unit of consecutive groups (up to CHECK_BYTES; handoffs' last
+                       layers apart from the rest) once its last group landed, the
+                       copies down of the sender's checksums they hold and the checksums
+                       of their layers, folded on the device (one table up for all,
                        then per unit one launch, the fold and the copies down); then
                        takes the groups in order, waits (without the GIL) for each one's
                        checksums, compares them with the sender's, hands the layers to on_layer
@@ -73,7 +74,8 @@ log = logging.getLogger(__name__)
 RECV_GROUP_BYTES = 64 << 20
 # Consecutive groups handed over together share one checksum launch (after the last of them
 # landed) until they hold this much: a launch and its verification cost the verify thread about
-# what this many bytes take on the wire, so smaller groups (a handoff's tail) go together.
+# what this many bytes take on the wire, so smaller groups go together (but a handoff's last
+# layer not with the layers before it: after the last byte, only its checksum is left to run).
 CHECK_BYTES = 64 << 20
 _MAX_ROUND_LAYERS = 1 << 20  # layers a SUMS frame may announce at most
 
@@ -194,6 +196,11 @@ class _Group:
     def nbytes(self) -> int:
         """Its accepted layers' bytes."""
         return sum(x.buf.numel() for x in self.landings)
+
+    @property
+    def ends_handoff(self) -> bool:
+        """Whether it holds a handoff's last layer (then that message alone: _recv_groups)."""
+        return bool(self.datas) and self.datas[-1].ends_handoff
 
     @property
     def verifiable(self) -> bool:
@@ -513,22 +520,30 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 return True
             groups += more
 
+    @staticmethod
+    def _units(groups: list[_Group]) -> list[list[_Group]]:
+        """The groups in units checksummed together: consecutive ones up to CHECK_BYTES, either
+        all holding a handoff's last layer or none, so that after a handoff's last byte its
+        checksum waits only for that layer's (and those of other handoffs' last layers)."""
+        units: list[list[_Group]] = []
+        size, ends = CHECK_BYTES, False
+        for g in groups:
+            if size >= CHECK_BYTES or g.ends_handoff != ends:
+                units.append([])
+                size, ends = 0, g.ends_handoff
+            units[-1].append(g)
+            size += g.nbytes
+        return units
+
     def _checksum(self, link: _Link, groups: list[_Group]) -> None:
-        """Enqueue on the check stream, per unit of groups (consecutive ones up to CHECK_BYTES)
-        once its last group landed, the copies down of the sender's checksums its groups
-        received and the checksums of their accepted layers (one table up for all, one launch a
-        unit). Never waits for the GPU; if the launch fails, the groups' handoffs fail."""
+        """Enqueue on the check stream, per unit of groups (_units) once its last group landed,
+        the copies down of the sender's checksums its groups received and the checksums of their
+        accepted layers (one table up for all, one launch a unit). Never waits for the GPU; if
+        the launch fails, the groups' handoffs fail."""
         work = [g for g in groups if g.runs or g.sums_buf is not None]
         if not work:
             return
-        units: list[list[_Group]] = []
-        size = CHECK_BYTES
-        for g in work:
-            if size >= CHECK_BYTES:
-                units.append([])
-                size = 0
-            units[-1].append(g)
-            size += g.nbytes
+        units = self._units(work)
         try:
             with self.dev.on(link.check_stream):
                 done = self.dev.group_sums([
