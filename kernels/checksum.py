@@ -146,17 +146,22 @@ def layer_table(
 
 def checksum_partials(
     layers: Sequence[torch.Tensor], programs: int = PROGRAMS, table: torch.Tensor | None = None,
-    counts: Sequence[int] | None = None,
+    counts: Sequence[int] | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Partial sums of the checksum of each layer of the contiguous tensors (all on one device;
     tensor i holds counts[i] equal layers back to back, default 1), as [layers, programs] int64
-    on that device: row i adds up to layer i's checksum (`fold`). One launch (of `table`, else
-    `layer_table(layers, counts)`), enqueued on the current stream without a host sync; the
-    tensors must stay alive and unchanged until it ran."""
+    on that device, or in `out` (contiguous; on a GPU it may be pinned host memory, which the
+    launch writes directly): row i adds up to layer i's checksum (`fold`). One launch (of
+    `table`, else `layer_table(layers, counts)`), enqueued on the current stream without a host
+    sync; the tensors (and `out`) must stay alive and unchanged until it ran."""
     num_layers = sum(counts) if counts else len(layers)
     table = layer_table(layers, counts) if table is None else table
     assert table.numel() == 4 * num_layers and table.device == layers[0].device
-    partials = torch.empty((num_layers, programs), dtype=torch.int64, device=table.device)
+    if out is None:
+        out = torch.empty((num_layers, programs), dtype=torch.int64, device=table.device)
+    assert out.shape == (num_layers, programs) and out.dtype == torch.int64
+    assert out.is_contiguous()
+    partials = out
     _partials_kernel[(programs,)](table, partials, num_layers, BLOCK=BLOCK, num_warps=8)
     return partials
 

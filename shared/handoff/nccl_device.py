@@ -140,11 +140,12 @@ class Device:
         """Per group (runs, after, downs), enqueued on the current stream after `after` (if
         given): the copies down of `downs`, then the checksums of the layers of `runs` (a
         contiguous tensor, the number of equal layers it holds back to back; kernels/checksum)
-        folded on the device and copied down (none without runs), and an event after both.
-        Returns per group (sums [layers, 1] int64 on the host, downs on the host, event): they
-        hold the values once the event completed. On CUDA one table up for all groups (it reads
-        only addresses, so it goes ahead of the events), then per group one launch, the fold and
-        the copies down, no host sync; on CPU the reference."""
+        as partial sums on the host (none without runs), and an event after both. Returns per
+        group (partials [layers, P] int64 on the host, downs on the host, event): they hold the
+        values once the event completed (`checksums` folds them). On CUDA one table up for all
+        groups (it reads only addresses, so it goes ahead of the events), then per group the
+        copies down and one launch, which writes its partial sums straight into pinned host
+        memory (no copy down of its own), no host sync; on CPU the reference."""
         stream = self.current_stream()
         if stream is None:
             done = Event(None)
@@ -153,9 +154,11 @@ class Device:
                 for runs, _, downs in groups
             ]
         everything = [run for runs, _, _ in groups for run in runs]
-        table = None
+        table = out = None
         if everything:
             table = layer_table([x for x, _ in everything], [n for _, n in everything])
+            num_layers = sum(n for _, n in everything)
+            out = torch.empty((num_layers, PROGRAMS), dtype=torch.int64, pin_memory=True)
         results = []
         row = 0
         for runs, after, downs in groups:
@@ -164,12 +167,13 @@ class Device:
             hosts = [down.to("cpu", non_blocking=True) for down in downs]
             partials = None
             if runs:
-                assert table is not None
+                assert table is not None and out is not None
                 n = sum(count for _, count in runs)
                 rows = table[4 * row : 4 * (row + n)]
                 tensors, counts = [x for x, _ in runs], [c for _, c in runs]
-                partials = checksum_partials(tensors, table=rows, counts=counts)
-                partials = partials.sum(dim=1, keepdim=True).to("cpu", non_blocking=True)
+                partials = checksum_partials(
+                    tensors, table=rows, counts=counts, out=out[row : row + n]
+                )
                 row += n
             results.append((partials, hosts, Event(stream)))
         return results

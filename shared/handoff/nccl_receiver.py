@@ -17,8 +17,9 @@ Two threads per prefill connection:
                        per unit of consecutive groups (up to CHECK_BYTES; handoffs' last
                        layers apart from the rest) once its last group landed, the
                        copies down of the sender's checksums they hold and the checksums
-                       of their layers, folded on the device (one table up for all,
-                       then per unit one launch, the fold and the copies down); then
+                       of their layers (one table up for all, then per unit the copies
+                       down and one launch, which writes its partial sums straight into
+                       pinned host memory); then
                        takes the groups in order, waits (without the GIL) for each one's
                        checksums, compares them with the sender's, hands the layers to on_layer
                        on the scatter stream, and gives their staging buffers back after one
@@ -170,7 +171,7 @@ class _Group:
     sums_buf: torch.Tensor | None = None  # the staging the round's checksums land in
     received: Event | None = None  # on the recv stream, after the group's recvs
     ready: Event | None = None  # on the check stream, after its checksums and copies down
-    # [its layers, 1] int64 on the host: its rows of its unit's group_sums
+    # [its layers, P] int64 partial sums on the host: its rows of its unit's group_sums
     partials: torch.Tensor | None = None
     error: str = ""  # the checksums could not be enqueued
 

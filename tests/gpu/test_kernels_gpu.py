@@ -209,6 +209,10 @@ def test_checksum_of_a_list_of_layers_in_one_launch(programs):
     checksum_cases.run_batch_case("cuda", programs)
 
 
+def test_checksum_partials_into_pinned_host_memory():
+    checksum_cases.run_out_case("cuda")
+
+
 def test_cache_past_int32_indexing():
     """A layer of 2 x 140k blocks x 16 x 8 x 128 bf16 (4.6e9 elements, 9 GB): for the top blocks
     block * stride passes 2^31, and V's offset alone (2.3e9 elements) does too."""

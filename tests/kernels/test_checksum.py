@@ -144,6 +144,23 @@ def test_a_run_of_layers_back_to_back_is_checksummed_layer_by_layer(layer_bytes)
     assert got == fold(checksum_partials(layers, 5))
 
 
+def run_out_case(device: str = "cpu") -> None:
+    """The partial sums go into `out` (on a GPU: pinned host memory, which the launch writes
+    directly), the rows around it untouched."""
+    layers = [random_bytes(n, off, seed=i, device=device) for i, (n, off) in enumerate(BATCH)]
+    out = torch.full((len(layers) + 2, 5), -1, dtype=torch.int64, pin_memory=device != "cpu")
+    partials = checksum_partials(layers, 5, out=out[1:-1])
+    if device != "cpu":
+        torch.cuda.synchronize()
+    assert partials.data_ptr() == out[1].data_ptr()
+    assert fold(out[1:-1]) == [definition(x) for x in layers]
+    assert out[0].tolist() == [-1] * 5 and out[-1].tolist() == [-1] * 5
+
+
+def test_partials_go_into_out_when_given():
+    run_out_case()
+
+
 def test_fold_wraps_mod_2_64():
     partials = torch.tensor([[-1, 2], [2**62, 2**62 + 2**62 - 1]], dtype=torch.int64)
     assert fold(partials) == [1, (2**63 - 1 + 2**62) & MASK64]
