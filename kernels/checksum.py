@@ -161,9 +161,8 @@ def checksum_partials(
         out = torch.empty((num_layers, programs), dtype=torch.int64, device=table.device)
     assert out.shape == (num_layers, programs) and out.dtype == torch.int64
     assert out.is_contiguous()
-    partials = out
-    _partials_kernel[(programs,)](table, partials, num_layers, BLOCK=BLOCK, num_warps=8)
-    return partials
+    _partials_kernel[(programs,)](table, out, num_layers, BLOCK=BLOCK, num_warps=8)
+    return out
 
 
 def fold(partials: torch.Tensor) -> list[int]:

@@ -220,6 +220,8 @@ class Peer(SenderLink):
             self.comm.abort()  # ends send kernels still waiting on the peer
 
     def await_reply(self, done: Future[None], timeout: float) -> None:
+        if done.done():  # its reply came already
+            return done.result(0)
         deadline = time.monotonic() + timeout
         with self._turn:
             self._wanted += 1
