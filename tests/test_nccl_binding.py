@@ -460,6 +460,21 @@ def test_a_finish_that_times_out_gives_the_reading_back(receiver, sender) -> Non
     assert_pair_still_works(receiver, sender)
 
 
+def test_one_call_takes_the_channels_of_one_sender(receiver, sender, fabric) -> None:
+    """send_layer_group and send_layer_runs launch on one sender: channels of two are refused."""
+    other = NcclKVSender(CPU, fabric=fabric, links=fabric.links)
+    try:
+        kv = layers(2)
+        ours = [open_handoff(receiver, tx, 2, nbytes(kv[0]))[2] for tx in (sender, other)]
+        with pytest.raises(ValueError, match="send_layer_group takes the channels of one"):
+            send_layer_group(0, [(channel, kv[0]) for channel in ours])
+        theirs = [open_handoff(receiver, tx, 2, nbytes(kv[0]))[2] for tx in (sender, other)]
+        with pytest.raises(ValueError, match="send_layer_runs takes the channels of one"):
+            send_layer_runs([(channel, 0, torch.stack(kv)) for channel in theirs])
+    finally:
+        other.close()
+
+
 def test_the_pair_cache_evicts_the_least_recently_used_idle_pair(fabric) -> None:
     tx = NcclKVSender(CPU, fabric=fabric, max_peers=1, links=fabric.links)
     a, b = NcclKVReceiver(CPU, fabric=fabric), NcclKVReceiver(CPU, fabric=fabric)

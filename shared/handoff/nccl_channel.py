@@ -93,28 +93,46 @@ class NcclSendChannel(SendChannel):
         return layer_seconds
 
 
+def _queue_all(
+    caller: str, items: list[tuple[NcclSendChannel, int, torch.Tensor, int]]
+) -> tuple[list[tuple[NcclSendChannel, int, torch.Tensor, int]], Event | None,
+           list[NcclSendChannel]]:  # fmt: skip
+    """What both ways of queueing do first: layers first.. (`count` of them) of each channel
+    queued (a channel that had already failed goes to the failed list), their data made
+    contiguous; the channels must be of one NcclKVSender; one event on the current stream after
+    all that (the data exists once it completed). Returns (the queued items, the event (None
+    if nothing was queued), the failed channels)."""
+    queued, failed = [], []
+    for channel, first, data, count in items:
+        try:
+            channel.queue(first, count)
+        except HandoffError:
+            failed.append(channel)
+            continue
+        queued.append((channel, first, data if data.is_contiguous() else data.contiguous(), count))
+    if not queued:
+        return queued, None, failed
+    sender = queued[0][0].sender
+    if any(channel.sender is not sender for channel, *_ in queued):
+        raise ValueError(f"{caller} takes the channels of one sender")
+    if (timeline := sender.timeline) is not None:
+        keys = [(ch.key, first + i) for ch, first, _, count in queued for i in range(count)]
+        timeline.mark_all("queued", keys)
+    return queued, Event(sender.dev.current_stream()), failed
+
+
 def send_layer_group(
     layer: int, items: list[tuple[NcclSendChannel, torch.Tensor]]
 ) -> list[NcclSendChannel]:
     """Queue layer `layer` of several handoffs (one batch, one NcclKVSender): their sends are
     launched together, in one ncclGroupStart/End. Call on the stream that produced the data.
     Returns the channels that had already failed (nothing is queued for them)."""
-    queued, failed = [], []
-    for channel, data in items:
-        try:
-            channel.queue(layer)
-        except HandoffError:
-            failed.append(channel)
-            continue
-        queued.append((channel, data if data.is_contiguous() else data.contiguous()))
-    if queued:
-        sender = queued[0][0].sender
-        if any(ch.sender is not sender for ch, _ in queued):
-            raise ValueError("send_layer_group takes the channels of one sender")
-        ready = Event(sender.dev.current_stream())  # after the gathers (and copies above)
-        sender._submit([Job(layer, queued, ready)])
-        if (timeline := sender.timeline) is not None:
-            timeline.mark_all("queued", [(ch.key, layer) for ch, _ in queued])
+    queued, ready, failed = _queue_all(
+        "send_layer_group", [(channel, layer, data, 1) for channel, data in items]
+    )
+    if ready is not None:
+        job = Job(layer, [(channel, data) for channel, _, data, _ in queued], ready)
+        queued[0][0].sender._submit([job])
     return failed
 
 
@@ -126,25 +144,11 @@ def send_layer_runs(runs: list[tuple[NcclSendChannel, int, torch.Tensor]]) -> li
     nothing queued (no hand-over to it: the caller waits for the ACKs next), else by the sender
     thread after what is queued. Call on the stream that produced the data. Returns the
     channels that had already failed (nothing is queued for them)."""
-    failed: list[NcclSendChannel] = []
-    jobs: list[Job] = []
-    ready = None
-    for channel, first, data in runs:
-        try:
-            channel.queue(first, data.shape[0])
-        except HandoffError:
-            failed.append(channel)
-            continue
-        if ready is None:
-            ready = Event(channel.sender.dev.current_stream())  # after the gathers
-        data = data if data.is_contiguous() else data.contiguous()
-        jobs.append(Job(first, [(channel, data)], ready, count=data.shape[0]))
-    if jobs:
-        sender = jobs[0].items[0][0].sender
-        if any(job.items[0][0].sender is not sender for job in jobs):
-            raise ValueError("send_layer_runs takes the channels of one sender")
-        if (timeline := sender.timeline) is not None:
-            timeline.mark_all("queued", [(job.items[0][0].key, job.layer + i)
-                                         for job in jobs for i in range(job.count)])  # fmt: skip
-        sender._submit(jobs, inline=True)
+    queued, ready, failed = _queue_all(
+        "send_layer_runs", [(channel, first, data, data.shape[0]) for channel, first, data in runs]
+    )
+    if ready is not None:
+        jobs = [Job(first, [(channel, data)], ready, count=count)
+                for channel, first, data, count in queued]  # fmt: skip
+        queued[0][0].sender._submit(jobs, inline=True)
     return failed
