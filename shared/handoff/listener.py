@@ -77,9 +77,10 @@ class ListeningReceiver(ABC, Generic[S]):
         self.bind_host, self.port = bind_host, port
         self.advertise_host = advertise_host or bind_host
         self._new_state, self._name, self._scheme = new_state, name, scheme
-        self._lock = threading.Lock()  # guards _expected and _conns
+        self._lock = threading.Lock()  # guards _expected, _conns and _closing
         self._expected: dict[bytes, S] = {}
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._closing = False  # close() began: a connection that ends is ours going away
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
 
@@ -117,6 +118,7 @@ class ListeningReceiver(ABC, Generic[S]):
             shutdown(self._listener)
             self._listener.close()
         with self._lock:
+            self._closing = True
             conns, states = dict(self._conns), list(self._expected.values())
         for conn in conns:  # first: a sender sees the connection go, not its handoffs rejected
             shutdown(conn)
@@ -146,12 +148,15 @@ class ListeningReceiver(ABC, Generic[S]):
         """Read the connection's frames until it closes (on its own thread)."""
 
     def _disconnected(self, conn: socket.socket, orphaned: Callable[[S], bool]) -> None:
-        """Forget `conn` and fail the handoffs whose frames arrived on it."""
+        """Forget `conn` and fail the handoffs whose frames arrived on it (the receiver's own
+        close() may be why it ended: then they fail as closed, whichever thread gets there
+        first)."""
         with self._lock:
             self._conns.pop(conn, None)
             orphans = [s for s in self._expected.values() if orphaned(s)]
+            why = "receiver closed" if self._closing else "sender disconnected mid-handoff"
         for state in orphans:
-            self._fail(state, "sender disconnected mid-handoff")
+            self._fail(state, why)
 
     # -- the table of expected handoffs
 
