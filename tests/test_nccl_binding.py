@@ -398,10 +398,13 @@ def slow_last_layer(store: dict[int, torch.Tensor], last: int, seconds: float):
     return on_layer
 
 
-def test_finish_reads_its_own_ack_and_waiters_share_the_reading(receiver, sender) -> None:
+@pytest.mark.parametrize("waiting", [2, 8])
+def test_finish_reads_its_own_ack_and_waiters_share_the_reading(
+    receiver, sender, waiting: int
+) -> None:  # fmt: skip
     """A thread in finish() reads the receiver's replies itself (its ACK wakes it with no
-    hand-over from the pair's reader thread); with two waiting on one pair, whichever reads
-    settles the other's handoff too, and both complete."""
+    hand-over from the pair's reader thread); with several waiting on one pair, whichever reads
+    settles the others' handoffs too, and all complete."""
     kv = layers(3)
     assert_pair_still_works(receiver, sender)
     peer = sender.pairs.get(receiver.endpoint, lambda e: pytest.fail("the pair exists"))
@@ -414,10 +417,10 @@ def test_finish_reads_its_own_ack_and_waiters_share_the_reading(receiver, sender
 
     peer.on_reply = record  # type: ignore[method-assign]
     opened = []
-    for _ in range(2):
+    for _ in range(waiting):
         store: dict[int, torch.Tensor] = {}
         hid = str(uuid.uuid4())
-        future = receiver.expect(hid, 3, nbytes(kv[0]), slow_last_layer(store, 2, 0.3))
+        future = receiver.expect(hid, 3, nbytes(kv[0]), slow_last_layer(store, 2, 0.15))
         opened.append((future, sender.open(receiver.endpoint, hid, 3), store))
     for _, channel, _ in opened:
         for layer in range(3):
@@ -435,7 +438,7 @@ def test_finish_reads_its_own_ack_and_waiters_share_the_reading(receiver, sender
         waiter.start()
     for waiter in waiters:
         waiter.join(10)
-    assert done == {"waiter-0": True, "waiter-1": True}
+    assert done == {f"waiter-{i}": True for i in range(waiting)}
     for future, channel, store in opened:
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(3))

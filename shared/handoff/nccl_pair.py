@@ -146,11 +146,13 @@ class Peer(SenderLink):
         # in a later round), and their bytes
         self.unsummed: list[Any] = []
         self.unsummed_bytes = 0
-        # the reading turn: `_reading` while a thread reads, `_wanted` threads in await_reply;
-        # a byte on `_wake` makes the reader thread give its turn up
+        # the reading turn: `_reading` while a thread reads, `_wanted` threads in await_reply,
+        # `_next` the events of those not reading, in arrival order (the turn goes to the
+        # first); a byte on `_wake` makes the reader thread give its turn up
         self._turn = threading.Condition()
         self._reading = False
         self._wanted = 0
+        self._next: collections.deque[threading.Event] = collections.deque()
         self._woken, self._wake = socket.socketpair()
         self._reader = threading.Thread(target=self._read_loop, name="nccl-ack", daemon=True)
         self._reader.start()
@@ -223,20 +225,26 @@ class Peer(SenderLink):
         if done.done():  # its reply came already
             return done.result(0)
         deadline = time.monotonic() + timeout
+        woken = threading.Event()  # by its reply, or when the reading turn is passed to it
+        done.add_done_callback(lambda _: woken.set())
         with self._turn:
             self._wanted += 1
+            self._next.append(woken)
         with contextlib.suppress(OSError):  # closed: the reader thread has ended
             self._wake.send(b"\0")
         try:
             while not done.done():
-                with self._turn:  # until this thread may read, or another read its reply
-                    while self._reading and not done.done():
-                        left = deadline - time.monotonic()
-                        if left <= 0 or not self._turn.wait(left):
-                            raise FutureTimeout
-                    if done.done():
-                        break
-                    self._reading = True
+                with self._turn:
+                    mine = not self._reading
+                    if mine:
+                        self._reading = True
+                        self._next.remove(woken)
+                if not mine:  # another thread reads: it may read this reply too
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not woken.wait(left):
+                        raise FutureTimeout
+                    woken.clear()
+                    continue
                 try:
                     self._read_until(done, deadline)
                 finally:
@@ -246,7 +254,9 @@ class Peer(SenderLink):
         finally:
             with self._turn:
                 self._wanted -= 1
-                self._turn.notify_all()
+                if woken in self._next:
+                    self._next.remove(woken)
+                self._pass_turn()
         done.result(0)  # the channel's error, if it failed
 
     def _read_until(self, done: Future[None], deadline: float) -> None:
@@ -260,16 +270,22 @@ class Peer(SenderLink):
                 readable = select.select([self.sock], [], [], left)[0]
             except (OSError, ValueError):  # closed: the pair is torn down
                 return
-            if readable:
-                alive = self._read_reply()
-                with self._turn:  # it may have settled another waiter's handoff
-                    self._turn.notify_all()
-                if not alive:
-                    return
+            if readable and not self._read_reply():
+                return
 
     def _end_turn(self) -> None:
         with self._turn:
             self._reading = False
+            self._pass_turn()
+
+    def _pass_turn(self) -> None:
+        """If no thread reads: wake the first waiter in await_reply to read, else (none waits)
+        the reader thread; under `_turn`. One thread is woken, not every waiter."""
+        if self._reading:
+            return
+        if self._next:
+            self._next[0].set()
+        elif not self._wanted:
             self._turn.notify_all()
 
     def _read_reply(self) -> bool:
