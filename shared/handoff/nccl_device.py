@@ -187,7 +187,7 @@ class Device:
     def warm_up(self) -> None:
         """Compile the checksum kernel now, not on the first handoff's thread."""
         if self.cuda:
-            with torch.cuda.device(self.device):
+            with self.bound():
                 layer = torch.zeros(24, dtype=torch.uint8, device=self.device)
                 self.group_sums([([(layer, 1)], None, [layer])])
                 self.layer_sums([(layer, 1)], self.sum_programs(layer.nbytes))

@@ -20,8 +20,9 @@ A round:
                     checksums' sends, each peer's stream waiting for them. A segment that
                     closes a batch whose checksums are not computed yet launches, right after
                     its sends, those of the batches the round closes from it on, up to
-                    MESSAGE_BYTES of them: one Triton launch (kernels/checksum) on the checksum
-                    stream, beside the sends (folded there to one int64 a layer)
+                    LAUNCH_RATIO times its bytes (at least MESSAGE_BYTES): one Triton launch
+                    (kernels/checksum) on the checksum stream, beside the sends (folded there
+                    to one int64 a layer)
 
 So the checksums travel on the communicator right behind the data they cover: the receiver
 verifies a batch once it landed (after the last byte, only the last batch waits for its
