@@ -39,6 +39,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A thread that reads replies in await_reply polls the control connection for up to this long
+# before it sleeps in select(): on the 2 x H200 machines measured (session 15), a thread asleep
+# woke 80-260 us after the receiver wrote its ACK, a tenth of a 32 x 16 MiB handoff, and one
+# polling reads it within microseconds. Bounded: finish() usually comes shortly before the ACK
+# (after the prefill's last layer, or a bulk handoff's sends), and one thread a pair polls.
+REPLY_POLL_S = 0.002
+
 
 class PairComm(Protocol):
     """One rank of a 2-rank communicator (nccl.Communicator has this shape)."""
@@ -261,13 +268,15 @@ class Peer(SenderLink):
 
     def _read_until(self, done: Future[None], deadline: float) -> None:
         """Read replies (in this thread's turn) until `done` is settled or the connection ended:
-        FutureTimeout at the deadline."""
+        FutureTimeout at the deadline. Polls for REPLY_POLL_S, then sleeps between replies."""
+        poll_until = time.monotonic() + REPLY_POLL_S
         while not done.done():
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 raise FutureTimeout
             try:
-                readable = select.select([self.sock], [], [], left)[0]
+                readable = select.select([self.sock], [], [], 0 if now < poll_until else left)[0]
             except (OSError, ValueError):  # closed: the pair is torn down
                 return
             if readable and not self._read_reply():
