@@ -23,7 +23,7 @@ import grpc
 import pytest
 import torch
 
-from shared.handoff import nccl, nccl_receiver, nccl_sender
+from shared.handoff import nccl, nccl_pair, nccl_receiver, nccl_sender
 from shared.handoff.auto import (
     AutoKVSender,
     MultiKVReceiver,
@@ -443,6 +443,38 @@ def test_finish_reads_its_own_ack_and_waiters_share_the_reading(
         assert future.result(10).ok
         assert all(torch.equal(store[i], kv[i].view(torch.uint8).reshape(-1)) for i in range(3))
         assert readers[channel.key].startswith("waiter-")  # not the reader thread
+
+
+def test_finish_polls_for_its_ack_then_sleeps(receiver, sender, monkeypatch) -> None:
+    """finish() polls the control connection (select with no timeout) for REPLY_POLL_S, so an ACK
+    that comes soon wakes nobody; after that it sleeps in select until a reply or its deadline."""
+    monkeypatch.setattr(nccl_pair, "REPLY_POLL_S", 0.05)
+    calls: list[tuple[float, float]] = []  # (when, timeout) of finish()'s selects on the pair
+    real_select = nccl_pair.select.select
+
+    def spy(rlist: list, wlist: list, xlist: list, timeout: float | None = None) -> tuple:
+        if threading.current_thread().name == "finisher":
+            calls.append((time.monotonic(), -1.0 if timeout is None else timeout))
+        return real_select(rlist, wlist, xlist, timeout)
+
+    monkeypatch.setattr(nccl_pair.select, "select", spy)
+    kv = layers(2)
+    store: dict[int, torch.Tensor] = {}
+    hid = str(uuid.uuid4())
+    future = receiver.expect(hid, 2, nbytes(kv[0]), slow_last_layer(store, 1, 0.3))
+    channel = sender.open(receiver.endpoint, hid, 2)
+    for layer in range(2):
+        channel.send_layer(layer, kv[layer])
+    finisher = threading.Thread(target=channel.finish, args=(10,), name="finisher")
+    finisher.start()
+    finisher.join(10)
+    assert future.result(10).ok and len(store) == 2
+    polls = [when for when, timeout in calls if timeout == 0]
+    sleeps = [(when, timeout) for when, timeout in calls if timeout != 0]
+    assert len(polls) > 10 and sleeps, (len(polls), sleeps)
+    assert polls[-1] - polls[0] < 0.2  # the polling window (0.05 s), not until the ACK (0.3 s)
+    assert all(timeout > 5 for _, timeout in sleeps)  # until the deadline, not a spin
+    assert sleeps[0][0] >= polls[-1]
 
 
 def test_a_finish_that_times_out_gives_the_reading_back(receiver, sender) -> None:

@@ -40,10 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A thread that reads replies in await_reply polls the control connection for up to this long
-# before it sleeps in select(): on the 2 x H200 machines measured (session 15), a thread asleep
-# woke 80-260 us after the receiver wrote its ACK, a tenth of a 32 x 16 MiB handoff, and one
-# polling reads it within microseconds. Bounded: finish() usually comes shortly before the ACK
-# (after the prefill's last layer, or a bulk handoff's sends), and one thread a pair polls.
+# before it sleeps in select(): on the 2 x H200 machines measured (session 15), a sleeping one
+# settled the handoff 78-289 us after the receiver's ACK, up to a seventh of a 32 x 16 MiB
+# handoff; a polling one 71 us (median). Bounded: finish() usually comes shortly before the
+# ACK (after the prefill's last layer, or a bulk handoff's sends), and one thread a pair polls.
 REPLY_POLL_S = 0.002
 
 
