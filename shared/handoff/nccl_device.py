@@ -111,10 +111,10 @@ class Device:
             tensor.record_stream(stream)
 
     def sum_programs(self, nbytes: int) -> int:
-        """How many partial sums a layer's checksum has in a batch of `nbytes`: more programs
-        for a larger batch, up to two per SM (its checksum runs beside the sends, which use few
-        SMs); the checksum kernel's usual few for a layer the prefill just wrote (beside the
-        compute). One on CPU (the reference)."""
+        """How many partial sums a layer's checksum has in a batch of `nbytes` (sender) or a
+        group of recvs (receiver): more programs for a larger one, up to two per SM (its checksum
+        runs beside NCCL's kernels, which use few SMs); the checksum kernel's usual few for a
+        layer the prefill just wrote (beside the compute). One on CPU (the reference)."""
         if not self.cuda:
             return 1
         return max(PROGRAMS, min(self._max_programs, nbytes // BYTES_PER_PROGRAM))
@@ -141,11 +141,12 @@ class Device:
         given): the copies down of `downs`, then the checksums of the layers of `runs` (a
         contiguous tensor, the number of equal layers it holds back to back; kernels/checksum)
         as partial sums on the host (none without runs), and an event after both. Returns per
-        group (partials [layers, P] int64 on the host, downs on the host, event): they hold the
-        values once the event completed (`checksums` folds them). On CUDA one table up for all
-        groups (it reads only addresses, so it goes ahead of the events), then per group the
-        copies down and one launch, which writes its partial sums straight into pinned host
-        memory (no copy down of its own), no host sync; on CPU the reference."""
+        group (partials [layers, sum_programs of its bytes] int64 on the host, downs on the
+        host, event): they hold the values once the event completed (`checksums` folds them).
+        On CUDA one table up for all groups (it reads only addresses, so it goes ahead of the
+        events), then per group the copies down and one launch, which writes its partial sums
+        straight into pinned host memory (no copy down of its own), no host sync; on CPU the
+        reference."""
         stream = self.current_stream()
         if stream is None:
             done = Event(None)
@@ -154,27 +155,32 @@ class Device:
                 for runs, _, downs in groups
             ]
         everything = [run for runs, _, _ in groups for run in runs]
+        # per group: its layers and programs (more for a larger group: it is checksummed after
+        # its last byte landed, while a smaller one is on the wire, or after the last one)
+        shapes = [
+            (sum(n for _, n in runs), self.sum_programs(sum(x.nbytes for x, _ in runs)))
+            for runs, _, _ in groups
+        ]
         table = out = None
         if everything:
             table = layer_table([x for x, _ in everything], [n for _, n in everything])
-            num_layers = sum(n for _, n in everything)
-            out = torch.empty((num_layers, PROGRAMS), dtype=torch.int64, pin_memory=True)
+            out = torch.empty(sum(n * p for n, p in shapes), dtype=torch.int64, pin_memory=True)
         results = []
-        row = 0
-        for runs, after, downs in groups:
+        row = at = 0
+        for (runs, after, downs), (n, programs) in zip(groups, shapes, strict=True):
             if after is not None:
                 self.wait(stream, after)
             hosts = [down.to("cpu", non_blocking=True) for down in downs]
             partials = None
             if runs:
                 assert table is not None and out is not None
-                n = sum(count for _, count in runs)
                 rows = table[4 * row : 4 * (row + n)]
                 tensors, counts = [x for x, _ in runs], [c for _, c in runs]
                 partials = checksum_partials(
-                    tensors, table=rows, counts=counts, out=out[row : row + n]
-                )
-                row += n
+                    tensors, programs, table=rows, counts=counts,
+                    out=out[at : at + n * programs].view(n, programs),
+                )  # fmt: skip
+                row, at = row + n, at + n * programs
             results.append((partials, hosts, Event(stream)))
         return results
 

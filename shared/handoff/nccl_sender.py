@@ -63,10 +63,12 @@ _MAX_BATCH = 256  # jobs taken into one round when they queued up
 MESSAGE_BYTES = 512 << 20
 # Messages whose checksums go together, after them: the receiver verifies a batch once its last
 # message and the checksums landed, so a large round is verified in pieces while it lands.
-# Also the smallest message of a handoff's halving tail (message_sizes). 128 MiB against 64 MiB:
-# a handoff of 32 x 16 MiB goes as 4 messages instead of 5, whose receiver, busy on its host
-# for each, ACKs it sooner (median 2.34 ms against 2.58).
-BATCH_BYTES = 128 << 20
+# Also the smallest message of a handoff's halving tail (message_sizes). The receiver's host
+# work (a recv group, a checksum launch, a delivery) is per message, so fewer go: 32 x 16 MiB
+# layers as 3 messages (256, 240, 16 MiB). Median of 20 interleaved handoffs on a slow 2 x H200
+# machine (session 15): 2.40 ms at 256 MiB, 3.11 ms at 128 MiB (4 messages), 2.86 at 512 MiB
+# (2 messages: 496 MiB are left to verify after the wire); 32 x 64 MiB: 6.82 against 6.95.
+BATCH_BYTES = 256 << 20
 # One checksum launch reads up to this many times the bytes of the batch it starts at (and at
 # least MESSAGE_BYTES): the GPU reads for a checksum about ten times faster than the link
 # carries, so they are done before that batch has left, and the send of its checksums, which
