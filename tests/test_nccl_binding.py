@@ -811,6 +811,7 @@ def test_a_handoffs_tail_is_verified_message_by_message(
     one = nbytes(layers(1)[0])
     monkeypatch.setattr(nccl_sender, "MESSAGE_BYTES", 4 * one)
     monkeypatch.setattr(nccl_sender, "BATCH_BYTES", 2 * one)
+    monkeypatch.setattr(nccl_sender, "TAIL_BYTES", 2 * one)
     launches = count_checksum_launches(sender)
     assert_pair_still_works(receiver, sender)  # the pair exists before the counts start
     launches.clear()
@@ -836,6 +837,7 @@ def test_runs_to_two_peers_have_each_batch_checksummed_once(
     one = nbytes(layers(1)[0])
     monkeypatch.setattr(nccl_sender, "MESSAGE_BYTES", 4 * one)
     monkeypatch.setattr(nccl_sender, "BATCH_BYTES", 2 * one)
+    monkeypatch.setattr(nccl_sender, "TAIL_BYTES", 2 * one)
     monkeypatch.setattr(nccl_sender, "LAUNCH_RATIO", 1)
     launches = count_checksum_launches(sender)
     a, b = NcclKVReceiver(CPU, fabric=fabric), NcclKVReceiver(CPU, fabric=fabric)

@@ -62,13 +62,18 @@ _MAX_BATCH = 256  # jobs taken into one round when they queued up
 # 97% of torch.distributed instead of 93%, 32 x 256 MiB at 97% instead of 89%.
 MESSAGE_BYTES = 512 << 20
 # Messages whose checksums go together, after them: the receiver verifies a batch once its last
-# message and the checksums landed, so a large round is verified in pieces while it lands.
-# Also the smallest message of a handoff's halving tail (message_sizes). The receiver's host
-# work (a recv group, a checksum launch, a delivery) is per message, so fewer go: 32 x 16 MiB
-# layers as 3 messages (256, 240, 16 MiB). Median of 20 interleaved handoffs on a slow 2 x H200
-# machine (session 15): 2.40 ms at 256 MiB, 3.11 ms at 128 MiB (4 messages), 2.86 at 512 MiB
-# (2 messages: 496 MiB are left to verify after the wire); 32 x 64 MiB: 6.82 against 6.95.
-BATCH_BYTES = 256 << 20
+# message and the checksums landed, so a large round is verified in pieces while it lands, and
+# a handoff the prefill sends a layer at a time is left, after its last layer, with at most this
+# much to verify (TTFT + ACK: 1.118x with 256 MiB batches of 8 MiB layers, session 15, against
+# 1.03-1.08x with 64 MiB in sessions 13-14).
+BATCH_BYTES = 64 << 20
+# The smallest message of a run's halving tail (message_sizes). The receiver's host work (a recv
+# group, a checksum launch, a delivery) is per message, so fewer go: 32 x 16 MiB layers as 3
+# messages (256, 240, 16 MiB). Median of 20 interleaved handoffs on a slow 2 x H200 machine
+# (session 15; the tail and the batches both at the size given): 2.40 ms at 256 MiB, 3.11 ms at
+# 128 MiB (4 messages), 2.86 at 512 MiB (2 messages: 496 MiB left to verify after the wire);
+# 32 x 64 MiB: 6.82 against 6.95.
+TAIL_BYTES = 256 << 20
 # One checksum launch reads up to this many times the bytes of the batch it starts at (and at
 # least MESSAGE_BYTES): the GPU reads for a checksum about ten times faster than the link
 # carries, so they are done before that batch has left, and the send of its checksums, which
@@ -194,12 +199,12 @@ def split(
     max_bytes: int | None = None,
 ) -> list[_Message]:  # fmt: skip
     """The messages of a run of layers first.. (data [count, ...], contiguous, a layer a row),
-    in place, of message_sizes (max_bytes: MESSAGE_BYTES, tail_bytes: BATCH_BYTES)."""
+    in place, of message_sizes (max_bytes: MESSAGE_BYTES, tail_bytes: TAIL_BYTES)."""
     count = data.shape[0]
     layer_bytes = data.nbytes // count
     ends = first + count == channel.num_layers
     max_bytes = MESSAGE_BYTES if max_bytes is None else max_bytes
-    sizes = message_sizes(count, layer_bytes, ends, max_bytes, BATCH_BYTES)
+    sizes = message_sizes(count, layer_bytes, ends, max_bytes, TAIL_BYTES)
     if len(sizes) == 1:
         return [_Message(channel, first, count, data, data.nbytes, [ready])]
     starts = itertools.accumulate(sizes[:-1], initial=0)
