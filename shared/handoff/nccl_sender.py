@@ -64,16 +64,17 @@ MESSAGE_BYTES = 512 << 20
 # Messages whose checksums go together, after them: the receiver verifies a batch once its last
 # message and the checksums landed, so a large round is verified in pieces while it lands, and
 # a handoff the prefill sends a layer at a time is left, after its last layer, with at most this
-# much to verify (TTFT + ACK: 1.118x with 256 MiB batches of 8 MiB layers, session 15, against
-# 1.03-1.08x with 64 MiB in sessions 13-14).
-BATCH_BYTES = 64 << 20
-# The smallest message of a run's halving tail (message_sizes). The receiver's host work (a recv
-# group, a checksum launch, a delivery) is per message, so fewer go: 32 x 16 MiB layers as 3
-# messages (256, 240, 16 MiB). Median of 20 interleaved handoffs on a slow 2 x H200 machine
-# (session 15; the tail and the batches both at the size given): 2.40 ms at 256 MiB, 3.11 ms at
-# 128 MiB (4 messages), 2.86 at 512 MiB (2 messages: 496 MiB left to verify after the wire);
-# 32 x 64 MiB: 6.82 against 6.95.
-TAIL_BYTES = 256 << 20
+# much to verify (TTFT + ACK in session 15's full runs, three machines: 1.056x at 128 MiB,
+# 1.071x at 64 MiB, 1.118x at 256 MiB).
+BATCH_BYTES = 128 << 20
+# The smallest message of a run's halving tail (message_sizes): the receiver's host work (a recv
+# group, a checksum launch, a delivery) is per message, while the larger the last messages
+# before the last layer, the more is left to verify after the wire. 32 x 16 MiB layers go as 4
+# messages (256, 128, 112, 16 MiB). Session 15, medians of 20 interleaved handoffs on 2 x H200
+# (machines differ): with the batches at 128 MiB too, 2.03 ms against 2.15 for a 256 MiB tail
+# with 64 MiB batches, and 2.34 ms against 2.58 for both at 64 MiB; on one slow machine both at
+# 256 MiB (3 messages) did better, 2.40 against 3.11 ms, but such batches cost TTFT (above).
+TAIL_BYTES = 128 << 20
 # One checksum launch reads up to this many times the bytes of the batch it starts at (and at
 # least MESSAGE_BYTES): the GPU reads for a checksum about ten times faster than the link
 # carries, so they are done before that batch has left, and the send of its checksums, which
