@@ -33,7 +33,7 @@ import kernels.decode_attention as decode_attention_module  # noqa: E402
 import kernels.linear as linear_module  # noqa: E402
 import kernels.pdl as pdl_module  # noqa: E402
 from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
-from kernels.checksum import layer_checksum  # noqa: E402
+from kernels.checksum import layer_checksum, layer_checksum_ref  # noqa: E402
 from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
 from kernels.first_chunk_attention import (  # noqa: E402
     FreshChunks,
@@ -211,6 +211,29 @@ def test_checksum_of_a_list_of_layers_in_one_launch(programs):
 
 def test_checksum_partials_into_pinned_host_memory():
     checksum_cases.run_out_case("cuda")
+
+
+def test_the_receivers_group_sums_take_more_programs_for_a_larger_group():
+    """Device.group_sums (the NCCL receiver's checksums): each group's partial sums have
+    sum_programs-of-its-bytes columns (32 for a small group, more past 128 MiB), fold to every
+    layer's checksum, and a group's copies down arrive with them."""
+    from shared.handoff.nccl_device import Device
+
+    dev = Device(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    small = torch.randint(0, 256, (3, 1 << 20), generator=gen, dtype=torch.uint8, device="cuda")
+    large = torch.randint(0, 256, (2, 96 << 20), generator=gen, dtype=torch.uint8, device="cuda")
+    sums = torch.arange(5, dtype=torch.int64, device="cuda")
+    done = dev.group_sums([([(small, 3)], None, []), ([(large, 2)], None, [sums])])
+    for _, _, event in done:
+        event.synchronize()
+    (few, _, _), (many, downs, _) = done
+    assert few is not None and many is not None
+    assert few.shape == (3, 32) and many.shape == (2, dev.sum_programs(large.nbytes))
+    assert many.shape[1] > 32
+    want = [checksum_cases.value(layer_checksum_ref(x)) for x in (*small, *large)]
+    assert dev.checksums(few) + dev.checksums(many) == want
+    assert len(downs) == 1 and torch.equal(downs[0], sums.cpu())
 
 
 def test_cache_past_int32_indexing():
