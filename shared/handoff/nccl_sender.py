@@ -142,10 +142,11 @@ def _span(first: torch.Tensor, nbytes: int) -> torch.Tensor:
     return out.set_(first.untyped_storage(), offset, (nbytes,), (1,))
 
 
-def coalesce(sends: list[_Sent], max_bytes: int = MESSAGE_BYTES) -> list[_Message]:
+def coalesce(sends: list[_Sent], max_bytes: int | None = None) -> list[_Message]:
     """The messages of one round's single layers to one peer, in their order within each
-    handoff: runs of consecutive layers back to back in memory, of at most max_bytes (a
-    handoff's last layer alone)."""
+    handoff: runs of consecutive layers back to back in memory, of at most max_bytes (default
+    MESSAGE_BYTES, read when called, as `split` does; a handoff's last layer alone)."""
+    max_bytes = MESSAGE_BYTES if max_bytes is None else max_bytes
     by_channel: dict[int, list[_Sent]] = {}
     for s in sends:
         by_channel.setdefault(id(s.channel), []).append(s)
