@@ -17,9 +17,9 @@ import time
 import torch
 from common import copy_bandwidth_gbs, header, table
 
-from shared.engine import Engine, EngineConfig
-from shared.models.fetch import default_model_path
-from shared.sequence import SamplingParams
+from kvmesh.shared.engine.engine import Engine, EngineConfig
+from kvmesh.shared.engine.sequence import SamplingParams
+from kvmesh.shared.model.fetch import default_model_path
 
 
 def prompts(engine: Engine, n: int) -> list[list[int]]:

@@ -48,16 +48,16 @@ import torch
 import torch.distributed as dist
 from common import header, table
 
-from shared.engine import Engine, EngineConfig, Role
-from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
-from shared.handoff.nccl_channel import send_layer_group, send_layer_runs
-from shared.handoff.nccl_device import Device
-from shared.handoff.nccl_link import serve_links
-from shared.handoff.nccl_pair import NcclFabric, PairComm, connect_pair
-from shared.handoff.nccl_receiver import NcclKVReceiver
-from shared.handoff.nccl_sender import NcclKVSender
-from shared.handoff.timeline import RECEIVER_POINTS, SENDER_POINTS, WHOLE, Timeline, by_layer
-from shared.sequence import SamplingParams
+from kvmesh.shared.engine.engine import Engine, EngineConfig, Role
+from kvmesh.shared.engine.sequence import SamplingParams
+from kvmesh.shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
+from kvmesh.shared.handoff.nccl.channel import send_layer_group, send_layer_runs
+from kvmesh.shared.handoff.nccl.device import Device
+from kvmesh.shared.handoff.nccl.link import serve_links
+from kvmesh.shared.handoff.nccl.pair import NcclFabric, PairComm, connect_pair
+from kvmesh.shared.handoff.nccl.receiver import NcclKVReceiver
+from kvmesh.shared.handoff.nccl.sender import NcclKVSender
+from kvmesh.shared.handoff.timeline import RECEIVER_POINTS, SENDER_POINTS, WHOLE, Timeline, by_layer
 
 PREFILL_DEV, DECODE_DEV = torch.device("cuda:0"), torch.device("cuda:1")
 MIB = 1 << 20

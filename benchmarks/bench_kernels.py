@@ -21,12 +21,12 @@ import triton
 from common import commit, write_section
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
-from kernels.first_chunk_attention import first_chunk_attention, supported
-from kernels.kv_write import write_kv
-from kernels.linear import _linear_tuned, linear, shape_key, tuned_for
-from kernels.prefill_attention import (
+from kvmesh.kernels.activation import silu_and_mul, silu_and_mul_ref
+from kvmesh.kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
+from kvmesh.kernels.first_chunk_attention import first_chunk_attention, supported
+from kvmesh.kernels.kv_write import write_kv
+from kvmesh.kernels.linear import _linear_tuned, linear, shape_key, tuned_for
+from kvmesh.kernels.prefill_attention import (
     TUNING,
     PrefillTuning,
     _prefill,
@@ -34,9 +34,9 @@ from kernels.prefill_attention import (
     prefill_attention,
     prefill_attention_ref,
 )
-from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rope import Llama3RopeScaling, apply_rope, apply_rope_ref, rope_cos_sin
-from kernels.rope_kv import rope_write_kv
+from kvmesh.kernels.rms_norm import rms_norm, rms_norm_ref
+from kvmesh.kernels.rope import Llama3RopeScaling, apply_rope, apply_rope_ref, rope_cos_sin
+from kvmesh.kernels.rope_kv import rope_write_kv
 
 BF16 = torch.bfloat16
 DEV = "cuda"

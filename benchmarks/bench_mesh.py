@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import header, table  # noqa: E402
 from meshproc import start_mesh  # noqa: E402
 
-from services.bench import Workload, bench_engine, bench_mesh  # noqa: E402
-from shared.engine import EngineConfig  # noqa: E402
-from shared.redis_server import RedisServer  # noqa: E402
+from kvmesh.services.bench import Workload, bench_engine, bench_mesh  # noqa: E402
+from kvmesh.shared.control.redis_server import RedisServer  # noqa: E402
+from kvmesh.shared.engine.engine import EngineConfig  # noqa: E402
 
 MODEL = "synthetic:tiny"
 

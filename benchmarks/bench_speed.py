@@ -22,7 +22,7 @@ default Llama-3-8B), bf16, prompts of 512 random token ids, 128 new tokens, gree
   * floors: a decode step reads every weight but the embedding table, plus the KV of every cached
     token, at the copy bandwidth; a prefill does its matmul and attention FLOPs at the matmul rate;
   * --mesh (2 GPUs): `kvmesh up --prefill 1 --decode 1 --device cuda` (round robin: prefill on
-    cuda:0, decode on cuda:1), the batch-64 workload through services.bench against the gateway,
+    cuda:0, decode on cuda:1), the batch-64 workload through `kvmesh bench` against the gateway,
     and the same workload against the in-process engine on cuda:0 (same client, same run).
 
 The table is printed; a complete single-GPU run also writes it to the "Speed (issue 7)" section
@@ -66,10 +66,10 @@ from common import (  # noqa: E402
     write_section,
 )
 
-from kernels.pdl import pdl_enabled  # noqa: E402
-from shared.engine import Engine, EngineConfig  # noqa: E402
-from shared.models.config import SHAPES, ModelConfig  # noqa: E402
-from shared.sequence import SamplingParams  # noqa: E402
+from kvmesh.kernels.pdl import pdl_enabled  # noqa: E402
+from kvmesh.shared.engine.engine import Engine, EngineConfig  # noqa: E402
+from kvmesh.shared.engine.sequence import SamplingParams  # noqa: E402
+from kvmesh.shared.model.config import SHAPES, ModelConfig  # noqa: E402
 
 T = TypeVar("T")
 SECTION = "## Speed (issue 7)"
@@ -518,7 +518,7 @@ def mesh_preflight(plan: Plan) -> None:
         import grpc  # noqa: F401
         import redis  # noqa: F401
 
-        from shared.redis_server import RedisServerError, find_binary
+        from kvmesh.shared.control.redis_server import RedisServerError, find_binary
     except ImportError as exc:
         raise SystemExit(f"--mesh: a mesh dependency is missing: {exc}") from exc
     try:
@@ -536,8 +536,8 @@ def mesh_part(plan: Plan) -> MeshFigures:
     sys.path.insert(0, str(ROOT / "tests"))
     from meshproc import start_mesh
 
-    from services.bench import Workload, bench_engine, bench_mesh, percentile
-    from shared.redis_server import RedisServer
+    from kvmesh.services.bench import Workload, bench_engine, bench_mesh, percentile
+    from kvmesh.shared.control.redis_server import RedisServer
 
     batch = plan.batches[1]
     workload = Workload(batch, batch, plan.prompt, plan.new_tokens)

@@ -21,8 +21,8 @@ from common import header, table  # noqa: E402
 from meshproc import start_mesh  # noqa: E402
 from otlp_collector import OtlpCollector  # noqa: E402
 
-from services.bench import Workload, bench_mesh  # noqa: E402
-from shared.redis_server import RedisServer  # noqa: E402
+from kvmesh.services.bench import Workload, bench_mesh  # noqa: E402
+from kvmesh.shared.control.redis_server import RedisServer  # noqa: E402
 
 
 def tokens_per_s(address: str, workload: Workload) -> float:

@@ -33,7 +33,7 @@ import torch
 from common import copy_bandwidth_gbs, header, table
 from triton.runtime.errors import OutOfResources
 
-from kernels.linear import (
+from kvmesh.kernels.linear import (
     MAX_M,
     TUNING,
     LinearTuning,
@@ -45,15 +45,15 @@ from kernels.linear import (
     tma_fits,
     write_tuned,
 )
-from shared.models.config import SHAPES
-from shared.models.loader import SYNTHETIC_PREFIX
+from kvmesh.shared.model.config import SHAPES
+from kvmesh.shared.model.loader import SYNTHETIC_PREFIX
 
 STREAM_BYTES = 512 << 20  # weights a timed graph streams through, at least
 
 
 @dataclass(frozen=True)
 class Projection:
-    """A decode projection as the model calls it (shared/models/llama.py)."""
+    """A decode projection as the model calls it (shared/model/llama.py)."""
 
     name: str
     n: int

@@ -13,7 +13,9 @@ install() {
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  # strict editable: a link farm under build/ is the package `kvmesh`; the checkout's root never
+  # goes on sys.path, so its folders cannot shadow another project's `kernels` or `shared`
+  .venv/bin/python -m pip install -q -e ".[test]" --config-settings editable_mode=strict
 }
 
 command=${1:-}
@@ -26,7 +28,7 @@ case "$command" in
   test)
     install
     set +e
-    .venv/bin/python -m pytest "$@"
+    .venv/bin/python -P -m pytest "$@"
     status=$?
     if [ "$status" -eq 5 ]; then
       echo "pytest collected no tests: that is a failure" >&2

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_args, pdl_enter
+from kvmesh.kernels.pdl import pdl_args, pdl_enter
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

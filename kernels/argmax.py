@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device import num_sms
-from kernels.pdl import pdl_args, pdl_enter
+from kvmesh.kernels.device import num_sms
+from kvmesh.kernels.pdl import pdl_args, pdl_enter
 
 BLOCK = 2048  # columns a program reads at a time
 PROGRAMS_PER_SM = 4  # chunk programs a launch aims for

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.device import num_sms
-from kernels.pdl import pdl_args, pdl_enter
-from kernels.rope import cos_sin_row, rotated_heads
-from kernels.rope_kv import rope_write_kv_ref
+from kvmesh.kernels.device import num_sms
+from kvmesh.kernels.pdl import pdl_args, pdl_enter
+from kvmesh.kernels.rope import cos_sin_row, rotated_heads
+from kvmesh.kernels.rope_kv import rope_write_kv_ref
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.device import capability, num_sms
+from kvmesh.kernels.device import capability, num_sms
 
 try:  # Gluon (Triton >= 3.5) with the Hopper modules
     from triton.experimental import gluon

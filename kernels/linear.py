@@ -22,7 +22,7 @@ A dot config may take its w and x tiles by TMA (LinearTuning.tma, sm_90+, where 
 exactly): one bulk copy a tile into shared memory, x's padding rows filled with zeros by the copy,
 instead of a cp.async per 16 bytes a thread; the same tiles into the same dots, so the same bits.
 
-Fused around the product, as a decoder layer asks (shared/models/llama.py):
+Fused around the product, as a decoder layer asks (shared/model/llama.py):
 - norm=(g, eps): the input is RMSNorm(x) * g. Each x tile is multiplied by g's as it is loaded,
   the rows' sums of squares accumulate on the way, and the accumulator's columns are scaled by
   1 / rms at the end (unsplit configs; a split one, or one the card's table marks norm_first,
@@ -81,10 +81,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
-from kernels.device import capability
-from kernels.pdl import pdl_args, pdl_enter
-from kernels.rms_norm import rms_norm, rms_norm_ref
+from kvmesh.kernels.activation import silu_and_mul, silu_and_mul_ref
+from kvmesh.kernels.device import capability
+from kvmesh.kernels.pdl import pdl_args, pdl_enter
+from kvmesh.kernels.rms_norm import rms_norm, rms_norm_ref
 
 # an RMSNorm on the input: (weight [K], eps); weight None: no gain (the model folded it into w)
 Norm = tuple[torch.Tensor | None, float]

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.device import num_sms
-from kernels.first_chunk_attention import FreshChunks, first_chunk_attention, supported
+from kvmesh.kernels.device import num_sms
+from kvmesh.kernels.first_chunk_attention import FreshChunks, first_chunk_attention, supported
 
 # lazy rescaling lets a row's running max lag its true max by up to this much (base 2): p <= 2^8,
 # far from overflow in bf16 P and in the fp32 sums

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_args, pdl_enter
+from kvmesh.kernels.pdl import pdl_args, pdl_enter
 
 
 def rms_norm_ref(

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_write import write_kv_ref
-from kernels.pdl import pdl_args, pdl_enter
-from kernels.rope import apply_rope_ref, cos_sin_row, rotate_heads
+from kvmesh.kernels.kv_write import write_kv_ref
+from kvmesh.kernels.pdl import pdl_args, pdl_enter
+from kvmesh.kernels.rope import apply_rope_ref, cos_sin_row, rotate_heads
 
 
 def rope_write_kv_ref(

@@ -24,6 +24,8 @@ UserWarning ("gencode exactly one major version older"), harmless.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -32,6 +34,7 @@ from grpc_tools import protoc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = "protos"
+PACKAGE = "kvmesh"  # the import package the checkout's folders form
 SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 
 _PB2_GUARD = re.compile(r"(Domain\.PUBLIC,\n\s*)\d+,(\n\s*)\d+,(\n\s*)\d+,")
@@ -94,21 +97,28 @@ def generate(out_root: Path, root: Path = REPO_ROOT) -> list[Path]:
     """Compile every protos/*.proto under `root` into `out_root`; returns the written files."""
     include = str(resources.files("grpc_tools") / "_proto")
     written: list[Path] = []
-    for proto in proto_files(root):
-        (out_root / proto.parent).mkdir(parents=True, exist_ok=True)
-        args = [
-            "grpc_tools.protoc",
-            f"-I{root}",
-            f"-I{include}",
-            f"--python_out={out_root}",
-            f"--grpc_python_out={out_root}",
-            f"--pyi_out={out_root}",
-            str(root / proto),
-        ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {proto}")
-        lower_guards(out_root, proto, root)
-        written += [out_root / name for name in generated_names(proto)]
+    with tempfile.TemporaryDirectory() as tmp:
+        stage, staged_out = Path(tmp) / "in", Path(tmp) / "out"
+        for proto in proto_files(root):
+            (stage / PACKAGE / proto.parent).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / proto, stage / PACKAGE / proto)
+            staged_out.mkdir(exist_ok=True)
+            args = [
+                "grpc_tools.protoc",
+                f"-I{stage}",
+                f"-I{include}",
+                f"--python_out={staged_out}",
+                f"--grpc_python_out={staged_out}",
+                f"--pyi_out={staged_out}",
+                str(stage / PACKAGE / proto),
+            ]
+            if protoc.main(args) != 0:
+                raise RuntimeError(f"protoc failed on {proto}")
+            (out_root / proto.parent).mkdir(parents=True, exist_ok=True)
+            for name in generated_names(proto):
+                shutil.move(staged_out / PACKAGE / name, out_root / name)
+            lower_guards(out_root, proto, root)
+            written += [out_root / name for name in generated_names(proto)]
     return written
 
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import worker_pb2 as protos_dot_worker__pb2
+from kvmesh.protos import worker_pb2 as kvmesh_dot_protos_dot_worker__pb2
 
 # kvmesh: version guard lowered to pyproject.toml's floor by protos/build.py
 GRPC_GENERATED_VERSION = '1.66.0'
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/worker_pb2_grpc.py depends on'
+        + ' but the generated code in kvmesh/protos/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class PrefillStub:
         """
         self.Prefill = channel.unary_unary(
                 '/kvmesh.worker.v1.Prefill/Prefill',
-                request_serializer=protos_dot_worker__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.PrefillResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.PrefillResponse.FromString,
                 _registered_method=True)
         self.Model = channel.unary_unary(
                 '/kvmesh.worker.v1.Prefill/Model',
-                request_serializer=protos_dot_worker__pb2.ModelRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.ModelResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.ModelRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.ModelResponse.FromString,
                 _registered_method=True)
         self.Inspect = channel.unary_unary(
                 '/kvmesh.worker.v1.Prefill/Inspect',
-                request_serializer=protos_dot_worker__pb2.InspectRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.InspectResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.InspectRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.InspectResponse.FromString,
                 _registered_method=True)
 
 
@@ -78,18 +78,18 @@ def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=protos_dot_worker__pb2.PrefillRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.PrefillResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.PrefillResponse.SerializeToString,
             ),
             'Model': grpc.unary_unary_rpc_method_handler(
                     servicer.Model,
-                    request_deserializer=protos_dot_worker__pb2.ModelRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.ModelResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.ModelRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.ModelResponse.SerializeToString,
             ),
             'Inspect': grpc.unary_unary_rpc_method_handler(
                     servicer.Inspect,
-                    request_deserializer=protos_dot_worker__pb2.InspectRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.InspectResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.InspectRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.InspectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -117,8 +117,8 @@ class Prefill:
             request,
             target,
             '/kvmesh.worker.v1.Prefill/Prefill',
-            protos_dot_worker__pb2.PrefillRequest.SerializeToString,
-            protos_dot_worker__pb2.PrefillResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.PrefillRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -144,8 +144,8 @@ class Prefill:
             request,
             target,
             '/kvmesh.worker.v1.Prefill/Model',
-            protos_dot_worker__pb2.ModelRequest.SerializeToString,
-            protos_dot_worker__pb2.ModelResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.ModelRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.ModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -171,8 +171,8 @@ class Prefill:
             request,
             target,
             '/kvmesh.worker.v1.Prefill/Inspect',
-            protos_dot_worker__pb2.InspectRequest.SerializeToString,
-            protos_dot_worker__pb2.InspectResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.InspectRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.InspectResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -195,33 +195,33 @@ class DecodeStub:
         """
         self.Reserve = channel.unary_unary(
                 '/kvmesh.worker.v1.Decode/Reserve',
-                request_serializer=protos_dot_worker__pb2.ReserveRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.ReserveResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.ReserveResponse.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/kvmesh.worker.v1.Decode/Decode',
-                request_serializer=protos_dot_worker__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.DecodeResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
                 '/kvmesh.worker.v1.Decode/Release',
-                request_serializer=protos_dot_worker__pb2.ReleaseRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.ReleaseResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
         self.OpenKVLink = channel.unary_unary(
                 '/kvmesh.worker.v1.Decode/OpenKVLink',
-                request_serializer=protos_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.OpenKVLinkResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.OpenKVLinkResponse.FromString,
                 _registered_method=True)
         self.Model = channel.unary_unary(
                 '/kvmesh.worker.v1.Decode/Model',
-                request_serializer=protos_dot_worker__pb2.ModelRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.ModelResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.ModelRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.ModelResponse.FromString,
                 _registered_method=True)
         self.Inspect = channel.unary_unary(
                 '/kvmesh.worker.v1.Decode/Inspect',
-                request_serializer=protos_dot_worker__pb2.InspectRequest.SerializeToString,
-                response_deserializer=protos_dot_worker__pb2.InspectResponse.FromString,
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.InspectRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.InspectResponse.FromString,
                 _registered_method=True)
 
 
@@ -272,33 +272,33 @@ def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
-                    request_deserializer=protos_dot_worker__pb2.ReserveRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.ReserveResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.ReserveRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.ReserveResponse.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=protos_dot_worker__pb2.DecodeRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.DecodeResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.DecodeResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
-                    request_deserializer=protos_dot_worker__pb2.ReleaseRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.ReleaseResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.ReleaseRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.ReleaseResponse.SerializeToString,
             ),
             'OpenKVLink': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenKVLink,
-                    request_deserializer=protos_dot_worker__pb2.OpenKVLinkRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.OpenKVLinkResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.OpenKVLinkRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.OpenKVLinkResponse.SerializeToString,
             ),
             'Model': grpc.unary_unary_rpc_method_handler(
                     servicer.Model,
-                    request_deserializer=protos_dot_worker__pb2.ModelRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.ModelResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.ModelRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.ModelResponse.SerializeToString,
             ),
             'Inspect': grpc.unary_unary_rpc_method_handler(
                     servicer.Inspect,
-                    request_deserializer=protos_dot_worker__pb2.InspectRequest.FromString,
-                    response_serializer=protos_dot_worker__pb2.InspectResponse.SerializeToString,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.InspectRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.InspectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -326,8 +326,8 @@ class Decode:
             request,
             target,
             '/kvmesh.worker.v1.Decode/Reserve',
-            protos_dot_worker__pb2.ReserveRequest.SerializeToString,
-            protos_dot_worker__pb2.ReserveResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.ReserveRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.ReserveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -353,8 +353,8 @@ class Decode:
             request,
             target,
             '/kvmesh.worker.v1.Decode/Decode',
-            protos_dot_worker__pb2.DecodeRequest.SerializeToString,
-            protos_dot_worker__pb2.DecodeResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.DecodeRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -380,8 +380,8 @@ class Decode:
             request,
             target,
             '/kvmesh.worker.v1.Decode/Release',
-            protos_dot_worker__pb2.ReleaseRequest.SerializeToString,
-            protos_dot_worker__pb2.ReleaseResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.ReleaseRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -407,8 +407,8 @@ class Decode:
             request,
             target,
             '/kvmesh.worker.v1.Decode/OpenKVLink',
-            protos_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
-            protos_dot_worker__pb2.OpenKVLinkResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.OpenKVLinkRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.OpenKVLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -434,8 +434,8 @@ class Decode:
             request,
             target,
             '/kvmesh.worker.v1.Decode/Model',
-            protos_dot_worker__pb2.ModelRequest.SerializeToString,
-            protos_dot_worker__pb2.ModelResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.ModelRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.ModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -461,8 +461,8 @@ class Decode:
             request,
             target,
             '/kvmesh.worker.v1.Decode/Inspect',
-            protos_dot_worker__pb2.InspectRequest.SerializeToString,
-            protos_dot_worker__pb2.InspectResponse.FromString,
+            kvmesh_dot_protos_dot_worker__pb2.InspectRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.InspectResponse.FromString,
             options,
             channel_credentials,
             insecure,

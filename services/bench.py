@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import grpc
 from tqdm import tqdm
 
-from protos import gateway_pb2, gateway_pb2_grpc
-from shared.engine import Engine, EngineConfig
-from shared.engine_loop import EngineLoop
-from shared.sequence import SamplingParams
+from kvmesh.protos import gateway_pb2, gateway_pb2_grpc
+from kvmesh.shared.engine.engine import Engine, EngineConfig
+from kvmesh.shared.engine.loop import EngineLoop
+from kvmesh.shared.engine.sequence import SamplingParams
 
 
 @dataclass(frozen=True)

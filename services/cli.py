@@ -7,8 +7,8 @@ import asyncio
 import os
 import sys
 
-from shared.engine import EngineConfig, Role
-from shared.sequence import SamplingParams
+from kvmesh.shared.engine.engine import EngineConfig, Role
+from kvmesh.shared.engine.sequence import SamplingParams
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -89,12 +89,12 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.local:
-        from services.local_generate import generate_local
+        from kvmesh.services.local_generate import generate_local
 
         return generate_local(
             engine_config(args, Role.COLOCATED), args.prompt, args.chat, sampling_params(args)
         )
-    from services.client import generate_remote
+    from kvmesh.services.client import generate_remote
 
     return generate_remote(args.addr, args.prompt, args.chat, sampling_params(args), args.model)
 
@@ -123,8 +123,8 @@ def _need_redis(args: argparse.Namespace) -> str:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from shared.rpc import install_uvloop
-    from shared.worker import WorkerConfig
+    from kvmesh.services.rpc import install_uvloop
+    from kvmesh.services.worker.registration import WorkerConfig
 
     role = Role(args.command)
     config = WorkerConfig(
@@ -134,19 +134,19 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     )  # fmt: skip
     install_uvloop()
     if role is Role.PREFILL:
-        from services.prefill import serve as serve_prefill
+        from kvmesh.services.prefill import serve as serve_prefill
 
         asyncio.run(serve_prefill(config))
     else:
-        from services.decode import serve as serve_decode
+        from kvmesh.services.decode import serve as serve_decode
 
         asyncio.run(serve_decode(config))
     return 0
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    from services.gateway.server import GatewayConfig, serve
-    from shared.rpc import install_uvloop
+    from kvmesh.services.gateway.server import GatewayConfig, serve
+    from kvmesh.services.rpc import install_uvloop
 
     config = GatewayConfig(
         redis_url=_need_redis(args), model=args.model, host=args.host, port=args.port,
@@ -159,7 +159,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from services.launcher import MeshPlan, run_mesh
+    from kvmesh.services.launcher import MeshPlan, run_mesh
 
     devices = [args.device]
     if args.device == "cuda":
@@ -199,13 +199,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from services.status import print_status
+    from kvmesh.services.status import print_status
 
     return asyncio.run(print_status(_need_redis(args)))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from services.bench import Workload, bench_engine, bench_mesh
+    from kvmesh.services.bench import Workload, bench_engine, bench_mesh
 
     workload = Workload(args.requests, args.concurrency, args.prompt_tokens, args.new_tokens)
     if args.local:

@@ -6,8 +6,8 @@ import sys
 
 import grpc
 
-from protos import gateway_pb2, gateway_pb2_grpc
-from shared.sequence import SamplingParams
+from kvmesh.protos import gateway_pb2, gateway_pb2_grpc
+from kvmesh.shared.engine.sequence import SamplingParams
 
 
 def build_request(

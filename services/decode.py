@@ -22,15 +22,10 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import trace
 
-from protos import worker_pb2, worker_pb2_grpc
-from shared.engine_loop import EngineLoop
-from shared.handoff.auto import make_receiver
-from shared.handoff.kv_io import layer_nbytes, scatter_into
-from shared.handoff.nccl_link import LinkRefused, offer_link
-from shared.handoff.transport import HandoffResult, KVReceiver
-from shared.rpc import abort
-from shared.telemetry import KvmeshMetrics
-from shared.worker import (
+from kvmesh.protos import worker_pb2, worker_pb2_grpc
+from kvmesh.services.rpc import abort
+from kvmesh.services.worker.process import WorkerContext, WorkerParts, serve_worker
+from kvmesh.services.worker.registration import (
     Registration,
     WorkerConfig,
     inspect,
@@ -38,7 +33,12 @@ from shared.worker import (
     model_response,
     sampling_from_proto,
 )
-from shared.worker_process import WorkerContext, WorkerParts, serve_worker
+from kvmesh.shared.engine.loop import EngineLoop
+from kvmesh.shared.handoff.auto import make_receiver
+from kvmesh.shared.handoff.kv_io import layer_nbytes, scatter_into
+from kvmesh.shared.handoff.nccl.link import LinkRefused, offer_link
+from kvmesh.shared.handoff.transport import HandoffResult, KVReceiver
+from kvmesh.shared.telemetry import KvmeshMetrics
 
 log = logging.getLogger(__name__)
 

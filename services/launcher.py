@@ -16,8 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from shared.lifetime import die_with_parent
-from shared.redis_server import RedisServer
+from kvmesh.shared.control.redis_server import RedisServer
+from kvmesh.shared.lifetime import die_with_parent
 
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 40.0
@@ -71,7 +71,7 @@ class Child:
 
 
 def _service(role: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "services.cli", role, *args]
+    return [sys.executable, "-P", "-m", "kvmesh.services.cli", role, *args]
 
 
 def run_mesh(plan: MeshPlan, on_ready: threading.Event | None = None) -> int:

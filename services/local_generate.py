@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
-from shared.engine import Engine, EngineConfig
-from shared.sequence import SamplingParams
+from kvmesh.shared.engine.engine import Engine, EngineConfig
+from kvmesh.shared.engine.sequence import SamplingParams
 
 
 def generate_local(config: EngineConfig, prompt: str, chat: bool, params: SamplingParams) -> int:

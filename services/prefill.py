@@ -15,25 +15,25 @@ import logging
 import grpc
 from opentelemetry import trace
 
-from protos import worker_pb2, worker_pb2_grpc
-from shared.engine import RequestError
-from shared.engine_loop import EngineLoop
-from shared.handoff.auto import AutoKVSender
-from shared.handoff.kv_io import KVPusher, layer_nbytes
-from shared.handoff.transport import HandoffError, KVSendChannel, KVSender
-from shared.kv_cache import blocks_for
-from shared.rpc import abort
-from shared.sequence import FinishReason
-from shared.telemetry import KvmeshMetrics
-from shared.telemetry.handoff import HandoffRecorder, start_handoff_span
-from shared.worker import (
+from kvmesh.protos import worker_pb2, worker_pb2_grpc
+from kvmesh.services.rpc import abort
+from kvmesh.services.worker.process import WorkerContext, WorkerParts, serve_worker
+from kvmesh.services.worker.registration import (
     WorkerConfig,
     inspect,
     kv_layout,
     model_response,
     sampling_from_proto,
 )
-from shared.worker_process import WorkerContext, WorkerParts, serve_worker
+from kvmesh.shared.engine.engine import RequestError
+from kvmesh.shared.engine.kv_cache import blocks_for
+from kvmesh.shared.engine.loop import EngineLoop
+from kvmesh.shared.engine.sequence import FinishReason
+from kvmesh.shared.handoff.auto import AutoKVSender
+from kvmesh.shared.handoff.kv_io import KVPusher, layer_nbytes
+from kvmesh.shared.handoff.transport import HandoffError, KVSendChannel, KVSender
+from kvmesh.shared.telemetry import KvmeshMetrics
+from kvmesh.shared.telemetry.handoff import HandoffRecorder, start_handoff_span
 
 log = logging.getLogger(__name__)
 

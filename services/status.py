@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 
-from shared.ownership import Ledger
+from kvmesh.shared.control.ledger import Ledger
 
 
 async def print_status(redis_url: str) -> int:

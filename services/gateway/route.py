@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry import trace
 
-from protos import gateway_pb2, worker_pb2
-from shared.directory import Directory, Worker
+from kvmesh.protos import gateway_pb2, worker_pb2
+from kvmesh.services.gateway.directory import Directory, Worker
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode

@@ -20,16 +20,16 @@ import grpc
 import redis.asyncio as redis
 from opentelemetry import trace
 
-from protos import gateway_pb2, gateway_pb2_grpc, worker_pb2
-from services.gateway.route import Progress, RequestFailed, Route
-from shared.directory import Directory
-from shared.models.fetch import DEFAULT_MODEL
-from shared.models.loader import SYNTHETIC_PREFIX, resolve_source
-from shared.ownership import Ledger
-from shared.rpc import abort, create_server, serve_until_signal, shutdown_signal
-from shared.telemetry import KvmeshMetrics, TracingServerInterceptor, client_interceptors
-from shared.telemetry.process import start_process_telemetry
-from shared.tokenizer import Tokenizer, load_tokenizer
+from kvmesh.protos import gateway_pb2, gateway_pb2_grpc, worker_pb2
+from kvmesh.services.gateway.directory import Directory
+from kvmesh.services.gateway.route import Progress, RequestFailed, Route
+from kvmesh.services.rpc import abort, create_server, serve_until_signal, shutdown_signal
+from kvmesh.shared.control.ledger import Ledger
+from kvmesh.shared.engine.tokenizer import Tokenizer, load_tokenizer
+from kvmesh.shared.model.fetch import DEFAULT_MODEL
+from kvmesh.shared.model.loader import SYNTHETIC_PREFIX, resolve_source
+from kvmesh.shared.telemetry import KvmeshMetrics, TracingServerInterceptor, client_interceptors
+from kvmesh.shared.telemetry.process import start_process_telemetry
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode

@@ -1,4 +1,4 @@
-"""Choosing the data plane (DESIGN invariant 5): NCCL when both ends are CUDA devices, TCP else.
+"""Choosing the data plane (ARCHITECTURE.md invariant 5): NCCL when both ends are CUDA devices, TCP else.
 
 A decode worker advertises every transport it accepts as one comma-separated kv_endpoint,
 `nccl://host:p1,tcp://host:p2` on a GPU with NCCL, `tcp://host:p2` otherwise. A prefill worker
@@ -15,11 +15,11 @@ from concurrent.futures import Future, InvalidStateError
 
 import torch
 
-from shared.handoff import nccl
-from shared.handoff.nccl_link import LinkReceiver, offer_link
-from shared.handoff.socket_receiver import SocketKVReceiver
-from shared.handoff.socket_sender import SocketKVSender
-from shared.handoff.transport import (
+from kvmesh.shared.handoff.nccl import binding as nccl
+from kvmesh.shared.handoff.nccl.link import LinkReceiver, offer_link
+from kvmesh.shared.handoff.tcp.receiver import SocketKVReceiver
+from kvmesh.shared.handoff.tcp.sender import SocketKVSender
+from kvmesh.shared.handoff.transport import (
     HandoffError,
     HandoffResult,
     KVReceiver,
@@ -101,7 +101,7 @@ def make_receiver(
     if why := nccl_unusable(device):
         log.info("KV over TCP only: %s", why)
         return tcp
-    from shared.handoff.nccl_receiver import NcclKVReceiver
+    from kvmesh.shared.handoff.nccl.receiver import NcclKVReceiver
 
     rx = NcclKVReceiver(device, bind_host=bind_host, advertise_host=advertise_host)
     return MultiKVReceiver([rx, tcp])
@@ -116,7 +116,7 @@ class AutoKVSender:
         self.why_not_nccl = nccl_unusable(device)
         self.nccl = None
         if not self.why_not_nccl:
-            from shared.handoff.nccl_sender import NcclKVSender
+            from kvmesh.shared.handoff.nccl.sender import NcclKVSender
 
             self.nccl = NcclKVSender(device, worker_id=worker_id)
 

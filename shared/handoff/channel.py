@@ -9,8 +9,8 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from shared.handoff.transport import HandoffError, handoff_id_bytes
-from shared.handoff.wire import ProtocolError, settle
+from kvmesh.shared.handoff.transport import HandoffError, handoff_id_bytes
+from kvmesh.shared.handoff.wire import ProtocolError, settle
 
 
 class SenderLink:

@@ -16,10 +16,10 @@ import threading
 
 import torch
 
-from shared.engine import Engine
-from shared.handoff.nccl_channel import NcclSendChannel, send_layer_group
-from shared.handoff.transport import KVSendChannel, LayerCallback
-from shared.sequence import Sequence
+from kvmesh.shared.engine.engine import Engine
+from kvmesh.shared.engine.sequence import Sequence
+from kvmesh.shared.handoff.nccl.channel import NcclSendChannel, send_layer_group
+from kvmesh.shared.handoff.transport import KVSendChannel, LayerCallback
 
 
 def layer_nbytes(engine: Engine, num_blocks: int) -> int:

@@ -14,8 +14,8 @@ from typing import Generic, TypeVar
 
 import torch
 
-from shared.handoff.transport import HandoffResult, LayerCallback, handoff_id_bytes
-from shared.handoff.wire import JOIN_TIMEOUT_S, format_endpoint, shutdown, tune
+from kvmesh.shared.handoff.transport import HandoffResult, LayerCallback, handoff_id_bytes
+from kvmesh.shared.handoff.wire import JOIN_TIMEOUT_S, format_endpoint, shutdown, tune
 
 
 @dataclass(eq=False)

@@ -1,6 +1,6 @@
 """The KV data plane's interface: how a request's KV cache moves from prefill to decode.
 
-The protocol (DESIGN invariants 2 and 5) is the same for every transport:
+The protocol (ARCHITECTURE.md invariants 2 and 5) is the same for every transport:
 
     decode                                   prefill
     ------                                   -------

@@ -17,7 +17,7 @@ from dataclasses import fields as dataclass_fields
 from enum import IntEnum
 from typing import Any, TypeVar
 
-from shared.handoff.transport import HandoffError
+from kvmesh.shared.handoff.transport import HandoffError
 
 MAX_MESSAGE_BYTES = 64 * 1024  # bound on ACK/NACK/ABORT (and HELLO) payloads
 JOIN_TIMEOUT_S = 5.0

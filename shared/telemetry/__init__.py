@@ -10,28 +10,28 @@ Modules, one concept each:
 - ``logging``: log records with trace_id/span_id.
 """
 
-from shared.telemetry.handoff import HandoffRecorder, HandoffSummary, handoff_span
-from shared.telemetry.logging import TraceContextFilter, configure_logging
-from shared.telemetry.metrics import (
+from kvmesh.shared.telemetry.handoff import HandoffRecorder, HandoffSummary, handoff_span
+from kvmesh.shared.telemetry.logging import TraceContextFilter, configure_logging
+from kvmesh.shared.telemetry.metrics import (
     KvmeshMetrics,
     MetricsServer,
     create_metrics,
     start_metrics_server,
 )
-from shared.telemetry.otel_env import (
+from kvmesh.shared.telemetry.otel_env import (
     MetricsExportConfig,
     TracingConfig,
     metrics_export_config_from_env,
     tracing_config_from_env,
 )
-from shared.telemetry.otlp_metrics import OtlpMetricsPusher, start_otlp_metrics
-from shared.telemetry.rpc_tracing import (
+from kvmesh.shared.telemetry.otlp_metrics import OtlpMetricsPusher, start_otlp_metrics
+from kvmesh.shared.telemetry.rpc_tracing import (
     TracingServerInterceptor,
     client_interceptors,
     extract_context,
     inject_metadata,
 )
-from shared.telemetry.tracing import Tracing, setup_tracing, tracing_from_config
+from kvmesh.shared.telemetry.tracing import Tracing, setup_tracing, tracing_from_config
 
 __all__ = [
     "HandoffRecorder",

@@ -37,8 +37,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry
 
-from shared.telemetry.otel_env import MetricsExportConfig, metrics_export_config_from_env
-from shared.telemetry.tracing import SHUTDOWN_SLACK_S, SHUTDOWN_TIMEOUT_S, make_resource
+from kvmesh.shared.telemetry.otel_env import MetricsExportConfig, metrics_export_config_from_env
+from kvmesh.shared.telemetry.tracing import SHUTDOWN_SLACK_S, SHUTDOWN_TIMEOUT_S, make_resource
 
 SCOPE = InstrumentationScope("kvmesh")
 CUMULATIVE = AggregationTemporality.CUMULATIVE

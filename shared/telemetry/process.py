@@ -6,15 +6,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.telemetry.logging import configure_logging
-from shared.telemetry.metrics import (
+from kvmesh.shared.telemetry.logging import configure_logging
+from kvmesh.shared.telemetry.metrics import (
     KvmeshMetrics,
     MetricsServer,
     create_metrics,
     start_metrics_server,
 )
-from shared.telemetry.otlp_metrics import OtlpMetricsPusher, start_otlp_metrics
-from shared.telemetry.tracing import Tracing, setup_tracing
+from kvmesh.shared.telemetry.otlp_metrics import OtlpMetricsPusher, start_otlp_metrics
+from kvmesh.shared.telemetry.tracing import Tracing, setup_tracing
 
 
 @dataclass

@@ -18,7 +18,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-from shared.telemetry.otel_env import TracingConfig, tracing_config_from_env
+from kvmesh.shared.telemetry.otel_env import TracingConfig, tracing_config_from_env
 
 TRACER_NAME = "kvmesh"
 SHUTDOWN_TIMEOUT_S = 1.0  # a flush at shutdown gets this long, then is abandoned, seconds

@@ -8,20 +8,18 @@ Run on a GPU machine: `python -m pytest tests/gpu/test_engine_gpu.py`.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 
-from shared.engine import Engine, EngineConfig
-from shared.models.loader import load_model
-from shared.sequence import SamplingParams
+from kvmesh.shared.engine.engine import Engine, EngineConfig
+from kvmesh.shared.engine.sequence import SamplingParams
+from kvmesh.shared.model.loader import load_model
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device (run on a GPU machine)", allow_module_level=True)
@@ -128,8 +126,8 @@ def test_engine_on_a_second_gpu_stepped_from_another_thread() -> None:
 _COMPILES_AFTER_START = r"""
 import json, random
 from triton import knobs
-from shared.engine import Engine, EngineConfig
-from shared.sequence import SamplingParams
+from kvmesh.shared.engine.engine import Engine, EngineConfig
+from kvmesh.shared.engine.sequence import SamplingParams
 
 compiles = []
 
@@ -161,13 +159,10 @@ def test_serving_compiles_nothing_after_start_up() -> None:
     """The engine's start-up compiles every kernel variant that requests then need: prompts of
     any length, alone or together, chunked, beside running decodes (the first requests of a
     fresh server otherwise wait seconds for the JIT)."""
-    root = Path(__file__).resolve().parents[2]
-    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, "-c", _COMPILES_AFTER_START], cwd=root,
-        env={**os.environ, "PYTHONPATH": path}, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
+        [sys.executable, "-P", "-c", _COMPILES_AFTER_START], capture_output=True, text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     compiles = json.loads(done.stdout.strip().splitlines()[-1])
     assert compiles == [], "\n".join(compiles)

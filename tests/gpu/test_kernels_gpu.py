@@ -29,22 +29,22 @@ import test_rope as rope_cases  # noqa: E402
 import test_rope_kv as rope_kv_cases  # noqa: E402
 from kernel_inputs import assert_close  # noqa: E402
 
-import kernels.decode_attention as decode_attention_module  # noqa: E402
-import kernels.linear as linear_module  # noqa: E402
-import kernels.pdl as pdl_module  # noqa: E402
-from kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
-from kernels.checksum import layer_checksum, layer_checksum_ref  # noqa: E402
-from kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
-from kernels.first_chunk_attention import (  # noqa: E402
+import kvmesh.kernels.decode_attention as decode_attention_module  # noqa: E402
+import kvmesh.kernels.linear as linear_module  # noqa: E402
+import kvmesh.kernels.pdl as pdl_module  # noqa: E402
+from kvmesh.kernels.block_copy import gather_blocks, scatter_blocks  # noqa: E402
+from kvmesh.kernels.checksum import layer_checksum, layer_checksum_ref  # noqa: E402
+from kvmesh.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from kvmesh.kernels.first_chunk_attention import (  # noqa: E402
     FreshChunks,
     first_chunk_attention,
     first_chunk_attention_ref,
     supported,
 )
-from kernels.kv_write import write_kv  # noqa: E402
-from kernels.linear import _CAPTURE_TUNING, TUNING, LinearTuning, linear  # noqa: E402
-from kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
-from kernels.rms_norm import rms_norm  # noqa: E402
+from kvmesh.kernels.kv_write import write_kv  # noqa: E402
+from kvmesh.kernels.linear import _CAPTURE_TUNING, TUNING, LinearTuning, linear  # noqa: E402
+from kvmesh.kernels.prefill_attention import prefill_attention, prefill_attention_ref  # noqa: E402
+from kvmesh.kernels.rms_norm import rms_norm  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -217,7 +217,7 @@ def test_the_receivers_group_sums_take_more_programs_for_a_larger_group():
     """Device.group_sums (the NCCL receiver's checksums): each group's partial sums have
     sum_programs-of-its-bytes columns (32 for a small group, more past 128 MiB), fold to every
     layer's checksum, and a group's copies down arrive with them."""
-    from shared.handoff.nccl_device import Device
+    from kvmesh.shared.handoff.nccl.device import Device
 
     dev = Device(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -28,15 +28,15 @@ from typing import Any
 import pytest
 import torch
 
-from shared.engine import Engine, EngineConfig, Role
-from shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
-from shared.handoff.nccl_channel import send_layer_group
-from shared.handoff.nccl_link import serve_links
-from shared.handoff.nccl_receiver import NcclKVReceiver
-from shared.handoff.nccl_sender import NcclKVSender
-from shared.handoff.transport import HandoffError
-from shared.models.loader import load_model
-from shared.sequence import SamplingParams
+from kvmesh.shared.engine.engine import Engine, EngineConfig, Role
+from kvmesh.shared.engine.sequence import SamplingParams
+from kvmesh.shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
+from kvmesh.shared.handoff.nccl.channel import send_layer_group
+from kvmesh.shared.handoff.nccl.link import serve_links
+from kvmesh.shared.handoff.nccl.receiver import NcclKVReceiver
+from kvmesh.shared.handoff.nccl.sender import NcclKVSender
+from kvmesh.shared.handoff.transport import HandoffError
+from kvmesh.shared.model.loader import load_model
 
 if torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA devices (run on a 2-GPU machine)", allow_module_level=True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from kernel_inputs import assert_close, poison_allocator
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
+from kvmesh.kernels.activation import silu_and_mul, silu_and_mul_ref
 
 
 def run_case(rows, inter, dtype, device="cpu", seed=0, kernel=silu_and_mul):

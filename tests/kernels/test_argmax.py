@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.argmax import argmax, argmax_ref
+from kvmesh.kernels.argmax import argmax, argmax_ref
 
 
 def run_case(rows, vocab, dtype, device="cpu", seed=0):

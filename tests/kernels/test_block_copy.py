@@ -2,7 +2,12 @@ import pytest
 import torch
 from kernel_inputs import kv_layer, poison_allocator
 
-from kernels.block_copy import gather_blocks, gather_blocks_ref, scatter_blocks, scatter_blocks_ref
+from kvmesh.kernels.block_copy import (
+    gather_blocks,
+    gather_blocks_ref,
+    scatter_blocks,
+    scatter_blocks_ref,
+)
 
 
 def run_case(num_blocks, picked, page, kv_heads, head_dim, dtype, id_dtype, device="cpu", seed=0,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.checksum import (
+from kvmesh.kernels.checksum import (
     BLOCK,
     PROGRAMS,
     checksum_partials,

@@ -10,16 +10,16 @@ from kernel_inputs import (
     poison_unused_blocks,
 )
 
-import kernels.decode_attention as decode_attention_module
-from kernels.decode_attention import (
+import kvmesh.kernels.decode_attention as decode_attention_module
+from kvmesh.kernels.decode_attention import (
     DecodeTuning,
     NewToken,
     decode_attention,
     decode_attention_ref,
 )
-from kernels.prefill_attention import prefill_attention_ref
-from kernels.rope import rope_cos_sin
-from kernels.rope_kv import rope_write_kv
+from kvmesh.kernels.prefill_attention import prefill_attention_ref
+from kvmesh.kernels.rope import rope_cos_sin
+from kvmesh.kernels.rope_kv import rope_write_kv
 
 
 def run_case(

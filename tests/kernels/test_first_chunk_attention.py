@@ -6,9 +6,9 @@ import pytest
 import torch
 from kernel_inputs import assert_close, block_table, poison_allocator
 
-from kernels.first_chunk_attention import FreshChunks, first_chunk_attention_ref, supported
-from kernels.kv_write import write_kv_ref
-from kernels.prefill_attention import prefill_attention, prefill_attention_ref
+from kvmesh.kernels.first_chunk_attention import FreshChunks, first_chunk_attention_ref, supported
+from kvmesh.kernels.kv_write import write_kv_ref
+from kvmesh.kernels.prefill_attention import prefill_attention, prefill_attention_ref
 
 
 def packed_qkv(

@@ -2,7 +2,7 @@ import pytest
 import torch
 from kernel_inputs import kv_layer
 
-from kernels.kv_write import write_kv, write_kv_ref
+from kvmesh.kernels.kv_write import write_kv, write_kv_ref
 
 
 def run_case(tokens, kv_heads, head_dim, page, dtype, device="cpu", seed=0, kernel=write_kv):

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 import triton
 from kernel_inputs import assert_close, poison_allocator
 
-from kernels import linear as linear_mod
-from kernels.activation import silu_and_mul
-from kernels.linear import MAX_M, TUNING, LinearTuning, RowSquares, linear, linear_ref
-from kernels.rms_norm import rms_norm
+from kvmesh.kernels import linear as linear_mod
+from kvmesh.kernels.activation import silu_and_mul
+from kvmesh.kernels.linear import MAX_M, TUNING, LinearTuning, RowSquares, linear, linear_ref
+from kvmesh.kernels.rms_norm import rms_norm
 
 DOT = [LinearTuning(16, 64, 4, 2), LinearTuning(32, 32, 4, 3)]
 GEMV = LinearTuning(8, 128, 4, 2, dot=False)

@@ -10,11 +10,11 @@ import dataclasses
 import torch
 from kernel_inputs import assert_close
 
-from shared.batch import ForwardBatch
-from shared.models.config import ModelConfig
-from shared.models.llama import LayerWeights, LlamaModel, LlamaWeights
-from shared.models.loader import fold_norm, synthetic_weights
-from shared.ops import KERNEL_OPS, REFERENCE_OPS
+from kvmesh.shared.engine.batch import ForwardBatch
+from kvmesh.shared.model.config import ModelConfig
+from kvmesh.shared.model.llama import LayerWeights, LlamaModel, LlamaWeights
+from kvmesh.shared.model.loader import fold_norm, synthetic_weights
+from kvmesh.shared.model.ops import KERNEL_OPS, REFERENCE_OPS
 
 CONFIG = ModelConfig(name="small-gqa", hidden_size=128, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=64, intermediate_size=192, vocab_size=300,

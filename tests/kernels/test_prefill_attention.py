@@ -12,7 +12,7 @@ from kernel_inputs import (
     poison_unused_blocks,
 )
 
-from kernels.prefill_attention import (
+from kvmesh.kernels.prefill_attention import (
     _CPU_TUNING,
     NARROW_TUNING,
     _prefill,
@@ -139,7 +139,7 @@ def test_tuning_variants(changes):
 def test_lean_index_other_layouts(monkeypatch):
     """lean_index where K and V strides differ (V padded per head), and with 64-bit offsets (the
     host told the cache does not fit int32)."""
-    module = importlib.import_module("kernels.prefill_attention")
+    module = importlib.import_module("kvmesh.kernels.prefill_attention")
     gen = torch.Generator().manual_seed(21)
     seqs, page, heads, kv_heads, dim = [(33, 70), (1, 40), (20, 20)], 16, 4, 2, 64
     kv = kv_layer(gen, 12, page, kv_heads, dim, torch.float16, "cpu")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from kernel_inputs import assert_close, poison_allocator
 
-from kernels.rms_norm import rms_norm, rms_norm_ref
+from kvmesh.kernels.rms_norm import rms_norm, rms_norm_ref
 
 
 def run_case(

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_inputs import assert_close
 
-from kernels.rope import Llama3RopeScaling, apply_rope, apply_rope_ref, rope_cos_sin
+from kvmesh.kernels.rope import Llama3RopeScaling, apply_rope, apply_rope_ref, rope_cos_sin
 
 LLAMA31 = Llama3RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                             original_max_position=8192)  # fmt: skip

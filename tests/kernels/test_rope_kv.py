@@ -3,9 +3,9 @@ import torch
 from kernel_inputs import assert_close, kv_layer
 from test_rope import LLAMA31
 
-from kernels.kv_write import write_kv
-from kernels.rope import apply_rope, rope_cos_sin
-from kernels.rope_kv import rope_write_kv, rope_write_kv_ref
+from kvmesh.kernels.kv_write import write_kv
+from kvmesh.kernels.rope import apply_rope, rope_cos_sin
+from kvmesh.kernels.rope_kv import rope_write_kv, rope_write_kv_ref
 
 
 def run_case(tokens, heads, kv_heads, head_dim, page, dtype, scaling=None, device="cpu", seed=0,

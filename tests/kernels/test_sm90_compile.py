@@ -43,7 +43,7 @@ def _sm90(fn, types: dict, consts: dict, options: dict, aligned: set = frozenset
 
 
 def _compile_linear() -> list[dict]:
-    import kernels.linear as lin
+    import kvmesh.kernels.linear as lin
 
     args = list(lin._linear_jit.arg_names)
     pointers = {"x_ptr", "w_ptr", "y_ptr", "r_ptr", "g_ptr"}
@@ -80,7 +80,7 @@ def _compile_linear() -> list[dict]:
         n = int(key.split("x")[0])
         bucket = int(key.split()[1][1:])
         in_kernel_norm = t.split_k == 1 and not t.norm_first  # else the norm kernel runs first
-        # as the model launches each (shared/models/llama.py): o and down hand their rows'
+        # as the model launches each (shared/model/llama.py): o and down hand their rows'
         # squares on, qkv and gate_up take them (the first qkv and lm_head sum x's themselves)
         variants: list[dict] = {
             4096: [{"residual": True, "sq_out": True}],
@@ -117,11 +117,11 @@ def _compile_linear() -> list[dict]:
 
 
 def _compile_others() -> list[dict]:
-    import kernels.activation as act
-    import kernels.argmax as argmax
-    import kernels.decode_attention as dec
-    import kernels.rms_norm as norm
-    import kernels.rope_kv as rope_kv
+    import kvmesh.kernels.activation as act
+    import kvmesh.kernels.argmax as argmax
+    import kvmesh.kernels.decode_attention as dec
+    import kvmesh.kernels.rms_norm as norm
+    import kvmesh.kernels.rope_kv as rope_kv
 
     bf16 = "*bf16"
     attention = {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "table_ptr": "*i32",
@@ -179,7 +179,7 @@ def _compile_first_chunk() -> list[dict]:
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    import kernels.first_chunk_attention as fc
+    import kvmesh.kernels.first_chunk_attention as fc
 
     out = []
     for head_dim, dtype in ((128, torch.bfloat16), (64, torch.bfloat16), (128, torch.float16)):
@@ -242,7 +242,7 @@ def _compiled() -> dict:
 
 
 def test_the_decode_kernels_compile_for_sm90():
-    import kernels.linear as lin
+    import kvmesh.kernels.linear as lin
 
     compiled = _compiled()
     assert len(compiled["linear"]) >= len(lin.read_tuned()[H100])
@@ -259,7 +259,7 @@ def test_the_first_chunk_attention_compiles_for_sm90():
     """The Gluon kernel has no interpreter: on CPU only its sm_90 compile is checked (its results
     against the reference are tests/gpu's). It must fit a program's shared memory, issue async
     wgmma, hand registers between its partitions and spill nothing to local memory."""
-    import kernels.first_chunk_attention as fc
+    import kvmesh.kernels.first_chunk_attention as fc
 
     compiled = _compiled()["first_chunk"]
     assert len(compiled) == 3

@@ -1,0 +1,122 @@
+"""The gateway's view of the worker pools: live workers from the Redis registry, one gRPC channel
+per worker, and the routing policy.
+
+    decode:  most free KV (fraction of its blocks, minus what this gateway reserved since the
+             last refresh), then fewest running sequences
+    prefill: shortest expected wait: queued requests + prefills this gateway has outstanding
+A worker that failed a call is skipped for a few seconds (the registry drops it once its
+heartbeat lapses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from kvmesh.protos import worker_pb2_grpc
+from kvmesh.services.rpc import channel
+from kvmesh.shared.control.ledger import Ledger, WorkerInfo
+
+SUSPECT_S = 5.0
+RETIRE_GRACE_S = 120.0  # a departed worker's streams may run this long (its drain + grace)
+
+
+@dataclass
+class Worker:
+    info: WorkerInfo
+    stub: Any  # PrefillStub or DecodeStub
+
+
+class Directory:
+    def __init__(self, ledger: Ledger, interceptors: Sequence[Any] = ()) -> None:
+        self.ledger = ledger
+        self._interceptors = interceptors
+        self._workers: dict[str, WorkerInfo] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retiring: set[asyncio.Task[None]] = set()  # channels closing after their calls
+        self._suspect: dict[str, float] = {}
+        self._reserved: dict[str, int] = defaultdict(int)  # blocks reserved since refresh
+        self.outstanding: dict[str, int] = defaultdict(int)  # prefills in flight, per worker
+
+    async def refresh(self) -> None:
+        live = {w.worker_id: w for w in await self.ledger.workers()}
+        for gone in set(self._channels) - {w.address for w in live.values()}:
+            # a worker leaves the registry when it starts draining: closing its channel now
+            # would cancel the streams it is still finishing
+            self._retire(self._channels.pop(gone))
+        self._workers = live
+        self._reserved.clear()
+
+    async def run(self, period_s: float = 0.5) -> None:
+        """Refresh the view and reap dead owners' blocks, until cancelled."""
+        while True:
+            with contextlib.suppress(Exception):
+                await self.refresh()
+                await self.ledger.reap()
+            await asyncio.sleep(period_s)
+
+    def models(self) -> set[str]:
+        return {w.model for w in self._workers.values()}
+
+    def workers(self, role: str) -> list[WorkerInfo]:
+        return [w for w in self._workers.values() if w.role == role]
+
+    def pick_decode(self, model: str, exclude: set[str]) -> Worker | None:
+        candidates = self._candidates("decode", model, exclude)
+        if not candidates:
+            return None
+
+        def score(w: WorkerInfo) -> tuple[float, int]:
+            free = w.free_blocks - self._reserved[w.worker_id]
+            return (-free / max(w.total_blocks, 1), w.running)
+
+        return self._worker(min(candidates, key=score), worker_pb2_grpc.DecodeStub)
+
+    def pick_prefill(self, model: str, exclude: set[str]) -> Worker | None:
+        candidates = self._candidates("prefill", model, exclude)
+        if not candidates:
+            return None
+        best = min(
+            candidates, key=lambda w: (w.queue_depth + self.outstanding[w.worker_id], w.running)
+        )
+        return self._worker(best, worker_pb2_grpc.PrefillStub)
+
+    def note_reserved(self, worker_id: str, blocks: int) -> None:
+        self._reserved[worker_id] += blocks
+
+    def mark_suspect(self, worker_id: str) -> None:
+        self._suspect[worker_id] = time.monotonic() + SUSPECT_S
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+        for task in list(self._retiring):
+            task.cancel()
+
+    def _retire(self, ch: grpc.aio.Channel) -> None:
+        """Close ch once its in-flight calls end (at most RETIRE_GRACE_S), without waiting."""
+        task = asyncio.ensure_future(ch.close(grace=RETIRE_GRACE_S))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _candidates(self, role: str, model: str, exclude: set[str]) -> list[WorkerInfo]:
+        now = time.monotonic()
+        return [
+            w for w in self._workers.values()
+            if w.role == role and w.model == model and w.worker_id not in exclude
+            and self._suspect.get(w.worker_id, 0.0) < now
+        ]  # fmt: skip
+
+    def _worker(self, info: WorkerInfo, stub_type: Any) -> Worker:
+        ch = self._channels.get(info.address)
+        if ch is None:
+            ch = self._channels[info.address] = channel(info.address, self._interceptors)
+        return Worker(info, stub_type(ch))

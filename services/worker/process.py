@@ -1,0 +1,82 @@
+"""The life of a prefill or decode process, shared by both roles:
+
+telemetry -> engine thread -> role parts (servicer, KV transport) -> gRPC server ->
+register in Redis -> "<role> ready HOST:PORT" -> ... SIGTERM/SIGINT -> NOT_SERVING, leave
+the registry, wait until the role is idle (bounded), stop the server, close everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmesh.services.rpc import ServiceSpec, create_server, serve_until_signal, shutdown_signal
+from kvmesh.services.worker.registration import Registration, WorkerConfig
+from kvmesh.shared.engine.engine import Engine
+from kvmesh.shared.engine.loop import EngineLoop, publish_gauges
+from kvmesh.shared.telemetry import TracingServerInterceptor
+from kvmesh.shared.telemetry.process import ProcessTelemetry, start_process_telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a role's parts are built from."""
+
+    config: WorkerConfig
+    loop: EngineLoop
+    registration: Registration
+    telemetry: ProcessTelemetry
+
+
+@dataclass
+class WorkerParts:
+    """What a role adds to the process."""
+
+    servicer: Any  # has `draining: bool` and an `idle: bool` property
+    service: ServiceSpec
+    kv_endpoint: str = ""  # data-plane endpoint advertised in the registry (decode)
+    tasks: tuple[Callable[[], Coroutine[Any, Any, None]], ...] = ()  # run until shutdown
+    close: Callable[[], None] = field(default=lambda: None)  # after the server stopped
+
+
+async def serve_worker(config: WorkerConfig, build: Callable[[WorkerContext], WorkerParts]) -> None:
+    """Run a worker of config.engine.role until SIGTERM/SIGINT, then drain and exit."""
+    role = config.engine.role.value
+    telemetry = start_process_telemetry(f"kvmesh-{role}", role, config.metrics_port)
+    loop = EngineLoop(Engine(config.engine))
+    loop.start()
+    registration = Registration(config, loop)
+    parts = build(WorkerContext(config, loop, registration, telemetry))
+    server, port, health = create_server(
+        f"{config.host}:{config.port}", [parts.service],
+        [TracingServerInterceptor(telemetry.tracing.tracer)],
+    )  # fmt: skip
+    await server.start()
+    host = config.resolved_advertise_host()
+    await registration.start(f"{host}:{port}", parts.kv_endpoint)
+    jobs = [*parts.tasks, lambda: publish_gauges(loop, telemetry.metrics)]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(job()) for job in jobs]
+    log.info("%s worker %s serving on %s:%d %s", role, registration.worker_id, host, port,
+             parts.kv_endpoint)  # fmt: skip
+    stop = shutdown_signal()
+    print(f"{role} ready {host}:{port}", flush=True)
+
+    async def drain() -> None:
+        parts.servicer.draining = True
+        await registration.stop()  # gateways stop routing here
+        deadline = time.monotonic() + config.drain_timeout_s
+        while not parts.servicer.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)
+    for task in tasks:
+        task.cancel()
+    parts.close()
+    loop.stop()
+    telemetry.stop()
