@@ -1,6 +1,6 @@
 """KV handoff over NCCL between two GPUs: bandwidth vs plain torch.distributed, and TTFT.
 
-    PYTHONPATH=. python benchmarks/bench_handoff.py [--layers 32] [--sizes-mib 4,16,64,256]
+    python benchmarks/bench_handoff.py [--layers 32] [--sizes-mib 4,16,64,256]
 
 This process is the prefill side on cuda:0; a spawned process is the decode side on cuda:1. The
 decode process serves Decode.OpenKVLink (nccl_link.serve_links), so the handoff sets up its pair

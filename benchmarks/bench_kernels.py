@@ -1,6 +1,6 @@
 """GPU benchmark of kernels/ against the card's ceilings and torch's own implementations.
 
-    PYTHONPATH=. python benchmarks/bench_kernels.py [--sweep] [--prefill-sweep] [--prefill-only]
+    python benchmarks/bench_kernels.py [--sweep] [--prefill-sweep] [--prefill-only]
         [--linear-only] [--results benchmarks/RESULTS.md]
 
 Ceilings are measured in the same run: device copy bandwidth (read + write bytes / time) and bf16
@@ -403,7 +403,7 @@ def main() -> None:
         "## Kernels",
         "",
         f"Card: {card}; date: {date}; commit: {commit()}; {versions}.",
-        "Command: `PYTHONPATH=. python benchmarks/bench_kernels.py`. Times: do_bench medians (ms).",
+        "Command: `python benchmarks/bench_kernels.py`. Times: do_bench medians (ms).",
         "% = of the ceiling measured in the same run (bf16 matmul for attention prefill, "
         "device copy bandwidth for the rest).",
         f"SDPA's default backend is the first of ({sdpa_order()}) that takes the inputs.",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
 from common import header, table  # noqa: E402
 from meshproc import start_mesh  # noqa: E402

@@ -55,7 +55,6 @@ from typing import Any, TypeVar
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from common import (  # noqa: E402
     commit,
@@ -533,7 +532,7 @@ def mesh_preflight(plan: Plan) -> None:
 
 
 def mesh_part(plan: Plan) -> MeshFigures:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     from meshproc import start_mesh
 
     from kvmesh.services.bench import Workload, bench_engine, bench_mesh, percentile
@@ -565,7 +564,6 @@ def mesh_part(plan: Plan) -> MeshFigures:
         str(max(64, batch)),
     ]
     env = {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0"),
     }
     with RedisServer() as server:
