@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from kvmesh.shared.handoff.channel import SendChannel
-from kvmesh.shared.handoff.nccl.device import Event
-from kvmesh.shared.handoff.timeline import WHOLE
+from kvmesh.shared.handoff.nccl.device import Device, Event
+from kvmesh.shared.handoff.nccl.pair import Peer
+from kvmesh.shared.handoff.timeline import WHOLE, Timeline
 from kvmesh.shared.handoff.transport import HandoffError, HandoffStats
 from kvmesh.shared.handoff.wire import settle
-
-if TYPE_CHECKING:
-    from kvmesh.shared.handoff.nccl.pair import Peer
-    from kvmesh.shared.handoff.nccl.sender import NcclKVSender
 
 
 @dataclass(frozen=True)
@@ -34,6 +31,17 @@ class Job:
     count: int = 1
 
 
+class Launcher(Protocol):
+    """What a channel needs of its sender (NcclKVSender): the device its data is on, the
+    optional timeline, and the queue of the jobs that its launches take."""
+
+    @property
+    def dev(self) -> Device: ...
+    @property
+    def timeline(self) -> Timeline | None: ...
+    def submit(self, jobs: list[Job] | None, inline: bool = False) -> None: ...
+
+
 class NcclSendChannel(SendChannel):
     """One handoff being pushed over NCCL (implements transport.KVSendChannel).
 
@@ -45,7 +53,7 @@ class NcclSendChannel(SendChannel):
     transport = "nccl"
 
     def __init__(
-        self, sender: NcclKVSender, peer: Peer, handoff_id: str, num_layers: int
+        self, sender: Launcher, peer: Peer, handoff_id: str, num_layers: int
     ) -> None:  # fmt: skip
         super().__init__(handoff_id, num_layers)
         self.sender, self.peer = sender, peer
@@ -62,7 +70,7 @@ class NcclSendChannel(SendChannel):
     def abort(self, reason: str) -> None:
         if settle(self._done, HandoffError(f"aborted: {reason}")):
             job = Job(0, [(self, torch.empty(0))], Event(None), reason or "aborted")
-            self.sender._submit([job])
+            self.sender.submit([job])
 
     # -- called from the sender's threads
 
@@ -99,7 +107,7 @@ def _queue_all(
            list[NcclSendChannel]]:  # fmt: skip
     """What both ways of queueing do first: layers first.. (`count` of them) of each channel
     queued (a channel that had already failed goes to the failed list), their data made
-    contiguous; the channels must be of one NcclKVSender; one event on the current stream after
+    contiguous; the channels must be of one sender; one event on the current stream after
     all that (the data exists once it completed). Returns (the queued items, the event (None
     if nothing was queued), the failed channels)."""
     queued, failed = [], []
@@ -132,7 +140,7 @@ def send_layer_group(
     )
     if ready is not None:
         job = Job(layer, [(channel, data) for channel, _, data, _ in queued], ready)
-        queued[0][0].sender._submit([job])
+        queued[0][0].sender.submit([job])
     return failed
 
 
@@ -150,5 +158,5 @@ def send_layer_runs(runs: list[tuple[NcclSendChannel, int, torch.Tensor]]) -> li
     if ready is not None:
         jobs = [Job(first, [(channel, data)], ready, count=count)
                 for channel, first, data, count in queued]  # fmt: skip
-        queued[0][0].sender._submit(jobs, inline=True)
+        queued[0][0].sender.submit(jobs, inline=True)
     return failed

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -31,11 +31,9 @@ from kvmesh.shared.handoff.nccl.frames import (
     read_frame,
     read_payload,
 )
+from kvmesh.shared.handoff.nccl.link import LinkOpener
 from kvmesh.shared.handoff.transport import HandoffError
 from kvmesh.shared.handoff.wire import ProtocolError, connect, settle, shutdown
-
-if TYPE_CHECKING:
-    from kvmesh.shared.handoff.nccl.sender import NcclKVSender
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +121,24 @@ def connect_pair(
     return comm
 
 
+class PairOwner(Protocol):
+    """What a pair needs of the sender that owns it (NcclKVSender): how to set it up, and the
+    cache it leaves when it is torn down."""
+
+    @property
+    def dev(self) -> Device: ...
+    @property
+    def fabric(self) -> Fabric: ...
+    @property
+    def links(self) -> LinkOpener: ...
+    @property
+    def pairs(self) -> PairCache: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def setup_timeout(self) -> float: ...
+
+
 class Peer(SenderLink):
     """Prefill side of one decode receiver: control connection + communicator + send stream.
     `lock` also guards comm: launches vs abort; `dead` says why the pair was torn down.
@@ -132,7 +148,7 @@ class Peer(SenderLink):
     it directly, without a hand-over between threads on the way; the reader thread takes its
     turn back once none waits, and notices a receiver that dies while none does."""
 
-    def __init__(self, sender: NcclKVSender, endpoint: str, decode_address: str) -> None:
+    def __init__(self, sender: PairOwner, endpoint: str, decode_address: str) -> None:
         super().__init__(endpoint)
         self.sender = sender
         self._write_lock = threading.Lock()

@@ -274,10 +274,10 @@ class NcclKVSender:
 
     def close(self) -> None:
         self.pairs.clear("sender closed")
-        self._submit(None)
+        self.submit(None)
         self._thread.join(JOIN_TIMEOUT_S)
 
-    def _submit(self, jobs: list[Job] | None, inline: bool = False) -> None:
+    def submit(self, jobs: list[Job] | None, inline: bool = False) -> None:
         """Queue `jobs` for the sender thread (None: it ends); `inline`: launch them on the
         calling thread instead if nothing queued before them waits (no hand-over to the sender
         thread: for a caller that has nothing else to do until its handoffs are ACKed)."""
