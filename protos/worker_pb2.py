@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh/protos/worker.proto\x12\x10kvmesh.worker.v1\"\x81\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x80\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nhandoff_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvmesh.worker.v1.Sampling\"\x86\x01\n\x0fReserveResponse\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12*\n\x06layout\x18\x05 \x01(\x0b\x32\x1a.kvmesh.worker.v1.KVLayoutJ\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07\"\xd9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvmesh.worker.v1.Sampling\x12\x12\n\nhandoff_id\x18\x04 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x05 \x01(\t\x12*\n\x06layout\x18\x06 \x01(\x0b\x32\x1a.kvmesh.worker.v1.KVLayout\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x07 \x01(\t\"o\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04J\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08\"\x94\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nhandoff_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvmesh.worker.v1.Sampling\"c\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"$\n\x0eReleaseRequest\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"W\n\x11OpenKVLinkRequest\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x16\n\x0enccl_unique_id\x18\x02 \x01(\x0c\x12\x19\n\x11prefill_worker_id\x18\x03 \x01(\t\"\x14\n\x12OpenKVLinkResponse\"\x0e\n\x0cModelRequest\"|\n\rModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x03 \x01(\r\x12*\n\x06layout\x18\x04 \x01(\x0b\x32\x1a.kvmesh.worker.v1.KVLayout\"\x10\n\x0eInspectRequest\"\xb6\x01\n\x0fInspectResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x14\n\x0creservations\x18\x06 \x01(\r\x12\x14\n\x0cintegrity_ok\x18\x07 \x01(\x08\x12\x17\n\x0fintegrity_error\x18\x08 \x01(\t2\xf3\x01\n\x07Prefill\x12N\n\x07Prefill\x12 .kvmesh.worker.v1.PrefillRequest\x1a!.kvmesh.worker.v1.PrefillResponse\x12H\n\x05Model\x12\x1e.kvmesh.worker.v1.ModelRequest\x1a\x1f.kvmesh.worker.v1.ModelResponse\x12N\n\x07Inspect\x12 .kvmesh.worker.v1.InspectRequest\x1a!.kvmesh.worker.v1.InspectResponse2\xea\x03\n\x06\x44\x65\x63ode\x12N\n\x07Reserve\x12 .kvmesh.worker.v1.ReserveRequest\x1a!.kvmesh.worker.v1.ReserveResponse\x12M\n\x06\x44\x65\x63ode\x12\x1f.kvmesh.worker.v1.DecodeRequest\x1a .kvmesh.worker.v1.DecodeResponse0\x01\x12N\n\x07Release\x12 .kvmesh.worker.v1.ReleaseRequest\x1a!.kvmesh.worker.v1.ReleaseResponse\x12W\n\nOpenKVLink\x12#.kvmesh.worker.v1.OpenKVLinkRequest\x1a$.kvmesh.worker.v1.OpenKVLinkResponse\x12H\n\x05Model\x12\x1e.kvmesh.worker.v1.ModelRequest\x1a\x1f.kvmesh.worker.v1.ModelResponse\x12N\n\x07Inspect\x12 .kvmesh.worker.v1.InspectRequest\x1a!.kvmesh.worker.v1.InspectResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvmesh/protos/worker.proto\x12\x10kvmesh.worker.v1\"\x81\x01\n\x08Sampling\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x80\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nhandoff_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvmesh.worker.v1.Sampling\"\x86\x01\n\x0fReserveResponse\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12*\n\x06layout\x18\x05 \x01(\x0b\x32\x1a.kvmesh.worker.v1.KVLayoutJ\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07\"\xd9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvmesh.worker.v1.Sampling\x12\x12\n\nhandoff_id\x18\x04 \x01(\t\x12\x13\n\x0bkv_endpoint\x18\x05 \x01(\t\x12*\n\x06layout\x18\x06 \x01(\x0b\x32\x1a.kvmesh.worker.v1.KVLayout\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x07 \x01(\t\"o\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x10\n\x08kv_bytes\x18\x05 \x01(\x04J\x04\x08\x04\x10\x05J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08\"\x94\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nhandoff_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\r\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvmesh.worker.v1.Sampling\"c\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"o\n\x11\x41ggregatedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.kvmesh.worker.v1.Sampling\"$\n\x0eReleaseRequest\x12\x12\n\nhandoff_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"W\n\x11OpenKVLinkRequest\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x16\n\x0enccl_unique_id\x18\x02 \x01(\x0c\x12\x19\n\x11prefill_worker_id\x18\x03 \x01(\t\"\x14\n\x12OpenKVLinkResponse\"\x0e\n\x0cModelRequest\"|\n\rModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x18\n\x10max_tokens_limit\x18\x03 \x01(\r\x12*\n\x06layout\x18\x04 \x01(\x0b\x32\x1a.kvmesh.worker.v1.KVLayout\"\x10\n\x0eInspectRequest\"\xb6\x01\n\x0fInspectResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ree_blocks\x18\x02 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x03 \x01(\r\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x0f\n\x07waiting\x18\x05 \x01(\r\x12\x14\n\x0creservations\x18\x06 \x01(\r\x12\x14\n\x0cintegrity_ok\x18\x07 \x01(\x08\x12\x17\n\x0fintegrity_error\x18\x08 \x01(\t2\xf3\x01\n\x07Prefill\x12N\n\x07Prefill\x12 .kvmesh.worker.v1.PrefillRequest\x1a!.kvmesh.worker.v1.PrefillResponse\x12H\n\x05Model\x12\x1e.kvmesh.worker.v1.ModelRequest\x1a\x1f.kvmesh.worker.v1.ModelResponse\x12N\n\x07Inspect\x12 .kvmesh.worker.v1.InspectRequest\x1a!.kvmesh.worker.v1.InspectResponse2\xea\x03\n\x06\x44\x65\x63ode\x12N\n\x07Reserve\x12 .kvmesh.worker.v1.ReserveRequest\x1a!.kvmesh.worker.v1.ReserveResponse\x12M\n\x06\x44\x65\x63ode\x12\x1f.kvmesh.worker.v1.DecodeRequest\x1a .kvmesh.worker.v1.DecodeResponse0\x01\x12N\n\x07Release\x12 .kvmesh.worker.v1.ReleaseRequest\x1a!.kvmesh.worker.v1.ReleaseResponse\x12W\n\nOpenKVLink\x12#.kvmesh.worker.v1.OpenKVLinkRequest\x1a$.kvmesh.worker.v1.OpenKVLinkResponse\x12H\n\x05Model\x12\x1e.kvmesh.worker.v1.ModelRequest\x1a\x1f.kvmesh.worker.v1.ModelResponse\x12N\n\x07Inspect\x12 .kvmesh.worker.v1.InspectRequest\x1a!.kvmesh.worker.v1.InspectResponse2\xfb\x01\n\nAggregated\x12S\n\x08Generate\x12#.kvmesh.worker.v1.AggregatedRequest\x1a .kvmesh.worker.v1.DecodeResponse0\x01\x12H\n\x05Model\x12\x1e.kvmesh.worker.v1.ModelRequest\x1a\x1f.kvmesh.worker.v1.ModelResponse\x12N\n\x07Inspect\x12 .kvmesh.worker.v1.InspectRequest\x1a!.kvmesh.worker.v1.InspectResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,24 +48,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_end=1037
   _globals['_DECODERESPONSE']._serialized_start=1039
   _globals['_DECODERESPONSE']._serialized_end=1138
-  _globals['_RELEASEREQUEST']._serialized_start=1140
-  _globals['_RELEASEREQUEST']._serialized_end=1176
-  _globals['_RELEASERESPONSE']._serialized_start=1178
-  _globals['_RELEASERESPONSE']._serialized_end=1213
-  _globals['_OPENKVLINKREQUEST']._serialized_start=1215
-  _globals['_OPENKVLINKREQUEST']._serialized_end=1302
-  _globals['_OPENKVLINKRESPONSE']._serialized_start=1304
-  _globals['_OPENKVLINKRESPONSE']._serialized_end=1324
-  _globals['_MODELREQUEST']._serialized_start=1326
-  _globals['_MODELREQUEST']._serialized_end=1340
-  _globals['_MODELRESPONSE']._serialized_start=1342
-  _globals['_MODELRESPONSE']._serialized_end=1466
-  _globals['_INSPECTREQUEST']._serialized_start=1468
-  _globals['_INSPECTREQUEST']._serialized_end=1484
-  _globals['_INSPECTRESPONSE']._serialized_start=1487
-  _globals['_INSPECTRESPONSE']._serialized_end=1669
-  _globals['_PREFILL']._serialized_start=1672
-  _globals['_PREFILL']._serialized_end=1915
-  _globals['_DECODE']._serialized_start=1918
-  _globals['_DECODE']._serialized_end=2408
+  _globals['_AGGREGATEDREQUEST']._serialized_start=1140
+  _globals['_AGGREGATEDREQUEST']._serialized_end=1251
+  _globals['_RELEASEREQUEST']._serialized_start=1253
+  _globals['_RELEASEREQUEST']._serialized_end=1289
+  _globals['_RELEASERESPONSE']._serialized_start=1291
+  _globals['_RELEASERESPONSE']._serialized_end=1326
+  _globals['_OPENKVLINKREQUEST']._serialized_start=1328
+  _globals['_OPENKVLINKREQUEST']._serialized_end=1415
+  _globals['_OPENKVLINKRESPONSE']._serialized_start=1417
+  _globals['_OPENKVLINKRESPONSE']._serialized_end=1437
+  _globals['_MODELREQUEST']._serialized_start=1439
+  _globals['_MODELREQUEST']._serialized_end=1453
+  _globals['_MODELRESPONSE']._serialized_start=1455
+  _globals['_MODELRESPONSE']._serialized_end=1579
+  _globals['_INSPECTREQUEST']._serialized_start=1581
+  _globals['_INSPECTREQUEST']._serialized_end=1597
+  _globals['_INSPECTRESPONSE']._serialized_start=1600
+  _globals['_INSPECTRESPONSE']._serialized_end=1782
+  _globals['_PREFILL']._serialized_start=1785
+  _globals['_PREFILL']._serialized_end=2028
+  _globals['_DECODE']._serialized_start=2031
+  _globals['_DECODE']._serialized_end=2521
+  _globals['_AGGREGATED']._serialized_start=2524
+  _globals['_AGGREGATED']._serialized_end=2775
 # @@protoc_insertion_point(module_scope)

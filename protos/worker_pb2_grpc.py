@@ -472,3 +472,168 @@ class Decode:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AggregatedStub:
+    """A worker that prefills and decodes in one process (the one-card deployment).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/kvmesh.worker.v1.Aggregated/Generate',
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.AggregatedRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.DecodeResponse.FromString,
+                _registered_method=True)
+        self.Model = channel.unary_unary(
+                '/kvmesh.worker.v1.Aggregated/Model',
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.ModelRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.ModelResponse.FromString,
+                _registered_method=True)
+        self.Inspect = channel.unary_unary(
+                '/kvmesh.worker.v1.Aggregated/Inspect',
+                request_serializer=kvmesh_dot_protos_dot_worker__pb2.InspectRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_protos_dot_worker__pb2.InspectResponse.FromString,
+                _registered_method=True)
+
+
+class AggregatedServicer:
+    """A worker that prefills and decodes in one process (the one-card deployment).
+    """
+
+    def Generate(self, request, context):
+        """Streams every generated token, the first one included (in the first message).
+        INVALID_ARGUMENT: a request this engine cannot serve; RESOURCE_EXHAUSTED: its free KV
+        cannot take the prompt now (try later or elsewhere; nothing was streamed); UNAVAILABLE:
+        draining, or the registry refused the block set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Model(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Inspect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AggregatedServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.AggregatedRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.DecodeResponse.SerializeToString,
+            ),
+            'Model': grpc.unary_unary_rpc_method_handler(
+                    servicer.Model,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.ModelRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.ModelResponse.SerializeToString,
+            ),
+            'Inspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inspect,
+                    request_deserializer=kvmesh_dot_protos_dot_worker__pb2.InspectRequest.FromString,
+                    response_serializer=kvmesh_dot_protos_dot_worker__pb2.InspectResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kvmesh.worker.v1.Aggregated', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kvmesh.worker.v1.Aggregated', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Aggregated:
+    """A worker that prefills and decodes in one process (the one-card deployment).
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvmesh.worker.v1.Aggregated/Generate',
+            kvmesh_dot_protos_dot_worker__pb2.AggregatedRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Model(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.worker.v1.Aggregated/Model',
+            kvmesh_dot_protos_dot_worker__pb2.ModelRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.ModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.worker.v1.Aggregated/Inspect',
+            kvmesh_dot_protos_dot_worker__pb2.InspectRequest.SerializeToString,
+            kvmesh_dot_protos_dot_worker__pb2.InspectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -10,8 +10,11 @@ import sys
 from kvmesh.shared.engine.engine import EngineConfig, Role
 from kvmesh.shared.engine.sequence import SamplingParams
 
+# Of each card, for all kvmesh processes on it together; the rest is margin.
+MESH_GPU_SHARE = 0.9
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+
+def _engine_args(p: argparse.ArgumentParser, mesh: bool = False) -> None:
     env = os.environ.get
     p.add_argument(
         "--model",
@@ -35,10 +38,19 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         default=int(env("KVMESH_KV_CACHE_MB", "256")),
         help="KV cache budget on CPU (MiB)",
     )
+    if mesh:  # `kvmesh up` divides it among the processes it puts on each card
+        share, why = MESH_GPU_SHARE, "each GPU's total memory that the mesh's processes on it split"
+    else:
+        share = MESH_GPU_SHARE / max(int(env("KVMESH_GPU_PROCESSES", "1")), 1)
+        why = (
+            "the GPU's total memory this process may use (weights, KV cache, steps); default "
+            f"{MESH_GPU_SHARE} over KVMESH_GPU_PROCESSES, the processes that share the card"
+        )
     p.add_argument(
-        "--gpu-memory-fraction",
+        "--gpu-memory-share",
         type=float,
-        default=float(env("KVMESH_GPU_MEMORY_FRACTION", "0.85")),
+        default=float(env("KVMESH_GPU_MEMORY_SHARE", str(share))),
+        help=f"fraction of {why}",
     )
     p.add_argument(
         "--eager",
@@ -59,7 +71,7 @@ def engine_config(args: argparse.Namespace, role: Role) -> EngineConfig:
         max_num_batched_tokens=args.max_batched_tokens,
         max_num_seqs=args.max_seqs,
         kv_cache_bytes=args.kv_cache_mb << 20,
-        gpu_memory_fraction=args.gpu_memory_fraction,
+        gpu_memory_share=args.gpu_memory_share,
         cuda_graphs=not args.eager,
         overlap=not args.eager,
     )
@@ -92,7 +104,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from kvmesh.services.local_generate import generate_local
 
         return generate_local(
-            engine_config(args, Role.COLOCATED), args.prompt, args.chat, sampling_params(args)
+            engine_config(args, Role.AGGREGATED), args.prompt, args.chat, sampling_params(args)
         )
     from kvmesh.services.client import generate_remote
 
@@ -137,10 +149,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         from kvmesh.services.prefill import serve as serve_prefill
 
         asyncio.run(serve_prefill(config))
-    else:
+    elif role is Role.DECODE:
         from kvmesh.services.decode import serve as serve_decode
 
         asyncio.run(serve_decode(config))
+    else:
+        from kvmesh.services.aggregated import serve as serve_aggregated
+
+        asyncio.run(serve_aggregated(config))
     return 0
 
 
@@ -156,6 +172,13 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     install_uvloop()
     asyncio.run(serve(config))
     return 0
+
+
+def pair_pools(args: argparse.Namespace) -> tuple[int, int]:
+    """`kvmesh up`'s prefill and decode workers: 1 each unless given, none with --aggregated."""
+    pool = 0 if args.aggregated else 1
+    return (pool if args.prefill is None else args.prefill,
+            pool if args.decode is None else args.decode)  # fmt: skip
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -177,8 +200,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
         str(args.max_seqs),
         "--kv-cache-mb",
         str(args.kv_cache_mb),
-        "--gpu-memory-fraction",
-        str(args.gpu_memory_fraction),
         "--port",
         "0",
     ]
@@ -194,7 +215,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         "--max-queue",
         str(args.max_queue),
     ]
-    plan = MeshPlan(args.prefill, args.decode, gateway_args, worker_args, devices, args.host)
+    prefill, decode = pair_pools(args)
+    plan = MeshPlan(prefill, decode, gateway_args, worker_args, devices, args.host,
+                    aggregated=args.aggregated, gpu_memory_share=args.gpu_memory_share)  # fmt: skip
     return run_mesh(plan)
 
 
@@ -209,7 +232,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     workload = Workload(args.requests, args.concurrency, args.prompt_tokens, args.new_tokens)
     if args.local:
-        config = engine_config(args, Role.COLOCATED)
+        config = engine_config(args, Role.AGGREGATED)
         report = asyncio.run(bench_engine(config, workload))
         title = (
             f"kvmesh bench: in-process engine ({config.model or 'default model'}, {config.device})"
@@ -235,8 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     up = sub.add_parser("up", help="start a whole mesh on this machine")
-    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument(
+        "--prefill", type=int, default=None, help="prefill workers (default 1, 0 with --aggregated)"
+    )
+    up.add_argument(
+        "--decode", type=int, default=None, help="decode workers (default 1, 0 with --aggregated)"
+    )
+    up.add_argument(
+        "--aggregated", type=int, default=0, help="aggregated workers (both phases, no handoff)"
+    )
     up.add_argument(
         "--port",
         type=int,
@@ -245,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--host", default="127.0.0.1", help="address every process binds")
     _gateway_limits(up)
-    _engine_args(up)
+    _engine_args(up, mesh=True)
     up.set_defaults(func=_cmd_up)
 
     gateway = sub.add_parser("gateway", help="run the gateway service")
@@ -254,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _gateway_limits(gateway)
     gateway.set_defaults(func=_cmd_gateway)
 
-    for role in ("prefill", "decode"):
+    for role in ("prefill", "decode", "aggregated"):
         worker = sub.add_parser(role, help=f"run a {role} worker")
         _server_args(worker, 0)
         _engine_args(worker)

@@ -1,8 +1,12 @@
 """`kvmesh up`: a whole mesh on this machine as separate processes.
 
-Starts a local Redis server (unless REDIS_URL is set), N prefill and M decode workers, then the
-gateway; prints the gateway address once every process reports ready; on Ctrl-C or SIGTERM
-stops the gateway first, then the workers (each drains), then Redis, and leaves no process.
+Starts a local Redis server (unless REDIS_URL is set), the prefill, decode and aggregated
+workers, then the gateway; prints the gateway address once every process reports ready; on
+Ctrl-C or SIGTERM stops the gateway first, then the workers (each drains), then Redis, and leaves
+no process.
+
+Workers take the devices round robin; the k workers on one GPU each get 1/k of the mesh's share
+of it (`--gpu-memory-share`), whatever order they start in.
 """
 
 from __future__ import annotations
@@ -32,6 +36,44 @@ class MeshPlan:
     worker_args: list[str]  # passed to every worker (model, dtype, ...)
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # assigned round robin
     host: str = "127.0.0.1"
+    aggregated: int = 0
+    gpu_memory_share: float = 0.9  # of each GPU, split among the workers on it
+
+    def __post_init__(self) -> None:
+        if min(self.prefill, self.decode, self.aggregated) < 0:
+            raise ValueError(f"worker counts must be >= 0: {self}")
+        if (self.prefill == 0) != (self.decode == 0):
+            raise ValueError(
+                f"prefill and decode workers serve in pairs: {self.prefill} prefill and "
+                f"{self.decode} decode workers cannot serve (use --aggregated alone instead)"
+            )
+        if self.prefill + self.aggregated == 0:
+            raise ValueError("the mesh needs a prefill and a decode worker, or an aggregated one")
+
+    def workers(self) -> list[WorkerSpec]:
+        """Every worker process: its name, role, device and, on a GPU, its memory share."""
+        roles = ["prefill"] * self.prefill + ["decode"] * self.decode
+        roles += ["aggregated"] * self.aggregated
+        devices = [self.devices[i % len(self.devices)] for i in range(len(roles))]
+        specs, seen = [], dict.fromkeys(roles, 0)
+        for role, device in zip(roles, devices, strict=True):
+            share = self.gpu_memory_share / devices.count(device)
+            specs.append(WorkerSpec(f"{role}-{seen[role]}", role, device, share))
+            seen[role] += 1
+        return specs
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    name: str  # role-index, e.g. "decode-0"
+    role: str
+    device: str
+    gpu_memory_share: float  # of its device's total memory (ignored on a CPU)
+
+    def argv(self, plan: MeshPlan) -> list[str]:
+        share = f"{self.gpu_memory_share:.6f}"
+        where = ["--device", self.device, "--host", plan.host, "--gpu-memory-share", share]
+        return _service(self.role, [*plan.worker_args, *where])
 
 
 class Child:
@@ -85,12 +127,8 @@ def run_mesh(plan: MeshPlan, on_ready: threading.Event | None = None) -> int:
         env["REDIS_URL"] = redis_server.url
     children: list[Child] = []
     try:
-        for i in range(plan.prefill + plan.decode):
-            role = "prefill" if i < plan.prefill else "decode"
-            index = i if role == "prefill" else i - plan.prefill
-            device = plan.devices[i % len(plan.devices)]
-            argv = _service(role, [*plan.worker_args, "--device", device, "--host", plan.host])
-            children.append(Child(f"{role}-{index}", argv, env))
+        for spec in plan.workers():
+            children.append(Child(spec.name, spec.argv(plan), env))
         gateway = Child(
             "gateway", _service("gateway", [*plan.gateway_args, "--host", plan.host]), env
         )

@@ -31,7 +31,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-ROLES = ("prefill", "decode", "colocated")
+ROLES = ("prefill", "decode", "aggregated")
 RESERVED, OWNED, SENDING = "reserved", "owned", "sending"
 _SIDE = {RESERVED: "dst", OWNED: "dst", SENDING: "src"}
 _INITIAL_STATES = (RESERVED, SENDING)
@@ -44,7 +44,7 @@ class WorkerInfo:
     """A worker as the registry knows it; capacity fields are the last heartbeat's."""
 
     worker_id: str
-    role: str  # 'prefill' | 'decode' | 'colocated'
+    role: str  # 'prefill' | 'decode' | 'aggregated'
     address: str  # host:port of its gRPC server
     kv_endpoint: str  # KV data-plane endpoint (e.g. tcp://host:port); may be empty
     model: str

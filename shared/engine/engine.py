@@ -1,7 +1,8 @@
 """The engine every service runs: model + paged KV cache + scheduler + sampler.
 
 The role decides what it admits (ARCHITECTURE.md invariant 4):
-  * COLOCATED takes prompts and generates to the end (the single-device baseline);
+  * AGGREGATED takes prompts and generates to the end: both phases in one engine (an aggregated
+    worker, the in-process engine; the baseline every disaggregated figure is compared with);
   * PREFILL takes prompts, computes them, samples the first token and finishes the sequence
     with FinishReason.HANDOFF; a layer hook exports each layer's K/V as soon as it is written;
   * DECODE reserves blocks for an incoming handoff, then `commit` turns the received KV plus the
@@ -27,12 +28,14 @@ from kvmesh.shared.engine.kv_cache import (
     BlockPool,
     allocate_kv_cache,
     blocks_for,
-    num_blocks_for_budget,
+    bytes_per_block,
 )
+from kvmesh.shared.engine.memory import card_memory, headroom_bytes, kv_bytes_on_card
 from kvmesh.shared.engine.sampler import SamplingBatch, sample
 from kvmesh.shared.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from kvmesh.shared.engine.sequence import PENDING, FinishReason, SamplingParams, Sequence, Status
 from kvmesh.shared.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from kvmesh.shared.model.config import ModelConfig
 from kvmesh.shared.model.llama import LlamaModel
 from kvmesh.shared.model.loader import LoadedModel, load_model
 from kvmesh.shared.model.ops import ops_for
@@ -43,20 +46,21 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class Role(enum.StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"
-    COLOCATED = "colocated"
+    AGGREGATED = "aggregated"
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = ""  # see kvmesh.shared.model.loader: "" is the default model
-    role: Role = Role.COLOCATED
+    role: Role = Role.AGGREGATED
     device: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     kv_cache_bytes: int = 256 << 20  # CPU budget for the KV cache
-    gpu_memory_fraction: float = 0.85  # of the memory free after the weights load
+    # of the card's total memory, for all this process puts there (shared/engine/memory.py)
+    gpu_memory_share: float = 0.9
     num_blocks: int | None = None  # overrides the budget (tests)
     max_model_len: int | None = None  # default: the model's context, capped by the cache
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
@@ -69,6 +73,8 @@ class EngineConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         SchedulerConfig(self.block_size, self.max_num_batched_tokens, self.max_num_seqs)
+        if not 0 < self.gpu_memory_share <= 1:
+            raise ValueError(f"gpu_memory_share must be in (0, 1], got {self.gpu_memory_share}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,19 +137,17 @@ class Engine:
         if tokenizer is None and loaded.tokenizer_source is not None:
             tokenizer = load_tokenizer(loaded.tokenizer_source)
         self.tokenizer = tokenizer
-        num_blocks = config.num_blocks or num_blocks_for_budget(
-            loaded.config,
-            config.block_size,
-            dtype,
-            self.device,
-            config.kv_cache_bytes,
-            config.gpu_memory_fraction,
+        num_blocks = config.num_blocks or self._kv_bytes(loaded.config) // bytes_per_block(
+            loaded.config, config.block_size, dtype
         )
         self.pool = BlockPool(num_blocks)
         # one block more than the pool hands out: the scratch block padding rows write into
+        # a decode engine's cache is shared: a prefill process of this host writes handed-off
+        # KV straight into its reserved blocks (handoff/ipc)
         self.kv_cache = allocate_kv_cache(
-            loaded.config, num_blocks + 1, config.block_size, dtype, self.device
-        )  # [L, 2, num_blocks + 1, block_size, kv_heads, head_dim]
+            loaded.config, num_blocks + 1, config.block_size, dtype, self.device,
+            shared=config.role is Role.DECODE,
+        )  # [L, 2, num_blocks + 1, block_size, kv_heads, head_dim]  # fmt: skip
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position, num_blocks * config.block_size
         )
@@ -175,6 +179,17 @@ class Engine:
         if graphable and config.role is not Role.DECODE:
             with self._on_device():
                 self._warm_up(scratch_block=num_blocks)
+
+    def _kv_bytes(self, model: ModelConfig) -> int:
+        """The KV cache's budget: a byte count on CPU, this process's share of the card on a GPU
+        (after the weights loaded: they count against the share)."""
+        config = self.config
+        if self.device.type != "cuda":
+            return config.kv_cache_bytes
+        graphs = config.cuda_graphs and config.use_kernels and config.role is not Role.PREFILL
+        headroom = headroom_bytes(model, config.torch_dtype, config.max_num_batched_tokens,
+                                  config.max_num_seqs, graphs)  # fmt: skip
+        return kv_bytes_on_card(config.gpu_memory_share, card_memory(self.device), headroom)
 
     @torch.inference_mode()
     def _warm_up(self, scratch_block: int) -> None:
@@ -239,6 +254,19 @@ class Engine:
         self.validate(prompt_token_ids, params)
         seq = self._new_sequence(request_id, list(prompt_token_ids), params)
         self.scheduler.add(seq)
+
+    def add_request_if_room(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> bool:
+        """add_request, unless the free blocks cannot hold this prompt beside what the waiting
+        prompts still need (False: nothing added; the caller sends it elsewhere or later)."""
+        bs = self.config.block_size
+        wanted = sum(blocks_for(s.num_tokens, bs) - len(s.block_table)
+                     for s in self.scheduler.waiting)  # fmt: skip
+        if blocks_for(len(prompt_token_ids), bs) + wanted > self.pool.num_free:
+            return False
+        self.add_request(request_id, prompt_token_ids, params)
+        return True
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks; False if unknown."""

@@ -6,10 +6,12 @@ slot of token t of a sequence = block_table[t // block_size] * block_size + t % 
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import torch
 
+from kvmesh.shared.engine.shared_memory import shared_zeros
 from kvmesh.shared.model.config import ModelConfig
 
 
@@ -98,24 +100,13 @@ def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> 
 
 
 def allocate_kv_cache(
-    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+    device: torch.device, shared: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Zeros, [L, 2, num_blocks, block_size, kv_heads, head_dim]. `shared`: another process of
+    this host can map it (the IPC handoff writes a decode engine's blocks from the prefill's
+    process): on CPU in a memory file (shared_memory); CUDA memory can be mapped as it is."""
     shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    if shared and device.type == "cpu" and hasattr(os, "memfd_create"):
+        return shared_zeros(shape, dtype)
     return torch.zeros(shape, dtype=dtype, device=device)
-
-
-def num_blocks_for_budget(
-    model: ModelConfig,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    cpu_bytes: int,
-    gpu_fraction: float,
-) -> int:
-    """Blocks that fit the memory budget: a byte budget on CPU, a fraction of free memory on GPU."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * gpu_fraction)
-    else:
-        budget = cpu_bytes
-    return budget // bytes_per_block(model, block_size, dtype)

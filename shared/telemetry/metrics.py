@@ -3,7 +3,7 @@
 Each process builds one :class:`KvmeshMetrics` (``create_metrics(role)``) on a private
 ``CollectorRegistry`` (never the global one: tests run several processes' worth in one
 interpreter) and serves it with :func:`start_metrics_server`. Every series carries a ``role``
-label ("gateway", "prefill", "decode", "colocated").
+label ("gateway", "prefill", "decode", "aggregated").
 
 Bucket edges are in seconds and follow the latencies this system has (benchmarks/RESULTS.md):
 TPOT of 5-100 ms, TTFT from tens of ms to seconds under load, KV handoffs of 0.2 ms (64 MiB over

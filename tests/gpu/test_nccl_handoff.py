@@ -224,7 +224,7 @@ def _prefill(
 
 
 def _colocated(loaded: Any, config: dict[str, Any], prompts: dict[str, list[int]], n: int) -> dict:
-    engine = Engine(EngineConfig(role=Role.COLOCATED, device=str(PREFILL_DEV), **config), loaded)
+    engine = Engine(EngineConfig(role=Role.AGGREGATED, device=str(PREFILL_DEV), **config), loaded)
     for hid, prompt in prompts.items():
         engine.add_request(hid, prompt, SamplingParams(max_tokens=n, ignore_eos=True))
     out: dict[str, list[int]] = {hid: [] for hid in prompts}

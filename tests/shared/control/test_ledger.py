@@ -76,7 +76,7 @@ def test_register_and_workers_filtering(run: Callable[..., None]) -> None:
         )
         (d1,) = await ledger.workers("decode")
         assert (d1.free_blocks, d1.queue_depth, d1.running) == (7, 3, 5)
-        assert await ledger.workers("colocated") == []
+        assert await ledger.workers("aggregated") == []
 
     run(body)
 
