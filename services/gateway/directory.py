@@ -1,8 +1,10 @@
 """The gateway's view of the worker pools: live workers from the Redis registry, one gRPC channel
 per worker, and the routing policy.
 
-    decode:  most free KV (fraction of its blocks, minus what this gateway reserved since the
-             last refresh), then fewest running sequences
+    target:  where a request decodes: an aggregated worker (both phases, no handoff), or a
+             decode worker when a prefill worker can pair with it; the most free KV (fraction
+             of its blocks, minus what this gateway reserved since the last refresh), then the
+             fewest sequences (running, and queued: an aggregated worker's prompts waiting)
     prefill: shortest expected wait: queued requests + prefills this gateway has outstanding
 A worker that failed a call is skipped for a few seconds (the registry drops it once its
 heartbeat lapses).
@@ -28,10 +30,17 @@ SUSPECT_S = 5.0
 RETIRE_GRACE_S = 120.0  # a departed worker's streams may run this long (its drain + grace)
 
 
+_STUBS = {
+    "prefill": worker_pb2_grpc.PrefillStub,
+    "decode": worker_pb2_grpc.DecodeStub,
+    "aggregated": worker_pb2_grpc.AggregatedStub,
+}
+
+
 @dataclass
 class Worker:
     info: WorkerInfo
-    stub: Any  # PrefillStub or DecodeStub
+    stub: Any  # PrefillStub, DecodeStub or AggregatedStub, after info.role
 
 
 class Directory:
@@ -68,16 +77,16 @@ class Directory:
     def workers(self, role: str) -> list[WorkerInfo]:
         return [w for w in self._workers.values() if w.role == role]
 
+    def pick_target(self, model: str, exclude: set[str]) -> Worker | None:
+        """An aggregated worker, or a decode worker (pair it with pick_prefill) when a prefill
+        worker is available: whichever has the most free KV, then the fewest sequences."""
+        roles = ["aggregated"]
+        if self._candidates("prefill", model, exclude):
+            roles.append("decode")
+        return self._most_free([w for r in roles for w in self._candidates(r, model, exclude)])
+
     def pick_decode(self, model: str, exclude: set[str]) -> Worker | None:
-        candidates = self._candidates("decode", model, exclude)
-        if not candidates:
-            return None
-
-        def score(w: WorkerInfo) -> tuple[float, int]:
-            free = w.free_blocks - self._reserved[w.worker_id]
-            return (-free / max(w.total_blocks, 1), w.running)
-
-        return self._worker(min(candidates, key=score), worker_pb2_grpc.DecodeStub)
+        return self._most_free(self._candidates("decode", model, exclude))
 
     def pick_prefill(self, model: str, exclude: set[str]) -> Worker | None:
         candidates = self._candidates("prefill", model, exclude)
@@ -86,7 +95,12 @@ class Directory:
         best = min(
             candidates, key=lambda w: (w.queue_depth + self.outstanding[w.worker_id], w.running)
         )
-        return self._worker(best, worker_pb2_grpc.PrefillStub)
+        return self._worker(best)
+
+    def any_worker(self, model: str) -> Worker | None:
+        """A live worker of model, of any role (they all answer Model and Inspect)."""
+        candidates = [w for r in _STUBS for w in self._candidates(r, model, set())]
+        return self._worker(candidates[0]) if candidates else None
 
     def note_reserved(self, worker_id: str, blocks: int) -> None:
         self._reserved[worker_id] += blocks
@@ -115,8 +129,15 @@ class Directory:
             and self._suspect.get(w.worker_id, 0.0) < now
         ]  # fmt: skip
 
-    def _worker(self, info: WorkerInfo, stub_type: Any) -> Worker:
+    def _most_free(self, candidates: list[WorkerInfo]) -> Worker | None:
+        def score(w: WorkerInfo) -> tuple[float, int]:
+            free = w.free_blocks - self._reserved[w.worker_id]
+            return (-free / max(w.total_blocks, 1), w.running + w.queue_depth)
+
+        return self._worker(min(candidates, key=score)) if candidates else None
+
+    def _worker(self, info: WorkerInfo) -> Worker:
         ch = self._channels.get(info.address)
         if ch is None:
             ch = self._channels[info.address] = channel(info.address, self._interceptors)
-        return Worker(info, stub_type(ch))
+        return Worker(info, _STUBS[info.role](ch))

@@ -124,16 +124,19 @@ async def snapshot(redis_url: str) -> dict:
         await client.aclose()
 
 
+_STUBS = {
+    "prefill": worker_pb2_grpc.PrefillStub,
+    "decode": worker_pb2_grpc.DecodeStub,
+    "aggregated": worker_pb2_grpc.AggregatedStub,
+}
+
+
 async def inspect_all(redis_url: str) -> list[worker_pb2.InspectResponse]:
     """Inspect every registered worker that answers over gRPC."""
     out = []
     for w in (await snapshot(redis_url))["workers"]:
         async with grpc.aio.insecure_channel(w["address"]) as channel:
-            stub = (
-                worker_pb2_grpc.DecodeStub(channel)
-                if w["role"] == "decode"
-                else worker_pb2_grpc.PrefillStub(channel)
-            )
+            stub = _STUBS[w["role"]](channel)
             try:
                 out.append(await stub.Inspect(worker_pb2.InspectRequest(), timeout=10))
             except grpc.aio.AioRpcError as e:  # a killed worker until its record expires

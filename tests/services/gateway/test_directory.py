@@ -94,3 +94,26 @@ def test_failed_and_excluded_workers_are_skipped(redis_url: str) -> None:
                 c.info.worker_id if c else None)  # fmt: skip
 
     assert asyncio.run(scenario()) == ("d2", None, None)
+
+
+def test_requests_go_to_an_aggregated_worker_or_a_pair_by_free_kv(redis_url: str) -> None:
+    async def scenario() -> list[str | None]:
+        directory, _ = await _directory(redis_url, [
+            _worker("a", "aggregated", free=90, queue=3), _worker("d", "decode", free=80),
+            _worker("p", "prefill"),
+        ])  # fmt: skip
+        picks = []
+        for _ in range(3):
+            worker = directory.pick_target("m", set())
+            assert worker is not None
+            picks.append(worker.info.worker_id)
+            directory.note_reserved(worker.info.worker_id, 15)
+        # without a prefill worker no pair can serve: only the aggregated worker remains
+        lone = directory.pick_target("m", {"p"})
+        none = directory.pick_target("m", {"p", "a"})
+        stubs = {type(w.stub).__name__ for w in (directory.pick_target("m", set()), lone) if w}
+        await directory.close()
+        return [*picks, lone.info.worker_id if lone else None, none, *sorted(stubs)]
+
+    # a (90 free), then d (80 vs 75), then a (75 vs 65); the stubs match the roles
+    assert asyncio.run(scenario()) == ["a", "d", "a", "a", None, "AggregatedStub", "DecodeStub"]
