@@ -34,10 +34,15 @@ from kvmesh.services.worker.registration import (
     sampling_from_proto,
 )
 from kvmesh.shared.engine.loop import EngineLoop
-from kvmesh.shared.handoff.auto import make_receiver
-from kvmesh.shared.handoff.kv_io import layer_nbytes, scatter_into
-from kvmesh.shared.handoff.nccl.link import LinkRefused, offer_link
-from kvmesh.shared.handoff.transport import HandoffResult, KVReceiver
+from kvmesh.shared.handoff import (
+    HandoffResult,
+    KVReceiver,
+    LinkRefused,
+    layer_nbytes,
+    make_receiver,
+    offer_link,
+    scatter_into,
+)
 from kvmesh.shared.telemetry import KvmeshMetrics
 
 log = logging.getLogger(__name__)

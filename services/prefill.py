@@ -29,9 +29,14 @@ from kvmesh.shared.engine.engine import RequestError
 from kvmesh.shared.engine.kv_cache import blocks_for
 from kvmesh.shared.engine.loop import EngineLoop
 from kvmesh.shared.engine.sequence import FinishReason
-from kvmesh.shared.handoff.auto import AutoKVSender
-from kvmesh.shared.handoff.kv_io import KVPusher, layer_nbytes
-from kvmesh.shared.handoff.transport import HandoffError, KVSendChannel, KVSender
+from kvmesh.shared.handoff import (
+    AutoKVSender,
+    HandoffError,
+    KVPusher,
+    KVSendChannel,
+    KVSender,
+    layer_nbytes,
+)
 from kvmesh.shared.telemetry import KvmeshMetrics
 from kvmesh.shared.telemetry.handoff import HandoffRecorder, start_handoff_span
 

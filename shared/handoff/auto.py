@@ -1,4 +1,5 @@
-"""Choosing the data plane (ARCHITECTURE.md invariant 5): NCCL when both ends are CUDA devices, TCP else.
+"""Choosing the data plane (ARCHITECTURE.md invariant 5): NCCL when both ends are CUDA devices,
+TCP else.
 
 A decode worker advertises every transport it accepts as one comma-separated kv_endpoint,
 `nccl://host:p1,tcp://host:p2` on a GPU with NCCL, `tcp://host:p2` otherwise. A prefill worker
@@ -15,10 +16,14 @@ from concurrent.futures import Future, InvalidStateError
 
 import torch
 
-from kvmesh.shared.handoff.nccl import binding as nccl
-from kvmesh.shared.handoff.nccl.link import LinkReceiver, offer_link
-from kvmesh.shared.handoff.tcp.receiver import SocketKVReceiver
-from kvmesh.shared.handoff.tcp.sender import SocketKVSender
+from kvmesh.shared.handoff.nccl import (
+    LinkReceiver,
+    NcclKVReceiver,
+    NcclKVSender,
+    offer_link,
+    unavailable_reason,
+)
+from kvmesh.shared.handoff.tcp import SocketKVReceiver, SocketKVSender
 from kvmesh.shared.handoff.transport import (
     HandoffError,
     HandoffResult,
@@ -45,7 +50,7 @@ def nccl_unusable(device: torch.device) -> str:
     """'' if this device can move KV over NCCL, else why not."""
     if device.type != "cuda":
         return f"device {device} is not a CUDA device"
-    return nccl.unavailable_reason()
+    return unavailable_reason()
 
 
 class MultiKVReceiver:
@@ -101,8 +106,6 @@ def make_receiver(
     if why := nccl_unusable(device):
         log.info("KV over TCP only: %s", why)
         return tcp
-    from kvmesh.shared.handoff.nccl.receiver import NcclKVReceiver
-
     rx = NcclKVReceiver(device, bind_host=bind_host, advertise_host=advertise_host)
     return MultiKVReceiver([rx, tcp])
 
@@ -116,8 +119,6 @@ class AutoKVSender:
         self.why_not_nccl = nccl_unusable(device)
         self.nccl = None
         if not self.why_not_nccl:
-            from kvmesh.shared.handoff.nccl.sender import NcclKVSender
-
             self.nccl = NcclKVSender(device, worker_id=worker_id)
 
     def transport_for(self, kv_endpoint: str) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from kvmesh.shared.engine.engine import Engine
 from kvmesh.shared.engine.sequence import Sequence
-from kvmesh.shared.handoff.nccl.channel import NcclSendChannel, send_layer_group
+from kvmesh.shared.handoff.nccl import NcclSendChannel, send_layer_group
 from kvmesh.shared.handoff.transport import KVSendChannel, LayerCallback
 
 
