@@ -3,7 +3,7 @@
     python benchmarks/bench_handoff.py [--layers 32] [--sizes-mib 4,16,64,256]
 
 This process is the prefill side on cuda:0; a spawned process is the decode side on cuda:1. The
-decode process serves Decode.OpenKVLink (nccl_link.serve_links), so the handoff sets up its pair
+decode process serves Decode.OpenKVLink (nccl/link.serve_links), so the handoff sets up its pair
 as the mesh does: unique id over gRPC, HELLO(link id) on the control connection (once, before
 any timing).
 
@@ -52,11 +52,11 @@ from kvmesh.shared.engine.engine import Engine, EngineConfig, Role
 from kvmesh.shared.engine.sequence import SamplingParams
 from kvmesh.shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
 from kvmesh.shared.handoff.nccl.channel import send_layer_group, send_layer_runs
-from kvmesh.shared.handoff.nccl.device import Device
 from kvmesh.shared.handoff.nccl.link import serve_links
 from kvmesh.shared.handoff.nccl.pair import NcclFabric, PairComm, connect_pair
 from kvmesh.shared.handoff.nccl.receiver import NcclKVReceiver
 from kvmesh.shared.handoff.nccl.sender import NcclKVSender
+from kvmesh.shared.handoff.nccl.streams import DeviceStreams
 from kvmesh.shared.handoff.timeline import RECEIVER_POINTS, SENDER_POINTS, WHOLE, Timeline, by_layer
 
 PREFILL_DEV, DECODE_DEV = torch.device("cuda:0"), torch.device("cuda:1")
@@ -103,7 +103,7 @@ def decode_main(conn: Connection, dist_port: int, switch_interval: float) -> Non
             torch.cuda.synchronize()
             conn.send(True)
         elif op == "raw_pair":
-            raw = connect_pair(NcclFabric(), Device(DECODE_DEV), args, 1, 120)
+            raw = connect_pair(NcclFabric(), DeviceStreams(DECODE_DEV), args, 1, 120)
             conn.send(True)
         elif op == "raw_recv":
             assert raw is not None
@@ -208,7 +208,7 @@ def raw_pair(decode: Decode) -> PairComm:
     fabric = NcclFabric()
     unique_id = fabric.unique_id()
     decode.conn.send(("raw_pair", unique_id))
-    pair = connect_pair(fabric, Device(PREFILL_DEV), unique_id, 0, 120)
+    pair = connect_pair(fabric, DeviceStreams(PREFILL_DEV), unique_id, 0, 120)
     assert decode.conn.recv()
     return pair
 

@@ -250,7 +250,7 @@ def compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def hf_worker(job: str) -> None:
+def hf_child(job: str) -> None:
     """Child process: time one HF mode at each batch, one HF_RESULT json line per batch."""
     spec = json.loads(job)
     plan = Plan(**{**spec["plan"], "batches": tuple(spec["plan"]["batches"])})
@@ -281,11 +281,11 @@ def describe(exc: BaseException) -> str:
 
 
 def run_hf(plan: Plan, mode: str, batches: list[int], timeout_s: float) -> dict[int, HfResult]:
-    """Run hf_worker in a child process; batches it did not report get its exit as the error."""
+    """Run hf_child in a child process; batches it did not report get its exit as the error."""
     job = json.dumps({"mode": mode, "batches": batches, "plan": asdict(plan)})
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--hf-worker", job],
+        [sys.executable, __file__, "--hf-child", job],
         env=env,
         text=True,
         stdout=subprocess.PIPE,
@@ -860,7 +860,7 @@ def parse_args() -> argparse.Namespace:
         help="results file to write (default: benchmarks/RESULTS.md for a complete "
         "single-GPU run, else none)",
     )
-    p.add_argument("--hf-worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--hf-child", default="", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -878,8 +878,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def main() -> None:
     args = parse_args()
-    if args.hf_worker:
-        hf_worker(args.hf_worker)
+    if args.hf_child:
+        hf_child(args.hf_child)
         return
     plan = make_plan(args)
     if args.mesh:

@@ -38,7 +38,9 @@ _STUBS = {
 
 
 @dataclass
-class Worker:
+class WorkerStub:
+    """A worker as the gateway calls it: its registry entry and a stub on its channel."""
+
     info: WorkerInfo
     stub: Any  # PrefillStub, DecodeStub or AggregatedStub, after info.role
 
@@ -77,7 +79,7 @@ class Directory:
     def workers(self, role: str) -> list[WorkerInfo]:
         return [w for w in self._workers.values() if w.role == role]
 
-    def pick_target(self, model: str, exclude: set[str]) -> Worker | None:
+    def pick_target(self, model: str, exclude: set[str]) -> WorkerStub | None:
         """An aggregated worker, or a decode worker (pair it with pick_prefill) when a prefill
         worker is available: whichever has the most free KV, then the fewest sequences."""
         roles = ["aggregated"]
@@ -85,10 +87,10 @@ class Directory:
             roles.append("decode")
         return self._most_free([w for r in roles for w in self._candidates(r, model, exclude)])
 
-    def pick_decode(self, model: str, exclude: set[str]) -> Worker | None:
+    def pick_decode(self, model: str, exclude: set[str]) -> WorkerStub | None:
         return self._most_free(self._candidates("decode", model, exclude))
 
-    def pick_prefill(self, model: str, exclude: set[str]) -> Worker | None:
+    def pick_prefill(self, model: str, exclude: set[str]) -> WorkerStub | None:
         candidates = self._candidates("prefill", model, exclude)
         if not candidates:
             return None
@@ -97,7 +99,7 @@ class Directory:
         )
         return self._worker(best)
 
-    def any_worker(self, model: str) -> Worker | None:
+    def any_worker(self, model: str) -> WorkerStub | None:
         """A live worker of model, of any role (they all answer Model and Inspect)."""
         candidates = [w for r in _STUBS for w in self._candidates(r, model, set())]
         return self._worker(candidates[0]) if candidates else None
@@ -129,15 +131,15 @@ class Directory:
             and self._suspect.get(w.worker_id, 0.0) < now
         ]  # fmt: skip
 
-    def _most_free(self, candidates: list[WorkerInfo]) -> Worker | None:
+    def _most_free(self, candidates: list[WorkerInfo]) -> WorkerStub | None:
         def score(w: WorkerInfo) -> tuple[float, int]:
             free = w.free_blocks - self._reserved[w.worker_id]
             return (-free / max(w.total_blocks, 1), w.running + w.queue_depth)
 
         return self._worker(min(candidates, key=score)) if candidates else None
 
-    def _worker(self, info: WorkerInfo) -> Worker:
+    def _worker(self, info: WorkerInfo) -> WorkerStub:
         ch = self._channels.get(info.address)
         if ch is None:
             ch = self._channels[info.address] = channel(info.address, self._interceptors)
-        return Worker(info, _STUBS[info.role](ch))
+        return WorkerStub(info, _STUBS[info.role](ch))

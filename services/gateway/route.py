@@ -21,7 +21,7 @@ import grpc
 from opentelemetry import trace
 
 from kvmesh.protos import gateway_pb2, worker_pb2
-from kvmesh.services.gateway.directory import Directory, Worker
+from kvmesh.services.gateway.directory import Directory, WorkerStub
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
@@ -105,7 +105,7 @@ class Route:
             if not consumed:
                 await _release(decode, reservation.handoff_id)
 
-    async def _reserve(self) -> tuple[Worker, worker_pb2.ReserveResponse]:
+    async def _reserve(self) -> tuple[WorkerStub, worker_pb2.ReserveResponse]:
         deadline = time.monotonic() + (self.context.time_remaining() or 60.0)
         while True:
             decode = await self._pick("decode")
@@ -128,7 +128,7 @@ class Route:
             return decode, reservation
 
     async def _prefill(
-        self, decode: Worker, reservation: worker_pb2.ReserveResponse
+        self, decode: WorkerStub, reservation: worker_pb2.ReserveResponse
     ) -> worker_pb2.PrefillResponse:
         prefill = await self._pick("prefill")
         wid = prefill.info.worker_id
@@ -155,7 +155,7 @@ class Route:
         return response
 
     async def _decode(
-        self, decode: Worker, handoff_id: str, first: worker_pb2.PrefillResponse
+        self, decode: WorkerStub, handoff_id: str, first: worker_pb2.PrefillResponse
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         call = decode.stub.Decode(
             worker_pb2.DecodeRequest(
@@ -176,7 +176,7 @@ class Route:
         finally:
             call.cancel()
 
-    def _decode_failed(self, decode: Worker, error: grpc.aio.AioRpcError) -> Exception:
+    def _decode_failed(self, decode: WorkerStub, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()
         if code in (Code.CANCELLED, Code.DEADLINE_EXCEEDED):
             return RequestFailed(code, error.details() or code.name.lower())
@@ -190,7 +190,7 @@ class Route:
             f"decode worker {decode.info.worker_id} failed mid-stream: {error.details()}",
         )
 
-    async def _pick(self, role: str) -> Worker:
+    async def _pick(self, role: str) -> WorkerStub:
         pick = self.directory.pick_decode if role == "decode" else self.directory.pick_prefill
         worker = pick(self.model, self.tried)
         if worker is None:
@@ -200,7 +200,7 @@ class Route:
             raise Retry(f"no {role} worker is available")
         return worker
 
-    def _retry(self, worker: Worker, error: grpc.aio.AioRpcError, suspect: bool) -> Retry:
+    def _retry(self, worker: WorkerStub, error: grpc.aio.AioRpcError, suspect: bool) -> Retry:
         self.tried.add(worker.info.worker_id)
         if suspect:
             self.directory.mark_suspect(worker.info.worker_id)
@@ -223,7 +223,7 @@ class Route:
         return response
 
 
-async def _release(decode: Worker, handoff_id: str) -> None:
+async def _release(decode: WorkerStub, handoff_id: str) -> None:
     request = worker_pb2.ReleaseRequest(handoff_id=handoff_id)
     # shielded: this runs while a cancelled request unwinds, and must still reach decode
     with contextlib.suppress(Exception):

@@ -5,7 +5,7 @@ A decode worker advertises every transport it accepts as one comma-separated kv_
 `nccl://host:p1,tcp://host:p2` on a GPU with NCCL, `tcp://host:p2` otherwise. A prefill worker
 takes the NCCL endpoint when it runs on CUDA and NCCL loads, the TCP endpoint otherwise (also
 when the NCCL pair cannot be set up and the decode worker offers TCP too). A new NCCL pair's
-unique id reaches the decode worker over gRPC (nccl_link): MultiKVReceiver.offer_link passes it
+unique id reaches the decode worker over gRPC (nccl/link): MultiKVReceiver.offer_link passes it
 to its NCCL receiver.
 """
 

@@ -1,5 +1,5 @@
-"""What both senders share: a handoff's sender-side state (SendChannel), and a connection's
-table of the handoffs open on it, which the receiver's ACK/NACK replies settle (SenderLink)."""
+"""What the senders share: a handoff's sender-side state (SendChannel), and a connection's table
+of the handoffs open on it, which the receiver's ACK/NACK replies settle (SenderConnection)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from kvmesh.shared.handoff.transport import HandoffError, handoff_id_bytes
 from kvmesh.shared.handoff.wire import ProtocolError, settle
 
 
-class SenderLink:
+class SenderConnection:
     """One connection to a receiver, shared by the handoffs to it. `lock` guards `channels`
     and `dead`."""
 
@@ -92,13 +92,13 @@ class SendChannel(ABC):
     def abort(self, reason: str) -> None:
         """Give up: the receiver fails the handoff with `reason` (best effort)."""
 
-    def _await_ack(self, timeout: float, link: SenderLink) -> None:
+    def _await_ack(self, timeout: float, connection: SenderConnection) -> None:
         """Wait for the receiver's ACK (HandoffError, after aborting, if none comes), then
-        leave `link`'s table."""
+        leave `connection`'s table."""
         try:
             if len(self._queued) != self.num_layers:
                 raise HandoffError(f"finish() after {len(self._queued)}/{self.num_layers} layers")
-            link.await_reply(self._done, timeout)
+            connection.await_reply(self._done, timeout)
         except FutureTimeout:
             self.abort(f"sender saw no ACK within {timeout} s")
             raise HandoffError(f"handoff {self.handoff_id}: no ACK within {timeout} s") from None
@@ -106,7 +106,7 @@ class SendChannel(ABC):
             self.abort(str(exc))
             raise
         finally:
-            link.remove(self)
+            connection.remove(self)
 
     # -- called from the connection's threads
 

@@ -17,15 +17,14 @@ rejected, never written; a corrupt layer fails the whole handoff and is never de
 The receiver's HandoffResult is authoritative: a sender that gives up (timeout, abort) after its
 last layer went out may still see the receiver complete, so decode reports the outcome.
 
-Implementations (one module per job):
-    wire, listener, channel     what both transports share: TCP plumbing, the receivers'
-                                listener + expected handoffs, the senders' channel + link
-    socket_frames, socket_receiver, socket_sender     TCP, crc32 per layer (CPU hosts, tests)
-    nccl_frames, nccl_device, nccl_staging, nccl_link, nccl_pair, nccl_channel,
-    nccl_receiver, nccl_sender  NCCL, GPU to GPU, a pair's unique id over gRPC (nccl_link),
-                                control frames over TCP (nccl: the binding;
-                                kernels/checksum: the per-layer checksum; timeline: an
-                                optional per-layer diagnostic)
+Implementations (a module per job; the package's face exports what services use):
+    wire, listener, channel     what the transports share: TCP plumbing, the receivers'
+                                listener + expected handoffs, the senders' channel + connection
+    tcp/                        TCP, crc32 per layer (CPU hosts, tests)
+    nccl/                       NCCL, GPU to GPU: control frames over TCP (nccl/frames), a
+                                pair's unique id over gRPC (nccl/link), the library's binding
+                                (nccl/binding); kernels/checksum: the per-layer checksum
+    timeline                    an optional per-layer diagnostic
 auto picks the transport per endpoint; kv_io moves KV between the paged cache and them.
 """
 

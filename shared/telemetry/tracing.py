@@ -54,10 +54,10 @@ class Tracing:
         """
         budget = min(self.config.timeout_s, SHUTDOWN_TIMEOUT_S)
         timeout = budget + SHUTDOWN_SLACK_S if timeout_s is None else timeout_s
-        worker = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
-        worker.start()
-        worker.join(timeout)
-        return not worker.is_alive()
+        flusher = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        flusher.start()
+        flusher.join(timeout)
+        return not flusher.is_alive()
 
 
 def setup_tracing(service_name: str, env: Mapping[str, str] = os.environ) -> Tracing:

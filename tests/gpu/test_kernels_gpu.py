@@ -214,12 +214,12 @@ def test_checksum_partials_into_pinned_host_memory():
 
 
 def test_the_receivers_group_sums_take_more_programs_for_a_larger_group():
-    """Device.group_sums (the NCCL receiver's checksums): each group's partial sums have
+    """DeviceStreams.group_sums (the NCCL receiver's checksums): each group's partial sums have
     sum_programs-of-its-bytes columns (32 for a small group, more past 128 MiB), fold to every
     layer's checksum, and a group's copies down arrive with them."""
-    from kvmesh.shared.handoff.nccl.device import Device
+    from kvmesh.shared.handoff.nccl.streams import DeviceStreams
 
-    dev = Device(torch.device("cuda"))
+    dev = DeviceStreams(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     small = torch.randint(0, 256, (3, 1 << 20), generator=gen, dtype=torch.uint8, device="cuda")
     large = torch.randint(0, 256, (2, 96 << 20), generator=gen, dtype=torch.uint8, device="cuda")

@@ -1,6 +1,6 @@
 """The NCCL KV handoff between two processes on two GPUs: prefill here on cuda:0, decode in a
 spawned process on cuda:1 (commands over a pipe, KV over NCCL; each pair's NCCL unique id over
-gRPC: the decode process serves Decode.OpenKVLink with nccl_link.serve_links).
+gRPC: the decode process serves Decode.OpenKVLink with nccl/link.serve_links).
 
     python -m pytest tests/gpu/test_nccl_handoff.py      # on a machine with 2 GPUs
 

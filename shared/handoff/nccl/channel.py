@@ -11,8 +11,8 @@ from typing import Protocol
 import torch
 
 from kvmesh.shared.handoff.channel import SendChannel
-from kvmesh.shared.handoff.nccl.device import Device, Event
 from kvmesh.shared.handoff.nccl.pair import Peer
+from kvmesh.shared.handoff.nccl.streams import DeviceStreams, Event
 from kvmesh.shared.handoff.timeline import WHOLE, Timeline
 from kvmesh.shared.handoff.transport import HandoffError, HandoffStats
 from kvmesh.shared.handoff.wire import settle
@@ -36,7 +36,7 @@ class Launcher(Protocol):
     optional timeline, and the queue of the jobs that its launches take."""
 
     @property
-    def dev(self) -> Device: ...
+    def dev(self) -> DeviceStreams: ...
     @property
     def timeline(self) -> Timeline | None: ...
     def submit(self, jobs: list[Job] | None, inline: bool = False) -> None: ...

@@ -4,8 +4,8 @@ Each pair shares one TCP control connection and one 2-rank NCCL communicator (pr
 decode = rank 1), set up on the first handoff between them:
 
     prefill (NcclKVSender)                         decode (NcclKVReceiver, nccl://host:port)
-    (the unique id went over gRPC: nccl_link)
-    connect, HELLO(link id)             ------->   its unique id (nccl_link.Rendezvous),
+    (the unique id went over gRPC: link)
+    connect, HELLO(link id)             ------->   its unique id (link.Rendezvous),
                                                    ncclCommInitRank(rank 1) + 1-byte probe recv
     ncclCommInitRank(rank 0) + probe send          READY once both ranks are connected
                                         <-------
@@ -49,7 +49,7 @@ NO_ID = bytes(16)  # the handoff id of frames about no one handoff
 MAX_SUMS_PROGRAMS = 1 << 12  # partial sums a layer at most (kernels/checksum's grid)
 
 
-class Kind(IntEnum):
+class NcclFrameKind(IntEnum):
     HELLO = 1  # payload: the link id whose NCCL unique id came over gRPC (prefill -> decode)
     READY = 2  # the communicator is up (decode -> prefill)
     DATA = 3  # `value` layers (>= 1) of `nbytes` each, from `layer` on, follow on the communicator
@@ -60,15 +60,16 @@ class Kind(IntEnum):
 
 
 # 2: DATA has a count; 3: the checksums follow their data on the communicator (SUMS)
-FRAME = HeaderFormat("16sHHQQ", b"KVMN", 3, Kind, "control frame")
+FRAME = HeaderFormat("16sHHQQ", b"KVMN", 3, NcclFrameKind, "control frame")
 _LAYOUT = FRAME.layout
-_KINDS = frozenset(Kind)
-_ON_NCCL = frozenset((Kind.DATA, Kind.SUMS))  # frames whose nbytes travel on the communicator
+_KINDS = frozenset(NcclFrameKind)
+# frames whose nbytes travel on the communicator
+_ON_NCCL = frozenset((NcclFrameKind.DATA, NcclFrameKind.SUMS))
 
 
 @dataclass(frozen=True)
 class Frame:
-    kind: Kind
+    kind: NcclFrameKind
     handoff_id: bytes = NO_ID  # 16 bytes (UUID)
     layer: int = 0
     num_layers: int = 0
@@ -90,8 +91,10 @@ def read_frame(sock: socket.socket) -> Frame | None:
     return FRAME.read(sock, Frame)
 
 
-def pack(kind: Kind, handoff_id: bytes, layer: int = 0, num_layers: int = 0, nbytes: int = 0,
-         value: int = 0) -> bytes:  # fmt: skip
+def pack(
+    kind: NcclFrameKind, handoff_id: bytes, layer: int = 0, num_layers: int = 0, nbytes: int = 0,
+    value: int = 0,
+) -> bytes:  # fmt: skip
     """Frame(...).pack(), without making the Frame (the hot path: SUMS and DATA frames)."""
     return _LAYOUT.pack(FRAME.magic, FRAME.version, kind, handoff_id, layer, num_layers, nbytes,
                         value)  # fmt: skip
@@ -135,7 +138,7 @@ class FrameReader:
                 raise ProtocolError(f"control payload of {nbytes} bytes")
             if len(buf) - at - size < payload:
                 break
-            frame = Frame(Kind(kind), hid, layer, num_layers, nbytes, value)
+            frame = Frame(NcclFrameKind(kind), hid, layer, num_layers, nbytes, value)
             frames.append((frame, bytes(buf[at + size : at + size + payload])))
             at += size + payload
         return frames, at
@@ -146,7 +149,7 @@ def read_payload(sock: socket.socket, frame: Frame) -> bytes:
     return read_bounded(sock, frame.nbytes, "control payload")
 
 
-def message(kind: Kind, handoff_id: bytes = NO_ID, text: str | bytes = "") -> bytes:
+def message(kind: NcclFrameKind, handoff_id: bytes = NO_ID, text: str | bytes = "") -> bytes:
     payload = (text.encode() if isinstance(text, str) else text)[:MAX_MESSAGE_BYTES]
     return Frame(kind, handoff_id, nbytes=len(payload)).pack() + payload
 

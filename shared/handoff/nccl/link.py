@@ -1,5 +1,6 @@
 """How a new NCCL pair's unique id reaches the decode worker: over the internal gRPC control
-channel (Decode.OpenKVLink), not over the pair's own TCP control connection.
+channel (Decode.OpenKVLink), not over the pair's own TCP control connection. A link is one such
+pair (a 2-rank communicator and its control connection), named by its link id from its setup on.
 
     prefill (NcclKVSender, rank 0)                       decode (NcclKVReceiver, rank 1)
     link id (a UUID), unique id (ncclGetUniqueId)

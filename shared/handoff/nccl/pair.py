@@ -1,6 +1,6 @@
 """The pairs of the NCCL transport: a 2-rank communicator per (prefill, decode) pair, made by a
 Fabric (NCCL on GPUs, an in-process loopback in CPU tests) and connected by `connect_pair`; the
-prefill side of a pair (Peer: unique id over gRPC (nccl_link), control connection +
+prefill side of a pair (Peer: unique id over gRPC (link), control connection +
 communicator + send stream); and the sender's LRU cache of them (PairCache)."""
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ from typing import Any, Protocol
 
 import torch
 
-from kvmesh.shared.handoff.channel import SenderLink
+from kvmesh.shared.handoff.channel import SenderConnection
 from kvmesh.shared.handoff.nccl import binding as nccl
-from kvmesh.shared.handoff.nccl.device import HIGH_PRIORITY, Device
 from kvmesh.shared.handoff.nccl.frames import (
     Frame,
-    Kind,
+    NcclFrameKind,
     message,
     parse_nccl_endpoint,
     read_frame,
     read_payload,
 )
 from kvmesh.shared.handoff.nccl.link import LinkOpener
+from kvmesh.shared.handoff.nccl.streams import HIGH_PRIORITY, DeviceStreams
 from kvmesh.shared.handoff.transport import HandoffError
 from kvmesh.shared.handoff.wire import ProtocolError, connect, settle, shutdown
 
@@ -80,7 +80,7 @@ class NcclFabric:
 
 
 def connect_pair(
-    fabric: Fabric, dev: Device, unique_id: bytes, rank: int, timeout: float,
+    fabric: Fabric, dev: DeviceStreams, unique_id: bytes, rank: int, timeout: float,
     peer_gave_up: Future[Any] | None = None,
 ) -> PairComm:  # fmt: skip
     """Init rank `rank` of the pair's communicator and connect rank 0 -> 1 with a 1-byte probe
@@ -126,7 +126,7 @@ class PairOwner(Protocol):
     cache it leaves when it is torn down."""
 
     @property
-    def dev(self) -> Device: ...
+    def dev(self) -> DeviceStreams: ...
     @property
     def fabric(self) -> Fabric: ...
     @property
@@ -139,7 +139,7 @@ class PairOwner(Protocol):
     def setup_timeout(self) -> float: ...
 
 
-class Peer(SenderLink):
+class Peer(SenderConnection):
     """Prefill side of one decode receiver: control connection + communicator + send stream.
     `lock` also guards comm: launches vs abort; `dead` says why the pair was torn down.
 
@@ -153,7 +153,7 @@ class Peer(SenderLink):
         self.sender = sender
         self._write_lock = threading.Lock()
         address = parse_nccl_endpoint(endpoint)
-        # the unique id goes over gRPC first (nccl_link); the HELLO names only its link
+        # the unique id goes over gRPC first (link); the HELLO names only its link
         self.link_id = str(uuid.uuid4())
         unique_id = sender.fabric.unique_id()
         sender.links(decode_address, endpoint, self.link_id, unique_id, sender.connect_timeout)
@@ -182,16 +182,16 @@ class Peer(SenderLink):
 
     def _handshake(self, unique_id: bytes) -> PairComm:
         sender = self.sender
-        self.sock.sendall(message(Kind.HELLO, text=self.link_id))
+        self.sock.sendall(message(NcclFrameKind.HELLO, text=self.link_id))
         reply: Future[Frame] = Future()
 
         def read_reply() -> None:
             try:
                 self.sock.settimeout(sender.setup_timeout)
                 frame = read_frame(self.sock)
-                if frame is None or frame.kind not in (Kind.READY, Kind.NACK):
+                if frame is None or frame.kind not in (NcclFrameKind.READY, NcclFrameKind.NACK):
                     raise ProtocolError("receiver closed or answered HELLO with no READY")
-                if frame.kind == Kind.NACK:
+                if frame.kind == NcclFrameKind.NACK:
                     why = read_payload(self.sock, frame).decode(errors="replace")
                     raise HandoffError(f"receiver could not set up NCCL: {why}")
                 settle(reply, value=frame)

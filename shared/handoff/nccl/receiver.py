@@ -1,4 +1,4 @@
-"""Decode side of the NCCL transport (control protocol: nccl_frames).
+"""Decode side of the NCCL transport (control protocol: frames).
 
 Two threads per prefill connection:
 
@@ -7,7 +7,7 @@ Two threads per prefill connection:
                        checksums end the group they come in; a handoff's last layer alone, so
                        that after the last byte only it waits for its checksum). For the first
                        group, then for all the others at once: takes staging buffers the link
-                       reuses (nccl_staging), posts an ncclRecv each on the link's recv stream
+                       reuses (staging), posts an ncclRecv each on the link's recv stream
                        (only recvs: they go back to back), one NCCL group per group; only then
                        looks up the handoffs the DATA frames name (the data flows meanwhile),
                        and hands the groups whose checksums are all posted to the verify thread.
@@ -49,13 +49,12 @@ import torch
 from kvmesh.kernels.checksum import fold
 from kvmesh.shared.handoff.listener import Expected, ListeningReceiver
 from kvmesh.shared.handoff.nccl import binding as nccl
-from kvmesh.shared.handoff.nccl.device import HIGH_PRIORITY, Device, Event
 from kvmesh.shared.handoff.nccl.frames import (
     MAX_SUMS_PROGRAMS,
     SCHEME,
     Frame,
     FrameReader,
-    Kind,
+    NcclFrameKind,
     message,
     read_frame,
     read_payload,
@@ -63,6 +62,7 @@ from kvmesh.shared.handoff.nccl.frames import (
 from kvmesh.shared.handoff.nccl.link import Rendezvous
 from kvmesh.shared.handoff.nccl.pair import Fabric, NcclFabric, PairComm, connect_pair
 from kvmesh.shared.handoff.nccl.staging import StagingPool
+from kvmesh.shared.handoff.nccl.streams import HIGH_PRIORITY, DeviceStreams, Event
 from kvmesh.shared.handoff.timeline import WHOLE, Timeline
 from kvmesh.shared.handoff.transport import HandoffError
 from kvmesh.shared.handoff.wire import JOIN_TIMEOUT_S, ProtocolError
@@ -244,7 +244,7 @@ def _recv_groups(ops: list[_Round | _Data]) -> list[_Group]:
 class _Link:
     """Decode side of one prefill's control connection and communicator."""
 
-    def __init__(self, conn: socket.socket, dev: Device, staging_bytes: int) -> None:
+    def __init__(self, conn: socket.socket, dev: DeviceStreams, staging_bytes: int) -> None:
         self.conn = conn
         self.comm: PairComm | None = None
         self.recv_stream = dev.stream(HIGH_PRIORITY)  # only recvs: they go back to back
@@ -273,7 +273,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     with the staging buffer ([layer_nbytes] uint8 on the device) as the payload. Each link keeps
     up to `staging_bytes` of free staging buffers for the next layers. `timeline`, if set,
     records when each layer passes each point (a diagnostic). A new pair's unique id comes over
-    gRPC (offer_link, from Decode.OpenKVLink), its HELLO names the link (nccl_link).
+    gRPC (offer_link, from Decode.OpenKVLink), its HELLO names the link (link).
     """
 
     def __init__(
@@ -283,7 +283,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         staging_bytes: int = 2 << 30,
     ) -> None:  # fmt: skip
         super().__init__(bind_host, port, advertise_host, _Expected, "nccl", SCHEME)
-        self.dev = Device(torch.device(device))
+        self.dev = DeviceStreams(torch.device(device))
         self.dev.warm_up()
         self.fabric = fabric or NcclFabric()
         self.setup_timeout = setup_timeout
@@ -299,7 +299,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
             return len(self._conns)
 
     def offer_link(self, link_id: str, unique_id: bytes) -> None:
-        """A new pair's NCCL unique id, from Decode.OpenKVLink; nccl_link.LinkRefused if refused."""
+        """A new pair's NCCL unique id, from Decode.OpenKVLink; link.LinkRefused if refused."""
         self.links.offer(link_id, unique_id)
 
     def close(self) -> None:
@@ -338,16 +338,16 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
 
     def _handshake(self, link: _Link) -> None:
         hello = read_frame(link.conn)
-        if hello is None or hello.kind != Kind.HELLO:
+        if hello is None or hello.kind != NcclFrameKind.HELLO:
             raise ProtocolError("expected HELLO")
         link_id = read_payload(link.conn, hello).decode(errors="replace")
         try:
             unique_id = self.links.take(link_id)  # sent over gRPC, before or after the HELLO
             link.comm = connect_pair(self.fabric, self.dev, unique_id, 1, self.setup_timeout)
         except HandoffError as exc:
-            link.send(message(Kind.NACK, text=str(exc)))
+            link.send(message(NcclFrameKind.NACK, text=str(exc)))
             raise
-        link.send(message(Kind.READY))
+        link.send(message(NcclFrameKind.READY))
 
     def _drop(self, link: _Link, verifier: threading.Thread) -> None:
         with self._lock:
@@ -372,11 +372,11 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
         taken in order, then handed to the verify thread."""
         ops: list[_Round | _Data] = []
         for frame, _ in burst:
-            if frame.kind == Kind.DATA:
+            if frame.kind == NcclFrameKind.DATA:
                 ops.append(self._announced(link, frame))
-            elif frame.kind == Kind.SUMS:
+            elif frame.kind == NcclFrameKind.SUMS:
                 ops.append(self._close_round(link, frame))
-            elif frame.kind != Kind.ABORT:
+            elif frame.kind != NcclFrameKind.ABORT:
                 raise ProtocolError(f"unexpected {frame.kind.name} frame from a sender")
         if (timeline := self.timeline) is not None:
             timeline.mark_all("data", [key for d in ops if isinstance(d, _Data)
@@ -389,7 +389,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 continue
             self._post(link, part)
             for _ in range(sum(len(g.datas) for g in part)):  # up to its last DATA frame
-                while (item := next(frames))[0].kind != Kind.DATA:
+                while (item := next(frames))[0].kind != NcclFrameKind.DATA:
                     self._on_abort(*item)
                 self._accept(link, next(datas))
             self._hand_over(link, part)
@@ -399,7 +399,7 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
     def _on_abort(self, frame: Frame, payload: bytes) -> None:
         """A frame between DATA frames: an ABORT fails its handoff (SUMS are posted with their
         group)."""
-        if frame.kind == Kind.ABORT and (state := self._get(frame.handoff_id)) is not None:
+        if frame.kind == NcclFrameKind.ABORT and (state := self._get(frame.handoff_id)) is not None:
             self._fail(state, f"aborted by sender: {payload.decode(errors='replace')}")
 
     def _close_round(self, link: _Link, frame: Frame) -> _Round:
@@ -681,10 +681,10 @@ class NcclKVReceiver(ListeningReceiver[_Expected]):
                 return False
             if (timeline := self.timeline) is not None:
                 timeline.mark("ack", state.key, WHOLE)
-            link.send(message(Kind.ACK, state.key))
+            link.send(message(NcclFrameKind.ACK, state.key))
         return True
 
     def _reject(self, link: _Link, key: bytes, state: _Expected | None, error: str) -> None:
         if state is not None:
             self._fail(state, error)
-        link.send(message(Kind.NACK, key, error))
+        link.send(message(NcclFrameKind.NACK, key, error))

@@ -1,4 +1,4 @@
-"""Prefill side of the NCCL transport (control protocol: nccl_frames).
+"""Prefill side of the NCCL transport (control protocol: frames).
 
 The engine's thread only records an event on its compute stream after each layer's gather and
 queues the layer (send_layer_group). One sender thread does the rest, in rounds that each take
@@ -44,10 +44,10 @@ import torch
 
 from kvmesh.shared.handoff.nccl import binding as nccl
 from kvmesh.shared.handoff.nccl.channel import Job, NcclSendChannel
-from kvmesh.shared.handoff.nccl.device import HIGH_PRIORITY, Device, Event
-from kvmesh.shared.handoff.nccl.frames import NO_ID, Kind, message, pack
+from kvmesh.shared.handoff.nccl.frames import NO_ID, NcclFrameKind, message, pack
 from kvmesh.shared.handoff.nccl.link import GrpcLinkOpener, LinkOpener
 from kvmesh.shared.handoff.nccl.pair import Fabric, NcclFabric, PairCache, Peer
+from kvmesh.shared.handoff.nccl.streams import HIGH_PRIORITY, DeviceStreams, Event
 from kvmesh.shared.handoff.timeline import Timeline
 from kvmesh.shared.handoff.transport import HandoffError
 from kvmesh.shared.handoff.wire import JOIN_TIMEOUT_S
@@ -242,7 +242,7 @@ class NcclKVSender:
         connect_timeout: float = 5.0, setup_timeout: float = 60.0,
         links: LinkOpener | None = None, worker_id: str = "",
     ) -> None:  # fmt: skip
-        self.dev = Device(torch.device(device))
+        self.dev = DeviceStreams(torch.device(device))
         self.dev.warm_up()
         self.fabric = fabric or NcclFabric()
         self.links: LinkOpener = links or GrpcLinkOpener(worker_id)
@@ -355,7 +355,7 @@ class NcclKVSender:
                 channel = job.items[0][0]
                 # its last layer may never come to close the batch its layers are in
                 self._close_batch(channel.peer)
-                channel.peer.write(message(Kind.ABORT, channel.key, job.abort))
+                channel.peer.write(message(NcclFrameKind.ABORT, channel.key, job.abort))
             else:
                 run.append(job)
         self._launch(run)
@@ -417,7 +417,7 @@ class NcclKVSender:
         """A segment's DATA frames, then the SUMS frame of the checksums of the batch it closes."""
         frames = [
             pack(
-                Kind.DATA,
+                NcclFrameKind.DATA,
                 m.channel.key,
                 m.first,
                 m.channel.num_layers,
@@ -428,7 +428,7 @@ class NcclKVSender:
         ]
         if (batch := segment.sums) is not None:  # one checksum a layer (_checksums)
             count = sum(m.count for m in batch)
-            frames.append(pack(Kind.SUMS, NO_ID, 0, count, 8 * count, value=1))
+            frames.append(pack(NcclFrameKind.SUMS, NO_ID, 0, count, 8 * count, value=1))
         return b"".join(frames)
 
     def _launch_sends(

@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from kvmesh.shared.handoff.nccl.device import Device, Event
+from kvmesh.shared.handoff.nccl.streams import DeviceStreams, Event
 
 
 def size_class(nbytes: int) -> int:
@@ -36,7 +36,7 @@ class StagingPool:
     returned buffer goes back to torch's allocator, which knows the streams that read it."""
 
     def __init__(
-        self, dev: Device, recv_stream: torch.cuda.Stream | None,
+        self, dev: DeviceStreams, recv_stream: torch.cuda.Stream | None,
         readers: list[torch.cuda.Stream | None], max_free_bytes: int,
     ) -> None:  # fmt: skip
         self.dev, self.recv_stream = dev, recv_stream

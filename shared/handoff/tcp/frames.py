@@ -28,19 +28,19 @@ from kvmesh.shared.handoff.wire import (
 _DRAIN_CHUNK = 1 << 20
 
 
-class Kind(IntEnum):
+class TcpFrameKind(IntEnum):
     DATA = 1
     ACK = 2
     NACK = 3
     ABORT = 4
 
 
-HEADER = HeaderFormat("16sHHQI", b"KVMH", 1, Kind, "frame header")
+HEADER = HeaderFormat("16sHHQI", b"KVMH", 1, TcpFrameKind, "frame header")
 
 
 @dataclass(frozen=True)
 class Header:
-    kind: Kind
+    kind: TcpFrameKind
     handoff_id: bytes  # 16 bytes (UUID)
     layer: int = 0
     num_layers: int = 0
@@ -61,7 +61,9 @@ def read_message(sock: socket.socket, header: Header) -> str:
     return read_bounded(sock, header.nbytes, "message").decode(errors="replace")
 
 
-def send_message(sock: socket.socket, kind: Kind, handoff_id: bytes, text: str = "") -> None:
+def send_message(
+    sock: socket.socket, kind: TcpFrameKind, handoff_id: bytes, text: str = ""
+) -> None:
     payload = text.encode()[:MAX_MESSAGE_BYTES]
     sock.sendall(Header(kind, handoff_id, nbytes=len(payload)).pack() + payload)
 

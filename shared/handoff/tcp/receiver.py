@@ -1,4 +1,4 @@
-"""Decode side of the TCP transport (wire format: socket_frames).
+"""Decode side of the TCP transport (wire format: frames).
 
 A thread per connection reads each DATA payload into a reusable uint8 staging tensor, checks its
 crc, then hands it to the handoff's on_layer. Payloads of frames it will not deliver (unknown
@@ -19,7 +19,7 @@ import torch
 from kvmesh.shared.handoff.listener import Expected, ListeningReceiver
 from kvmesh.shared.handoff.tcp.frames import (
     Header,
-    Kind,
+    TcpFrameKind,
     drain,
     read_header,
     read_message,
@@ -63,12 +63,12 @@ class SocketKVReceiver(ListeningReceiver[_Expected]):
             conn.close()
 
     def _on_frame(self, conn: socket.socket, header: Header, staging: torch.Tensor) -> torch.Tensor:
-        if header.kind == Kind.ABORT:
+        if header.kind == TcpFrameKind.ABORT:
             reason = read_message(conn, header)
             if (state := self._lookup(header)) is not None:
                 self._fail(state, f"aborted by sender: {reason}")
             return staging
-        if header.kind != Kind.DATA:
+        if header.kind != TcpFrameKind.DATA:
             raise ProtocolError(f"unexpected {header.kind.name} frame from a sender")
         state = self._lookup(header)
         error = "handoff not expected (reserve first)" if state is None else state.rejects(header)
@@ -116,10 +116,10 @@ class SocketKVReceiver(ListeningReceiver[_Expected]):
             self._forget(state)
             state.future.set_result(state.result(ok=True))
         with contextlib.suppress(OSError):
-            send_message(conn, Kind.ACK, state.key)
+            send_message(conn, TcpFrameKind.ACK, state.key)
 
     def _reject(self, conn: socket.socket, key: bytes, state: _Expected | None, error: str) -> None:
         if state is not None:
             self._fail(state, error)
         with contextlib.suppress(OSError):
-            send_message(conn, Kind.NACK, key, error)
+            send_message(conn, TcpFrameKind.NACK, key, error)

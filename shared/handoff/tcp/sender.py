@@ -1,4 +1,4 @@
-"""Prefill side of the TCP transport (wire format: socket_frames).
+"""Prefill side of the TCP transport (wire format: frames).
 
 A sender keeps one connection per endpoint; handoffs multiplex on it frame by frame. Each
 connection has a writer thread (drains a queue of layers: compute never waits on the socket) and
@@ -17,8 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.shared.handoff.channel import SendChannel, SenderLink
-from kvmesh.shared.handoff.tcp.frames import Header, Kind, read_header, read_message, send_message
+from kvmesh.shared.handoff.channel import SendChannel, SenderConnection
+from kvmesh.shared.handoff.tcp.frames import (
+    Header,
+    TcpFrameKind,
+    read_header,
+    read_message,
+    send_message,
+)
 from kvmesh.shared.handoff.transport import HandoffError, HandoffStats
 from kvmesh.shared.handoff.wire import JOIN_TIMEOUT_S, connect, parse_endpoint, settle, shutdown
 
@@ -41,7 +47,7 @@ def _layer_bytes(data: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
-class _Connection(SenderLink):
+class _Connection(SenderConnection):
     """One TCP connection to a receiver, shared by the handoffs to it."""
 
     def __init__(self, endpoint: str, connect_timeout: float) -> None:
@@ -86,7 +92,12 @@ class _Connection(SenderLink):
         start = time.perf_counter()
         payload = _layer_bytes(data)
         header = Header(
-            Kind.DATA, channel.key, layer, channel.num_layers, len(payload), zlib.crc32(payload)
+            TcpFrameKind.DATA,
+            channel.key,
+            layer,
+            channel.num_layers,
+            len(payload),
+            zlib.crc32(payload),
         )
         self.sock.sendall(header.pack())
         self.sock.sendall(payload)
@@ -94,7 +105,7 @@ class _Connection(SenderLink):
 
     def _send_abort(self, job: _Job) -> None:
         with contextlib.suppress(OSError):
-            send_message(self.sock, Kind.ABORT, job.channel.key, job.reason)
+            send_message(self.sock, TcpFrameKind.ABORT, job.channel.key, job.reason)
 
     def _read_loop(self) -> None:
         reason = "receiver closed the connection"

@@ -35,10 +35,9 @@ from kvmesh.shared.handoff.nccl import pair as nccl_pair
 from kvmesh.shared.handoff.nccl import receiver as nccl_receiver
 from kvmesh.shared.handoff.nccl import sender as nccl_sender
 from kvmesh.shared.handoff.nccl.channel import NcclSendChannel, send_layer_group, send_layer_runs
-from kvmesh.shared.handoff.nccl.device import Device, Event, latest
 from kvmesh.shared.handoff.nccl.frames import (
     NO_ID,
-    Kind,
+    NcclFrameKind,
     message,
     pack,
     parse_nccl_endpoint,
@@ -55,6 +54,7 @@ from kvmesh.shared.handoff.nccl.link import (
 from kvmesh.shared.handoff.nccl.receiver import NcclKVReceiver
 from kvmesh.shared.handoff.nccl.sender import NcclKVSender
 from kvmesh.shared.handoff.nccl.staging import StagingPool, size_class
+from kvmesh.shared.handoff.nccl.streams import DeviceStreams, Event, latest
 from kvmesh.shared.handoff.tcp.receiver import SocketKVReceiver
 from kvmesh.shared.handoff.timeline import WHOLE, Timeline, by_layer
 from kvmesh.shared.handoff.transport import HandoffError, HandoffResult
@@ -565,7 +565,7 @@ def test_staging_size_classes_waste_under_an_eighth_or_4_kib() -> None:
 
 def test_the_staging_pool_reuses_buffers_of_a_size_class_oldest_first() -> None:
     mib = 1 << 20
-    pool = StagingPool(Device(CPU), None, [None, None], max_free_bytes=2 * mib + 8192)
+    pool = StagingPool(DeviceStreams(CPU), None, [None, None], max_free_bytes=2 * mib + 8192)
     a, b, c = pool.take(mib), pool.take(mib), pool.take(5000)
     assert (a.numel(), c.numel(), a.dtype) == (mib, 5000, torch.uint8)
     for buf in (a, b, c):
@@ -922,18 +922,27 @@ def test_a_corrupt_checksum_on_the_wire_fails_its_handoff(receiver, sender, fabr
 @pytest.mark.parametrize(
     ("what", "frames"),
     [
-        ("SUMS of more layers than came", [(Kind.DATA, 0, 2, 16, 1), (Kind.SUMS, 0, 2, 16, 1)]),
-        ("SUMS of fewer layers than came", [(Kind.DATA, 0, 2, 16, 2), (Kind.SUMS, 0, 1, 8, 1)]),
-        ("SUMS of the wrong size", [(Kind.DATA, 0, 2, 16, 1), (Kind.SUMS, 0, 1, 16, 1)]),
-        ("SUMS of no layers", [(Kind.SUMS, 0, 0, 0, 1)]),
+        (
+            "SUMS of more layers than came",
+            [(NcclFrameKind.DATA, 0, 2, 16, 1), (NcclFrameKind.SUMS, 0, 2, 16, 1)],
+        ),
+        (
+            "SUMS of fewer layers than came",
+            [(NcclFrameKind.DATA, 0, 2, 16, 2), (NcclFrameKind.SUMS, 0, 1, 8, 1)],
+        ),
+        (
+            "SUMS of the wrong size",
+            [(NcclFrameKind.DATA, 0, 2, 16, 1), (NcclFrameKind.SUMS, 0, 1, 16, 1)],
+        ),
+        ("SUMS of no layers", [(NcclFrameKind.SUMS, 0, 0, 0, 1)]),
         (
             "SUMS of too many partial sums",
-            [(Kind.DATA, 0, 2, 16, 1), (Kind.SUMS, 0, 1, 8 << 20, 1 << 20)],
+            [(NcclFrameKind.DATA, 0, 2, 16, 1), (NcclFrameKind.SUMS, 0, 1, 8 << 20, 1 << 20)],
         ),
     ],
 )
 def test_frames_that_break_the_rounds_drop_the_connection(
-    fabric: LoopbackFabric, what: str, frames: list[tuple[Kind, int, int, int, int]]
+    fabric: LoopbackFabric, what: str, frames: list[tuple[NcclFrameKind, int, int, int, int]]
 ) -> None:
     """A SUMS frame covers the layers of the DATA frames before it, with the bytes it announces: a
     sender that breaks that is not speaking this protocol, and its connection (and pair) is
@@ -949,14 +958,14 @@ def test_frames_that_break_the_rounds_drop_the_connection(
             with fabric.group():
                 rank0.send(torch.zeros(1, dtype=torch.uint8), 1, None)  # the probe
             frame = read_frame(sock)
-            assert frame is not None and frame.kind == Kind.READY
+            assert frame is not None and frame.kind == NcclFrameKind.READY
             sock.sendall(b"".join(
-                pack(kind, NO_ID if kind == Kind.SUMS else key, layer, num_layers, nbytes,
+                pack(kind, NO_ID if kind == NcclFrameKind.SUMS else key, layer, num_layers, nbytes,
                      value=value)
                 for kind, layer, num_layers, nbytes, value in frames
             ))  # fmt: skip
             while (frame := read_frame(sock)) is not None:  # closed
-                assert frame.kind == Kind.NACK, what
+                assert frame.kind == NcclFrameKind.NACK, what
                 read_payload(sock, frame)
             assert wait_for(lambda: rx.num_links == 0)
     finally:
@@ -1268,7 +1277,7 @@ def decode_server(receiver: object) -> Iterator[DecodeServer]:
 def hello(endpoint: str, link_id: str) -> socket.socket:
     """A control connection to `endpoint` that sent HELLO(link_id)."""
     sock = socket.create_connection(parse_nccl_endpoint(endpoint), timeout=10)
-    sock.sendall(message(Kind.HELLO, text=link_id))
+    sock.sendall(message(NcclFrameKind.HELLO, text=link_id))
     return sock
 
 
@@ -1312,7 +1321,7 @@ def test_the_hello_may_arrive_before_the_unique_id(fabric: LoopbackFabric) -> No
             with fabric.group():
                 rank0.send(torch.zeros(1, dtype=torch.uint8), 1, None)  # the probe
             frame = read_frame(sock)
-            assert frame is not None and frame.kind == Kind.READY
+            assert frame is not None and frame.kind == NcclFrameKind.READY
             assert [c.unique_id for c in fabric.comms] == [unique_id, unique_id]
             assert rx.links.pending == 0
     finally:
@@ -1331,7 +1340,7 @@ def test_an_unclaimed_unique_id_expires(fabric: LoopbackFabric) -> None:
             assert rx.links.pending == 0  # dropped after the setup timeout
             with hello(endpoint, link_id) as sock:  # too late: it waits, then is refused
                 frame = read_frame(sock)
-                assert frame is not None and frame.kind == Kind.NACK
+                assert frame is not None and frame.kind == NcclFrameKind.NACK
                 why = read_payload(sock, frame).decode()
                 assert "no NCCL unique id for link" in why and "Decode.OpenKVLink" in why
             assert rx.links.pending == 0

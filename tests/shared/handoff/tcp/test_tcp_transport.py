@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from kvmesh.shared.handoff.tcp.frames import HEADER, Header, Kind, read_header, read_message
+from kvmesh.shared.handoff.tcp.frames import HEADER, Header, TcpFrameKind, read_header, read_message
 from kvmesh.shared.handoff.tcp.receiver import SocketKVReceiver
 from kvmesh.shared.handoff.tcp.sender import SocketKVSender
 from kvmesh.shared.handoff.transport import HandoffError, HandoffResult
@@ -224,9 +224,9 @@ def test_raw_writer_bad_crc_and_bad_size_get_nack(
     payload = bytes(range(256)) * 4  # the receiver expects 1024-byte layers
     cache, h = Cache([torch.zeros(1024, dtype=torch.uint8)] * 2), new_id()
     future = receiver.expect(h, 2, len(payload), cache.on_layer)
-    header = Header(Kind.DATA, uuid.UUID(h).bytes, 0, 2, size, crc)
+    header = Header(TcpFrameKind.DATA, uuid.UUID(h).bytes, 0, 2, size, crc)
     reply, message = _raw_frame(receiver, header, payload[:size])
-    assert reply.kind == Kind.NACK and reply.handoff_id == uuid.UUID(h).bytes
+    assert reply.kind == TcpFrameKind.NACK and reply.handoff_id == uuid.UUID(h).bytes
     assert error in message
     result = future.result(timeout=1)
     assert not result.ok and error in result.error and cache.calls == []

@@ -72,7 +72,7 @@ def latest(events: Iterable[Event]) -> list[Event]:
     return list(last.values())
 
 
-class Device:
+class DeviceStreams:
     """Streams, events and buffers of one device; no-ops on CPU (the loopback fabric)."""
 
     def __init__(self, device: torch.device) -> None:
