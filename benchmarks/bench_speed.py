@@ -25,7 +25,7 @@ default Llama-3-8B), bf16, prompts of 512 random token ids, 128 new tokens, gree
     cuda:0, decode on cuda:1), the batch-64 workload through `kvmesh bench` against the gateway,
     and the same workload against the in-process engine on cuda:0 (same client, same run).
 
-The table is printed; a complete single-GPU run also writes it to the "Speed (issue 7)" section
+The table is printed; a complete single-GPU run also writes it to the "Speed" section
 of benchmarks/RESULTS.md (card, date, commit). Other runs write only with --results.
 """
 
@@ -71,7 +71,7 @@ from kvmesh.shared.engine.sequence import SamplingParams  # noqa: E402
 from kvmesh.shared.model.config import SHAPES, ModelConfig  # noqa: E402
 
 T = TypeVar("T")
-SECTION = "## Speed (issue 7)"
+SECTION = "## Speed"
 HF_TAG = "HF_RESULT "
 HF_MODES = {"eager": "HF eager", "static": "HF static cache + torch.compile"}
 

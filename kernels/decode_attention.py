@@ -198,12 +198,9 @@ def _decode_merge_kernel(
 
 @dataclass(frozen=True)
 class DecodeTuning:
-    # H100 sweeps (bf16, d128, GQA 4): 32-key tiles beat 64 at batch 64 x 576 keys (Llama-3-8B
-    # decode after a 512-token prompt) and lose 4% at 64 x 4k; 2 waves (one split a sequence at
-    # batch 64, no merge work) made Llama-3-8B's batch-64 decode step 8.20 ms against 8.47 ms
-    # with 8 waves (3 splits), inside CUDA graphs. With the new token and the output written by
-    # the split kernel (session 5, 72 configs in CUDA graphs at batch 64 x 577 keys): 4 warps
-    # 56.8 us a layer (2,665 GB/s of K and V) against 60.1 for the earlier 2 warps
+    # Tuned for the batch-64 decode step inside CUDA graphs (H100 sweeps, bf16, d128, GQA 4):
+    # short tiles, one split a sequence at batch 64 (no merge work), 4 warps
+    # (benchmarks/RESULTS.md, "Constants the code cites")
     block_n: int = 32  # keys per tile
     min_split: int = 64  # fewest keys per split on GPU (short contexts at small batches)
     waves: int = 2  # aim for this many programs per multiprocessor

@@ -388,9 +388,8 @@ class LinearTuning:
     norm_first: bool = False
     # the dot path's w and x tiles by TMA (one bulk copy a tile, sm_90+) instead of cp.async (16
     # bytes a thread), where the tiles fit (tma_fits); pointer loads elsewhere. The tuner decides
-    # per shape and bucket: on the H100 TMA for every dot config at once made Llama-3-8B's
-    # batch-64 step 0.055 ms shorter and its batch-1 step 0.03 ms longer; the retuned table took
-    # the batch-64 step from 7.56-7.61 to 7.42-7.44 ms (RESULTS.md, Speed, session 10)
+    # per shape and bucket: TMA everywhere helps some steps and hurts others
+    # (benchmarks/RESULTS.md, "Constants the code cites")
     tma: bool = False
 
     def __post_init__(self) -> None:

@@ -254,9 +254,8 @@ _prefill_tuned = triton.autotune(
     configs=[triton.Config(t.meta(), **t.options()) for t in TUNING], key=["HEAD_DIM", "GROUP"]
 )(_prefill_kernel)
 # Launches with too few 128-row programs to keep every SM busy (fewer than NARROW_PROGRAMS an SM:
-# short prompts) take 64-row, one-warpgroup programs instead, twice as many. H100, one sequence,
-# 32q/8kv d128, 2026-11-27: 512 tokens 20.5 us against 40.7 for the autotuner's pick, 1,024
-# tokens 37.7 against 44.8-62.6; at 2,048 (520 programs of 128 rows) 108.7 against 93.8.
+# short prompts) take 64-row, one-warpgroup programs instead, twice as many: faster up to about
+# 1,024 tokens, slower from 2,048 (benchmarks/RESULTS.md, "Constants the code cites").
 NARROW_TUNING = PrefillTuning(64, 64, 4, 2, lean_index=True)
 NARROW_PROGRAMS = 3
 

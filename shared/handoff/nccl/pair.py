@@ -38,10 +38,10 @@ from kvmesh.shared.handoff.wire import ProtocolError, connect, settle, shutdown
 log = logging.getLogger(__name__)
 
 # A thread that reads replies in await_reply polls the control connection for up to this long
-# before it sleeps in select(): on the 2 x H200 machines measured (session 15), a sleeping one
-# settled the handoff 78-289 us after the receiver's ACK, up to a seventh of a 32 x 16 MiB
-# handoff; a polling one 71 us (median). Bounded: finish() usually comes shortly before the
-# ACK (after the prefill's last layer, or a bulk handoff's sends), and one thread a pair polls.
+# before it sleeps in select(): one that wakes from select() settles its handoff later after the
+# receiver's ACK, by a good share of a small handoff's time (benchmarks/RESULTS.md, "Constants
+# the code cites"). Bounded: finish() usually comes shortly before the ACK (after the prefill's
+# last layer, or a bulk handoff's sends), and one thread a pair polls.
 REPLY_POLL_S = 0.002
 
 

@@ -58,22 +58,18 @@ _MAX_BATCH = 256  # jobs taken into one round when they queued up
 # Layers coalesced into one send at most: the receiver stages a message in one buffer and
 # checksums it once it landed, so a larger one costs staging memory; every message costs a
 # recv group, a checksum launch and a delivery on the receiver's host, and its SUMS send
-# here. 512 MiB against 256 MiB (2 x H200, session 15, interleaved): 32 x 64 MiB layers at
-# 97% of torch.distributed instead of 93%, 32 x 256 MiB at 97% instead of 89%.
+# here: large layers go in few messages (benchmarks/RESULTS.md, "Constants the code cites").
 MESSAGE_BYTES = 512 << 20
 # Messages whose checksums go together, after them: the receiver verifies a batch once its last
 # message and the checksums landed, so a large round is verified in pieces while it lands, and
 # a handoff the prefill sends a layer at a time is left, after its last layer, with at most this
-# much to verify (TTFT + ACK in session 15's full runs, three machines: 1.056x at 128 MiB,
-# 1.071x at 64 MiB, 1.118x at 256 MiB).
+# much to verify: the larger the batch, the longer the TTFT + ACK (benchmarks/RESULTS.md,
+# "Constants the code cites").
 BATCH_BYTES = 128 << 20
 # The smallest message of a run's halving tail (message_sizes): the receiver's host work (a recv
 # group, a checksum launch, a delivery) is per message, while the larger the last messages
 # before the last layer, the more is left to verify after the wire. 32 x 16 MiB layers go as 4
-# messages (256, 128, 112, 16 MiB). Session 15, medians of 20 interleaved handoffs on 2 x H200
-# (machines differ): with the batches at 128 MiB too, 2.03 ms against 2.15 for a 256 MiB tail
-# with 64 MiB batches, and 2.34 ms against 2.58 for both at 64 MiB; on one slow machine both at
-# 256 MiB (3 messages) did better, 2.40 against 3.11 ms, but such batches cost TTFT (above).
+# messages (256, 128, 112, 16 MiB) (benchmarks/RESULTS.md, "Constants the code cites").
 TAIL_BYTES = 128 << 20
 # One checksum launch reads up to this many times the bytes of the batch it starts at (and at
 # least MESSAGE_BYTES): the GPU reads for a checksum about ten times faster than the link
