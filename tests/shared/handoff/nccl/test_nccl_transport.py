@@ -1,7 +1,7 @@
-"""The NCCL data plane on a CPU host: the binding says clearly why it cannot run, transport
-selection falls back to TCP, and the NCCL transport's control protocol (handshake, layer order,
-checksums, NACK, peer death, the pair cache) runs over an in-process loopback payload path; a
-pair's unique id travels over real gRPC on loopback (Decode.OpenKVLink, the rendezvous)."""
+"""The NCCL transport on a CPU host: its control protocol (handshake, layer order, checksums,
+NACK, peer death, the pair cache) runs over an in-process loopback payload path; a pair's unique
+id travels over real gRPC on loopback (Decode.OpenKVLink, the rendezvous). The binding's own
+tests: test_binding.py; the choice of transport: ../test_auto.py."""
 
 from __future__ import annotations
 
@@ -23,13 +23,7 @@ import grpc
 import pytest
 import torch
 
-from kvmesh.shared.handoff.auto import (
-    AutoKVSender,
-    MultiKVReceiver,
-    make_receiver,
-    nccl_unusable,
-    split_endpoints,
-)
+from kvmesh.shared.handoff.auto import MultiKVReceiver, split_endpoints
 from kvmesh.shared.handoff.nccl import binding as nccl
 from kvmesh.shared.handoff.nccl import pair as nccl_pair
 from kvmesh.shared.handoff.nccl import receiver as nccl_receiver
@@ -61,79 +55,6 @@ from kvmesh.shared.handoff.transport import HandoffError, HandoffResult
 
 SHAPE = (2, 3, 16, 2, 8)  # [2 (k, v), n_blocks, block_size, kv_heads, head_dim]
 CPU = torch.device("cpu")
-
-needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
-
-
-# ---- the binding ---------------------------------------------------------------------------
-
-
-@needs_no_cuda
-def test_load_without_a_gpu_says_why() -> None:
-    with pytest.raises(nccl.NcclUnavailable, match="no CUDA device"):
-        nccl.load()
-    assert "no CUDA device" in nccl.unavailable_reason()
-
-
-def test_a_configured_library_that_is_missing_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(nccl.ENV_LIBRARY, "/nowhere/libnccl.so.2")
-    assert nccl.candidates()[0] == ("$KVMESH_NCCL_LIBRARY", "/nowhere/libnccl.so.2")
-    monkeypatch.setattr(nccl, "_from_package", lambda: [])
-    monkeypatch.setattr(nccl, "_from_torch", lambda: [])
-    monkeypatch.setattr(nccl, "_from_ldconfig", lambda: [])
-    with pytest.raises(nccl.NcclUnavailable, match="/nowhere/libnccl.so.2"):
-        nccl.open_library()
-
-
-def test_no_library_anywhere_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(nccl.ENV_LIBRARY, raising=False)
-    for finder in ("_from_package", "_from_torch", "_from_ldconfig"):
-        monkeypatch.setattr(nccl, finder, lambda: [])
-    with pytest.raises(nccl.NcclUnavailable, match="nvidia-nccl-cu13.*nothing found"):
-        nccl.open_library()
-
-
-def test_a_unique_id_has_128_bytes() -> None:
-    with pytest.raises(ValueError, match="128 bytes"):
-        nccl.Communicator(None, 2, b"short", 0)  # type: ignore[arg-type]
-
-
-# ---- selection -----------------------------------------------------------------------------
-
-
-def test_split_endpoints() -> None:
-    assert split_endpoints("nccl://10.0.0.1:5,tcp://10.0.0.1:6") == {
-        "nccl": "nccl://10.0.0.1:5",
-        "tcp": "tcp://10.0.0.1:6",
-    }
-    assert split_endpoints("tcp://[::1]:7") == {"tcp": "tcp://[::1]:7"}
-    with pytest.raises(ValueError, match="scheme"):
-        split_endpoints("10.0.0.1:5")
-
-
-@needs_no_cuda
-def test_cpu_workers_select_the_socket_transport() -> None:
-    assert "not a CUDA device" in nccl_unusable(CPU)
-    rx = make_receiver(CPU, "127.0.0.1")
-    assert isinstance(rx, SocketKVReceiver)
-    endpoint = rx.start()
-    try:
-        assert endpoint.startswith("tcp://") and "," not in endpoint
-        tx = AutoKVSender(CPU)
-        assert tx.nccl is None
-        both = f"nccl://127.0.0.1:1,{endpoint}"
-        assert tx.transport_for(both) == "tcp"
-        hid = str(uuid.uuid4())
-        got = rx.expect(hid, 1, 8, lambda layer, payload: None)
-        channel = tx.open(both, hid, 1)
-        channel.send_layer(0, torch.arange(2, dtype=torch.int32))
-        channel.finish(10)
-        assert got.result(10).ok
-        with pytest.raises(HandoffError, match="NCCL: device cpu is not a CUDA device"):
-            tx.open("nccl://127.0.0.1:1", str(uuid.uuid4()), 1)
-        tx.close()
-    finally:
-        rx.close()
 
 
 # ---- the NCCL transport over a loopback payload path ---------------------------------------
