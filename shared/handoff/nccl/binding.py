@@ -3,10 +3,11 @@
     lib = load()                        # NcclUnavailable(reason) without NCCL or a CUDA device
     uid = lib.unique_id()               # 128 bytes, created by rank 0, sent to the peer
     comm = Communicator(lib, 2, uid, rank)
-    comm.init()                         # blocks until both ranks joined; abort() ends it early
+    comm.init()                         # blocks until both ranks joined
     with lib.group():                   # several sends/recvs, possibly on several communicators,
         comm.send(tensor, peer, stream) # launched as one batch
     comm.abort()                        # tears down, also from another thread while kernels hang
+                                        # (during init(): once init returns)
 
 Communicators are blocking (NCCL's default): a send or recv only enqueues a kernel once the
 pair is connected, and `abort` is the one way out of a hung peer, as in PyTorch's watchdog.
@@ -196,23 +197,49 @@ class Nccl:
 
 
 class Communicator:
-    """One rank of an NCCL communicator. Thread-safe teardown: abort() may run while another
-    thread is blocked in init() or while this communicator's kernels wait on a dead peer."""
+    """One rank of an NCCL communicator. Thread-safe teardown: abort() may run while this
+    communicator's kernels wait on a dead peer, and while another thread is blocked in init().
+
+    NCCL is never asked to tear down a communicator whose init has not returned: a blocking
+    ncclCommInitRank that fails frees the communicator itself (and the pointer it wrote early),
+    so an ncclCommAbort racing it frees the same memory twice (heap corruption). An abort()
+    during init() only marks the communicator closed; init() tears it down once NCCL returns,
+    or leaves it alone if the init failed. An init whose peer never joins stays blocked in its
+    thread (NCCL's bootstrap waits without a timeout): its caller gives up on it instead."""
 
     def __init__(self, lib: Nccl, nranks: int, unique_id: bytes, rank: int) -> None:
         if len(unique_id) != UNIQUE_ID_BYTES:
             raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, not {len(unique_id)}")
         self.lib, self.nranks, self.rank = lib, nranks, rank
         self._uid = unique_id
-        self._handle = ctypes.c_void_p()  # NCCL writes it early in init: abort() can see it
-        self._lock = threading.Lock()
+        self._handle = ctypes.c_void_p()  # set once init() succeeded
+        self._lock = threading.Lock()  # guards closed, _initializing and _deferred
         self.closed = False
+        self._initializing = False
+        self._deferred = ""  # the teardown asked for during init(), which init() runs
 
     def init(self) -> None:
-        """ncclCommInitRank on the current CUDA device; blocks until every rank joined."""
+        """ncclCommInitRank on the current CUDA device; blocks until every rank joined.
+        NcclError if it failed, or if the communicator was torn down meanwhile."""
+        with self._lock:
+            if self.closed or self._initializing or self._handle.value:
+                raise NcclError("ncclCommInitRank", 5, "communicator torn down or initialized")
+            self._initializing = True
         uid = _UniqueId()
         ctypes.memmove(ctypes.addressof(uid), self._uid, UNIQUE_ID_BYTES)
-        self.lib.call("ncclCommInitRank", ctypes.byref(self._handle), self.nranks, uid, self.rank)
+        handle = ctypes.c_void_p()  # NCCL's to write until it returns (and free, if it fails)
+        try:
+            self.lib.call("ncclCommInitRank", ctypes.byref(handle), self.nranks, uid, self.rank)
+        except BaseException:
+            with self._lock:
+                self._initializing, self.closed = False, True  # NCCL freed it: nothing to free
+            raise
+        with self._lock:
+            self._initializing, self._handle = False, handle
+            deferred = self._deferred
+        if deferred:
+            self.lib.call(deferred, handle)
+            raise NcclError("ncclCommInitRank", 5, "communicator torn down during its init")
 
     @property
     def handle(self) -> int | None:
@@ -259,6 +286,9 @@ class Communicator:
             if self.closed:
                 return
             self.closed = True
+            if self._initializing:
+                self._deferred = call  # init() runs it when NCCL returns
+                return
             handle = self._handle.value
         if handle:
             self.lib.call(call, ctypes.c_void_p(handle))

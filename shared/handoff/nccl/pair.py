@@ -84,9 +84,10 @@ def connect_pair(
     peer_gave_up: Future[Any] | None = None,
 ) -> PairComm:  # fmt: skip
     """Init rank `rank` of the pair's communicator and connect rank 0 -> 1 with a 1-byte probe
-    (NCCL connects lazily: afterwards a send only enqueues). Aborts it on failure or timeout,
-    or as soon as `peer_gave_up` (the peer's answer, if given) fails: then the other rank will
-    never join, and waiting out the timeout would only hold the caller."""
+    (NCCL connects lazily: afterwards a send only enqueues). Gives it up (aborted once its init
+    returned: nccl.Communicator) on failure or timeout, or as soon as `peer_gave_up` (the peer's
+    answer, if given) fails: then the other rank will never join, and waiting out the timeout
+    would only hold the caller."""
     comm = fabric.communicator(unique_id, rank)
     done: Future[None] = Future()
 
@@ -108,7 +109,7 @@ def connect_pair(
     if peer_gave_up is not None:
         wait([done, peer_gave_up], timeout, return_when=FIRST_COMPLETED)
         if not done.done() and peer_gave_up.done() and peer_gave_up.exception() is not None:
-            comm.abort()  # ends the init that waits for the peer's rank
+            comm.abort()  # the init waiting for the peer's rank is left to itself
             raise HandoffError(str(peer_gave_up.exception()))
     try:
         done.result(timeout)
