@@ -53,15 +53,16 @@ def generated_names(proto: Path) -> list[Path]:
 
 
 def dependency_floor(package: str, root: Path = REPO_ROOT) -> tuple[int, int, int]:
-    """(major, minor, patch) of `package>=X.Y[.Z]` in pyproject.toml's dependencies."""
+    """(major, minor, patch) of `package>=X.Y[.Z][,<CAP]` in pyproject.toml's dependencies."""
     with open(root / "pyproject.toml", "rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
+    floor = rf"{re.escape(package)}\s*>=\s*(\d+)\.(\d+)(?:\.(\d+))?(?:\s*,\s*<\s*[\w.]+)?"
     for dep in deps:
-        match = re.fullmatch(rf"{re.escape(package)}\s*>=\s*(\d+)\.(\d+)(?:\.(\d+))?", dep)
+        match = re.fullmatch(floor, dep)
         if match:
             major, minor, patch = match.groups()
             return int(major), int(minor), int(patch or 0)
-    raise ValueError(f"pyproject.toml declares no '{package}>=X.Y' dependency")
+    raise ValueError(f"pyproject.toml declares no '{package}>=X.Y[,<CAP]' dependency")
 
 
 def _substitute_once(pattern: re.Pattern[str], repl: str, text: str, path: Path) -> str:

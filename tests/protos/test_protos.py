@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from kvmesh.protos import build
 
 
@@ -34,6 +36,16 @@ def test_version_guards_are_the_pyproject_floors(tmp_path: Path) -> None:
     grpc_py = (tmp_path / "protos" / "gateway_pb2_grpc.py").read_text()
     assert f"PUBLIC,\n    {major},\n    {minor},\n    {patch}," in pb2
     assert f"GRPC_GENERATED_VERSION = '{grpc_floor}'" in grpc_py
+
+
+def test_dependency_floor_reads_a_floor_with_or_without_a_cap(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\ndependencies = ["protobuf>=5.28,<8", "grpcio >= 1.66.2", "grpcio-tools"]\n'
+    )
+    assert build.dependency_floor("protobuf", tmp_path) == (5, 28, 0)
+    assert build.dependency_floor("grpcio", tmp_path) == (1, 66, 2)
+    with pytest.raises(ValueError, match="grpcio-tools>=X.Y"):
+        build.dependency_floor("grpcio-tools", tmp_path)  # no floor: the guard has no value
 
 
 def test_public_contract_field_names() -> None:
