@@ -219,11 +219,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
 
 
 def decode_parts(ctx: WorkerContext) -> WorkerParts:
-    """The decode role: a KV receiver (NCCL and TCP on a GPU, TCP on a CPU) and the servicer."""
+    """The decode role: a KV receiver (IPC, NCCL on a GPU, TCP) and the servicer."""
     config = ctx.config
     host = config.resolved_advertise_host()
-    receiver = make_receiver(ctx.loop.engine.device, bind_host=config.host, advertise_host=host)
-    kv_endpoint = receiver.start()  # "nccl://...,tcp://..." on a GPU with NCCL
+    engine = ctx.loop.engine
+    receiver = make_receiver(engine.device, bind_host=config.host, advertise_host=host,
+                             kv_cache=engine.kv_cache)  # fmt: skip
+    kv_endpoint = receiver.start()  # "ipc://...,nccl://...,tcp://..." on a GPU with NCCL
     servicer = DecodeServicer(
         ctx.loop, receiver, kv_endpoint, ctx.registration, config.model_id,
         ctx.telemetry.metrics, config.reservation_ttl_s,

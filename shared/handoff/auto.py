@@ -1,12 +1,18 @@
-"""Choosing the data plane (ARCHITECTURE.md invariant 5): NCCL when both ends are CUDA devices,
-TCP else.
+"""Choosing the data plane (ARCHITECTURE.md invariant 5): IPC on one host, NCCL between CUDA
+devices, TCP else.
 
-A decode worker advertises every transport it accepts as one comma-separated kv_endpoint,
-`nccl://host:p1,tcp://host:p2` on a GPU with NCCL, `tcp://host:p2` otherwise. A prefill worker
-takes the NCCL endpoint when it runs on CUDA and NCCL loads, the TCP endpoint otherwise (also
-when the NCCL pair cannot be set up and the decode worker offers TCP too). A new NCCL pair's
-unique id reaches the decode worker over gRPC (nccl/link): MultiKVReceiver.offer_link passes it
-to its NCCL receiver.
+A decode worker advertises every transport it accepts as one comma-separated kv_endpoint:
+
+    ipc://host:p0?host=..&dev=..,nccl://host:p1?host=..&dev=..,tcp://host:p2
+
+(IPC where its KV cache can be mapped by another process: on CUDA, or on CPU in shared memory;
+NCCL on a GPU with NCCL; the tags: locality). A prefill worker tries, in order, those it can
+use: IPC when it runs on the decode worker's host (same host id) and on a device of the same
+kind; NCCL when it runs on CUDA with NCCL and not on the decode worker's card (NCCL cannot pair
+a card with itself); then TCP. A transport whose setup with a peer failed is skipped for that
+peer during a back-off (backoff.SetupBackoff): a failing peer costs one setup per back-off, not
+one per request. A new NCCL pair's unique id reaches the decode worker over gRPC (nccl/link):
+MultiKVReceiver.offer_link passes it to its NCCL receiver.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from concurrent.futures import Future, InvalidStateError
 
 import torch
 
+from kvmesh.shared.handoff.backoff import SetupBackoff
+from kvmesh.shared.handoff.ipc import IpcKVReceiver, IpcKVSender
+from kvmesh.shared.handoff.ipc.memory import unexportable
+from kvmesh.shared.handoff.locality import Place, here, tag, untag
 from kvmesh.shared.handoff.nccl import (
     LinkReceiver,
     NcclKVReceiver,
@@ -30,13 +40,28 @@ from kvmesh.shared.handoff.transport import (
     KVReceiver,
     KVSendChannel,
     LayerCallback,
+    handoff_id_bytes,
 )
 
 log = logging.getLogger(__name__)
 
 
+# the transports whose choice depends on where the receiver is: their endpoints carry a Place
+_TAGGED = ("ipc", "nccl")
+
+
 def split_endpoints(kv_endpoint: str) -> dict[str, str]:
-    """'nccl://a:1,tcp://a:2' -> {'nccl': 'nccl://a:1', 'tcp': 'tcp://a:2'}."""
+    """'nccl://a:1?host=..,tcp://a:2' -> {'nccl': 'nccl://a:1', 'tcp': 'tcp://a:2'}."""
+    return {scheme: untag(part)[0] for scheme, part in _parts(kv_endpoint).items()}
+
+
+def endpoint_places(kv_endpoint: str) -> dict[str, Place]:
+    """Where the receiver behind each tagged endpoint is: {'ipc': Place(...), ...}."""
+    places = {scheme: untag(part)[1] for scheme, part in _parts(kv_endpoint).items()}
+    return {scheme: place for scheme, place in places.items() if place is not None}
+
+
+def _parts(kv_endpoint: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in filter(None, (p.strip() for p in kv_endpoint.split(","))):
         scheme, sep, _ = part.partition("://")
@@ -57,11 +82,16 @@ class MultiKVReceiver:
     """Accepts each handoff on any of several receivers (implements transport.KVReceiver): the
     first to finish it decides the result, and the others stop expecting it."""
 
-    def __init__(self, receivers: list[KVReceiver]) -> None:
+    def __init__(self, receivers: list[KVReceiver], place: Place | None = None) -> None:
         self.receivers = receivers
+        self.place = place  # tags the IPC and NCCL endpoints, if given
 
     def start(self) -> str:
-        return ",".join(r.start() for r in self.receivers)
+        endpoints = [r.start() for r in self.receivers]
+        if self.place is not None:
+            endpoints = [tag(e, self.place) if e.partition("://")[0] in _TAGGED else e
+                         for e in endpoints]  # fmt: skip
+        return ",".join(endpoints)
 
     def expect(
         self, handoff_id: str, num_layers: int, layer_nbytes: int, on_layer: LayerCallback
@@ -99,49 +129,110 @@ class MultiKVReceiver:
 
 
 def make_receiver(
-    device: torch.device, bind_host: str, advertise_host: str | None = None
-) -> KVReceiver:
-    """The decode worker's receiver: NCCL and TCP on a CUDA device with NCCL, else TCP."""
-    tcp = SocketKVReceiver(bind_host=bind_host, advertise_host=advertise_host)
+    device: torch.device, bind_host: str, advertise_host: str | None = None,
+    kv_cache: torch.Tensor | None = None,
+) -> KVReceiver:  # fmt: skip
+    """The decode worker's receiver: IPC if another process can map `kv_cache` (the engine's),
+    NCCL on a CUDA device with NCCL, and TCP."""
+    receivers: list[KVReceiver] = []
+    if kv_cache is not None and not (why := unexportable(kv_cache)):
+        receivers.append(IpcKVReceiver(kv_cache, bind_host, advertise_host=advertise_host))
+    elif kv_cache is not None:
+        log.info("no KV over IPC: %s", why)
     if why := nccl_unusable(device):
-        log.info("KV over TCP only: %s", why)
-        return tcp
-    rx = NcclKVReceiver(device, bind_host=bind_host, advertise_host=advertise_host)
-    return MultiKVReceiver([rx, tcp])
+        log.info("no KV over NCCL: %s", why)
+    else:
+        receivers.append(NcclKVReceiver(device, bind_host=bind_host, advertise_host=advertise_host))
+    tcp = SocketKVReceiver(bind_host=bind_host, advertise_host=advertise_host)
+    return MultiKVReceiver([*receivers, tcp], here(device)) if receivers else tcp
 
 
 class AutoKVSender:
-    """The prefill worker's sender (implements transport.KVSender): NCCL to endpoints that
-    offer it when this worker can use it, TCP otherwise."""
+    """The prefill worker's sender (implements transport.KVSender): per endpoint, the first
+    transport that it can use and that sets up (the module docstring says in what order)."""
 
     def __init__(self, device: torch.device, worker_id: str = "") -> None:
+        self.place = here(device)
         self.tcp = SocketKVSender()
+        self.ipc = IpcKVSender(device)
         self.why_not_nccl = nccl_unusable(device)
         self.nccl = None
         if not self.why_not_nccl:
             self.nccl = NcclKVSender(device, worker_id=worker_id)
+        self.backoff = SetupBackoff()
 
     def transport_for(self, kv_endpoint: str) -> str:
-        """'nccl' or 'tcp': what open() tries first for this endpoint."""
-        return "nccl" if self.nccl is not None and "nccl" in split_endpoints(kv_endpoint) else "tcp"
+        """'ipc', 'nccl' or 'tcp': what open() tries first for this endpoint."""
+        choices, _ = self._choices(kv_endpoint)
+        return choices[0][0] if choices else "tcp"
 
     def open(
         self, endpoint: str, handoff_id: str, num_layers: int, decode_address: str = ""
     ) -> KVSendChannel:
-        endpoints = split_endpoints(endpoint)
-        if self.nccl is not None and "nccl" in endpoints:
+        handoff_id_bytes(handoff_id)  # ValueError before any setup
+        choices, skipped = self._choices(endpoint)
+        for transport, address in choices:
+            if transport == "tcp":
+                return self.tcp.open(address, handoff_id, num_layers)
+            if why := self.backoff.acquire(address):
+                skipped.append(f"{transport.upper()}: {why}")
+                continue
+            error = "interrupted"
             try:
-                return self.nccl.open(endpoints["nccl"], handoff_id, num_layers, decode_address)
+                channel = self._sender(transport).open(
+                    address, handoff_id, num_layers, decode_address
+                )
+                error = ""
+                return channel
             except HandoffError as exc:
-                if "tcp" not in endpoints:
-                    raise
-                log.warning("NCCL to %s failed (%s); using TCP", endpoints["nccl"], exc)
-        if "tcp" not in endpoints:
-            why = self.why_not_nccl or "no NCCL endpoint"
-            raise HandoffError(f"no usable KV endpoint in {endpoint!r} (NCCL: {why})")
-        return self.tcp.open(endpoints["tcp"], handoff_id, num_layers)
+                error = str(exc)
+                skipped.append(f"{transport.upper()}: {exc}")
+                log.warning("KV over %s to %s failed: %s", transport, address, exc)
+            finally:
+                # a handoff the peer rejected on a live connection is no failed setup
+                self.backoff.release(address, "" if self._connected(transport, address) else error)
+        raise HandoffError(f"no usable KV endpoint in {endpoint!r} ({'; '.join(skipped)})")
 
     def close(self) -> None:
         self.tcp.close()
+        self.ipc.close()
         if self.nccl is not None:
             self.nccl.close()
+
+    def _choices(self, kv_endpoint: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """(transport, endpoint) that open() tries, in order; why the others are not tried."""
+        endpoints, places = split_endpoints(kv_endpoint), endpoint_places(kv_endpoint)
+        choices: list[tuple[str, str]] = []
+        skipped: list[str] = []
+        for transport in ("ipc", "nccl", "tcp"):
+            if transport not in endpoints:
+                continue
+            why = "" if transport == "tcp" else self._unusable(transport, places.get(transport))
+            if why:
+                skipped.append(f"{transport.upper()}: {why}")
+            else:
+                choices.append((transport, endpoints[transport]))
+        return choices, skipped
+
+    def _unusable(self, transport: str, there: Place | None) -> str:
+        if transport == "nccl":
+            if self.why_not_nccl:
+                return self.why_not_nccl
+            return "the receiver is on this card" if self.place.same_device(there) else ""
+        if there is None:
+            return "the endpoint does not say where the receiver is"
+        if not self.place.same_host(there):
+            return "the receiver is on another host"
+        if (there.device == "cpu") != (self.place.device == "cpu"):
+            return f"the receiver's cache is on {there.device}, this process on {self.place.device}"
+        return ""
+
+    def _sender(self, transport: str) -> IpcKVSender | NcclKVSender:
+        sender = self.ipc if transport == "ipc" else self.nccl
+        assert sender is not None
+        return sender
+
+    def _connected(self, transport: str, address: str) -> bool:
+        if transport == "ipc":
+            return self.ipc.connected(address)
+        return self.nccl is not None and address in self.nccl.peers

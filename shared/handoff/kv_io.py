@@ -5,9 +5,11 @@ it gathers that request's blocks of layer l into one contiguous buffer and queue
 request's channel: at most one send per layer per request, overlapping the next layers' compute.
 NCCL channels take the buffer on the GPU (layer l's slice of one buffer for all of the request's
 layers, so that layers queued together go as one message), and the sends of one layer for every
-request of the batch go out as one group; other channels (TCP) get a host copy.
+request of the batch go out as one group; IPC channels (`on_device`) take the gathered layer on
+its device; TCP channels get a host copy.
 Decode: `scatter_into` returns the receiver callback that writes each arriving layer into the
-blocks reserved for it, from host bytes (TCP) or a staging buffer on the device (NCCL).
+blocks reserved for it, from host bytes (TCP) or a staging buffer on the device (NCCL); the IPC
+transport reads its `block_ids` (the sender writes them itself).
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ class KVPusher:
                 on_device.append((seq.request_id, channel, data))
                 continue
             data = self._engine.model.ops.gather_blocks(cache, ids)
+            if data.device.type != "cpu" and not getattr(channel, "on_device", False):
+                data = data.cpu()  # TCP sends from the host; IPC copies on the device
             try:
-                channel.send_layer(layer, data.cpu() if data.device.type != "cpu" else data)
+                channel.send_layer(layer, data)
             except Exception:  # the channel failed; finish() reports it to the handler
                 self.unregister(seq.request_id)
         if on_device:
@@ -108,14 +112,21 @@ class KVPusher:
                 self.unregister(request_id)
 
 
+class BlockScatter:
+    """Receiver callback (a LayerCallback) writing layer bytes into `block_ids` of the engine's
+    cache. A transport that writes the blocks in place (ipc) reads `block_ids` instead."""
+
+    def __init__(self, engine: Engine, block_ids: list[int]) -> None:
+        self.engine, self.block_ids = engine, list(block_ids)
+        self._ids = torch.tensor(block_ids, dtype=torch.int64, device=engine.device)
+
+    def __call__(self, layer: int, payload: torch.Tensor) -> None:
+        cache = self.engine.kv_cache  # [L, 2, num_blocks, block_size, kv_heads, D]
+        shape = (2, len(self.block_ids), *cache.shape[3:])
+        data = payload.view(cache.dtype).view(shape).to(self.engine.device)
+        self.engine.model.ops.scatter_blocks(cache[layer], self._ids, data)
+
+
 def scatter_into(engine: Engine, block_ids: list[int]) -> LayerCallback:
     """Receiver callback writing layer bytes into block_ids of engine's cache."""
-    cache = engine.kv_cache  # [L, 2, num_blocks, block_size, kv_heads, D]
-    shape = (2, len(block_ids), *cache.shape[3:])
-    ids = torch.tensor(block_ids, dtype=torch.int64, device=engine.device)
-
-    def on_layer(layer: int, payload: torch.Tensor) -> None:
-        data = payload.view(cache.dtype).view(shape).to(engine.device)
-        engine.model.ops.scatter_blocks(cache[layer], ids, data)
-
-    return on_layer
+    return BlockScatter(engine, block_ids)

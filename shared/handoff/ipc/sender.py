@@ -1,0 +1,358 @@
+"""Prefill side of the IPC transport (frames: ipc/frames; the shared cache: ipc/memory).
+
+A sender keeps one connection per endpoint, with the receiver's KV cache mapped into this
+process (its MAP answer to our HELLO). open() sends a handoff's BEGIN and waits for its BLOCKS:
+the receiver's blocks reserved for it, the only ones it writes. Each connection has
+
+    a writer thread   takes the layers queued by send_layer in order: (CUDA: waits for the
+                      event the caller's stream recorded,) checksums the layer, copies it into
+                      the receiver's blocks (CUDA: device copies on a stream of its own, then
+                      waits for them), and only then sends WRITTEN with the checksum; a
+                      handoff that failed is never written again, and its ABORT goes last,
+                      after every copy it started
+    a reader thread   BLOCKS, ACK, NACK; a NACK queues the handoff's ABORT (the receiver
+                      gives its blocks back once it came), as does abort()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import queue
+import struct
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import torch
+
+from kvmesh.kernels.block_copy import scatter_blocks, scatter_blocks_ref
+from kvmesh.kernels.checksum import MASK64, layer_checksum, layer_checksum_ref
+from kvmesh.shared.handoff.channel import SendChannel, SenderConnection
+from kvmesh.shared.handoff.ipc.frames import (
+    Frame,
+    Kind,
+    document,
+    message,
+    parse_document,
+    parse_ipc_endpoint,
+    read_frame,
+    text,
+)
+from kvmesh.shared.handoff.ipc.memory import MapError, open_mapping
+from kvmesh.shared.handoff.locality import host_id
+from kvmesh.shared.handoff.transport import HandoffError, HandoffStats, handoff_id_bytes
+from kvmesh.shared.handoff.wire import JOIN_TIMEOUT_S, ProtocolError, connect, settle, shutdown
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One step for the writer thread: a layer to write, or (data None) the handoff's ABORT."""
+
+    channel: IpcSendChannel
+    layer: int = 0
+    data: torch.Tensor | None = None  # any dtype/device; not mutated until written
+    ready: torch.cuda.Event | None = None  # recorded on the caller's stream after `data`
+    reason: str = ""
+
+
+class _Connection(SenderConnection):
+    """One connection to a receiver, with its KV cache mapped; shared by the handoffs to it."""
+
+    def __init__(self, endpoint: str, device: torch.device, timeout: float) -> None:
+        super().__init__(endpoint)
+        self.device, self.timeout = device, timeout
+        self._send_lock = threading.Lock()
+        self.sock = connect(endpoint, parse_ipc_endpoint(endpoint), timeout)
+        try:
+            self.cache = self._map()  # [L, 2, num_blocks, block_size, kv_heads, head_dim]
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.settimeout(None)
+        self._begins: dict[bytes, Future[tuple[int, list[int]]]] = {}  # under lock
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # the writer's, per device
+        self._writer = threading.Thread(target=self._write_loop, name="ipc-write", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="ipc-ack", daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    def _map(self) -> torch.Tensor:
+        hello = {"pid": os.getpid(), "host": host_id()}
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.sendall(document(Kind.HELLO, hello))
+            item = read_frame(self.sock)
+        except OSError as exc:
+            raise HandoffError(f"IPC handshake with {self.endpoint} failed: {exc}") from exc
+        if item is None or item[0].kind not in (Kind.MAP, Kind.NACK):
+            raise HandoffError(f"{self.endpoint} answered HELLO with no MAP")
+        frame, payload = item
+        if frame.kind == Kind.NACK:
+            why = payload.decode(errors="replace")
+            raise HandoffError(f"{self.endpoint} cannot share its KV cache: {why}")
+        try:
+            return open_mapping(parse_document(payload, "MAP"), self.device)
+        except (MapError, ProtocolError) as exc:
+            raise HandoffError(f"cannot map the KV cache of {self.endpoint}: {exc}") from exc
+
+    # -- opening a handoff
+
+    def begin(self, channel: IpcSendChannel) -> None:
+        """Send the handoff's BEGIN; give the channel its blocks once they came."""
+        reply: Future[tuple[int, list[int]]] = Future()
+        with self.lock:
+            self._begins[channel.key] = reply
+        self.add(channel)
+        try:
+            self.write(message(Kind.BEGIN, channel.key, num_layers=channel.num_layers))
+            layer_nbytes, blocks = reply.result(self.timeout)
+        except FutureTimeout:
+            why = f"{self.endpoint} did not answer BEGIN in {self.timeout} s"
+            raise HandoffError(why) from None
+        finally:
+            with self.lock:
+                self._begins.pop(channel.key, None)
+        num_blocks = self.cache.shape[2]
+        if any(b >= num_blocks for b in blocks):
+            raise HandoffError(f"{self.endpoint} gave blocks beyond its {num_blocks}")
+        channel.target(layer_nbytes, torch.tensor(blocks, dtype=torch.int64).to(self.cache.device))
+
+    # -- called by channels
+
+    def submit(self, job: _Job) -> None:
+        self._jobs.put(job)
+
+    def write(self, data: bytes) -> None:
+        try:
+            with self._send_lock:
+                self.sock.sendall(data)
+        except OSError as exc:
+            self.die(f"send failed: {exc}")
+            raise HandoffError(f"connection to {self.endpoint} lost: {exc}") from exc
+
+    def close(self) -> None:
+        """Stop every handoff (each ABORTed after its last copy), then the connection."""
+        with self.lock:
+            channels = list(self.channels.values())
+        for channel in channels:
+            channel.abort("sender closed")
+        self._jobs.put(None)
+        self._writer.join(JOIN_TIMEOUT_S)
+        self.die("sender closed")
+        self._reader.join(JOIN_TIMEOUT_S)
+
+    def die(self, reason: str) -> None:
+        with self.lock:
+            if self.dead:
+                return
+            self.dead = reason
+            channels, self.channels = list(self.channels.values()), {}
+            begins, self._begins = list(self._begins.values()), {}
+        error = HandoffError(f"connection to {self.endpoint} lost: {reason}")
+        for channel in channels:
+            channel.fail(error)
+        for reply in begins:
+            settle(reply, error)
+        self._jobs.put(None)
+        shutdown(self.sock)
+
+    # -- the writer thread
+
+    def _write_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            channel = job.channel
+            if job.data is None:
+                if channel.stop():
+                    self._send_quietly(text(Kind.ABORT, channel.key, job.reason))
+            elif not channel.failed:
+                try:
+                    value, seconds = self._write_layer(channel, job)
+                except Exception as exc:  # a copy failed: give the handoff up
+                    channel.abort(f"writing layer {job.layer} failed: {exc!r}")
+                    continue
+                channel.written(job.layer, seconds)
+                self._send_quietly(message(Kind.WRITTEN, channel.key, layer=job.layer,
+                                           num_layers=channel.num_layers, value=value))  # fmt: skip
+
+    def _write_layer(self, channel: IpcSendChannel, job: _Job) -> tuple[int, float]:
+        """Copy the layer into the receiver's blocks; (its checksum, seconds). Returns once the
+        copies completed."""
+        assert job.data is not None and channel.blocks is not None
+        start = time.perf_counter()
+        flat = job.data.detach().reshape(-1).view(torch.uint8)
+        if flat.numel() != channel.layer_nbytes:
+            raise ValueError(f"a layer of {flat.numel()} bytes, not {channel.layer_nbytes}")
+        shape = (2, channel.blocks.numel(), *self.cache.shape[3:])
+        src = flat.view(self.cache.dtype).view(shape)
+        dst = self.cache[job.layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
+        if src.device.type != "cuda":
+            scatter_blocks_ref(dst, channel.blocks, src)
+            value = int(layer_checksum_ref(src))
+        else:
+            value = self._write_cuda(src, dst, channel.blocks, job.ready)
+        return value & MASK64, time.perf_counter() - start
+
+    def _write_cuda(
+        self, src: torch.Tensor, dst: torch.Tensor, blocks: torch.Tensor,
+        ready: torch.cuda.Event | None,
+    ) -> int:  # fmt: skip
+        here, there = self._stream(src.device), self._stream(dst.device)
+        with torch.cuda.device(src.device), torch.cuda.stream(here):
+            if ready is not None:
+                here.wait_event(ready)
+            total = layer_checksum(src).to("cpu", non_blocking=True)
+            moved = src if src.device == dst.device else src.to(dst.device, non_blocking=True)
+        with torch.cuda.device(dst.device), torch.cuda.stream(there):
+            if there is not here:
+                there.wait_stream(here)
+            scatter_blocks(dst, blocks, moved)
+            done = torch.cuda.Event()
+            done.record(there)
+        done.synchronize()  # the layer is in the receiver's blocks (and the checksum here)
+        return int(total)
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _send_quietly(self, data: bytes) -> None:
+        with contextlib.suppress(HandoffError):
+            self.write(data)
+
+    # -- the reader thread
+
+    def _read_loop(self) -> None:
+        reason = "receiver closed the connection"
+        try:
+            while (item := read_frame(self.sock)) is not None:
+                self._on_reply(*item)
+        except (OSError, ConnectionError) as exc:
+            reason = str(exc) or type(exc).__name__
+        finally:
+            self.die(reason)
+            self.sock.close()
+
+    def _on_reply(self, frame: Frame, payload: bytes) -> None:
+        with self.lock:
+            reply = self._begins.get(frame.handoff_id)
+        if frame.kind == Kind.BLOCKS and reply is not None:
+            count = frame.nbytes // 4
+            settle(reply, value=(frame.value, list(struct.unpack(f"<{count}I", payload))))
+        elif frame.kind == Kind.NACK and reply is not None:
+            why = payload.decode(errors="replace")
+            settle(reply, HandoffError(f"receiver rejected handoff: {why}"))
+        elif frame.kind in (Kind.ACK, Kind.NACK):
+            with self.lock:
+                channel = self.channels.get(frame.handoff_id)
+            self.on_reply(frame.handoff_id, frame.kind.name, payload.decode(errors="replace"))
+            if frame.kind == Kind.NACK and channel is not None:
+                channel.stop_writing()  # the receiver waits for this before freeing its blocks
+        else:
+            raise ProtocolError(f"unexpected {frame.kind.name} frame from a receiver")
+
+
+class IpcSendChannel(SendChannel):
+    """One handoff being written (implements transport.KVSendChannel). send_layer takes the
+    layer on its device (KVPusher gives device tensors to channels that are `on_device`) and
+    keeps it until written: do not mutate it before finish() returns."""
+
+    transport = "ipc"
+    on_device = True
+
+    def __init__(self, conn: _Connection, handoff_id: str, num_layers: int) -> None:
+        super().__init__(handoff_id, num_layers)
+        self.conn = conn
+        self.layer_nbytes = 0
+        self.blocks: torch.Tensor | None = None  # [n] int64 on the receiver's cache's device
+        self._layer_seconds = [0.0] * num_layers
+        self._stopped = False  # its ABORT was queued: the writer writes no more of it
+        self._stop_lock = threading.Lock()
+
+    def target(self, layer_nbytes: int, blocks: torch.Tensor) -> None:
+        self.layer_nbytes, self.blocks = layer_nbytes, blocks
+
+    def send_layer(self, layer: int, data: torch.Tensor) -> None:
+        self.queue(layer)
+        ready = None
+        if data.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(data.device))
+        self.conn.submit(_Job(self, layer, data, ready))
+
+    def finish(self, timeout: float) -> HandoffStats:
+        self._await_ack(timeout, self.conn)
+        seconds = max(self._acked_at - self._first_send, 1e-9)
+        return HandoffStats(
+            nbytes=self._nbytes, seconds=seconds, gbps=self._nbytes / seconds / 1e9,
+            layer_times=functools.partial(list, self._layer_seconds),
+        )  # fmt: skip
+
+    def abort(self, reason: str) -> None:
+        settle(self._done, HandoffError(f"aborted: {reason}"))
+        self.stop_writing(reason)
+
+    def stop_writing(self, reason: str = "stopped after the receiver's NACK") -> None:
+        """Queue the handoff's ABORT (once): the writer sends it after the copies it started."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self.conn.submit(_Job(self, reason=reason))
+
+    # -- called from the connection's threads
+
+    def stop(self) -> bool:
+        """The writer reached the ABORT: True (it sends it) unless the handoff is complete."""
+        return not (self._done.done() and self._done.exception() is None)
+
+    def written(self, layer: int, seconds: float) -> None:
+        self._layer_seconds[layer] = seconds
+        self._nbytes += self.layer_nbytes
+
+
+class IpcKVSender:
+    """Prefill side of the IPC transport (implements transport.KVSender) on `device`: a
+    connection per endpoint, each with its receiver's cache mapped."""
+
+    def __init__(self, device: torch.device, timeout: float = 5.0) -> None:
+        self.device, self.timeout = device, timeout
+        self._lock = threading.Lock()
+        self._conns: dict[str, _Connection] = {}
+
+    def open(
+        self, endpoint: str, handoff_id: str, num_layers: int, decode_address: str = ""
+    ) -> IpcSendChannel:
+        handoff_id_bytes(handoff_id)  # ValueError if it is not a UUID
+        conn = self._connection(endpoint)
+        channel = IpcSendChannel(conn, handoff_id, num_layers)
+        try:
+            conn.begin(channel)
+        except BaseException:
+            conn.remove(channel)
+            raise
+        return channel
+
+    def connected(self, endpoint: str) -> bool:
+        """Whether a live connection to `endpoint` (its cache mapped) exists."""
+        with self._lock:
+            conn = self._conns.get(endpoint)
+            return conn is not None and not conn.dead
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.close()
+
+    def _connection(self, endpoint: str) -> _Connection:
+        with self._lock:
+            conn = self._conns.get(endpoint)
+            if conn is None or conn.dead:
+                conn = self._conns[endpoint] = _Connection(endpoint, self.device, self.timeout)
+            return conn
