@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
 @dataclass
 class _Peer:
     failures: int = 0  # in a row
-    retry_at: float = 0.0  # time.monotonic() before which it is not tried
+    retry_at: float = 0.0  # the clock's time before which it is not tried
     proven: bool = False  # its last setup succeeded
     trying: bool = False  # a setup with it is running
     error: str = ""  # why the last setup failed
@@ -26,10 +27,11 @@ class _Peer:
 class SetupBackoff:
     def __init__(
         self, first_s: float = 1.0, max_s: float = 60.0, max_failures: int = 5,
-        wait_s: float = 60.0,
+        wait_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
         self.first_s, self.max_s, self.max_failures = first_s, max_s, max_failures
         self.wait_s = wait_s  # longest wait for another caller's setup
+        self.clock = clock  # the back-off's time, in seconds
         self._peers: dict[str, _Peer] = {}
         self._cond = threading.Condition()
         self.attempts = 0  # setups allowed so far (all peers)
@@ -63,7 +65,7 @@ class SetupBackoff:
                 peer.failures += 1
                 peer.proven, peer.error = False, error
                 delay = min(self.first_s * 2 ** (peer.failures - 1), self.max_s)
-                peer.retry_at = time.monotonic() + delay
+                peer.retry_at = self.clock() + delay
             else:
                 peer.failures, peer.proven, peer.error = 0, True, ""
             self._cond.notify_all()
@@ -71,6 +73,6 @@ class SetupBackoff:
     def _refused(self, peer: _Peer) -> str:
         if peer.failures >= self.max_failures:
             return f"not tried again after {peer.failures} failed setups (last: {peer.error})"
-        if (left := peer.retry_at - time.monotonic()) > 0:
+        if (left := peer.retry_at - self.clock()) > 0:
             return f"retried in {left:.1f} s after {peer.failures} failed setups ({peer.error})"
         return ""

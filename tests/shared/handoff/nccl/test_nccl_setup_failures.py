@@ -158,18 +158,20 @@ def test_two_ends_on_one_device_never_try_nccl(fabric) -> None:
 
 
 def test_the_backoff_doubles_then_gives_up() -> None:
-    backoff = SetupBackoff(first_s=0.05, max_s=0.1, max_failures=3)
+    now = [0.0]
+    backoff = SetupBackoff(first_s=1.0, max_s=1.5, max_failures=3, clock=lambda: now[0])
     assert backoff.acquire("p") == ""
     backoff.release("p", "boom")
-    assert "retried in" in backoff.acquire("p")
-    time.sleep(0.06)
+    assert "retried in 1.0 s after 1 failed setups (boom)" in backoff.acquire("p")
+    now[0] = 1.0
     assert backoff.acquire("p") == ""
-    backoff.release("p", "boom")  # second failure: 0.1 s
-    time.sleep(0.06)
-    assert "retried in" in backoff.acquire("p")
-    time.sleep(0.05)
+    backoff.release("p", "boom")  # the second failure: 2 s, capped at 1.5
+    now[0] = 2.4
+    assert "retried in 0.1 s" in backoff.acquire("p")
+    now[0] = 2.5
     assert backoff.acquire("p") == ""
     backoff.release("p", "boom")
+    now[0] = 1e6
     assert "not tried again after 3 failed setups (last: boom)" in backoff.acquire("p")
     assert backoff.attempts == 3
     assert backoff.acquire("q") == ""  # other peers are not affected
