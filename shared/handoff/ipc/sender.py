@@ -184,11 +184,13 @@ class _Connection(SenderConnection):
         copies completed."""
         assert job.data is not None and channel.blocks is not None
         start = time.perf_counter()
-        flat = job.data.detach().reshape(-1).view(torch.uint8)
-        if flat.numel() != channel.layer_nbytes:
-            raise ValueError(f"a layer of {flat.numel()} bytes, not {channel.layer_nbytes}")
+        data = job.data.detach()
+        if not data.is_contiguous():  # a copy would run before the caller's event is waited on
+            raise ValueError("send_layer takes a contiguous layer")
+        if (nbytes := data.numel() * data.element_size()) != channel.layer_nbytes:
+            raise ValueError(f"a layer of {nbytes} bytes, not {channel.layer_nbytes}")
         shape = (2, channel.blocks.numel(), *self.cache.shape[3:])
-        src = flat.view(self.cache.dtype).view(shape)
+        src = data.view(-1).view(torch.uint8).view(self.cache.dtype).view(shape)  # views only
         dst = self.cache[job.layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
         if src.device.type != "cuda":
             scatter_blocks_ref(dst, channel.blocks, src)
