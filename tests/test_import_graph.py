@@ -23,8 +23,6 @@ from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS, SHARED, SERVICES, PROTOS = (
     f"kvmesh.{p}" for p in ("kernels", "shared", "services", "protos")
@@ -33,7 +31,7 @@ HANDOFF = f"{SHARED}.handoff"
 # the command line's helpers: each imports no service (the launcher starts them as processes)
 TOOLS = {"launcher", "client", "status", "bench", "local_generate"}
 # what the gateway may load of the model and the engine
-GATEWAY_MAY_LOAD = {f"{SHARED}.model.fetch", f"{SHARED}.engine.tokenizer"}
+GATEWAY_MAY_LOAD = {f"{SHARED}.model.fetch", f"{SHARED}.model.source", f"{SHARED}.engine.tokenizer"}
 
 
 @cache
@@ -231,12 +229,6 @@ def test_services_never_import_one_another() -> None:
     assert violations(services, bad) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/gateway/server.py takes SYNTHETIC_PREFIX and resolve_source from "
-    "shared/model/loader.py, which loads the model's layers and kernels: they belong in a "
-    "module of their own beside model/fetch.py",
-)
 def test_the_gateway_loads_no_model_kernel_engine_or_handoff_code() -> None:
     def forbidden(m: str) -> bool:
         if under(m, KERNELS) or under(m, HANDOFF):

@@ -13,7 +13,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -25,14 +25,15 @@ from kvmesh.services.gateway.directory import Directory
 from kvmesh.services.gateway.route import Progress, RequestFailed, Route
 from kvmesh.services.rpc import abort, create_server, serve_until_signal, shutdown_signal
 from kvmesh.shared.control.ledger import Ledger
-from kvmesh.shared.engine.tokenizer import Tokenizer, load_tokenizer
-from kvmesh.shared.model.fetch import DEFAULT_MODEL
-from kvmesh.shared.model.loader import SYNTHETIC_PREFIX, resolve_source
+from kvmesh.shared.engine.tokenizer import Tokenizer, converted_path, load_tokenizer
+from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
+from kvmesh.shared.model.source import is_synthetic, resolve_source
 from kvmesh.shared.telemetry import KvmeshMetrics, TracingServerInterceptor, client_interceptors
 from kvmesh.shared.telemetry.process import start_process_telemetry
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
+SHUTDOWN_MARGIN_S = 5.0  # after the drain: closing channels, Redis and telemetry (each bounded)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class GatewayConfig:
     attempts: int = 3  # worker pairs tried for one request
     metrics_port: int = -1
     drain_timeout_s: float = 30.0
+    fetch: FetchConfig = field(default_factory=FetchConfig)  # the default model's tokenizer
 
     @property
     def model_id(self) -> str:
@@ -225,17 +227,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         span.set_attribute("kvmesh.tpot_seconds", tpot)
 
 
-def gateway_tokenizer(model: str) -> Tokenizer | None:
-    """The tokenizer of the served model. Synthetic models borrow the default model's when it
-    can be had; without it (no network, no cache) they take token-id prompts only."""
-    synthetic = model.startswith(SYNTHETIC_PREFIX)
-    try:
-        return load_tokenizer(Path(resolve_source("" if synthetic else model)))
-    except RuntimeError as e:
-        if not synthetic:
-            raise
-        log.warning("no tokenizer for %s (%s): text prompts will be refused", model, e)
-        return None
+def gateway_tokenizer(model: str, fetch: FetchConfig) -> Tokenizer | None:
+    """The tokenizer of the served model (the default model is fetched on first use). A
+    synthetic model fetches nothing: it borrows the default model's tokenizer when the cache
+    holds it, and without it the gateway takes token-id prompts only."""
+    if not is_synthetic(model):
+        return load_tokenizer(Path(resolve_source(model, fetch)), fetch.cache)
+    gguf = fetch.model_file
+    if gguf.exists() or converted_path(gguf, fetch.cache).exists():
+        return load_tokenizer(gguf, fetch.cache)
+    log.warning(
+        "no tokenizer for %s: the default model is not in %s (`kvmesh fetch` puts it there); "
+        "text prompts will be refused", model, fetch.cache,
+    )  # fmt: skip
+    return None
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -245,7 +250,7 @@ async def serve(config: GatewayConfig) -> None:
     client = redis.from_url(config.redis_url)
     directory = Directory(Ledger(client), client_interceptors(tracer))
     await directory.refresh()
-    tokenizer = await asyncio.to_thread(gateway_tokenizer, config.model)
+    tokenizer = await asyncio.to_thread(gateway_tokenizer, config.model, config.fetch)
     servicer = GatewayServicer(config, directory, tokenizer, telemetry.metrics)
     server, port, health = create_server(
         f"{config.host}:{config.port}",
@@ -261,7 +266,10 @@ async def serve(config: GatewayConfig) -> None:
     async def drain() -> None:
         servicer.draining = True
 
-    await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)
+    await serve_until_signal(
+        server, health, stop, drain, grace_s=config.drain_timeout_s,
+        deadline_s=config.drain_timeout_s + SHUTDOWN_MARGIN_S,
+    )  # fmt: skip
     refresher.cancel()
     await directory.close()
     await client.aclose()

@@ -17,7 +17,7 @@ import itertools
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,7 @@ from kvmesh.shared.engine.scheduler import ScheduledSeq, Scheduler, SchedulerCon
 from kvmesh.shared.engine.sequence import PENDING, FinishReason, SamplingParams, Sequence, Status
 from kvmesh.shared.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from kvmesh.shared.model.config import ModelConfig
+from kvmesh.shared.model.fetch import FetchConfig
 from kvmesh.shared.model.llama import LlamaModel
 from kvmesh.shared.model.loader import LoadedModel, load_model
 from kvmesh.shared.model.ops import ops_for
@@ -68,6 +69,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay captured decode steps on CUDA
     overlap: bool = True  # launch step N+1 before processing step N's tokens (not for prefill)
     seed: int = 0  # weights of synthetic models
+    fetch: FetchConfig = field(default_factory=FetchConfig)  # where the default model is kept
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -129,13 +131,13 @@ class Engine:
         self.config = config
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
-        loaded = loaded or load_model(config.model, dtype, self.device, config.seed)
+        loaded = loaded or load_model(config.model, dtype, self.device, config.seed, config.fetch)
         self.model_config = loaded.config
         self.model = LlamaModel(
             loaded.config, loaded.weights, ops_for(self.device, config.use_kernels)
         )
         if tokenizer is None and loaded.tokenizer_source is not None:
-            tokenizer = load_tokenizer(loaded.tokenizer_source)
+            tokenizer = load_tokenizer(loaded.tokenizer_source, config.fetch.cache)
         self.tokenizer = tokenizer
         num_blocks = config.num_blocks or self._kv_bytes(loaded.config) // bytes_per_block(
             loaded.config, config.block_size, dtype

@@ -1,18 +1,19 @@
 """Tokenization and chat templates exactly as the model defines them (HF tokenizers stack).
 
 A GGUF file carries its tokenizer and chat template; converting it takes seconds, so the converted
-tokenizer is saved beside the cache once and loaded from there afterwards.
+tokenizer is saved in the cache once (under a lock, renamed into place whole) and loaded from
+there afterwards. Nothing here touches the network.
 """
 
 from __future__ import annotations
 
-import fcntl
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmesh.shared.model.fetch import cache_dir
+from kvmesh.shared.model.fetch import default_cache, locked
 
 
 class Tokenizer:
@@ -35,22 +36,35 @@ class Tokenizer:
         return str(self._hf.decode(ids, skip_special_tokens=True))
 
 
-def load_tokenizer(source: Path) -> Tokenizer:
-    """Tokenizer of a .gguf file or a Hugging Face directory."""
+def load_tokenizer(source: Path, cache: Path | None = None) -> Tokenizer:
+    """Tokenizer of a .gguf file (converted once into `cache`) or a Hugging Face directory."""
     from transformers import AutoTokenizer
 
-    if source.is_dir():
-        return Tokenizer(AutoTokenizer.from_pretrained(str(source)))
-    converted = cache_dir() / f"{source.stem}.tokenizer"
-    if not converted.exists():
-        with open(cache_dir() / ".tokenizer.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not converted.exists():
-                hf = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-                with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-                    hf.save_pretrained(tmp)
-                    Path(tmp).rename(converted)
-    return Tokenizer(AutoTokenizer.from_pretrained(str(converted)))
+    if not source.is_dir():
+        source = converted_tokenizer(source, cache or default_cache())
+    return Tokenizer(AutoTokenizer.from_pretrained(str(source)))
+
+
+def converted_path(gguf: Path, cache: Path) -> Path:
+    """Where the tokenizer converted from a GGUF file is kept."""
+    return cache / f"{gguf.stem}.tokenizer"
+
+
+def converted_tokenizer(gguf: Path, cache: Path) -> Path:
+    """The GGUF file's tokenizer as a Hugging Face directory in `cache`, converted on first use."""
+    converted = converted_path(gguf, cache)
+    if converted.exists():
+        return converted
+    cache.mkdir(parents=True, exist_ok=True)
+    with locked(cache / ".tokenizer.lock", f"the tokenizer of {gguf.name}"):
+        if not converted.exists():
+            from transformers import AutoTokenizer
+
+            hf = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            with tempfile.TemporaryDirectory(dir=cache, prefix=".tokenizer-") as tmp:
+                hf.save_pretrained(Path(tmp) / "out")
+                os.replace(Path(tmp) / "out", converted)
+    return converted
 
 
 @dataclass

@@ -20,10 +20,9 @@ from tqdm import tqdm
 
 from kvmesh.kernels.rope import Llama3RopeScaling
 from kvmesh.shared.model.config import SHAPES, ModelConfig
-from kvmesh.shared.model.fetch import DEFAULT_MODEL, default_model_path
+from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
 from kvmesh.shared.model.llama import LayerWeights, LlamaWeights
-
-SYNTHETIC_PREFIX = "synthetic:"
+from kvmesh.shared.model.source import SYNTHETIC_PREFIX, resolve_source
 
 
 @dataclass
@@ -33,12 +32,11 @@ class LoadedModel:
     tokenizer_source: Path | None  # a .gguf file or an HF directory; None for synthetic models
 
 
-def resolve_source(source: str) -> str:
-    return str(default_model_path()) if source in ("", DEFAULT_MODEL) else source
-
-
-def load_model(source: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
-    source = resolve_source(source)
+def load_model(
+    source: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
+    fetch: FetchConfig | None = None,
+) -> LoadedModel:  # fmt: skip
+    source = resolve_source(source, fetch)
     if source.startswith(SYNTHETIC_PREFIX):
         config = _shape(source[len(SYNTHETIC_PREFIX) :])
         return LoadedModel(config, synthetic_weights(config, dtype, device, seed), None)

@@ -229,7 +229,7 @@ def test_dockerfile() -> None:
     assert dockerfile_instruction("USER") == "kvmesh"
     assert "kvmesh-healthcheck" in dockerfile_instruction("HEALTHCHECK")
     assert "compose/healthcheck.py /usr/local/bin/kvmesh-healthcheck" in DOCKERFILE.read_text()
-    assert "default_model_path()" in dockerfile_instruction("RUN")  # model baked in
+    assert "kvmesh fetch" in dockerfile_instruction("RUN")  # model and tokenizer baked in
     assert "FROM base-${VARIANT}" in DOCKERFILE.read_text()
 
 

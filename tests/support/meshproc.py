@@ -16,17 +16,19 @@ import redis.asyncio as aioredis
 
 from kvmesh.protos import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from kvmesh.shared.control.ledger import Ledger
-from kvmesh.shared.lifetime import die_with_parent
 
 
 class Proc:
-    """A subprocess whose output is kept (and echoed on failure); waits for a marker line."""
+    """A kvmesh subprocess whose output is kept (and echoed on failure); waits for a marker line.
+
+    It exits when this process dies (KVMESH_PARENT_PID): the command line asks for that itself,
+    since a preexec_fn would run Python between fork and exec in this gRPC-busy process."""
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True, preexec_fn=die_with_parent,
+            argv, env={**env, "KVMESH_PARENT_PID": str(os.getpid())}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )  # fmt: skip
         self._seen = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()
