@@ -33,6 +33,7 @@ from kvmesh.services.worker.registration import (
     model_response,
     sampling_from_proto,
 )
+from kvmesh.shared.engine.engine import RequestError
 from kvmesh.shared.engine.loop import EngineLoop
 from kvmesh.shared.handoff import (
     HandoffResult,
@@ -76,10 +77,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         self.draining = False
         self._reservations: dict[str, _Reservation] = {}
         self._streams = 0
+        self._frees: set[asyncio.Task[None]] = set()  # ledger releases still running
 
     @property
     def idle(self) -> bool:
-        return not self._reservations and self._streams == 0
+        return not self._reservations and self._streams == 0 and not self._frees
 
     async def Model(self, request, context):  # noqa: N802 (gRPC method name)
         return model_response(self.loop.engine, self.model_id)
@@ -99,7 +101,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         except ValueError as e:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         hid = request.handoff_id
-        blocks = await self.loop.call(lambda e: e.reserve(hid, len(prompt)))
+        try:
+            blocks = await self.loop.call(lambda e: e.reserve(hid, len(prompt)))
+        except RequestError as e:
+            await abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
+        except asyncio.CancelledError:
+            self.loop.post(lambda e: e.abort(hid))  # the reserve may have run before the cancel
+            raise
         if blocks is None:
             await abort(
                 context,
@@ -108,15 +116,23 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             )
         reg = self.registration
         lease = BLOCK_LEASE_S
-        if not await reg.ledger.reserve(reg.worker_id, reg.generation, hid, len(blocks), "", lease):
-            await self.loop.call(lambda e: e.abort(hid))
-            await abort(context, grpc.StatusCode.UNAVAILABLE, "block ownership was refused")
-        nbytes = layer_nbytes(self.loop.engine, len(blocks))
-        layers = self.loop.engine.model_config.num_layers
-        received = self.receiver.expect(hid, layers, nbytes, scatter_into(self.loop.engine, blocks))
-        self._reservations[hid] = _Reservation(
-            hid, blocks, received, time.monotonic() + self.reservation_ttl_s
-        )
+        kept = False
+        try:
+            if not await reg.ledger.reserve(
+                reg.worker_id, reg.generation, hid, len(blocks), "", lease
+            ):
+                await abort(context, grpc.StatusCode.UNAVAILABLE, "block ownership was refused")
+            nbytes = layer_nbytes(self.loop.engine, len(blocks))
+            layers = self.loop.engine.model_config.num_layers
+            on_layer = scatter_into(self.loop.engine, blocks)
+            received = self.receiver.expect(hid, layers, nbytes, on_layer)
+            self._reservations[hid] = _Reservation(
+                hid, blocks, received, time.monotonic() + self.reservation_ttl_s
+            )
+            kept = True
+        finally:
+            if not kept:  # refused, failed or cancelled: nothing may keep the blocks
+                await self._free(hid)
         return worker_pb2.ReserveResponse(
             handoff_id=hid, kv_endpoint=self.kv_endpoint, num_blocks=len(blocks),
             layout=kv_layout(self.loop.engine),
@@ -142,9 +158,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         if reservation is None:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no reservation {hid!r} (expired?)")
         self._streams += 1
-        try:
-            async for message in self._decode(request, reservation, context):
-                yield message
+        try:  # aclosing: a cancelled stream frees its blocks now, not when collected
+            async with contextlib.aclosing(self._decode(request, reservation, context)) as stream:
+                async for message in stream:
+                    yield message
         finally:
             self._streams -= 1
 
@@ -154,20 +171,21 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # fmt: skip
         hid = reservation.handoff_id
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(reservation.received), 30)
-        except TimeoutError:
-            result = HandoffResult(False, 0, 0.0, "timed out waiting for the KV")
+            result = await self._received(reservation)
+        except BaseException:  # cancelled while the KV arrived
+            await self._release(hid)
+            raise
         self.metrics.observe_handoff(result.nbytes, result.seconds)
         if not result.ok:
             await self._release(hid)
             # ABORTED: the gateway retries the request on another worker pair
             await abort(context, grpc.StatusCode.ABORTED, f"KV handoff failed: {result.error}")
-        self._reservations.pop(hid, None)
+        if self._reservations.pop(hid, None) is None:  # expired or released meanwhile
+            await abort(context, grpc.StatusCode.ABORTED, "the reservation was released")
         queue = self.loop.subscribe(hid)
         prompt = list(request.prompt_token_ids)
         params = sampling_from_proto(request.sampling)
         reg = self.registration
-        finished = False
         span = trace.get_current_span()
         joined = time.perf_counter()
         steps = 0
@@ -178,13 +196,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 out = await queue.get()
                 steps += 1
                 span.set_attribute("kvmesh.preemptions", out.num_preemptions)
-                finished = out.finished
                 yield worker_pb2.DecodeResponse(
                     token_ids=out.new_token_ids, text=out.text,
                     finish_reason=out.finish_reason.value if out.finish_reason else "",
                     completion_tokens=out.num_output_tokens,
                 )  # fmt: skip
-                if finished:
+                if out.finished:
                     break
         finally:
             span.set_attribute("kvmesh.decode_steps", steps)
@@ -192,21 +209,41 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             span.set_attribute("kvmesh.handoff_bytes", result.nbytes)
             span.set_attribute("kvmesh.handoff_receive_s", result.seconds)
             self.loop.unsubscribe(hid)
-            if not finished:  # cancelled, deadline, or the engine failed
-                await self.loop.call(lambda e: e.abort(hid))
-            with contextlib.suppress(Exception):
-                await reg.ledger.release(reg.worker_id, reg.generation, hid)
+            # finished: the engine freed the blocks and the abort is a no-op; else (cancelled,
+            # deadline, or the engine failed) it frees them
+            await self._free(hid)
+
+    async def _received(self, reservation: _Reservation) -> HandoffResult:
+        """The handoff's result (a failure after 30 s). Shielded: a cancelled caller must not
+        cancel the receiver's future, which its thread settles (the release settles it)."""
+        received = asyncio.shield(asyncio.wrap_future(reservation.received))
+        try:
+            return await asyncio.wait_for(received, 30)
+        except TimeoutError:
+            return HandoffResult(False, 0, 0.0, "timed out waiting for the KV")
 
     async def _release(self, hid: str) -> bool:
         reservation = self._reservations.pop(hid, None)
         if reservation is None:
             return False
-        self.receiver.cancel(hid)
-        await self.loop.call(lambda e: e.abort(hid))
-        reg = self.registration
-        with contextlib.suppress(Exception):
-            await reg.ledger.release(reg.worker_id, reg.generation, hid)
+        await self._free(hid)
         return True
+
+    async def _free(self, hid: str) -> None:
+        """Free hid's blocks in the receiver, the engine and Redis; a cancel of the caller (its
+        client hung up) stops none of it."""
+        self.receiver.cancel(hid)
+        self.loop.post(lambda e: e.abort(hid))  # after anything hid's handlers queued before
+        reg = self.registration
+
+        async def release() -> None:
+            with contextlib.suppress(Exception):
+                await reg.ledger.release(reg.worker_id, reg.generation, hid)
+
+        task = asyncio.create_task(release())
+        self._frees.add(task)
+        task.add_done_callback(self._frees.discard)
+        await asyncio.shield(task)
 
     async def expire_reservations(self) -> None:
         """Release reservations whose Decode call never came (gateway or client gone)."""

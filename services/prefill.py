@@ -98,12 +98,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         hid = request.handoff_id
         engine = self.loop.engine
         layers = engine.model_config.num_layers
-        try:
-            channel = await asyncio.to_thread(
+        opening = asyncio.ensure_future(
+            asyncio.to_thread(
                 self.sender.open, request.kv_endpoint, hid, layers, request.decode_address
             )
+        )
+        try:
+            channel = await asyncio.shield(opening)
         except (HandoffError, ValueError) as e:
             await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot reach the decode KV: {e}")
+        except asyncio.CancelledError:  # the channel still opens on its thread: abort it then
+            opening.add_done_callback(_abort_opened)
+            raise
         transport = getattr(channel, "transport", "socket")
         recorder = start_handoff_span(self.tracer, transport, request_id=request.request_id)
         self.pusher.register(hid, channel)
@@ -117,10 +123,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
         finally:
             self.pusher.unregister(hid)
             self.loop.unsubscribe(hid)
-            if out is None:  # cancelled or failed before the prompt was computed
+            if out is None or not out.new_token_ids:  # cancelled, or failed in the engine
                 channel.abort("prefill cancelled")
                 recorder.end(RuntimeError("prefill cancelled"))
-                await self.loop.call(lambda e: e.abort(hid))
+                # posted: runs after the add_request above (if it ran), even if this is cancelled
+                self.loop.post(lambda e: e.abort(hid))
+        if not out.new_token_ids:  # a failed engine step aborted it
+            await abort(context, grpc.StatusCode.INTERNAL, "the prefill engine failed this request")
         task = asyncio.create_task(self._complete_handoff(channel, recorder, layers))
         self._handoffs.add(task)
         task.add_done_callback(self._handoffs.discard)
@@ -155,6 +164,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
     @property
     def idle(self) -> bool:
         return self.active == 0 and not self._handoffs
+
+
+def _abort_opened(opening: asyncio.Future[KVSendChannel]) -> None:
+    """Abort a channel that finished opening after its Prefill call was cancelled."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().abort("prefill cancelled")
 
 
 def prefill_parts(ctx: WorkerContext) -> WorkerParts:

@@ -75,9 +75,10 @@ class Route:
         """The client's stream: tries up to `attempts` worker pairs."""
         last_error = "no worker pair was available"
         for _ in range(self.attempts):
-            try:
-                async for response in self._attempt():
-                    yield response
+            try:  # aclosing: a cancelled request releases its KV now, not when collected
+                async with contextlib.aclosing(self._attempt()) as attempt:
+                    async for response in attempt:
+                        yield response
                 return
             except Retry as e:
                 last_error = str(e)
@@ -86,7 +87,7 @@ class Route:
 
     async def _attempt(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         decode, reservation = await self._reserve()
-        consumed = False
+        settled = False  # decode's stream ended: decode has freed the blocks itself
         try:
             first = await self._prefill(decode, reservation)
             self.progress.kv_bytes += first.kv_bytes
@@ -98,11 +99,16 @@ class Route:
             if first.finish_reason:
                 yield self._response(finish_reason=first.finish_reason, completion_tokens=1)
                 return
-            consumed = True
-            async for response in self._decode(decode, reservation.handoff_id, first):
-                yield response
+            stream = self._decode(decode, reservation.handoff_id, first)
+            async with contextlib.aclosing(stream):
+                async for response in stream:
+                    yield response
+            settled = True
         finally:
-            if not consumed:
+            # failed, cancelled at any point, or prefill finished the request: release (a no-op
+            # where decode's stream already freed the blocks; where its Decode call never
+            # started, the reservation would otherwise hold them until it expires)
+            if not settled:
                 await _release(decode, reservation.handoff_id)
 
     async def _reserve(self) -> tuple[WorkerStub, worker_pb2.ReserveResponse]:
@@ -115,10 +121,14 @@ class Route:
             )  # fmt: skip
             try:
                 reservation = await decode.stub.Reserve(request, timeout=self._timeout())
+            except asyncio.CancelledError:  # decode may have reserved before the cancel came
+                await _release(decode, request.handoff_id)
+                raise
             except grpc.aio.AioRpcError as e:
                 if e.code() == Code.INVALID_ARGUMENT:
                     raise RequestFailed(e.code(), e.details() or "invalid request") from e
-                if e.code() == Code.DEADLINE_EXCEEDED:
+                if e.code() == Code.DEADLINE_EXCEEDED:  # decode may have reserved all the same
+                    await _release(decode, request.handoff_id)
                     raise RequestFailed(e.code(), "deadline exceeded while reserving KV") from e
                 if e.code() == Code.RESOURCE_EXHAUSTED and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)  # blocks free up as sequences finish

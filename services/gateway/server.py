@@ -97,8 +97,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             span.set_attribute("kvmesh.prompt_tokens", len(prompt))
             route = Route(self.directory, rid, model, prompt, sampling, context,
                           self.config.attempts)  # fmt: skip
-            async with self._admit(span):
-                async for response in route.stream():
+            # aclosing: a client that hangs up releases the request's KV now, not when collected
+            async with self._admit(span), contextlib.aclosing(route.stream()) as stream:
+                async for response in stream:
                     if response.finish_reason:
                         self._record(response, route.progress, started)
                     yield response

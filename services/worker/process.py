@@ -3,6 +3,10 @@
 telemetry -> engine thread -> role parts (servicer, KV transport) -> gRPC server ->
 register in Redis -> "<role> ready HOST:PORT" -> ... SIGTERM/SIGINT -> NOT_SERVING, leave
 the registry, wait until the role is idle (bounded), stop the server, close everything.
+
+If the engine thread dies, the process must not stay registered with nothing to serve: it goes
+NOT_SERVING, leaves the registry, stops the server and exits with status 1 (the launcher or the
+orchestrator starts a new one; the registry reclaims whatever blocks it held).
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ async def serve_worker(config: WorkerConfig, build: Callable[[WorkerContext], Wo
     """Run a worker of config.engine.role until SIGTERM/SIGINT, then drain and exit."""
     role = config.engine.role.value
     telemetry = start_process_telemetry(f"kvmesh-{role}", role, config.metrics_port)
-    loop = EngineLoop(Engine(config.engine))
+    died = asyncio.Event()
+    aio = asyncio.get_running_loop()
+    loop = EngineLoop(Engine(config.engine), on_death=lambda _: aio.call_soon_threadsafe(died.set))
     loop.start()
     registration = Registration(config, loop)
     parts = build(WorkerContext(config, loop, registration, telemetry))
@@ -71,12 +77,24 @@ async def serve_worker(config: WorkerConfig, build: Callable[[WorkerContext], Wo
         parts.servicer.draining = True
         await registration.stop()  # gateways stop routing here
         deadline = time.monotonic() + config.drain_timeout_s
-        while not parts.servicer.idle and time.monotonic() < deadline:
+        while not died.is_set() and not parts.servicer.idle and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
-    await serve_until_signal(server, health, stop, drain, grace_s=config.drain_timeout_s)
+    await _first_of(stop, died)
+    stop.set()
+    grace_s = 1.0 if died.is_set() else config.drain_timeout_s  # dead: nothing will finish
+    await serve_until_signal(server, health, stop, drain, grace_s=grace_s)
     for task in tasks:
         task.cancel()
     parts.close()
     loop.stop()
     telemetry.stop()
+    if died.is_set():
+        raise SystemExit(f"{role} worker {registration.worker_id}: the engine thread died")
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()

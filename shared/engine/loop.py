@@ -6,11 +6,22 @@ asyncio queue. The loop steps while there is work and sleeps on a condition when
 
     asyncio handlers --call(fn)--> [command queue] --engine thread: fn(engine); step()-->
     outputs --loop.call_soon_threadsafe--> per-request asyncio.Queue
+
+Cancels: a caller may be cancelled (its client hung up) at any await. Commands run in the order
+they were queued, so a caller's cleanup (`post(abort)`) runs after whatever it queued before;
+a command whose caller was cancelled before it started is skipped, and one that already runs
+completes with nobody to receive its result. The engine thread never settles a future the caller
+has given up on (set_running_or_notify_cancel claims it first).
+
+Death: if the engine thread itself fails, it logs the error, fails every queued and later call
+with EngineDied (a later `post` does nothing), and calls `on_death` so the process can stop
+serving (a registered worker whose engine is gone would wedge every request routed to it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -25,6 +36,11 @@ from kvmesh.shared.telemetry import KvmeshMetrics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 OutputQueue = asyncio.Queue[RequestOutput]
+Command = tuple[Callable[[Engine], Any], Future[Any] | None]  # None: posted, no result
+
+
+class EngineDied(RuntimeError):
+    """The engine thread stopped on an error: nothing more runs on this engine."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +54,13 @@ class LoopStats:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, on_death: Callable[[BaseException], None] | None = None
+    ) -> None:
         self.engine = engine
-        self._commands: list[tuple[Callable[[Engine], Any], Future[Any]]] = []
+        self._on_death = on_death  # called on the engine thread after it failed
+        self._death: BaseException | None = None
+        self._commands: list[Command] = []
         self._streams: dict[
             str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]
         ] = {}
@@ -62,10 +82,24 @@ class EngineLoop:
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Run fn(engine) on the engine thread between steps; its result or exception."""
         future: Future[T] = Future()
+        self._queue(fn, future)
+        return await asyncio.wrap_future(future)
+
+    def post(self, fn: Callable[[Engine], Any]) -> None:
+        """Queue fn(engine) to run between steps whatever becomes of the caller: for cleanup
+        (aborts) that a cancel of the caller must not lose. Its errors are logged; on a dead engine
+        it does nothing."""
         with self._wake:
+            if self._death is None:  # else nothing runs on this engine any more
+                self._commands.append((fn, None))
+                self._wake.notify()
+
+    def _queue(self, fn: Callable[[Engine], Any], future: Future[Any]) -> None:
+        with self._wake:
+            if self._death is not None:
+                raise EngineDied("the engine thread has stopped") from self._death
             self._commands.append((fn, future))
             self._wake.notify()
-        return await asyncio.wrap_future(future)
 
     def subscribe(self, request_id: str) -> asyncio.Queue[RequestOutput]:
         """A queue that receives every output of request_id (call before submitting it)."""
@@ -85,6 +119,23 @@ class EngineLoop:
         )  # fmt: skip
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:
+            self._die(e)
+
+    def _die(self, error: BaseException) -> None:
+        log.critical("the engine thread died; this worker cannot serve", exc_info=error)
+        with self._wake:
+            self._death = error
+            commands, self._commands = self._commands, []
+        for _, future in commands:
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(EngineDied("the engine thread has stopped"))
+        if self._on_death is not None:
+            self._on_death(error)
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not (self._commands or self.engine.has_work or self._stopping):
@@ -97,11 +148,21 @@ class EngineLoop:
             if self.engine.has_work:
                 self._step()
 
-    def _execute(self, fn: Callable[[Engine], Any], future: Future[Any]) -> None:
+    def _execute(self, fn: Callable[[Engine], Any], future: Future[Any] | None) -> None:
+        if future is None:
+            try:
+                fn(self.engine)
+            except Exception:
+                log.exception("a posted engine command failed")
+            return
+        if not future.set_running_or_notify_cancel():
+            return  # its caller was cancelled before it ran: skip it
         try:
-            future.set_result(fn(self.engine))
+            result = fn(self.engine)
         except BaseException as e:  # delivered to the caller
             future.set_exception(e)
+        else:
+            future.set_result(result)  # RUNNING futures cannot be cancelled: never raises
 
     def _step(self) -> None:
         start = time.perf_counter()
@@ -116,7 +177,8 @@ class EngineLoop:
             target = self._streams.get(out.request_id)
             if target is not None:
                 loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                with contextlib.suppress(RuntimeError):  # its event loop closed: nobody listens
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
 
 
 async def publish_gauges(loop: EngineLoop, metrics: KvmeshMetrics, period_s: float = 1.0) -> None:

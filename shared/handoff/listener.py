@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 import torch
 
 from kvmesh.shared.handoff.transport import HandoffResult, LayerCallback, handoff_id_bytes
-from kvmesh.shared.handoff.wire import JOIN_TIMEOUT_S, format_endpoint, shutdown, tune
+from kvmesh.shared.handoff.wire import JOIN_TIMEOUT_S, format_endpoint, settle, shutdown, tune
 
 
 @dataclass(eq=False)
@@ -174,7 +174,7 @@ class ListeningReceiver(ABC, Generic[S]):
                 return False
             state.closed = True
             self._forget(state)
-            state.future.set_result(state.result(ok=ok, error=error))
+            settle(state.future, value=state.result(ok=ok, error=error))  # its waiter may be gone
         return True
 
     def _forget(self, state: S) -> None:

@@ -25,7 +25,7 @@ from kvmesh.shared.handoff.tcp.frames import (
     read_message,
     send_message,
 )
-from kvmesh.shared.handoff.wire import ProtocolError, recv_into
+from kvmesh.shared.handoff.wire import ProtocolError, recv_into, settle
 
 
 @dataclass(eq=False)
@@ -114,7 +114,7 @@ class SocketKVReceiver(ListeningReceiver[_Expected]):
                 return
             state.closed = True
             self._forget(state)
-            state.future.set_result(state.result(ok=True))
+            settle(state.future, value=state.result(ok=True))  # its waiter may be gone
         with contextlib.suppress(OSError):
             send_message(conn, TcpFrameKind.ACK, state.key)
 
