@@ -34,7 +34,7 @@ NO_ID = bytes(16)  # the handoff id of frames about the connection (HELLO, MAP, 
 MAX_PAYLOAD_BYTES = 1 << 20  # a BLOCKS frame: 262,144 block ids
 
 
-class Kind(IntEnum):
+class IpcFrameKind(IntEnum):
     HELLO = 1
     MAP = 2
     BEGIN = 3
@@ -45,12 +45,12 @@ class Kind(IntEnum):
     NACK = 8
 
 
-HEADER = HeaderFormat("16sHHIQ", b"KVIP", 1, Kind, "IPC frame header")
+HEADER = HeaderFormat("16sHHIQ", b"KVIP", 1, IpcFrameKind, "IPC frame header")
 
 
 @dataclass(frozen=True)
 class Frame:
-    kind: Kind
+    kind: IpcFrameKind
     handoff_id: bytes = NO_ID
     layer: int = 0
     num_layers: int = 0
@@ -63,15 +63,17 @@ def pack(frame: Frame, payload: bytes = b"") -> bytes:
     return HEADER.pack(frame) + payload
 
 
-def message(kind: Kind, handoff_id: bytes = NO_ID, payload: bytes = b"", **fields: int) -> bytes:
+def message(
+    kind: IpcFrameKind, handoff_id: bytes = NO_ID, payload: bytes = b"", **fields: int
+) -> bytes:
     return pack(Frame(kind, handoff_id, nbytes=len(payload), **fields), payload)
 
 
-def text(kind: Kind, handoff_id: bytes, reason: str) -> bytes:
+def text(kind: IpcFrameKind, handoff_id: bytes, reason: str) -> bytes:
     return message(kind, handoff_id, reason.encode()[:4096])
 
 
-def document(kind: Kind, fields: dict[str, Any]) -> bytes:
+def document(kind: IpcFrameKind, fields: dict[str, Any]) -> bytes:
     return message(kind, payload=json.dumps(fields).encode())
 
 

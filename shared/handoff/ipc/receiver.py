@@ -36,7 +36,7 @@ from kvmesh.shared.handoff.ipc.frames import (
     NO_ID,
     SCHEME,
     Frame,
-    Kind,
+    IpcFrameKind,
     document,
     message,
     parse_document,
@@ -120,7 +120,9 @@ class IpcKVReceiver(ListeningReceiver[_Expected]):
             return True
         assert state.conn is not None
         sender = self._sender_of(state.conn)
-        self._send(sender, text(Kind.NACK, state.key, error))  # it stops, then answers ABORT
+        self._send(
+            sender, text(IpcFrameKind.NACK, state.key, error)
+        )  # it stops, then answers ABORT
         if self._closing:
             self._settle_fenced(state)
         elif sender is not None and threading.current_thread() is not sender.thread:
@@ -154,23 +156,23 @@ class IpcKVReceiver(ListeningReceiver[_Expected]):
 
     def _handshake(self, sender: _Sender) -> None:
         item = read_frame(sender.conn)
-        if item is None or item[0].kind != Kind.HELLO:
+        if item is None or item[0].kind != IpcFrameKind.HELLO:
             raise ProtocolError("expected HELLO")
         hello = parse_document(item[1], "HELLO")
         sender.pid = int(hello.get("pid", 0))
         try:
             mapping = describe(self.cache)
         except (MapError, RuntimeError) as exc:
-            self._send(sender, text(Kind.NACK, NO_ID, f"cannot share the KV cache: {exc}"))
+            self._send(sender, text(IpcFrameKind.NACK, NO_ID, f"cannot share the KV cache: {exc}"))
             raise MapError(str(exc)) from None
-        self._send(sender, document(Kind.MAP, mapping))
+        self._send(sender, document(IpcFrameKind.MAP, mapping))
 
     def _on_frame(self, sender: _Sender, frame: Frame, payload: bytes) -> None:
-        if frame.kind == Kind.BEGIN:
+        if frame.kind == IpcFrameKind.BEGIN:
             self._begin(sender, frame)
-        elif frame.kind == Kind.WRITTEN:
+        elif frame.kind == IpcFrameKind.WRITTEN:
             self._written(sender, frame)
-        elif frame.kind == Kind.ABORT:
+        elif frame.kind == IpcFrameKind.ABORT:
             self._aborted(sender, frame, payload.decode(errors="replace"))
         else:
             raise ProtocolError(f"unexpected {frame.kind.name} frame from a sender")
@@ -179,11 +181,11 @@ class IpcKVReceiver(ListeningReceiver[_Expected]):
         state = self._get(frame.handoff_id)
         if state is None:
             error = "handoff not expected (reserve first)"
-            return self._send(sender, text(Kind.NACK, frame.handoff_id, error))
+            return self._send(sender, text(IpcFrameKind.NACK, frame.handoff_id, error))
         block_ids = getattr(state.on_layer, "block_ids", None)
         if block_ids is None:  # not a consumer of blocks: another transport takes it
             error = "this handoff is not written in place (its on_layer has no block_ids)"
-            return self._send(sender, text(Kind.NACK, frame.handoff_id, error))
+            return self._send(sender, text(IpcFrameKind.NACK, frame.handoff_id, error))
         with state.lock:
             if state.closed:
                 error = "handoff cancelled or failed"
@@ -199,7 +201,7 @@ class IpcKVReceiver(ListeningReceiver[_Expected]):
         if error:
             return self._reject(sender, frame.handoff_id, state, error)
         ids_bytes = struct.pack(f"<{len(block_ids)}I", *block_ids)
-        reply = message(Kind.BLOCKS, state.key, ids_bytes, num_layers=state.num_layers,
+        reply = message(IpcFrameKind.BLOCKS, state.key, ids_bytes, num_layers=state.num_layers,
                         value=state.layer_nbytes)  # fmt: skip
         self._send(sender, reply)
 
@@ -225,7 +227,7 @@ class IpcKVReceiver(ListeningReceiver[_Expected]):
                 return
             state.fenced.set()  # the last layer is written: nothing more will be
         if self._close(state, ok=True):
-            self._send(sender, message(Kind.ACK, state.key))
+            self._send(sender, message(IpcFrameKind.ACK, state.key))
 
     def _aborted(self, sender: _Sender, frame: Frame, reason: str) -> None:
         with self._lock:
@@ -252,7 +254,7 @@ class IpcKVReceiver(ListeningReceiver[_Expected]):
         if state is not None:
             self._fail(state, error)
         if state is None or not state.nacked:
-            self._send(sender, text(Kind.NACK, key, error))
+            self._send(sender, text(IpcFrameKind.NACK, key, error))
 
     def _ended(self, sender: _Sender) -> None:
         """The connection ended: its handoffs fail, once its process can no longer write."""

@@ -34,7 +34,7 @@ from kvmesh.kernels.checksum import MASK64, layer_checksum, layer_checksum_ref
 from kvmesh.shared.handoff.channel import SendChannel, SenderConnection
 from kvmesh.shared.handoff.ipc.frames import (
     Frame,
-    Kind,
+    IpcFrameKind,
     document,
     message,
     parse_document,
@@ -85,14 +85,14 @@ class _Connection(SenderConnection):
         hello = {"pid": os.getpid(), "host": host_id()}
         try:
             self.sock.settimeout(self.timeout)
-            self.sock.sendall(document(Kind.HELLO, hello))
+            self.sock.sendall(document(IpcFrameKind.HELLO, hello))
             item = read_frame(self.sock)
         except OSError as exc:
             raise HandoffError(f"IPC handshake with {self.endpoint} failed: {exc}") from exc
-        if item is None or item[0].kind not in (Kind.MAP, Kind.NACK):
+        if item is None or item[0].kind not in (IpcFrameKind.MAP, IpcFrameKind.NACK):
             raise HandoffError(f"{self.endpoint} answered HELLO with no MAP")
         frame, payload = item
-        if frame.kind == Kind.NACK:
+        if frame.kind == IpcFrameKind.NACK:
             why = payload.decode(errors="replace")
             raise HandoffError(f"{self.endpoint} cannot share its KV cache: {why}")
         try:
@@ -109,7 +109,7 @@ class _Connection(SenderConnection):
             self._begins[channel.key] = reply
         self.add(channel)
         try:
-            self.write(message(Kind.BEGIN, channel.key, num_layers=channel.num_layers))
+            self.write(message(IpcFrameKind.BEGIN, channel.key, num_layers=channel.num_layers))
             layer_nbytes, blocks = reply.result(self.timeout)
         except FutureTimeout:
             why = f"{self.endpoint} did not answer BEGIN in {self.timeout} s"
@@ -168,7 +168,7 @@ class _Connection(SenderConnection):
             channel = job.channel
             if job.data is None:
                 if channel.stop():
-                    self._send_quietly(text(Kind.ABORT, channel.key, job.reason))
+                    self._send_quietly(text(IpcFrameKind.ABORT, channel.key, job.reason))
             elif not channel.failed:
                 try:
                     value, seconds = self._write_layer(channel, job)
@@ -176,7 +176,7 @@ class _Connection(SenderConnection):
                     channel.abort(f"writing layer {job.layer} failed: {exc!r}")
                     continue
                 channel.written(job.layer, seconds)
-                self._send_quietly(message(Kind.WRITTEN, channel.key, layer=job.layer,
+                self._send_quietly(message(IpcFrameKind.WRITTEN, channel.key, layer=job.layer,
                                            num_layers=channel.num_layers, value=value))  # fmt: skip
 
     def _write_layer(self, channel: IpcSendChannel, job: _Job) -> tuple[int, float]:
@@ -243,17 +243,17 @@ class _Connection(SenderConnection):
     def _on_reply(self, frame: Frame, payload: bytes) -> None:
         with self.lock:
             reply = self._begins.get(frame.handoff_id)
-        if frame.kind == Kind.BLOCKS and reply is not None:
+        if frame.kind == IpcFrameKind.BLOCKS and reply is not None:
             count = frame.nbytes // 4
             settle(reply, value=(frame.value, list(struct.unpack(f"<{count}I", payload))))
-        elif frame.kind == Kind.NACK and reply is not None:
+        elif frame.kind == IpcFrameKind.NACK and reply is not None:
             why = payload.decode(errors="replace")
             settle(reply, HandoffError(f"receiver rejected handoff: {why}"))
-        elif frame.kind in (Kind.ACK, Kind.NACK):
+        elif frame.kind in (IpcFrameKind.ACK, IpcFrameKind.NACK):
             with self.lock:
                 channel = self.channels.get(frame.handoff_id)
             self.on_reply(frame.handoff_id, frame.kind.name, payload.decode(errors="replace"))
-            if frame.kind == Kind.NACK and channel is not None:
+            if frame.kind == IpcFrameKind.NACK and channel is not None:
                 channel.stop_writing()  # the receiver waits for this before freeing its blocks
         else:
             raise ProtocolError(f"unexpected {frame.kind.name} frame from a receiver")
