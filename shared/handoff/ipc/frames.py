@@ -5,8 +5,8 @@ itself never crosses it: the sender writes the receiver's blocks in shared memor
                                       | layer u16 | num_layers u16 | nbytes u32 | value u64
     sender -> receiver   HELLO    payload = JSON {pid, host}: once, first
                          BEGIN    num_layers: start writing this handoff
-                         WRITTEN  layer, value = checksum of the layer's bytes: its writes are
-                                  complete (the sender's copies have finished)
+                         WRITTEN  layer, value = check of the layer's bytes (host_check): its
+                                  writes are complete (the sender's copies have finished)
                          ABORT    payload = reason: the sender gave up on the handoff and no
                                   longer writes it (its last write is complete)
     receiver -> sender   MAP      payload = JSON: how to map the receiver's KV cache (ipc/memory)
@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import json
 import socket
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
+
+import torch
 
 from kvmesh.shared.handoff.wire import HeaderFormat, ProtocolError, recv_into
 
@@ -97,6 +100,13 @@ def parse_document(payload: bytes, what: str) -> dict[str, Any]:
     if not isinstance(fields, dict):
         raise ProtocolError(f"{what} is not a JSON object")
     return fields
+
+
+def host_check(layer: torch.Tensor) -> int:
+    """WRITTEN's value for a layer on the host (contiguous): the crc32 of its bytes (zlib, in C
+    without the GIL). On a GPU both ends use kernels/checksum's word sum (one launch, no copy of
+    the layer to the host)."""
+    return zlib.crc32(layer.reshape(-1).view(torch.uint8).numpy())
 
 
 def parse_ipc_endpoint(endpoint: str) -> tuple[str, int]:

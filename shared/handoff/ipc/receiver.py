@@ -31,13 +31,14 @@ from pathlib import Path
 import torch
 
 from kvmesh.kernels.block_copy import gather_blocks, gather_blocks_ref
-from kvmesh.kernels.checksum import MASK64, layer_checksum, layer_checksum_ref
+from kvmesh.kernels.checksum import MASK64, layer_checksum
 from kvmesh.shared.handoff.ipc.frames import (
     NO_ID,
     SCHEME,
     Frame,
     IpcFrameKind,
     document,
+    host_check,
     message,
     parse_document,
     read_frame,
@@ -243,7 +244,7 @@ class IpcKVReceiver(ListeningReceiver[_Expected]):
         assert state.blocks is not None
         kv_layer = self.cache[layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
         if self.cache.device.type != "cuda":
-            return int(layer_checksum_ref(gather_blocks_ref(kv_layer, state.blocks))) & MASK64
+            return host_check(gather_blocks_ref(kv_layer, state.blocks))
         if sender.stream is None:
             sender.stream = torch.cuda.Stream(self.cache.device)
         with torch.cuda.device(self.cache.device), torch.cuda.stream(sender.stream):

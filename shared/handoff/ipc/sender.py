@@ -5,17 +5,20 @@ process (its MAP answer to our HELLO). open() sends a handoff's BEGIN and waits 
 the receiver's blocks reserved for it, the only ones it writes. Each connection has
 
     a writer thread   takes the layers queued by send_layer in order: (CUDA: waits for the
-                      event the caller's stream recorded,) checksums the layer, copies it into
-                      the receiver's blocks (CUDA: device copies on a stream of its own, then
-                      waits for them), and only then sends WRITTEN with the checksum; a
-                      handoff that failed is never written again, and its ABORT goes last,
-                      after every copy it started
+                      event the caller's stream recorded,) checks the layer (ipc/frames
+                      host_check, or kernels/checksum), copies it into the receiver's blocks
+                      (CUDA: device copies on a stream of its own, then waits for them), and
+                      only then sends WRITTEN with the check; a handoff that failed is never
+                      written again. Its ABORT goes ahead of the layers still queued (the
+                      receiver waits for it), but never during a copy: between two layers no
+                      copy runs
     a reader thread   BLOCKS, ACK, NACK; a NACK queues the handoff's ABORT (the receiver
                       gives its blocks back once it came), as does abort()
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -30,12 +33,13 @@ from dataclasses import dataclass
 import torch
 
 from kvmesh.kernels.block_copy import scatter_blocks, scatter_blocks_ref
-from kvmesh.kernels.checksum import MASK64, layer_checksum, layer_checksum_ref
+from kvmesh.kernels.checksum import MASK64, layer_checksum
 from kvmesh.shared.handoff.channel import SendChannel, SenderConnection
 from kvmesh.shared.handoff.ipc.frames import (
     Frame,
     IpcFrameKind,
     document,
+    host_check,
     message,
     parse_document,
     parse_ipc_endpoint,
@@ -50,21 +54,28 @@ from kvmesh.shared.handoff.wire import JOIN_TIMEOUT_S, ProtocolError, connect, s
 
 @dataclass(frozen=True)
 class _Job:
-    """One step for the writer thread: a layer to write, or (data None) the handoff's ABORT."""
+    """One step for the writer thread: a layer to write, or (data None) the handoff's ABORT
+    (of `key`, when no channel of this sender holds it any more)."""
 
-    channel: IpcSendChannel
+    channel: IpcSendChannel | None
+    key: bytes = b""
     layer: int = 0
     data: torch.Tensor | None = None  # any dtype/device; not mutated until written
     ready: torch.cuda.Event | None = None  # recorded on the caller's stream after `data`
     reason: str = ""
 
 
+_WAKE = _Job(None, data=torch.empty(0))  # wakes the writer for the ABORTs queued ahead
+
+
 class _Connection(SenderConnection):
     """One connection to a receiver, with its KV cache mapped; shared by the handoffs to it."""
 
-    def __init__(self, endpoint: str, device: torch.device, timeout: float) -> None:
+    def __init__(
+        self, endpoint: str, device: torch.device, timeout: float, reply_timeout: float
+    ) -> None:
         super().__init__(endpoint)
-        self.device, self.timeout = device, timeout
+        self.device, self.timeout, self.reply_timeout = device, timeout, reply_timeout
         self._send_lock = threading.Lock()
         self.sock = connect(endpoint, parse_ipc_endpoint(endpoint), timeout)
         try:
@@ -75,6 +86,7 @@ class _Connection(SenderConnection):
         self.sock.settimeout(None)
         self._begins: dict[bytes, Future[tuple[int, list[int]]]] = {}  # under lock
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._aborts: collections.deque[_Job] = collections.deque()  # ahead of _jobs
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # the writer's, per device
         self._writer = threading.Thread(target=self._write_loop, name="ipc-write", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name="ipc-ack", daemon=True)
@@ -110,9 +122,10 @@ class _Connection(SenderConnection):
         self.add(channel)
         try:
             self.write(message(IpcFrameKind.BEGIN, channel.key, num_layers=channel.num_layers))
-            layer_nbytes, blocks = reply.result(self.timeout)
+            layer_nbytes, blocks = reply.result(self.reply_timeout)
         except FutureTimeout:
-            why = f"{self.endpoint} did not answer BEGIN in {self.timeout} s"
+            why = f"{self.endpoint} did not answer BEGIN in {self.reply_timeout} s"
+            self.submit(_Job(None, channel.key, reason=why))  # it may yet: it must not wait
             raise HandoffError(why) from None
         finally:
             with self.lock:
@@ -125,6 +138,10 @@ class _Connection(SenderConnection):
     # -- called by channels
 
     def submit(self, job: _Job) -> None:
+        """Queue a job for the writer: a layer after those queued, an ABORT ahead of them."""
+        if job.data is None:
+            self._aborts.append(job)
+            job = _WAKE
         self._jobs.put(job)
 
     def write(self, data: bytes) -> None:
@@ -165,11 +182,13 @@ class _Connection(SenderConnection):
 
     def _write_loop(self) -> None:
         while (job := self._jobs.get()) is not None:
+            while self._aborts:  # no copy runs now: the ABORTs may go
+                abort = self._aborts.popleft()
+                if abort.channel is None or abort.channel.stop():
+                    key = abort.key if abort.channel is None else abort.channel.key
+                    self._send_quietly(text(IpcFrameKind.ABORT, key, abort.reason))
             channel = job.channel
-            if job.data is None:
-                if channel.stop():
-                    self._send_quietly(text(IpcFrameKind.ABORT, channel.key, job.reason))
-            elif not channel.failed:
+            if channel is not None and job.data is not None and not channel.failed:
                 try:
                     value, seconds = self._write_layer(channel, job)
                 except Exception as exc:  # a copy failed: give the handoff up
@@ -194,7 +213,7 @@ class _Connection(SenderConnection):
         dst = self.cache[job.layer]  # [2, num_blocks, block_size, kv_heads, head_dim]
         if src.device.type != "cuda":
             scatter_blocks_ref(dst, channel.blocks, src)
-            value = int(layer_checksum_ref(src))
+            value = host_check(src)
         else:
             value = self._write_cuda(src, dst, channel.blocks, job.ready)
         return value & MASK64, time.perf_counter() - start
@@ -243,18 +262,23 @@ class _Connection(SenderConnection):
     def _on_reply(self, frame: Frame, payload: bytes) -> None:
         with self.lock:
             reply = self._begins.get(frame.handoff_id)
-        if frame.kind == IpcFrameKind.BLOCKS and reply is not None:
-            count = frame.nbytes // 4
-            settle(reply, value=(frame.value, list(struct.unpack(f"<{count}I", payload))))
+            channel = self.channels.get(frame.handoff_id)
+        if frame.kind == IpcFrameKind.BLOCKS:
+            if reply is not None:  # else a late answer to a BEGIN given up (and ABORTed)
+                count = frame.nbytes // 4
+                settle(reply, value=(frame.value, list(struct.unpack(f"<{count}I", payload))))
         elif frame.kind == IpcFrameKind.NACK and reply is not None:
             why = payload.decode(errors="replace")
             settle(reply, HandoffError(f"receiver rejected handoff: {why}"))
         elif frame.kind in (IpcFrameKind.ACK, IpcFrameKind.NACK):
-            with self.lock:
-                channel = self.channels.get(frame.handoff_id)
             self.on_reply(frame.handoff_id, frame.kind.name, payload.decode(errors="replace"))
-            if frame.kind == IpcFrameKind.NACK and channel is not None:
-                channel.stop_writing()  # the receiver waits for this before freeing its blocks
+            if frame.kind == IpcFrameKind.NACK:
+                # the receiver frees the blocks once it knows nothing more is written to them:
+                # ABORT after this channel's copies, or at once for a handoff no channel holds
+                if channel is not None:
+                    channel.stop_writing()
+                else:
+                    self.submit(_Job(None, frame.handoff_id, reason="not written here"))
         else:
             raise ProtocolError(f"unexpected {frame.kind.name} frame from a receiver")
 
@@ -285,7 +309,7 @@ class IpcSendChannel(SendChannel):
         if data.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(data.device))
-        self.conn.submit(_Job(self, layer, data, ready))
+        self.conn.submit(_Job(self, layer=layer, data=data, ready=ready))
 
     def finish(self, timeout: float) -> HandoffStats:
         self._await_ack(timeout, self.conn)
@@ -322,8 +346,11 @@ class IpcKVSender:
     """Prefill side of the IPC transport (implements transport.KVSender) on `device`: a
     connection per endpoint, each with its receiver's cache mapped."""
 
-    def __init__(self, device: torch.device, timeout: float = 5.0) -> None:
-        self.device, self.timeout = device, timeout
+    def __init__(
+        self, device: torch.device, timeout: float = 5.0, reply_timeout: float = 30.0
+    ) -> None:
+        # timeout: connecting and mapping; reply_timeout: the receiver's answer to a BEGIN
+        self.device, self.timeout, self.reply_timeout = device, timeout, reply_timeout
         self._lock = threading.Lock()
         self._conns: dict[str, _Connection] = {}
 
@@ -356,5 +383,6 @@ class IpcKVSender:
         with self._lock:
             conn = self._conns.get(endpoint)
             if conn is None or conn.dead:
-                conn = self._conns[endpoint] = _Connection(endpoint, self.device, self.timeout)
+                conn = _Connection(endpoint, self.device, self.timeout, self.reply_timeout)
+                self._conns[endpoint] = conn
             return conn

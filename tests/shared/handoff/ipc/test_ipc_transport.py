@@ -383,3 +383,51 @@ def test_a_receiver_on_another_host_is_never_sent_ipc(decode) -> None:
         assert AutoKVSender(CPU).transport_for(local.start()) == "ipc"
     finally:
         local.close()
+
+
+class SlowBlocks:
+    """A receiver callback whose block ids take a while to read: a receiver slow to answer."""
+
+    def __init__(self, block_ids: list[int], delay: float) -> None:
+        self._ids, self.delay = block_ids, delay
+
+    @property
+    def block_ids(self) -> list[int]:
+        time.sleep(self.delay)
+        return self._ids
+
+    def __call__(self, layer: int, payload: torch.Tensor) -> None:
+        raise AssertionError("the IPC transport writes the blocks itself")
+
+
+def test_a_begin_given_up_is_aborted_and_its_late_answer_ignored(decode) -> None:
+    from kvmesh.shared.handoff.ipc import IpcKVSender
+
+    rx = IpcKVReceiver(decode.kv_cache)
+    endpoint = rx.start()
+    tx = IpcKVSender(CPU, reply_timeout=0.2)
+    try:
+        nbytes = layer_nbytes(decode, 2)
+        slow = str(uuid.uuid4())
+        future = rx.expect(slow, 2, nbytes, SlowBlocks([1, 2], delay=1.0))
+        with pytest.raises(HandoffError, match="did not answer BEGIN"):
+            tx.open(endpoint, slow, 2)
+        result = future.result(WAIT_S)  # the sender's ABORT fenced it: nothing is written
+        assert not result.ok and "aborted by sender" in result.error
+        # the late BLOCKS (sent before the ABORT was read) left the connection alone
+        time.sleep(0.3)
+        assert tx.connected(endpoint)
+        hid = str(uuid.uuid4())
+        done = rx.expect(hid, 2, nbytes, SlowBlocks([3, 4], delay=0.0))
+        channel = tx.open(endpoint, hid, 2)
+        layers = make_layers(4, 2, (2, 2, *decode.kv_cache.shape[3:]))
+        for i, layer in enumerate(layers):
+            channel.send_layer(i, layer)
+        channel.finish(WAIT_S)
+        assert done.result(WAIT_S).ok and rx.num_senders == 1
+        ids = torch.tensor([3, 4])
+        assert all(torch.equal(gather_blocks_ref(decode.kv_cache[i], ids), x)
+                   for i, x in enumerate(layers))  # fmt: skip
+    finally:
+        tx.close()
+        rx.close()
