@@ -34,7 +34,11 @@ class Place:
         return other is not None and other.host == self.host
 
     def same_device(self, other: Place | None) -> bool:
-        return self.same_host(other) and other is not None and other.device == self.device
+        """A card's UUID names it whatever the host id says (containers of one host differ in
+        hostname and namespaces); "cpu" is the same device only on the same host."""
+        if other is None or other.device != self.device:
+            return False
+        return self.device != CPU or self.same_host(other)
 
 
 @functools.cache

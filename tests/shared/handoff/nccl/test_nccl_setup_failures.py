@@ -20,7 +20,7 @@ import torch
 
 from kvmesh.shared.handoff.auto import AutoKVSender, MultiKVReceiver
 from kvmesh.shared.handoff.backoff import SetupBackoff
-from kvmesh.shared.handoff.locality import here
+from kvmesh.shared.handoff.locality import Place, here
 from kvmesh.shared.handoff.nccl import binding as nccl
 from kvmesh.shared.handoff.nccl.link import offer_link
 from kvmesh.shared.handoff.nccl.receiver import NcclKVReceiver
@@ -155,6 +155,15 @@ def test_two_ends_on_one_device_never_try_nccl(fabric) -> None:
             assert fabric.inits == Counter()
         finally:
             tx.close()
+
+
+def test_one_card_is_one_device_across_hosts_ids_and_the_cpu_is_not() -> None:
+    card, other_card = "GPU-6a1e0c2d-0000-0000-0000-000000000001", "GPU-6a1e0c2d-0000-0000-0000-2"
+    assert Place("host-a", card).same_device(Place("container-b", card))  # one card
+    assert not Place("host-a", card).same_device(Place("host-a", other_card))
+    assert Place("host-a", "cpu").same_device(Place("host-a", "cpu"))
+    assert not Place("host-a", "cpu").same_device(Place("host-b", "cpu"))
+    assert not Place("host-a", card).same_device(None)
 
 
 def test_the_backoff_doubles_then_gives_up() -> None:
