@@ -194,6 +194,18 @@ print(json.dumps([str(table), table.is_file(), str(linear.TUNED_FILE), len(linea
     assert cards >= 1  # the measured table, not an empty one: no autotuning at start-up
 
 
+def test_import_kernels_in_this_venv_is_hugging_faces() -> None:
+    """Run from the checkout's root without -P (its folders first on sys.path), `kernels` is
+    still Hugging Face's (transformers depends on it): the root folders are no packages."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import kernels, transformers; transformers.AutoTokenizer; "
+         "print(kernels.__file__)"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).is_relative_to(sysconfig.get_paths()["purelib"]), out.stdout
+
+
 # --------------------------------------------------------------------------- newest releases
 
 PROBE = """
