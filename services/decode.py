@@ -6,6 +6,9 @@ plane, and decodes every committed sequence in one in-flight batch, streaming to
     Decode   -> all layers intact? commit (Redis `owned`), join the running batch, stream
     Release  -> give back a reservation that will not be used
     OpenKVLink -> a prefill worker's new NCCL pair: its unique id, for the NCCL receiver
+
+Block sets in Redis, the token stream and freeing the blocks however a request ends are what
+aggregated workers do too (services/worker/stream.py).
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from kvmesh.services.worker.process import WorkerContext, WorkerParts, serve_wor
 from kvmesh.services.worker.registration import (
     Registration,
     WorkerConfig,
+    checked_request,
     inspect,
     kv_layout,
     model_response,
     sampling_from_proto,
 )
-from kvmesh.shared.engine.engine import RequestError
+from kvmesh.services.worker.stream import BlockSets
+from kvmesh.shared.engine.engine import Engine, RequestError
 from kvmesh.shared.engine.loop import EngineLoop
 from kvmesh.shared.handoff import (
     HandoffResult,
@@ -47,10 +52,6 @@ from kvmesh.shared.handoff import (
 from kvmesh.shared.telemetry import KvmeshMetrics
 
 log = logging.getLogger(__name__)
-
-# Lease of a block set in Redis; the heartbeat renews it every second, so it only runs out
-# (and the reaper frees the set) when this worker stops heartbeating.
-BLOCK_LEASE_S = 10.0
 
 
 @dataclass
@@ -77,11 +78,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         self.draining = False
         self._reservations: dict[str, _Reservation] = {}
         self._streams = 0
-        self._frees: set[asyncio.Task[None]] = set()  # ledger releases still running
+        self.sets = BlockSets(loop, registration, cancel=receiver.cancel)
 
     @property
     def idle(self) -> bool:
-        return not self._reservations and self._streams == 0 and not self._frees
+        return not self._reservations and self._streams == 0 and not self.sets.freeing
 
     async def Model(self, request, context):  # noqa: N802 (gRPC method name)
         return model_response(self.loop.engine, self.model_id)
@@ -93,13 +94,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     async def Reserve(self, request, context):  # noqa: N802
         if self.draining:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "this decode worker is draining")
-        prompt = list(request.prompt_token_ids)
+        prompt, params = await checked_request(self.loop.engine, request, context)
         try:
-            params = sampling_from_proto(request.sampling)
-            self.loop.engine.validate(prompt, params)
             uuid.UUID(request.handoff_id)
         except ValueError as e:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"handoff_id: {e}")
         hid = request.handoff_id
         try:
             blocks = await self.loop.call(lambda e: e.reserve(hid, len(prompt)))
@@ -114,13 +113,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "no free KV blocks on this decode worker",
             )
-        reg = self.registration
-        lease = BLOCK_LEASE_S
         kept = False
         try:
-            if not await reg.ledger.reserve(
-                reg.worker_id, reg.generation, hid, len(blocks), "", lease
-            ):
+            if not await self.sets.reserve(hid, len(blocks)):
                 await abort(context, grpc.StatusCode.UNAVAILABLE, "block ownership was refused")
             nbytes = layer_nbytes(self.loop.engine, len(blocks))
             layers = self.loop.engine.model_config.num_layers
@@ -132,7 +127,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             kept = True
         finally:
             if not kept:  # refused, failed or cancelled: nothing may keep the blocks
-                await self._free(hid)
+                await self.sets.free(hid)
         return worker_pb2.ReserveResponse(
             handoff_id=hid, kv_endpoint=self.kv_endpoint, num_blocks=len(blocks),
             layout=kv_layout(self.loop.engine),
@@ -182,36 +177,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
             await abort(context, grpc.StatusCode.ABORTED, f"KV handoff failed: {result.error}")
         if self._reservations.pop(hid, None) is None:  # expired or released meanwhile
             await abort(context, grpc.StatusCode.ABORTED, "the reservation was released")
-        queue = self.loop.subscribe(hid)
+        span = trace.get_current_span()
+        span.set_attribute("kvmesh.handoff_bytes", result.nbytes)
+        span.set_attribute("kvmesh.handoff_receive_s", result.seconds)
         prompt = list(request.prompt_token_ids)
         params = sampling_from_proto(request.sampling)
-        reg = self.registration
-        span = trace.get_current_span()
-        joined = time.perf_counter()
-        steps = 0
-        try:
-            await self.loop.call(lambda e: e.commit(hid, prompt, request.first_token, params))
-            await reg.ledger.transition(reg.worker_id, reg.generation, hid, "owned")
-            while True:
-                out = await queue.get()
-                steps += 1
-                span.set_attribute("kvmesh.preemptions", out.num_preemptions)
-                yield worker_pb2.DecodeResponse(
-                    token_ids=out.new_token_ids, text=out.text,
-                    finish_reason=out.finish_reason.value if out.finish_reason else "",
-                    completion_tokens=out.num_output_tokens,
-                )  # fmt: skip
-                if out.finished:
-                    break
-        finally:
-            span.set_attribute("kvmesh.decode_steps", steps)
-            span.set_attribute("kvmesh.time_in_batch_s", time.perf_counter() - joined)
-            span.set_attribute("kvmesh.handoff_bytes", result.nbytes)
-            span.set_attribute("kvmesh.handoff_receive_s", result.seconds)
-            self.loop.unsubscribe(hid)
-            # finished: the engine freed the blocks and the abort is a no-op; else (cancelled,
-            # deadline, or the engine failed) it frees them
-            await self._free(hid)
+
+        def commit(engine: Engine) -> None:
+            engine.commit(hid, prompt, request.first_token, params)
+
+        # the stream frees the blocks however it ends (a no-op in the engine once finished)
+        async with contextlib.aclosing(self.sets.stream(hid, commit)) as stream:
+            async for message in stream:
+                yield message
 
     async def _received(self, reservation: _Reservation) -> HandoffResult:
         """The handoff's result (a failure after 30 s). Shielded: a cancelled caller must not
@@ -226,24 +204,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
         reservation = self._reservations.pop(hid, None)
         if reservation is None:
             return False
-        await self._free(hid)
+        await self.sets.free(hid)
         return True
-
-    async def _free(self, hid: str) -> None:
-        """Free hid's blocks in the receiver, the engine and Redis; a cancel of the caller (its
-        client hung up) stops none of it."""
-        self.receiver.cancel(hid)
-        self.loop.post(lambda e: e.abort(hid))  # after anything hid's handlers queued before
-        reg = self.registration
-
-        async def release() -> None:
-            with contextlib.suppress(Exception):
-                await reg.ledger.release(reg.worker_id, reg.generation, hid)
-
-        task = asyncio.create_task(release())
-        self._frees.add(task)
-        task.add_done_callback(self._frees.discard)
-        await asyncio.shield(task)
 
     async def expire_reservations(self) -> None:
         """Release reservations whose Decode call never came (gateway or client gone)."""

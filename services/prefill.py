@@ -20,10 +20,10 @@ from kvmesh.services.rpc import abort
 from kvmesh.services.worker.process import WorkerContext, WorkerParts, serve_worker
 from kvmesh.services.worker.registration import (
     WorkerConfig,
+    checked_request,
     inspect,
     kv_layout,
     model_response,
-    sampling_from_proto,
 )
 from kvmesh.shared.engine.engine import RequestError
 from kvmesh.shared.engine.kv_cache import blocks_for
@@ -78,12 +78,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServicer):
                 f"KV layout mismatch: decode has {request.layout}, prefill has "
                 f"{kv_layout(self.loop.engine)}",
             )
-        prompt = list(request.prompt_token_ids)
-        try:
-            params = sampling_from_proto(request.sampling)
-            self.loop.engine.validate(prompt, params)
-        except ValueError as e:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        prompt, params = await checked_request(self.loop.engine, request, context)
         self.active += 1
         try:
             return await self._prefill(request, prompt, params, context)

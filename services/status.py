@@ -15,13 +15,12 @@ async def print_status(redis_url: str) -> int:
         await client.aclose()
     workers = snap["workers"]
     print(f"{len(workers)} workers")
-    print(
-        f"{'worker':40} {'role':8} {'address':22} {'free/total blocks':>18} {'run':>4} {'queue':>5}"
-    )
+    header = f"{'worker':40} {'role':10} {'address':22} {'free/total blocks':>18}"
+    print(f"{header} {'run':>4} {'queue':>5}")
     for w in workers:
         blocks = f"{w['free_blocks']}/{w['total_blocks']}"
         print(
-            f"{w['worker_id']:40} {w['role']:8} {w['address']:22} {blocks:>18} "
+            f"{w['worker_id']:40} {w['role']:10} {w['address']:22} {blocks:>18} "
             f"{w['running']:>4} {w['queue_depth']:>5}"
         )
     sets = snap["block_sets"]

@@ -1,10 +1,14 @@
 """One request's way through the mesh, with retries.
 
-    reserve KV on a decode worker -> prefill on a prefill worker (pushes the KV, returns the
-    first token) -> stream the first token -> stream the decode worker's tokens
+    target (directory.pick_target): an aggregated worker, or a decode worker to pair
+    pair:       reserve KV on the decode worker -> prefill on a prefill worker (pushes the KV,
+                returns the first token) -> stream the first token -> stream decode's tokens
+    aggregated: stream the worker's tokens, the first one included
 
-A failed reservation, prefill or handoff is retried on other workers while no decode token has
-reached the client, so the client never sees it; the first token is never sent twice.
+A target without room for the prompt's KV now (RESOURCE_EXHAUSTED, nothing streamed) is asked
+again, or another one is, after a pause, until the deadline. A failed reservation, prefill,
+handoff or stream is retried on other workers while no token after the first has reached the
+client, so the client never sees it; the first token is never sent twice.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -25,6 +30,7 @@ from kvmesh.services.gateway.directory import Directory, WorkerStub
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
+FULL_PAUSE_S = 0.05  # before asking again for KV: blocks free up as sequences finish
 
 
 class RequestFailed(Exception):
@@ -37,6 +43,14 @@ class RequestFailed(Exception):
 
 class Retry(Exception):
     """This attempt failed in a way another worker pair may not."""
+
+
+class Full(Exception):
+    """The target has no room for the prompt's KV now (nothing was streamed)."""
+
+    def __init__(self, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details())
+        self.error = error
 
 
 @dataclass
@@ -68,6 +82,7 @@ class Route:
     sampling: worker_pb2.Sampling
     context: grpc.aio.ServicerContext
     attempts: int
+    block_size: int = 0  # tokens per KV block on the model's workers; 0: unknown
     progress: Progress = field(default_factory=Progress)
     tried: set[str] = field(default_factory=set)  # workers that failed this request
 
@@ -86,7 +101,37 @@ class Route:
         raise RequestFailed(Code.UNAVAILABLE, f"request {self.request_id} failed: {last_error}")
 
     async def _attempt(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        decode, reservation = await self._reserve()
+        deadline = time.monotonic() + (self.context.time_remaining() or 60.0)
+        while True:
+            target = await self._pick("target")
+            if self.block_size:  # counted now: the requests that come next see it
+                blocks = -(-len(self.prompt) // self.block_size)
+                self.directory.note_reserved(target.info.worker_id, blocks)
+            aggregated = target.info.role == "aggregated"
+            stream = self._aggregated(target) if aggregated else self._pair(target)
+            try:
+                async with contextlib.aclosing(stream):
+                    async for response in stream:
+                        yield response
+                return
+            except Full as e:
+                if time.monotonic() >= deadline:
+                    raise self._retry(target, e.error, suspect=True) from e
+                await asyncio.sleep(FULL_PAUSE_S)
+
+    async def _aggregated(self, worker: WorkerStub) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        wid = worker.info.worker_id
+        self.progress.prefill_worker = self.progress.decode_worker = wid
+        request = worker_pb2.AggregatedRequest(
+            request_id=self.request_id, prompt_token_ids=self.prompt, sampling=self.sampling
+        )
+        stream = self._relay(worker, worker.stub.Generate, request, first_included=True)
+        async with contextlib.aclosing(stream):
+            async for response in stream:
+                yield response
+
+    async def _pair(self, decode: WorkerStub) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        reservation = await self._reserve(decode)
         settled = False  # decode's stream ended: decode has freed the blocks itself
         try:
             first = await self._prefill(decode, reservation)
@@ -111,31 +156,26 @@ class Route:
             if not settled:
                 await _release(decode, reservation.handoff_id)
 
-    async def _reserve(self) -> tuple[WorkerStub, worker_pb2.ReserveResponse]:
-        deadline = time.monotonic() + (self.context.time_remaining() or 60.0)
-        while True:
-            decode = await self._pick("decode")
-            request = worker_pb2.ReserveRequest(
-                request_id=self.request_id, handoff_id=str(uuid.uuid4()),
-                prompt_token_ids=self.prompt, sampling=self.sampling,
-            )  # fmt: skip
-            try:
-                reservation = await decode.stub.Reserve(request, timeout=self._timeout())
-            except asyncio.CancelledError:  # decode may have reserved before the cancel came
+    async def _reserve(self, decode: WorkerStub) -> worker_pb2.ReserveResponse:
+        request = worker_pb2.ReserveRequest(
+            request_id=self.request_id, handoff_id=str(uuid.uuid4()),
+            prompt_token_ids=self.prompt, sampling=self.sampling,
+        )  # fmt: skip
+        try:
+            reservation = await decode.stub.Reserve(request, timeout=self._timeout())
+        except asyncio.CancelledError:  # decode may have reserved before the cancel came
+            await _release(decode, request.handoff_id)
+            raise
+        except grpc.aio.AioRpcError as e:
+            if e.code() == Code.INVALID_ARGUMENT:
+                raise RequestFailed(e.code(), e.details() or "invalid request") from e
+            if e.code() == Code.DEADLINE_EXCEEDED:  # decode may have reserved all the same
                 await _release(decode, request.handoff_id)
-                raise
-            except grpc.aio.AioRpcError as e:
-                if e.code() == Code.INVALID_ARGUMENT:
-                    raise RequestFailed(e.code(), e.details() or "invalid request") from e
-                if e.code() == Code.DEADLINE_EXCEEDED:  # decode may have reserved all the same
-                    await _release(decode, request.handoff_id)
-                    raise RequestFailed(e.code(), "deadline exceeded while reserving KV") from e
-                if e.code() == Code.RESOURCE_EXHAUSTED and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)  # blocks free up as sequences finish
-                    continue
-                raise self._retry(decode, e, suspect=True) from e
-            self.directory.note_reserved(decode.info.worker_id, reservation.num_blocks)
-            return decode, reservation
+                raise RequestFailed(e.code(), "deadline exceeded while reserving KV") from e
+            if e.code() == Code.RESOURCE_EXHAUSTED:
+                raise Full(e) from e
+            raise self._retry(decode, e, suspect=True) from e
+        return reservation
 
     async def _prefill(
         self, decode: WorkerStub, reservation: worker_pb2.ReserveResponse
@@ -164,31 +204,50 @@ class Route:
         trace.get_current_span().set_attribute("kvmesh.kv_bytes", response.kv_bytes)
         return response
 
-    async def _decode(
+    def _decode(
         self, decode: WorkerStub, handoff_id: str, first: worker_pb2.PrefillResponse
     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        call = decode.stub.Decode(
-            worker_pb2.DecodeRequest(
-                request_id=self.request_id, handoff_id=handoff_id, prompt_token_ids=self.prompt,
-                first_token=first.first_token, sampling=self.sampling,
-            ),
-            timeout=self._timeout(),
+        request = worker_pb2.DecodeRequest(
+            request_id=self.request_id, handoff_id=handoff_id, prompt_token_ids=self.prompt,
+            first_token=first.first_token, sampling=self.sampling,
         )  # fmt: skip
+        return self._relay(decode, decode.stub.Decode, request, first_included=False)
+
+    async def _relay(
+        self, worker: WorkerStub, method: Any, request: Any, first_included: bool
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        """Relay a worker's stream of DecodeResponses to the client. first_included: its first
+        token is the request's first (aggregated workers), which an earlier attempt may have
+        sent already; it never counts as decoded."""
+        call = method(request, timeout=self._timeout())
+        pending_first = first_included
         try:
             async for msg in call:
-                self.progress.decode_tokens += len(msg.token_ids)
-                yield self._response(
-                    token_ids=list(msg.token_ids), text=msg.text,
-                    finish_reason=msg.finish_reason, completion_tokens=msg.completion_tokens,
-                )  # fmt: skip
+                tokens, text = list(msg.token_ids), msg.text
+                decoded = len(tokens)
+                if pending_first and tokens:
+                    pending_first, decoded = False, decoded - 1
+                    if self.progress.sent_first:  # never twice
+                        tokens, text = tokens[1:], ""
+                    else:
+                        self.progress.sent_first = True
+                        self.progress.first_token_at = time.perf_counter()
+                self.progress.decode_tokens += decoded
+                if tokens or text or msg.finish_reason:
+                    yield self._response(
+                        token_ids=tokens, text=text, finish_reason=msg.finish_reason,
+                        completion_tokens=msg.completion_tokens,
+                    )  # fmt: skip
         except grpc.aio.AioRpcError as e:
-            raise self._decode_failed(decode, e) from e
+            if pending_first and e.code() == Code.RESOURCE_EXHAUSTED:
+                raise Full(e) from e
+            raise self._decode_failed(worker, e) from e
         finally:
             call.cancel()
 
     def _decode_failed(self, decode: WorkerStub, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()
-        if code in (Code.CANCELLED, Code.DEADLINE_EXCEEDED):
+        if code in (Code.CANCELLED, Code.DEADLINE_EXCEEDED, Code.INVALID_ARGUMENT):
             return RequestFailed(code, error.details() or code.name.lower())
         retryable = code in (Code.ABORTED, Code.UNAVAILABLE, Code.NOT_FOUND)
         if self.progress.decode_tokens == 0 and retryable:  # nothing of decode's reached the client
@@ -201,13 +260,16 @@ class Route:
         )
 
     async def _pick(self, role: str) -> WorkerStub:
-        pick = self.directory.pick_decode if role == "decode" else self.directory.pick_prefill
+        pick = self.directory.pick_target if role == "target" else self.directory.pick_prefill
         worker = pick(self.model, self.tried)
         if worker is None:
             await self.directory.refresh()  # one may have joined since the last refresh
             worker = pick(self.model, self.tried)
         if worker is None:
-            raise Retry(f"no {role} worker is available")
+            what = (
+                "aggregated worker or prefill/decode pair" if role == "target" else f"{role} worker"
+            )
+            raise Retry(f"no {what} is available")
         return worker
 
     def _retry(self, worker: WorkerStub, error: grpc.aio.AioRpcError, suspect: bool) -> Retry:

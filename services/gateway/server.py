@@ -95,8 +95,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             model, prompt, sampling = await self._validate(request)
             span.set_attribute("kvmesh.prompt_tokens", len(prompt))
+            limits = self._limits.get(model)
+            block_size = limits.layout.block_size if limits else 0
             route = Route(self.directory, rid, model, prompt, sampling, context,
-                          self.config.attempts)  # fmt: skip
+                          self.config.attempts, block_size)  # fmt: skip
             # aclosing: a client that hangs up releases the request's KV now, not when collected
             async with self._admit(span), contextlib.aclosing(route.stream()) as stream:
                 async for response in stream:
@@ -178,7 +180,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _model_limits(self, model: str) -> worker_pb2.ModelResponse | None:
         if model not in self._limits:
-            worker = self.directory.pick_decode(model, set())
+            worker = self.directory.any_worker(model)
             if worker is None:
                 return None
             with contextlib.suppress(grpc.aio.AioRpcError):

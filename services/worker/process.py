@@ -1,4 +1,4 @@
-"""The life of a prefill or decode process, shared by both roles:
+"""The life of a worker process, shared by every role (prefill, decode, aggregated):
 
 telemetry -> engine thread -> role parts (servicer, KV transport) -> gRPC server ->
 register in Redis -> "<role> ready HOST:PORT" -> ... SIGTERM/SIGINT -> NOT_SERVING, leave

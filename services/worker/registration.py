@@ -1,5 +1,6 @@
-"""What prefill and decode processes share: the engine on its thread, the Redis registration
-with a heartbeat that advertises capacity, and the model description the gateway asks for."""
+"""What worker processes (prefill, decode, aggregated) share: the engine on its thread, the
+Redis registration with a heartbeat that advertises capacity, the model description the
+gateway asks for, and the checks of a request's prompt and sampling."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
+import grpc
 import redis.asyncio as redis
 
 from kvmesh.protos import worker_pb2
+from kvmesh.services.rpc import abort
 from kvmesh.shared.control.ledger import Ledger, WorkerInfo
 from kvmesh.shared.engine.engine import Engine, EngineConfig
 from kvmesh.shared.engine.loop import EngineLoop
@@ -65,6 +69,20 @@ def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingParams:
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0,
         top_k=s.top_k, seed=s.seed, stop=tuple(s.stop), ignore_eos=s.ignore_eos,
     )  # fmt: skip
+
+
+async def checked_request(
+    engine: Engine, request: Any, context: grpc.aio.ServicerContext
+) -> tuple[list[int], SamplingParams]:
+    """A request's prompt and sampling (it has `prompt_token_ids` and `sampling`), or
+    INVALID_ARGUMENT where this engine cannot serve them as asked."""
+    prompt = list(request.prompt_token_ids)
+    try:
+        params = sampling_from_proto(request.sampling)
+        engine.validate(prompt, params)
+    except ValueError as e:
+        await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    return prompt, params
 
 
 def kv_layout(engine: Engine) -> worker_pb2.KVLayout:

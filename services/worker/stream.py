@@ -1,0 +1,102 @@
+"""What decode and aggregated workers share: a request's block set, owned in Redis and freed
+whatever ends the request, and the stream of its tokens out of the engine.
+
+    reserve (Redis `reserved`) -> stream: subscribe -> submit (commit the received KV, or add
+    the prompt) -> `owned` -> a DecodeResponse per output until finished -> free
+    free: abort in the engine (a no-op once finished) and release the set in Redis; a cancel of
+    the caller (its client hung up) stops neither (ARCHITECTURE.md invariant 8)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from opentelemetry import trace
+
+from kvmesh.protos import worker_pb2
+from kvmesh.services.worker.registration import Registration
+from kvmesh.shared.control.ledger import OWNED
+from kvmesh.shared.engine.engine import Engine, RequestOutput
+from kvmesh.shared.engine.loop import EngineLoop
+
+# Lease of a block set in Redis; the heartbeat renews it every second, so it only runs out
+# (and the reaper frees the set) when this worker stops heartbeating.
+BLOCK_LEASE_S = 10.0
+
+
+class BlockSets:
+    """This worker's requests' blocks: their sets in Redis, their streams, their freeing."""
+
+    def __init__(
+        self, loop: EngineLoop, registration: Registration,
+        cancel: Callable[[str], None] = lambda hid: None,
+    ) -> None:  # fmt: skip
+        self.loop = loop
+        self.registration = registration
+        self._cancel = cancel  # what else holds a request's blocks (decode: its KV receiver)
+        self._frees: set[asyncio.Task[None]] = set()  # Redis releases still running
+
+    @property
+    def freeing(self) -> bool:
+        return bool(self._frees)
+
+    async def reserve(self, hid: str, num_blocks: int) -> bool:
+        """Record hid's blocks as this worker's (state `reserved`); False if the registry
+        refused (this worker's registration was fenced)."""
+        reg = self.registration
+        return await reg.ledger.reserve(
+            reg.worker_id, reg.generation, hid, num_blocks, "", BLOCK_LEASE_S
+        )
+
+    async def free(self, hid: str) -> None:
+        """Free hid's blocks (the receiver, the engine, Redis), even if the caller is cancelled."""
+        self._cancel(hid)
+        self.loop.post(lambda e: e.abort(hid))  # after anything hid's handlers queued before
+        reg = self.registration
+
+        async def release() -> None:
+            with contextlib.suppress(Exception):
+                await reg.ledger.release(reg.worker_id, reg.generation, hid)
+
+        task = asyncio.create_task(release())
+        self._frees.add(task)
+        task.add_done_callback(self._frees.discard)
+        await asyncio.shield(task)
+
+    async def stream(
+        self, hid: str, submit: Callable[[Engine], Any],
+        on_first: Callable[[RequestOutput], None] = lambda out: None,
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # fmt: skip
+        """Run submit(engine) (it puts sequence hid on the engine), mark the set `owned` and
+        stream hid's outputs until it finishes; free its blocks however the stream ends (an
+        error raised by submit ends it too, and reaches the caller)."""
+        queue = self.loop.subscribe(hid)
+        reg = self.registration
+        span = trace.get_current_span()
+        joined = time.perf_counter()
+        steps = 0
+        try:
+            await self.loop.call(submit)
+            await reg.ledger.transition(reg.worker_id, reg.generation, hid, OWNED)
+            while True:
+                out = await queue.get()
+                if steps == 0:
+                    on_first(out)
+                steps += 1
+                span.set_attribute("kvmesh.preemptions", out.num_preemptions)
+                yield worker_pb2.DecodeResponse(
+                    token_ids=out.new_token_ids, text=out.text,
+                    finish_reason=out.finish_reason.value if out.finish_reason else "",
+                    completion_tokens=out.num_output_tokens,
+                )  # fmt: skip
+                if out.finished:
+                    break
+        finally:
+            span.set_attribute("kvmesh.decode_steps", steps)
+            span.set_attribute("kvmesh.time_in_batch_s", time.perf_counter() - joined)
+            self.loop.unsubscribe(hid)
+            await self.free(hid)
