@@ -15,7 +15,7 @@ import pytest
 from meshproc import generate, snapshot, start_mesh, wait_until_idle
 from reference import hf_greedy, long_text
 
-from kvmesh.protos import gateway_pb2
+from kvmesh.protos import gateway_pb2, worker_pb2, worker_pb2_grpc
 from kvmesh.shared.control.redis_server import RedisServer
 from kvmesh.shared.engine.engine import Engine, EngineConfig
 from kvmesh.shared.engine.sequence import SamplingParams
@@ -140,3 +140,43 @@ def test_aggregated_beside_a_pair_both_serve(redis_url: str, engine: Engine) -> 
         assert all(s.free_blocks == s.total_blocks for s in states) and not snap["block_sets"]
     finally:
         assert mesh.stop(signal.SIGINT) == 0, "\n".join(mesh.lines[-30:])
+
+
+def test_a_full_aggregated_worker_makes_requests_wait_not_fail(redis_url: str) -> None:
+    """A KV cache of 11 blocks holds two of these prompts at once: the worker refuses the others
+    (RESOURCE_EXHAUSTED) until blocks free up, and the gateway asks again; all are served."""
+    mesh, address = start_mesh(redis_url, "--aggregated", "1", "--kv-cache-mb", "8")
+    try:
+        total = asyncio.run(snapshot(redis_url))["workers"][0]["total_blocks"]
+        assert total == 11  # 8 MiB / (30 layers x 2 x 3 heads x 64 x 4 bytes x 16 tokens)
+        worker = asyncio.run(snapshot(redis_url))["workers"][0]["address"]
+        direct = asyncio.run(_generate_direct(worker, 6))
+        refused = [r for r in direct if r == (Code.RESOURCE_EXHAUSTED, "no free KV blocks for "
+                                              "this prompt on this aggregated worker")]  # fmt: skip
+        assert refused and len(refused) + direct.count(12) == 6, direct
+        requests = [gateway_pb2.GenerateRequest(prompt_token_ids=[100 + i] * 50, max_tokens=12,
+                                                ignore_eos=True) for i in range(6)]  # fmt: skip
+        results = asyncio.run(_all(address, requests))
+        assert [(r.code, len(r.tokens)) for r in results] == [(Code.OK, 12)] * 6, results
+        states, snap = asyncio.run(wait_until_idle(redis_url, timeout=5))
+        assert states[0].free_blocks == total and states[0].integrity_ok and not snap["block_sets"]
+    finally:
+        assert mesh.stop(signal.SIGINT) == 0, "\n".join(mesh.lines[-30:])
+
+
+async def _generate_direct(address: str, n: int) -> list:
+    """n concurrent Aggregated.Generate calls: tokens streamed, or (status, details)."""
+
+    async def one(stub: worker_pb2_grpc.AggregatedStub, i: int) -> int | tuple:
+        request = worker_pb2.AggregatedRequest(
+            prompt_token_ids=[100 + i] * 50,
+            sampling=worker_pb2.Sampling(max_tokens=12, ignore_eos=True),
+        )
+        try:
+            return sum([len(m.token_ids) async for m in stub.Generate(request, timeout=120)])
+        except grpc.aio.AioRpcError as e:
+            return (e.code(), e.details())
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = worker_pb2_grpc.AggregatedStub(channel)
+        return await asyncio.gather(*(one(stub, i) for i in range(n)))
