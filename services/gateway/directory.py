@@ -87,9 +87,6 @@ class Directory:
             roles.append("decode")
         return self._most_free([w for r in roles for w in self._candidates(r, model, exclude)])
 
-    def pick_decode(self, model: str, exclude: set[str]) -> WorkerStub | None:
-        return self._most_free(self._candidates("decode", model, exclude))
-
     def pick_prefill(self, model: str, exclude: set[str]) -> WorkerStub | None:
         candidates = self._candidates("prefill", model, exclude)
         if not candidates:

@@ -47,10 +47,11 @@ def test_decode_goes_to_the_most_free_kv_then_the_least_loaded(redis_url: str) -
             _worker("d-idle", "decode", free=90, running=2),
             _worker("d-full", "decode", free=10, running=0),
             _worker("d-other-model", "decode", free=100, model="other"),
+            _worker("p", "prefill"),
         ])  # fmt: skip
         picks = []
         for _ in range(3):
-            worker = directory.pick_decode("m", set())
+            worker = directory.pick_target("m", set())
             assert worker is not None
             picks.append(worker.info.worker_id)
             directory.note_reserved(worker.info.worker_id, 45)  # what this gateway reserved
@@ -84,11 +85,12 @@ def test_failed_and_excluded_workers_are_skipped(redis_url: str) -> None:
     async def scenario() -> tuple[str | None, str | None, str | None]:
         directory, _ = await _directory(redis_url, [
             _worker("d1", "decode", free=90), _worker("d2", "decode", free=50),
+            _worker("p", "prefill"),
         ])  # fmt: skip
         directory.mark_suspect("d1")
-        a = directory.pick_decode("m", set())
-        b = directory.pick_decode("m", {"d2"})
-        c = directory.pick_decode("unknown-model", set())
+        a = directory.pick_target("m", set())
+        b = directory.pick_target("m", {"d2"})
+        c = directory.pick_target("unknown-model", set())
         await directory.close()
         return (a.info.worker_id if a else None, b.info.worker_id if b else None,
                 c.info.worker_id if c else None)  # fmt: skip
