@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 from opentelemetry import trace
@@ -58,7 +58,7 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServicer):
 
     async def Generate(  # noqa: N802
         self, request: worker_pb2.AggregatedRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         if self.draining:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "this aggregated worker is draining")
         prompt, params = await checked_request(self.loop.engine, request, context)
@@ -74,7 +74,7 @@ class AggregatedServicer(worker_pb2_grpc.AggregatedServicer):
     async def _generate(
         self, hid: str, prompt: list[int], params: SamplingParams,
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # fmt: skip
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:  # fmt: skip
         engine = self.loop.engine
         try:
             reserved = await self.sets.reserve(

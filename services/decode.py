@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -147,7 +147,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
 
     async def Decode(  # noqa: N802
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:
         hid = request.handoff_id
         reservation = self._reservations.get(hid)
         if reservation is None:
@@ -163,7 +163,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServicer):
     async def _decode(
         self, request: worker_pb2.DecodeRequest, reservation: _Reservation,
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # fmt: skip
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:  # fmt: skip
         hid = reservation.handoff_id
         try:
             result = await self._received(reservation)

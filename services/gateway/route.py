@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,7 @@ class Route:
     progress: Progress = field(default_factory=Progress)
     tried: set[str] = field(default_factory=set)  # workers that failed this request
 
-    async def stream(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    async def stream(self) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         """The client's stream: tries up to `attempts` worker pairs."""
         last_error = "no worker pair was available"
         for _ in range(self.attempts):
@@ -100,7 +100,7 @@ class Route:
                 log.warning("request %s: %s; retrying on other workers", self.request_id, e)
         raise RequestFailed(Code.UNAVAILABLE, f"request {self.request_id} failed: {last_error}")
 
-    async def _attempt(self) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    async def _attempt(self) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         deadline = time.monotonic() + (self.context.time_remaining() or 60.0)
         while True:
             target = await self._pick("target")
@@ -119,7 +119,9 @@ class Route:
                     raise self._retry(target, e.error, suspect=True) from e
                 await asyncio.sleep(FULL_PAUSE_S)
 
-    async def _aggregated(self, worker: WorkerStub) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    async def _aggregated(
+        self, worker: WorkerStub
+    ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         wid = worker.info.worker_id
         self.progress.prefill_worker = self.progress.decode_worker = wid
         request = worker_pb2.AggregatedRequest(
@@ -130,7 +132,7 @@ class Route:
             async for response in stream:
                 yield response
 
-    async def _pair(self, decode: WorkerStub) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    async def _pair(self, decode: WorkerStub) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         reservation = await self._reserve(decode)
         settled = False  # decode's stream ended: decode has freed the blocks itself
         try:
@@ -206,7 +208,7 @@ class Route:
 
     def _decode(
         self, decode: WorkerStub, handoff_id: str, first: worker_pb2.PrefillResponse
-    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         request = worker_pb2.DecodeRequest(
             request_id=self.request_id, handoff_id=handoff_id, prompt_token_ids=self.prompt,
             first_token=first.first_token, sampling=self.sampling,
@@ -215,7 +217,7 @@ class Route:
 
     async def _relay(
         self, worker: WorkerStub, method: Any, request: Any, first_included: bool
-    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         """Relay a worker's stream of DecodeResponses to the client. first_included: its first
         token is the request's first (aggregated workers), which an earlier attempt may have
         sent already; it never counts as decoded."""

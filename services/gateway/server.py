@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +87,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(  # noqa: N802
         self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         rid = request.request_id or uuid.uuid4().hex
         span = trace.get_current_span()
         span.set_attribute("kvmesh.request_id", rid)
@@ -188,7 +188,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return self._limits.get(model)
 
     @contextlib.asynccontextmanager
-    async def _admit(self, span: trace.Span) -> AsyncIterator[None]:
+    async def _admit(self, span: trace.Span) -> AsyncGenerator[None, None]:
         if self._slots.locked() and self._waiting >= self.config.max_queue:
             raise RequestFailed(
                 Code.RESOURCE_EXHAUSTED,

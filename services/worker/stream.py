@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from opentelemetry import trace
@@ -70,7 +70,7 @@ class BlockSets:
     async def stream(
         self, hid: str, submit: Callable[[Engine], Any],
         on_first: Callable[[RequestOutput], None] = lambda out: None,
-    ) -> AsyncIterator[worker_pb2.DecodeResponse]:  # fmt: skip
+    ) -> AsyncGenerator[worker_pb2.DecodeResponse, None]:  # fmt: skip
         """Run submit(engine) (it puts sequence hid on the engine), mark the set `owned` and
         stream hid's outputs until it finishes; free its blocks however the stream ends (an
         error raised by submit ends it too, and reaches the caller)."""

@@ -55,7 +55,7 @@ class LoopStats:
 
 class EngineLoop:
     def __init__(
-        self, engine: Engine, on_death: Callable[[BaseException], None] | None = None
+        self, engine: Engine, on_death: Callable[[BaseException], object] | None = None
     ) -> None:
         self.engine = engine
         self._on_death = on_death  # called on the engine thread after it failed
