@@ -37,7 +37,7 @@ TRIES = 100
 def decode_main(conn: Connection) -> None:
     """The decode side: an NCCL receiver on DEVICE (each pair's setup fails) and a TCP one."""
     torch.cuda.set_device(DEVICE)
-    rx = NcclKVReceiver(DEVICE, setup_timeout=30)
+    rx = NcclKVReceiver(DEVICE, setup_timeout=20)
     tcp = SocketKVReceiver()
     links, address = serve_links(rx)
     conn.send((rx.start(), tcp.start(), address))
@@ -51,6 +51,7 @@ def decode_main(conn: Connection) -> None:
     conn.send("bye")
 
 
+@pytest.mark.timeout(900)  # a setup that hangs instead of failing is a failure too
 def test_a_hundred_failed_nccl_setups_leave_both_processes_serving() -> None:
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
@@ -59,7 +60,7 @@ def test_a_hundred_failed_nccl_setups_leave_both_processes_serving() -> None:
     child.close()
     assert conn.poll(120)
     nccl_endpoint, tcp_endpoint, address = conn.recv()
-    tx = NcclKVSender(DEVICE, setup_timeout=30)
+    tx = NcclKVSender(DEVICE, setup_timeout=20)
     try:
         errors = []
         for _ in range(TRIES):
