@@ -53,12 +53,14 @@ class BlockSets:
         )
 
     async def free(self, hid: str) -> None:
-        """Free hid's blocks (the receiver, the engine, Redis), even if the caller is cancelled."""
-        self._cancel(hid)
-        self.loop.post(lambda e: e.abort(hid))  # after anything hid's handlers queued before
+        """Free hid's blocks (the receiver, the engine, Redis), even if the caller is cancelled.
+        The receiver's cancel may wait for a sender to stop writing hid's blocks (IPC), so it runs
+        off the event loop, and the engine frees the blocks only after it returned."""
         reg = self.registration
 
         async def release() -> None:
+            await asyncio.to_thread(self._cancel, hid)
+            self.loop.post(lambda e: e.abort(hid))  # after anything hid's handlers queued before
             with contextlib.suppress(Exception):
                 await reg.ledger.release(reg.worker_id, reg.generation, hid)
 
