@@ -8,22 +8,25 @@ import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Generic, TypeVar
 
 from kvmesh.shared.handoff.transport import HandoffError, handoff_id_bytes
 from kvmesh.shared.handoff.wire import ProtocolError, settle
 
+ChannelT = TypeVar("ChannelT", bound="SendChannel")
 
-class SenderConnection:
-    """One connection to a receiver, shared by the handoffs to it. `lock` guards `channels`
-    and `dead`."""
+
+class SenderConnection(Generic[ChannelT]):
+    """One connection to a receiver, shared by the handoffs to it (each a transport's ChannelT).
+    `lock` guards `channels` and `dead`."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.dead = ""  # why the connection died; empty while alive
         self.lock = threading.Lock()
-        self.channels: dict[bytes, SendChannel] = {}
+        self.channels: dict[bytes, ChannelT] = {}
 
-    def add(self, channel: SendChannel) -> None:
+    def add(self, channel: ChannelT) -> None:
         with self.lock:
             if self.dead:
                 raise HandoffError(f"connection to {self.endpoint} lost: {self.dead}")
@@ -92,7 +95,7 @@ class SendChannel(ABC):
     def abort(self, reason: str) -> None:
         """Give up: the receiver fails the handoff with `reason` (best effort)."""
 
-    def _await_ack(self, timeout: float, connection: SenderConnection) -> None:
+    def _await_ack(self, timeout: float, connection: SenderConnection[Any]) -> None:
         """Wait for the receiver's ACK (HandoffError, after aborting, if none comes), then
         leave `connection`'s table."""
         try:

@@ -157,7 +157,7 @@ def _json_files(body: str) -> dict[str, tuple[str, str, int | None]]:
 
 def _html_files(body: str) -> dict[str, tuple[str, str, int | None]]:
     """filename -> (href, sha256, None) of a PEP 503 project page."""
-    files = {}
+    files: dict[str, tuple[str, str, int | None]] = {}
     for href, name in re.findall(r'<a\s[^>]*href="([^"]+)"[^>]*>\s*([^<\s]+)\s*</a>', body):
         href = href.replace("&amp;", "&")
         url, _, fragment = href.partition("#")

@@ -106,7 +106,7 @@ def host_check(layer: torch.Tensor) -> int:
     """WRITTEN's value for a layer on the host (contiguous): the crc32 of its bytes (zlib, in C
     without the GIL). On a GPU both ends use kernels/checksum's word sum (one launch, no copy of
     the layer to the host)."""
-    return zlib.crc32(layer.reshape(-1).view(torch.uint8).numpy())
+    return zlib.crc32(layer.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def parse_ipc_endpoint(endpoint: str) -> tuple[str, int]:

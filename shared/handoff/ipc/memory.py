@@ -90,7 +90,8 @@ def _open_file(desc: dict[str, Any], device: torch.device, dtype: torch.dtype) -
     if stat.st_size < nbytes:
         raise MapError(f"the cache file has {stat.st_size} bytes, not {nbytes}")
     storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=nbytes)
-    return _view(storage, desc, dtype, torch.device("cpu"))
+    # torch's stub types from_file as _StorageBase's (a union); on UntypedStorage it is one
+    return _view(storage, desc, dtype, torch.device("cpu"))  # type: ignore[arg-type]
 
 
 def _open_cuda(desc: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -68,7 +68,7 @@ class _Job:
 _WAKE = _Job(None, data=torch.empty(0))  # wakes the writer for the ABORTs queued ahead
 
 
-class _Connection(SenderConnection):
+class _Connection(SenderConnection["IpcSendChannel"]):
     """One connection to a receiver, with its KV cache mapped; shared by the handoffs to it."""
 
     def __init__(

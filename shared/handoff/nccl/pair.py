@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kvmesh.shared.handoff.channel import SenderConnection
+from kvmesh.shared.handoff.channel import SendChannel, SenderConnection
 from kvmesh.shared.handoff.nccl import binding as nccl
 from kvmesh.shared.handoff.nccl.frames import (
     Frame,
@@ -140,7 +140,7 @@ class PairOwner(Protocol):
     def setup_timeout(self) -> float: ...
 
 
-class Peer(SenderConnection):
+class Peer(SenderConnection[SendChannel]):  # its channels: NcclSendChannel (which imports this)
     """Prefill side of one decode receiver: control connection + communicator + send stream.
     `lock` also guards comm: launches vs abort; `dead` says why the pair was torn down.
 

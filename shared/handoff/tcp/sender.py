@@ -47,7 +47,7 @@ def _layer_bytes(data: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data
 
 
-class _Connection(SenderConnection):
+class _Connection(SenderConnection["_SocketChannel"]):
     """One TCP connection to a receiver, shared by the handoffs to it."""
 
     def __init__(self, endpoint: str, connect_timeout: float) -> None:
