@@ -17,11 +17,13 @@ import types
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 import grpc
 import pytest
 import torch
+from handoff_peer import decode_after, expect_prompts, greedy, push_prefill, wait_for
 
 from kvmesh.shared.handoff.auto import MultiKVReceiver, split_endpoints
 from kvmesh.shared.handoff.nccl import binding as nccl
@@ -1082,63 +1084,26 @@ def assert_pair_still_works(
     assert torch.equal(store[0], kv[0].view(torch.uint8).reshape(-1))
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_disaggregated_engines_over_the_loopback_match_colocated(fabric, sender) -> None:
     """KVPusher (grouped sends of a batch) -> NCCL transport -> scatter_into -> decode engine."""
     from kvmesh.shared.engine.engine import Engine, EngineConfig, Role
     from kvmesh.shared.engine.sequence import SamplingParams
-    from kvmesh.shared.handoff.kv_io import KVPusher, layer_nbytes, scatter_into
 
-    config = dict(model="synthetic:tiny", block_size=4, num_blocks=64, max_num_batched_tokens=64)
+    config: dict[str, Any] = dict(
+        model="synthetic:tiny", block_size=4, num_blocks=64, max_num_batched_tokens=64
+    )
     prompts = {str(uuid.uuid4()): [3 + (7 * i + j) % 50 for j in range(n)]
                for i, n in enumerate((1, 5, 13))}  # fmt: skip
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    colocated = Engine(EngineConfig(**config))  # type: ignore[arg-type]
-    expected: dict[str, list[int]] = {hid: [] for hid in prompts}
-    for hid, prompt in prompts.items():
-        colocated.add_request(hid, prompt, params)
-    while colocated.has_work:
-        for o in colocated.step():
-            expected[o.request_id] += o.new_token_ids
-
-    prefill = Engine(EngineConfig(role=Role.PREFILL, **config))  # type: ignore[arg-type]
-    decode = Engine(EngineConfig(role=Role.DECODE, **config))  # type: ignore[arg-type]
-    pusher = KVPusher(prefill)
-    prefill.export_hook = pusher
+    expected = greedy(config, prompts, params)
+    prefill = Engine(EngineConfig(role=Role.PREFILL, **config))
+    decode = Engine(EngineConfig(role=Role.DECODE, **config))
     rx = NcclKVReceiver(CPU, fabric=fabric)
     endpoint = fabric.links.add(rx.start(), rx)
     try:
-        futures, channels = {}, {}
-        layers = decode.model_config.num_layers
-        for hid, prompt in prompts.items():
-            blocks = decode.reserve(hid, len(prompt))
-            assert blocks is not None
-            on_layer = scatter_into(decode, blocks)
-            futures[hid] = rx.expect(hid, layers, layer_nbytes(decode, len(blocks)), on_layer)
-            channels[hid] = sender.open(endpoint, hid, layers)
-            pusher.register(hid, channels[hid])
-            prefill.add_request(hid, prompt, params)
-        first = {}
-        while prefill.has_work:
-            for o in prefill.step():
-                first[o.request_id] = o.new_token_ids[0]
-        for hid, prompt in prompts.items():
-            channels[hid].finish(10)
-            assert futures[hid].result(10).ok
-            decode.commit(hid, prompt, first[hid], params)
-        got = {hid: [first[hid]] for hid in prompts}
-        while decode.has_work:
-            for o in decode.step():
-                got[o.request_id] += o.new_token_ids
-        assert got == expected
+        futures = expect_prompts(decode, rx, prompts)
+        first, _ = push_prefill(prefill, partial(sender.open, endpoint), prompts, params, 10)
+        assert decode_after(decode, prompts, first, futures, params, 10) == expected
         assert prefill.pool.num_free == prefill.pool.num_blocks
     finally:
         rx.close()
