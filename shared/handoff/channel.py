@@ -1,19 +1,32 @@
-"""What the senders share: a handoff's sender-side state (SendChannel), and a connection's table
-of the handoffs open on it, which the receiver's ACK/NACK replies settle (SenderConnection)."""
+"""What the senders share: a handoff's sender-side state (SendChannel), a connection's table of
+the handoffs open on it, which the receiver's ACK/NACK replies settle (SenderConnection), and a
+sender's live connection per endpoint (Connections)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from kvmesh.shared.handoff.transport import HandoffError, handoff_id_bytes
+from kvmesh.shared.handoff.transport import HandoffError, HandoffStats, handoff_id_bytes
 from kvmesh.shared.handoff.wire import ProtocolError, settle
 
 ChannelT = TypeVar("ChannelT", bound="SendChannel")
+
+
+class Connection(Protocol):
+    """What Connections keeps: a connection that says why it died (empty while alive)."""
+
+    dead: str
+
+    def close(self) -> None: ...
+
+
+ConnectionT = TypeVar("ConnectionT", bound=Connection)
 
 
 class SenderConnection(Generic[ChannelT]):
@@ -57,6 +70,35 @@ class SenderConnection(Generic[ChannelT]):
             channel.fail(HandoffError(f"receiver rejected handoff {channel.handoff_id}: {text}"))
         else:
             raise ProtocolError(f"unexpected {kind} frame from a receiver")
+
+
+class Connections(Generic[ConnectionT]):
+    """A sender's connection per endpoint: made by `connect(endpoint)` on first use, and again
+    once the one it has died."""
+
+    def __init__(self, connect: Callable[[str], ConnectionT]) -> None:
+        self._connect = connect
+        self._lock = threading.Lock()
+        self._conns: dict[str, ConnectionT] = {}
+
+    def get(self, endpoint: str) -> ConnectionT:
+        with self._lock:
+            conn = self._conns.get(endpoint)
+            if conn is None or conn.dead:
+                conn = self._conns[endpoint] = self._connect(endpoint)
+            return conn
+
+    def live(self, endpoint: str) -> bool:
+        """Whether a live connection to `endpoint` exists."""
+        with self._lock:
+            conn = self._conns.get(endpoint)
+            return conn is not None and not conn.dead
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.close()
 
 
 class SendChannel(ABC):
@@ -110,6 +152,11 @@ class SendChannel(ABC):
             raise
         finally:
             connection.remove(self)
+
+    def _stats(self, layer_times: Callable[[], list[float]]) -> HandoffStats:
+        """The statistics of the ACKed handoff (`layer_times`: seconds per layer, on demand)."""
+        seconds = max(self._acked_at - self._first_send, 1e-9)
+        return HandoffStats(self._nbytes, seconds, self._nbytes / seconds / 1e9, layer_times)
 
     # -- called from the connection's threads
 

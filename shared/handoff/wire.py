@@ -58,9 +58,11 @@ def read_fixed(sock: socket.socket, size: int) -> bytes | None:
     return bytes(raw)
 
 
-def read_bounded(sock: socket.socket, nbytes: int, what: str) -> bytes:
-    """A message payload of `nbytes` (at most MAX_MESSAGE_BYTES: else ProtocolError)."""
-    if nbytes > MAX_MESSAGE_BYTES:
+def read_bounded(
+    sock: socket.socket, nbytes: int, what: str, limit: int = MAX_MESSAGE_BYTES
+) -> bytes:
+    """A message payload of `nbytes` (at most `limit`: else ProtocolError)."""
+    if nbytes > limit:
         raise ProtocolError(f"{what} of {nbytes} bytes")
     raw = bytearray(nbytes)
     recv_into(sock, memoryview(raw))

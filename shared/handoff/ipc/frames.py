@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvmesh.shared.handoff.wire import HeaderFormat, ProtocolError, recv_into
+from kvmesh.shared.handoff.wire import HeaderFormat, ProtocolError, read_bounded
 
 SCHEME = "ipc://"
 NO_ID = bytes(16)  # the handoff id of frames about the connection (HELLO, MAP, its NACK)
@@ -85,11 +85,7 @@ def read_frame(sock: socket.socket) -> tuple[Frame, bytes] | None:
     frame = HEADER.read(sock, Frame)
     if frame is None:
         return None
-    if frame.nbytes > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"{frame.kind.name} frame of {frame.nbytes} bytes")
-    payload = bytearray(frame.nbytes)
-    recv_into(sock, memoryview(payload))
-    return frame, bytes(payload)
+    return frame, read_bounded(sock, frame.nbytes, f"{frame.kind.name} frame", MAX_PAYLOAD_BYTES)
 
 
 def parse_document(payload: bytes, what: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import torch
 
 from kvmesh.kernels.block_copy import scatter_blocks, scatter_blocks_ref
 from kvmesh.kernels.checksum import MASK64, layer_checksum
-from kvmesh.shared.handoff.channel import SendChannel, SenderConnection
+from kvmesh.shared.handoff.channel import Connections, SendChannel, SenderConnection
 from kvmesh.shared.handoff.ipc.frames import (
     Frame,
     IpcFrameKind,
@@ -313,11 +313,7 @@ class IpcSendChannel(SendChannel):
 
     def finish(self, timeout: float) -> HandoffStats:
         self._await_ack(timeout, self.conn)
-        seconds = max(self._acked_at - self._first_send, 1e-9)
-        return HandoffStats(
-            nbytes=self._nbytes, seconds=seconds, gbps=self._nbytes / seconds / 1e9,
-            layer_times=functools.partial(list, self._layer_seconds),
-        )  # fmt: skip
+        return self._stats(functools.partial(list, self._layer_seconds))
 
     def abort(self, reason: str) -> None:
         settle(self._done, HandoffError(f"aborted: {reason}"))
@@ -351,14 +347,13 @@ class IpcKVSender:
     ) -> None:
         # timeout: connecting and mapping; reply_timeout: the receiver's answer to a BEGIN
         self.device, self.timeout, self.reply_timeout = device, timeout, reply_timeout
-        self._lock = threading.Lock()
-        self._conns: dict[str, _Connection] = {}
+        self._conns = Connections(self._connect)
 
     def open(
         self, endpoint: str, handoff_id: str, num_layers: int, decode_address: str = ""
     ) -> IpcSendChannel:
         handoff_id_bytes(handoff_id)  # ValueError if it is not a UUID
-        conn = self._connection(endpoint)
+        conn = self._conns.get(endpoint)
         channel = IpcSendChannel(conn, handoff_id, num_layers)
         try:
             conn.begin(channel)
@@ -369,20 +364,10 @@ class IpcKVSender:
 
     def connected(self, endpoint: str) -> bool:
         """Whether a live connection to `endpoint` (its cache mapped) exists."""
-        with self._lock:
-            conn = self._conns.get(endpoint)
-            return conn is not None and not conn.dead
+        return self._conns.live(endpoint)
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._conns = list(self._conns.values()), {}
-        for conn in conns:
-            conn.close()
+        self._conns.close()
 
-    def _connection(self, endpoint: str) -> _Connection:
-        with self._lock:
-            conn = self._conns.get(endpoint)
-            if conn is None or conn.dead:
-                conn = _Connection(endpoint, self.device, self.timeout, self.reply_timeout)
-                self._conns[endpoint] = conn
-            return conn
+    def _connect(self, endpoint: str) -> _Connection:
+        return _Connection(endpoint, self.device, self.timeout, self.reply_timeout)

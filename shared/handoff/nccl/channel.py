@@ -65,7 +65,7 @@ class NcclSendChannel(SendChannel):
 
     def finish(self, timeout: float) -> HandoffStats:
         self._await_ack(timeout, self.peer)
-        return self._stats()
+        return self._stats(self._layer_times)
 
     def abort(self, reason: str) -> None:
         if settle(self._done, HandoffError(f"aborted: {reason}")):
@@ -84,10 +84,6 @@ class NcclSendChannel(SendChannel):
         super().acked()
         if (timeline := self.sender.timeline) is not None:
             timeline.mark("acked", self.key, WHOLE, self._acked_at)
-
-    def _stats(self) -> HandoffStats:
-        seconds = max(self._acked_at - self._first_send, 1e-9)
-        return HandoffStats(self._nbytes, seconds, self._nbytes / seconds / 1e9, self._layer_times)
 
     def _layer_times(self) -> list[float]:
         """Each layer's share of the time its send's span took on the GPU."""

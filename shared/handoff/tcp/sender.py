@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvmesh.shared.handoff.channel import SendChannel, SenderConnection
+from kvmesh.shared.handoff.channel import Connections, SendChannel, SenderConnection
 from kvmesh.shared.handoff.tcp.frames import (
     Header,
     TcpFrameKind,
@@ -141,7 +141,7 @@ class _SocketChannel(SendChannel):
     def finish(self, timeout: float) -> HandoffStats:
         self._await_ack(timeout, self.conn)
         self._written.wait(timeout)  # the ACK can overtake the writer's bookkeeping
-        return self._stats()
+        return self._stats(functools.partial(list, self._layer_seconds))
 
     def abort(self, reason: str) -> None:
         if settle(self._done, HandoffError(f"aborted: {reason}")):
@@ -156,40 +156,23 @@ class _SocketChannel(SendChannel):
         if self._layers_sent == self.num_layers:
             self._written.set()
 
-    def _stats(self) -> HandoffStats:
-        seconds = max(self._acked_at - self._first_send, 1e-9)
-        return HandoffStats(
-            nbytes=self._nbytes,
-            seconds=seconds,
-            gbps=self._nbytes / seconds / 1e9,
-            layer_times=functools.partial(list, self._layer_seconds),
-        )
-
 
 class SocketKVSender:
     """Prefill side of the TCP transport (implements transport.KVSender): a connection pool."""
 
     def __init__(self, connect_timeout: float = 5.0) -> None:
         self.connect_timeout = connect_timeout
-        self._lock = threading.Lock()
-        self._conns: dict[str, _Connection] = {}
+        self._conns = Connections(self._connect)
 
     def open(
         self, endpoint: str, handoff_id: str, num_layers: int, decode_address: str = ""
     ) -> _SocketChannel:
-        channel = _SocketChannel(self._connection(endpoint), handoff_id, num_layers)
+        channel = _SocketChannel(self._conns.get(endpoint), handoff_id, num_layers)
         channel.conn.add(channel)
         return channel
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._conns = list(self._conns.values()), {}
-        for conn in conns:
-            conn.close()
+        self._conns.close()
 
-    def _connection(self, endpoint: str) -> _Connection:
-        with self._lock:
-            conn = self._conns.get(endpoint)
-            if conn is None or conn.dead:
-                conn = self._conns[endpoint] = _Connection(endpoint, self.connect_timeout)
-            return conn
+    def _connect(self, endpoint: str) -> _Connection:
+        return _Connection(endpoint, self.connect_timeout)
