@@ -40,6 +40,17 @@ async def _directory(redis_url: str, workers: list[WorkerInfo]) -> tuple[Directo
     return directory, ledger
 
 
+def _picks(directory: Directory, n: int, blocks: int) -> list[str]:
+    """The targets of n requests in a row, each reserving `blocks` (as this gateway notes)."""
+    picks = []
+    for _ in range(n):
+        worker = directory.pick_target("m", set())
+        assert worker is not None
+        picks.append(worker.info.worker_id)
+        directory.note_reserved(worker.info.worker_id, blocks)
+    return picks
+
+
 def test_decode_goes_to_the_most_free_kv_then_the_least_loaded(redis_url: str) -> None:
     async def scenario() -> list[str]:
         directory, _ = await _directory(redis_url, [
@@ -49,12 +60,7 @@ def test_decode_goes_to_the_most_free_kv_then_the_least_loaded(redis_url: str) -
             _worker("d-other-model", "decode", free=100, model="other"),
             _worker("p", "prefill"),
         ])  # fmt: skip
-        picks = []
-        for _ in range(3):
-            worker = directory.pick_target("m", set())
-            assert worker is not None
-            picks.append(worker.info.worker_id)
-            directory.note_reserved(worker.info.worker_id, 45)  # what this gateway reserved
+        picks = _picks(directory, 3, blocks=45)
         await directory.close()
         return picks
 
@@ -104,12 +110,7 @@ def test_requests_go_to_an_aggregated_worker_or_a_pair_by_free_kv(redis_url: str
             _worker("a", "aggregated", free=90, queue=3), _worker("d", "decode", free=80),
             _worker("p", "prefill"),
         ])  # fmt: skip
-        picks = []
-        for _ in range(3):
-            worker = directory.pick_target("m", set())
-            assert worker is not None
-            picks.append(worker.info.worker_id)
-            directory.note_reserved(worker.info.worker_id, 15)
+        picks = _picks(directory, 3, blocks=15)
         # without a prefill worker no pair can serve: only the aggregated worker remains
         lone = directory.pick_target("m", {"p"})
         none = directory.pick_target("m", {"p", "a"})
