@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 import pytest
-from meshproc import Proc, Result, generate, snapshot, start_mesh, wait_until_idle
+from meshproc import Mesh, Result, generate, snapshot, wait_until_idle
 from reference import long_text
 
 from kvmesh.protos import gateway_pb2, gateway_pb2_grpc
@@ -29,19 +28,12 @@ Code = grpc.StatusCode
 FIRST_TOKEN_TIMEOUT_S = 90.0
 
 
-@dataclass
-class Mesh:
-    proc: Proc
-    address: str
-    redis_url: str
-
-
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
     with RedisServer() as server:
-        proc, address = start_mesh(server.url, "--prefill", "1", "--decode", "1")
-        yield Mesh(proc, address, server.url)
-        assert proc.stop(signal.SIGINT) == 0, "\n".join(proc.lines[-30:])
+        mesh = Mesh.start(server.url, "--prefill", "1", "--decode", "1")
+        yield mesh
+        mesh.proc.interrupt()
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from meshproc import Proc, generate, inspect_all, kvmesh, snapshot, start_mesh, wait_until_idle
+from meshproc import Mesh, generate, inspect_all, kvmesh, snapshot, wait_until_idle
 from reference import hf_greedy, long_text
 
 from kvmesh.protos import gateway_pb2, gateway_pb2_grpc
@@ -28,13 +27,6 @@ from kvmesh.shared.engine.sequence import SamplingParams
 Code = grpc.StatusCode
 
 
-@dataclass
-class Mesh:
-    proc: Proc
-    address: str
-    redis_url: str
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     with RedisServer() as server:
@@ -43,11 +35,10 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def mesh(redis_url: str) -> Iterator[Mesh]:
-    proc, address = start_mesh(redis_url, "--prefill", "2", "--decode", "2",
-                               "--max-batched-tokens", "256")  # fmt: skip
-    yield Mesh(proc, address, redis_url)
+    mesh = Mesh.start(redis_url, "--prefill", "2", "--decode", "2", "--max-batched-tokens", "256")
+    yield mesh
     pids = [int(w["worker_id"].split("-")[-2]) for w in asyncio.run(snapshot(redis_url))["workers"]]
-    assert proc.stop(signal.SIGINT) == 0, "\n".join(proc.lines[-30:])
+    mesh.proc.interrupt()
     for pid in pids:  # Ctrl-C leaves no process behind
         assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), f"worker {pid} survived"
 
@@ -118,9 +109,10 @@ def test_32_concurrent_streams_match_the_single_process_engine(mesh: Mesh, engin
 
 
 def test_status_command_lists_workers(mesh: Mesh) -> None:
+    command = [sys.executable, "-P", "-m", "kvmesh.services.cli", "status"]
     out = subprocess.run(
-        [sys.executable, "-P", "-m", "kvmesh.services.cli", "status", "--redis-url", mesh.redis_url],
-        capture_output=True, text=True, timeout=60, check=True,
+        [*command, "--redis-url", mesh.redis_url], capture_output=True, text=True, timeout=60,
+        check=True,
     ).stdout  # fmt: skip
     assert "4 workers" in out and out.count("prefill-") >= 2 and out.count("decode-") >= 2
 

@@ -54,6 +54,10 @@ class Proc:
                     raise RuntimeError(f"no {marker!r} from {self.proc.args}:\n{tail}")
                 self._seen.wait(min(left, 0.5))
 
+    def interrupt(self) -> None:
+        """Ctrl-C: the process exits 0 (else AssertionError with its last lines)."""
+        assert self.stop(signal.SIGINT) == 0, "\n".join(self.lines[-30:])
+
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -76,6 +80,19 @@ def start_mesh(
     mesh = kvmesh("up", "--port", "0", *args, redis_url=redis_url, extra_env=extra_env)
     line = mesh.wait_for("kvmesh is up: gateway at", timeout=300)
     return mesh, line.split("gateway at ", 1)[1].split()[0]
+
+
+@dataclass
+class Mesh:
+    """A running `kvmesh up` (start_mesh): its process, gateway address and Redis server."""
+
+    proc: Proc
+    address: str
+    redis_url: str
+
+    @classmethod
+    def start(cls, redis_url: str, *args: str) -> Mesh:
+        return cls(*start_mesh(redis_url, *args), redis_url)
 
 
 @dataclass
