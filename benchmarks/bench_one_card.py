@@ -88,6 +88,7 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     rows = [row("engine in-process", engine, None)]
+    print(rows[-1], flush=True)
     for name, flags in MESHES.items():
         try:
             rows.append(row(f"kvmesh up {' '.join(flags)}", serve_mesh(flags, args, workload),
