@@ -1,0 +1,127 @@
+"""Reference quantization: the grids that kvmesh's FP8 and INT8 kernels must compute, in torch.
+
+Every function here is the specification a GPU kernel is tested against and the CPU path that
+accuracy is measured with, so the rules are exact:
+
+- A scale is a float32 amplitude per row (per output channel of a weight, per token of an
+  activation, per head of a KV cache): scale = amax / QMAX, where amax is the row's largest
+  |value| and QMAX is 448 for FP8 E4M3 (its largest finite value) and 127 for INT8 (symmetric,
+  -128 unused). A row whose amax is 0 gets scale 1, so its codes are 0 and never 0/0.
+- Quantize: code = cast(clamp(x / scale, -QMAX, QMAX)), computed in float32. FP8 casts to
+  torch.float8_e4m3fn (round to nearest even; the clamp keeps out-of-range values from
+  becoming NaN, which that format uses instead of inf); INT8 rounds to nearest (ties to even,
+  torch.round) before the cast.
+- Dequantize: x ~ code * scale, in float32.
+- Linears accumulate the products of codes in float32 and apply the scales in the epilogue,
+  y = (codes_x @ codes_w^T) * scale_x * scale_w^T, as the scaled GEMMs do; the output takes
+  the activation's dtype.
+
+Inputs with inf or NaN are outside the contract. Shapes: weights are [out, in] as nn.Linear
+holds them; activations are [..., in]; scales keep the reduced dimension with size 1 so they
+broadcast ([out, 1], [..., 1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3 value
+INT8_MAX = 127  # symmetric range [-127, 127]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight [out, in] as codes (float8_e4m3fn or int8) and float32 scales [out, 1]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in] the codes stand for."""
+        return self.codes.float() * self.scale
+
+
+def row_scales(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """float32 scales [..., 1]: amax of each row (last dimension) / qmax; 1 where amax is 0."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = amax / qmax
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes of x (any float dtype) for a scale that broadcasts against it."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-127, 127] of x for a scale that broadcasts against it."""
+    return torch.round(x.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def quantize_weight_fp8(w: torch.Tensor) -> QuantizedWeight:
+    """FP8 E4M3 codes of a weight [out, in] with per-output-channel scales amax / 448."""
+    scale = row_scales(w, FP8_MAX)
+    return QuantizedWeight(quantize_fp8(w, scale), scale)
+
+
+def quantize_weight_int8(w: torch.Tensor) -> QuantizedWeight:
+    """INT8 codes of a weight [out, in] with per-output-channel symmetric scales amax / 127."""
+    scale = row_scales(w, INT8_MAX)
+    return QuantizedWeight(quantize_int8(w, scale), scale)
+
+
+def quantize_activation_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8: codes [..., in] and float32 scales [..., 1] (amax / 448 a token)."""
+    scale = row_scales(x, FP8_MAX)
+    return quantize_fp8(x, scale), scale
+
+
+def linear_w8a8_fp8(
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ w^T with x quantized per token and w per channel to FP8.
+
+    Products of codes accumulate in float32; scales and bias apply after; y has x's dtype.
+    """
+    codes, x_scale = quantize_activation_fp8(x)
+    y = (codes.float() @ weight.codes.float().t()) * x_scale * weight.scale.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def linear_w8a16_int8(
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ w^T with w INT8 per channel and x unquantized (weight-only).
+
+    x (upcast to float32) times the int8 codes accumulates in float32, the per-channel scale
+    applies after; y has x's dtype.
+    """
+    y = (x.float() @ weight.codes.float().t()) * weight.scale.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def kv_head_scales(kv: torch.Tensor) -> torch.Tensor:
+    """float32 FP8 scales [heads] of a K or V tensor [tokens, heads, head_dim]: per head, the
+    amax over its tokens and dimensions / 448 (1 for an all-zero head)."""
+    per_head = kv.detach().transpose(0, 1).reshape(kv.shape[1], -1)
+    return row_scales(per_head, FP8_MAX).squeeze(-1)
+
+
+def quantize_kv_fp8(kv: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes of K or V [tokens, heads, head_dim] under per-head scales [heads].
+
+    Values beyond a head's scale * 448 (tokens written after the scale was set) saturate.
+    """
+    return quantize_fp8(kv, scale.view(1, -1, 1))
+
+
+def dequantize_kv_fp8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 K or V [tokens, heads, head_dim] from FP8 codes and per-head scales [heads]."""
+    return codes.float() * scale.view(1, -1, 1)
