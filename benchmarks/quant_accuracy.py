@@ -147,7 +147,7 @@ def main() -> None:
           f"{len(names)} linears quantized, lm_head kept")  # fmt: skip
 
     ppl: dict[str, float] = {}
-    for scheme in args.schemes.split(","):
+    for scheme in filter(None, args.schemes.split(",")):  # --schemes "": sensitivity only
         t = time.perf_counter()
         with quantized(model, scheme, names):
             ppl[scheme] = perplexity(model, evaluation, args.window)
@@ -160,8 +160,9 @@ def main() -> None:
         rel = "" if base is None or scheme == "none" else f"{(value / base - 1) * 100:+.2f}%"
         ext_rel = "" if scheme == "none" else f"{(ext / EXTERNAL['none'] - 1) * 100:+.2f}%"
         rows.append((LABEL[scheme], f"{value:.3f}", rel, f"{ext:.2f}", ext_rel, TARGET[scheme]))
-    print(table(rows, ("scheme", "ppl", "vs unquantized", "external ppl", "external vs unq",
-                       "target")))  # fmt: skip
+    if rows:
+        print(table(rows, ("scheme", "ppl", "vs unquantized", "external ppl", "external vs unq",
+                           "target")))  # fmt: skip
 
     if args.sensitivity:
         calib = ids[args.tokens : args.tokens + args.calib_tokens]
