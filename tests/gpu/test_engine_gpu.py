@@ -160,7 +160,9 @@ def test_serving_compiles_nothing_after_start_up() -> None:
     any length, alone or together, chunked, beside running decodes (the first requests of a
     fresh server otherwise wait seconds for the JIT)."""
     done = subprocess.run(
-        [sys.executable, "-P", "-c", _COMPILES_AFTER_START], capture_output=True, text=True,
+        [sys.executable, "-P", "-c", _COMPILES_AFTER_START],
+        capture_output=True,
+        text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
