@@ -7,7 +7,7 @@ gRPC: the decode process serves Decode.OpenKVLink with nccl/link.serve_links).
 * a mixed batch of layers (sizes, dtypes, odd byte counts) arrives bit-identical, twice (the
   second time through reused staging buffers);
 * greedy tokens of a disaggregated run (prefill engine -> NCCL -> decode engine) equal those of
-  a colocated run, fp32 synthetic model;
+  an aggregated run, fp32 synthetic model;
 * a decode process killed mid-handoff leaves the prefill healthy: the handoff fails, the pair's
   communicator is aborted and leaves the cache, the blocks are free, and the next decode works.
 """
@@ -223,7 +223,7 @@ def _prefill(
     return first, outcome, channels
 
 
-def _colocated(loaded: Any, config: dict[str, Any], prompts: dict[str, list[int]], n: int) -> dict:
+def _aggregated(loaded: Any, config: dict[str, Any], prompts: dict[str, list[int]], n: int) -> dict:
     engine = Engine(EngineConfig(role=Role.AGGREGATED, device=str(PREFILL_DEV), **config), loaded)
     for hid, prompt in prompts.items():
         engine.add_request(hid, prompt, SamplingParams(max_tokens=n, ignore_eos=True))
@@ -238,13 +238,13 @@ CONFIG: dict[str, Any] = dict(model=MODEL, dtype="float32", num_blocks=1024,
                               max_num_batched_tokens=2048, max_num_seqs=16, seed=3)  # fmt: skip
 
 
-def test_disaggregated_greedy_tokens_equal_colocated(sender: NcclKVSender) -> None:
+def test_disaggregated_greedy_tokens_equal_aggregated(sender: NcclKVSender) -> None:
     new_tokens = 16
     rng = random.Random(0)
     prompts = {str(uuid.uuid4()): [rng.randrange(3, 30000) for _ in range(n)]
                for n in (1, 9, 33, 200, 700)}  # fmt: skip
     loaded = load_model(MODEL, torch.float32, PREFILL_DEV, seed=3)
-    expected = _colocated(loaded, CONFIG, prompts, new_tokens)
+    expected = _aggregated(loaded, CONFIG, prompts, new_tokens)
     peer = DecodeProcess(CONFIG)
     try:
         engine = Engine(EngineConfig(role=Role.PREFILL, device=str(PREFILL_DEV), **CONFIG), loaded)

@@ -125,20 +125,20 @@ def test_requests_that_cannot_be_served_are_rejected_with_reasons() -> None:
     assert engine.pool.num_free == 8
 
 
-def test_decode_role_commits_received_kv_and_continues_like_colocated() -> None:
+def test_decode_role_commits_received_kv_and_continues_like_aggregated() -> None:
     """The handoff path inside one process: prefill engine -> copy blocks -> decode engine."""
     from kvmesh.shared.engine.engine import Role
 
     base = dict(model="synthetic:tiny", block_size=4, num_blocks=64, max_num_batched_tokens=64)
-    colocated = Engine(EngineConfig(**base))  # type: ignore[arg-type]
+    aggregated = Engine(EngineConfig(**base))  # type: ignore[arg-type]
     prefill = Engine(EngineConfig(**base, role=Role.PREFILL))  # type: ignore[arg-type]
     decode = Engine(EngineConfig(**base, role=Role.DECODE))  # type: ignore[arg-type]
     prompt = list(range(3, 30))
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    colocated.add_request("x", prompt, params)
+    aggregated.add_request("x", prompt, params)
     expected: list[int] = []
-    while colocated.has_work:
-        expected += [t for o in colocated.step() for t in o.new_token_ids]
+    while aggregated.has_work:
+        expected += [t for o in aggregated.step() for t in o.new_token_ids]
 
     dst = decode.reserve("x", len(prompt))
     assert dst is not None

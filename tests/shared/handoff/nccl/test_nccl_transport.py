@@ -1084,7 +1084,7 @@ def assert_pair_still_works(
     assert torch.equal(store[0], kv[0].view(torch.uint8).reshape(-1))
 
 
-def test_disaggregated_engines_over_the_loopback_match_colocated(fabric, sender) -> None:
+def test_disaggregated_engines_over_the_loopback_match_aggregated(fabric, sender) -> None:
     """KVPusher (grouped sends of a batch) -> NCCL transport -> scatter_into -> decode engine."""
     from kvmesh.shared.engine.engine import Engine, EngineConfig, Role
     from kvmesh.shared.engine.sequence import SamplingParams
