@@ -4,7 +4,7 @@
 
 The vehicle is Hugging Face transformers' Llama on the default model's GGUF (SmolLM2-135M-
 Instruct, its Q4_1 weights dequantized to float32: "unquantized" means those float32 weights),
-with every nn.Linear of the decoder layers swapped for kvmesh.shared.model.quant's reference
+with every nn.Linear of the decoder layers swapped for kvmesh.kernels.quant's reference
 forward; lm_head (tied to the embeddings) and the norms stay float32. Activations are float32.
 
 Evaluation text: the values of `pydoc_data.topics.topics` (the standard library's docs text)
@@ -31,7 +31,7 @@ import torch
 from common import header, table
 from torch import nn
 
-from kvmesh.shared.model import quant
+from kvmesh.kernels import quant
 from kvmesh.shared.model.fetch import default_model_path
 
 # Measured outside the project (HF model, every linear but lm_head quantized the plain way,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvmesh.kernels.linear import MAX_M
+from kvmesh.kernels.quant import SCHEMES
 from kvmesh.shared.engine.batch import ForwardBatch, StepInputs
 from kvmesh.shared.engine.cuda_graphs import DecodeGraphs
 from kvmesh.shared.engine.kv_cache import (
@@ -41,6 +42,7 @@ from kvmesh.shared.model.llama import LlamaModel
 from kvmesh.shared.model.loader import LoadedModel, load_model
 from kvmesh.shared.model.ops import ops_for
 
+KV_CACHE_DTYPES = ("auto", "fp8")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -69,12 +71,23 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay captured decode steps on CUDA
     overlap: bool = True  # launch step N+1 before processing step N's tokens (not for prefill)
     seed: int = 0  # weights of synthetic models
+    # the decoder layers' projections: as loaded ("none"), or quantized at load to FP8 (W8A8)
+    # or INT8 (weight-only) where the checkpoint is not quantized already (kernels/quant.py)
+    quantization: str = "none"
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": E4M3 with per-head scales
     fetch: FetchConfig = field(default_factory=FetchConfig)  # where the default model is kept
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         SchedulerConfig(self.block_size, self.max_num_batched_tokens, self.max_num_seqs)
+        if self.quantization not in SCHEMES:
+            raise ValueError(
+                f"quantization must be one of {', '.join(SCHEMES)}, got {self.quantization!r}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")  # fmt: skip
         if not 0 < self.gpu_memory_share <= 1:
             raise ValueError(f"gpu_memory_share must be in (0, 1], got {self.gpu_memory_share}")
 
@@ -131,7 +144,9 @@ class Engine:
         self.config = config
         self.device = torch.device(config.device)
         dtype = config.torch_dtype
-        loaded = loaded or load_model(config.model, dtype, self.device, config.seed, config.fetch)
+        loaded = loaded or load_model(
+            config.model, dtype, self.device, config.seed, config.fetch, config.quantization
+        )
         self.model_config = loaded.config
         self.model = LlamaModel(
             loaded.config, loaded.weights, ops_for(self.device, config.use_kernels)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from kvmesh.kernels.decode_attention import NewToken
 from kvmesh.kernels.first_chunk_attention import FreshChunks
 from kvmesh.kernels.linear import RowSquares
+from kvmesh.kernels.quant import Weight
 from kvmesh.kernels.rope import rope_cos_sin
 from kvmesh.shared.engine.batch import ForwardBatch
 from kvmesh.shared.model.config import ModelConfig
@@ -37,10 +38,17 @@ LayerHook = Callable[[int], None]
 
 @dataclass
 class LayerWeights:
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, H], the input norm's weight folded in
-    o: torch.Tensor  # [H, q_size]
-    gate_up: torch.Tensor  # [2 * I, H], gate rows first, the MLP norm's weight folded in
-    down: torch.Tensor  # [H, I]
+    """A decoder layer's projections. A half-precision projection that reads a norm has the
+    norm's weight folded into its columns (loader.fold_norm, gain None); a quantized one keeps
+    its codes as the checkpoint's (or the load's) grid made them and the norm's weight apart
+    (`*_gain`, applied by the linear: kernels/linear.py)."""
+
+    qkv: Weight  # [q_size + 2 * kv_size, H], the input norm's weight folded in unless qkv_gain
+    o: Weight  # [H, q_size]
+    gate_up: Weight  # [2 * I, H], gate rows first; the MLP norm's weight folded in unless gain
+    down: Weight  # [H, I]
+    qkv_gain: torch.Tensor | None = None  # [H] the input norm's weight, where not folded
+    gate_up_gain: torch.Tensor | None = None  # [H] the MLP norm's weight, where not folded
 
 
 @dataclass
@@ -84,7 +92,9 @@ class LlamaModel:
             h, squares = self._attention(index, layer, h, batch, kv_cache, squares)
             if on_layer is not None:
                 on_layer(index)
-            act = ops.linear(h, layer.gate_up, norm=(None, eps), swiglu=True, squares=squares)
+            act = ops.linear(
+                h, layer.gate_up, norm=(layer.gate_up_gain, eps), swiglu=True, squares=squares
+            )
             squares = RowSquares()
             # the stream updated in place
             h = ops.linear(act, layer.down, residual=h, out=h, squares_out=squares)
@@ -103,7 +113,7 @@ class LlamaModel:
         (`squares`: h's before it)."""
         cfg, ops = self.config, self.ops
         tokens = h.shape[0]
-        qkv = ops.linear(h, layer.qkv, norm=(None, cfg.rms_eps), squares=squares)
+        qkv = ops.linear(h, layer.qkv, norm=(layer.qkv_gain, cfg.rms_eps), squares=squares)
         q = qkv[:, : cfg.q_size].view(tokens, cfg.num_heads, cfg.head_dim)
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(tokens, cfg.num_kv_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(tokens, cfg.num_kv_heads, cfg.head_dim)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kvmesh.kernels.quant import quantize_weight
 from kvmesh.kernels.rope import Llama3RopeScaling
 from kvmesh.shared.model.config import SHAPES, ModelConfig
 from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
@@ -34,18 +35,22 @@ class LoadedModel:
 
 def load_model(
     source: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
-    fetch: FetchConfig | None = None,
+    fetch: FetchConfig | None = None, quantization: str = "none",
 ) -> LoadedModel:  # fmt: skip
+    """The model at `source` in `dtype` on `device`; quantization 'fp8' or 'int8' quantizes the
+    decoder layers' projections as each layer loads (never a second full copy of the model),
+    lm_head and the embeddings stay in `dtype`."""
     source = resolve_source(source, fetch)
     if source.startswith(SYNTHETIC_PREFIX):
         config = _shape(source[len(SYNTHETIC_PREFIX) :])
-        return LoadedModel(config, synthetic_weights(config, dtype, device, seed), None)
+        weights = synthetic_weights(config, dtype, device, seed, quantization)
+        return LoadedModel(config, weights, None)
     path = Path(source)
     if path.suffix == ".gguf" and path.is_file():
-        config, weights = _load_gguf(path, dtype, device)
+        config, weights = _load_gguf(path, dtype, device, quantization)
         return LoadedModel(config, weights, path)
     if (path / "config.json").is_file():
-        config, weights = _load_safetensors(path, dtype, device)
+        config, weights = _load_safetensors(path, dtype, device, quantization)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         return LoadedModel(config, weights, path if has_tokenizer else None)
     raise ValueError(
@@ -61,24 +66,31 @@ def _shape(name: str) -> ModelConfig:
 
 
 def _assemble(
-    config: ModelConfig, get: Callable[[str], torch.Tensor], progress: bool
-) -> LlamaWeights:
+    config: ModelConfig, get: Callable[[str], torch.Tensor], progress: bool,
+    quantization: str = "none",
+) -> LlamaWeights:  # fmt: skip
     """Build LlamaWeights from a getter of HF-named tensors (already dtype/device converted).
     Each RMSNorm's weight is folded into the columns of the projection that reads the norm
-    (fold_norm); the final norm's stays apart when lm_head is the embedding (tied)."""
+    (fold_norm), unless the projection is quantized ('fp8' or 'int8', each layer's as it loads:
+    the grid is the plain weight's, as a quantized checkpoint's is, and the norm's weight is
+    kept apart); the final norm's stays apart when lm_head is the embedding (tied)."""
     layers = []
     for i in tqdm(range(config.num_layers), desc="loading", unit="layer", disable=not progress):
         p = f"model.layers.{i}."
         qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-        layers.append(
-            LayerWeights(
-                qkv=fold_norm(qkv, get(p + "input_layernorm.weight")),
-                o=get(p + "self_attn.o_proj.weight"),
-                gate_up=fold_norm(gate_up, get(p + "post_attention_layernorm.weight")),
-                down=get(p + "mlp.down_proj.weight"),
+        input_gain = get(p + "input_layernorm.weight")
+        mlp_gain = get(p + "post_attention_layernorm.weight")
+        o, down = get(p + "self_attn.o_proj.weight"), get(p + "mlp.down_proj.weight")
+        if quantization == "none":
+            layer = LayerWeights(fold_norm(qkv, input_gain), o, fold_norm(gate_up, mlp_gain), down)
+        else:
+            layer = LayerWeights(
+                *(quantize_weight(w, quantization) for w in (qkv, o, gate_up, down)),
+                qkv_gain=input_gain,
+                gate_up_gain=mlp_gain,
             )
-        )
+        layers.append(layer)
     embed = get("model.embed_tokens.weight")
     norm = get("model.norm.weight")
     if config.tie_embeddings:
@@ -98,8 +110,9 @@ def fold_norm(w: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
 
 
 def synthetic_weights(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int
-) -> LlamaWeights:
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int,
+    quantization: str = "none",
+) -> LlamaWeights:  # fmt: skip
     """Seeded random weights of the right shape (norms at 1, matrices ~N(0, 0.02))."""
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = _hf_shapes(config)
@@ -111,7 +124,7 @@ def synthetic_weights(
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.normal_(0.0, 0.02, generator=gen)
 
-    return _assemble(config, get, progress=config.num_parameters() > 1e9)
+    return _assemble(config, get, config.num_parameters() > 1e9, quantization)
 
 
 def _hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -167,7 +180,7 @@ def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _load_gguf(
-    path: Path, dtype: torch.dtype, device: torch.device
+    path: Path, dtype: torch.dtype, device: torch.device, quantization: str = "none"
 ) -> tuple[ModelConfig, LlamaWeights]:
     import gguf
     from gguf.quants import dequantize
@@ -192,7 +205,7 @@ def _load_gguf(
             array = array.copy()
         return torch.from_numpy(array).to(device=device, dtype=dtype)
 
-    return config, _assemble(config, get, progress=path.stat().st_size > 1 << 30)
+    return config, _assemble(config, get, path.stat().st_size > 1 << 30, quantization)
 
 
 def _gguf_config(name: str, meta: dict, tensor_names: set[str]) -> ModelConfig:
@@ -222,7 +235,7 @@ def _gguf_config(name: str, meta: dict, tensor_names: set[str]) -> ModelConfig:
 
 
 def _load_safetensors(
-    path: Path, dtype: torch.dtype, device: torch.device
+    path: Path, dtype: torch.dtype, device: torch.device, quantization: str = "none"
 ) -> tuple[ModelConfig, LlamaWeights]:
     from safetensors import safe_open
 
@@ -238,7 +251,7 @@ def _load_safetensors(
             return f.get_tensor(name).to(device=device, dtype=dtype)
 
     total = sum(f.stat().st_size for f in files)
-    return config, _assemble(config, get, progress=total > 1 << 30)
+    return config, _assemble(config, get, total > 1 << 30, quantization)
 
 
 def _safetensors_index(files: list[Path]) -> Iterator[tuple[str, Path]]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmesh.shared.model import quant
-from kvmesh.shared.model.quant import FP8_MAX, INT8_MAX
+from kvmesh.kernels import quant
+from kvmesh.kernels.quant import FP8_MAX, INT8_MAX
 
 
 def _weight(out: int = 96, inp: int = 160) -> torch.Tensor:

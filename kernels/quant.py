@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
+SCHEMES = ("none", "fp8", "int8")  # --quantization
 FP8_MAX = 448.0  # largest finite E4M3 value
 INT8_MAX = 127  # symmetric range [-127, 127]
 
@@ -39,9 +40,37 @@ class QuantizedWeight:
     codes: torch.Tensor
     scale: torch.Tensor
 
+    @property
+    def scheme(self) -> str:
+        """'fp8' or 'int8', from the codes' dtype."""
+        return "fp8" if self.codes.dtype == FP8_DTYPE else "int8"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] the codes stand for."""
         return self.codes.float() * self.scale
+
+
+# A linear's weight: half precision (or fp32) as loaded, or quantized
+Weight = torch.Tensor | QuantizedWeight
+
+
+def quantize_weight(w: torch.Tensor, scheme: str) -> Weight:
+    """w on `scheme`'s grid ('fp8' or 'int8'; 'none': w itself)."""
+    if scheme == "none":
+        return w
+    if scheme == "fp8":
+        return quantize_weight_fp8(w)
+    if scheme == "int8":
+        return quantize_weight_int8(w)
+    raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 
 def row_scales(x: torch.Tensor, qmax: float) -> torch.Tensor:
