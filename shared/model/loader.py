@@ -25,6 +25,15 @@ from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
 from kvmesh.shared.model.llama import LayerWeights, LlamaWeights
 from kvmesh.shared.model.source import SYNTHETIC_PREFIX, resolve_source
 
+# A decoder layer's projections (LayerWeights' fields) and the Hugging Face linears each joins,
+# in row order. A quantization plan names projections as "layers.{i}.{projection}".
+PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+
 
 @dataclass
 class LoadedModel:
@@ -36,21 +45,23 @@ class LoadedModel:
 def load_model(
     source: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
     fetch: FetchConfig | None = None, quantization: str = "none",
+    keep: frozenset[str] = frozenset(),
 ) -> LoadedModel:  # fmt: skip
     """The model at `source` in `dtype` on `device`; quantization 'fp8' or 'int8' quantizes the
-    decoder layers' projections as each layer loads (never a second full copy of the model),
-    lm_head and the embeddings stay in `dtype`."""
+    decoder layers' projections as each layer loads (never a second full copy of the model)
+    except those named in `keep` ("layers.{i}.{projection}", PROJECTIONS); lm_head and the
+    embeddings stay in `dtype`."""
     source = resolve_source(source, fetch)
     if source.startswith(SYNTHETIC_PREFIX):
         config = _shape(source[len(SYNTHETIC_PREFIX) :])
-        weights = synthetic_weights(config, dtype, device, seed, quantization)
+        weights = synthetic_weights(config, dtype, device, seed, quantization, keep)
         return LoadedModel(config, weights, None)
     path = Path(source)
     if path.suffix == ".gguf" and path.is_file():
-        config, weights = _load_gguf(path, dtype, device, quantization)
+        config, weights = _load_gguf(path, dtype, device, quantization, keep)
         return LoadedModel(config, weights, path)
     if (path / "config.json").is_file():
-        config, weights = _load_safetensors(path, dtype, device, quantization)
+        config, weights = _load_safetensors(path, dtype, device, quantization, keep)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
         return LoadedModel(config, weights, path if has_tokenizer else None)
     raise ValueError(
@@ -67,7 +78,7 @@ def _shape(name: str) -> ModelConfig:
 
 def _assemble(
     config: ModelConfig, get: Callable[[str], torch.Tensor], progress: bool,
-    quantization: str = "none",
+    quantization: str = "none", keep: frozenset[str] = frozenset(),
 ) -> LlamaWeights:  # fmt: skip
     """Build LlamaWeights from a getter of HF-named tensors (already dtype/device converted).
     Each RMSNorm's weight is folded into the columns of the projection that reads the norm
@@ -82,15 +93,24 @@ def _assemble(
         input_gain = get(p + "input_layernorm.weight")
         mlp_gain = get(p + "post_attention_layernorm.weight")
         o, down = get(p + "self_attn.o_proj.weight"), get(p + "mlp.down_proj.weight")
-        if quantization == "none":
-            layer = LayerWeights(fold_norm(qkv, input_gain), o, fold_norm(gate_up, mlp_gain), down)
-        else:
-            layer = LayerWeights(
-                *(quantize_weight(w, quantization) for w in (qkv, o, gate_up, down)),
-                qkv_gain=input_gain,
-                gate_up_gain=mlp_gain,
+        scheme = {name: "none" if f"layers.{i}.{name}" in keep else quantization
+                  for name in PROJECTIONS}  # fmt: skip
+        qkv_gain = None if scheme["qkv"] == "none" else input_gain
+        gate_up_gain = None if scheme["gate_up"] == "none" else mlp_gain
+        layers.append(
+            LayerWeights(
+                qkv=quantize_weight(qkv if qkv_gain is not None else fold_norm(qkv, input_gain),
+                                    scheme["qkv"]),
+                o=quantize_weight(o, scheme["o"]),
+                gate_up=quantize_weight(
+                    gate_up if gate_up_gain is not None else fold_norm(gate_up, mlp_gain),
+                    scheme["gate_up"],
+                ),
+                down=quantize_weight(down, scheme["down"]),
+                qkv_gain=qkv_gain,
+                gate_up_gain=gate_up_gain,
             )
-        layers.append(layer)
+        )  # fmt: skip
     embed = get("model.embed_tokens.weight")
     norm = get("model.norm.weight")
     if config.tie_embeddings:
@@ -111,7 +131,7 @@ def fold_norm(w: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
 
 def synthetic_weights(
     config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int,
-    quantization: str = "none",
+    quantization: str = "none", keep: frozenset[str] = frozenset(),
 ) -> LlamaWeights:  # fmt: skip
     """Seeded random weights of the right shape (norms at 1, matrices ~N(0, 0.02))."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -124,7 +144,7 @@ def synthetic_weights(
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.normal_(0.0, 0.02, generator=gen)
 
-    return _assemble(config, get, config.num_parameters() > 1e9, quantization)
+    return _assemble(config, get, config.num_parameters() > 1e9, quantization, keep)
 
 
 def _hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -180,8 +200,9 @@ def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _load_gguf(
-    path: Path, dtype: torch.dtype, device: torch.device, quantization: str = "none"
-) -> tuple[ModelConfig, LlamaWeights]:
+    path: Path, dtype: torch.dtype, device: torch.device, quantization: str = "none",
+    keep: frozenset[str] = frozenset(),
+) -> tuple[ModelConfig, LlamaWeights]:  # fmt: skip
     import gguf
     from gguf.quants import dequantize
 
@@ -205,7 +226,7 @@ def _load_gguf(
             array = array.copy()
         return torch.from_numpy(array).to(device=device, dtype=dtype)
 
-    return config, _assemble(config, get, path.stat().st_size > 1 << 30, quantization)
+    return config, _assemble(config, get, path.stat().st_size > 1 << 30, quantization, keep)
 
 
 def _gguf_config(name: str, meta: dict, tensor_names: set[str]) -> ModelConfig:
@@ -235,8 +256,9 @@ def _gguf_config(name: str, meta: dict, tensor_names: set[str]) -> ModelConfig:
 
 
 def _load_safetensors(
-    path: Path, dtype: torch.dtype, device: torch.device, quantization: str = "none"
-) -> tuple[ModelConfig, LlamaWeights]:
+    path: Path, dtype: torch.dtype, device: torch.device, quantization: str = "none",
+    keep: frozenset[str] = frozenset(),
+) -> tuple[ModelConfig, LlamaWeights]:  # fmt: skip
     from safetensors import safe_open
 
     hf = json.loads((path / "config.json").read_text())
@@ -251,7 +273,7 @@ def _load_safetensors(
             return f.get_tensor(name).to(device=device, dtype=dtype)
 
     total = sum(f.stat().st_size for f in files)
-    return config, _assemble(config, get, total > 1 << 30, quantization)
+    return config, _assemble(config, get, total > 1 << 30, quantization, keep)
 
 
 def _safetensors_index(files: list[Path]) -> Iterator[tuple[str, Path]]:
