@@ -38,6 +38,19 @@ Fused around the product, as a decoder layer asks (shared/model/llama.py):
   bytes a stage) into two accumulators and writes only the product: no SiLU-and-mul launch and
   no [M, 2I] round trip through memory.
 
+Quantized weights (w a kernels.quant.QuantizedWeight: codes [N, K] float8_e4m3fn or int8, fp32
+scales [N, 1], one per output channel), one rule for `linear_ref` and the kernels:
+- INT8 at any M, FP8 at M <= MAX_M: weight-only, y = (rms_norm(x) * g) @ (codes * scale).T,
+  fp32 accumulation, x not quantized. The kernel loads the codes (1 byte each), converts them to
+  x's dtype in registers, multiplies a norm gain g (which a quantized weight keeps apart, never
+  folded into codes) into the w tile's columns (w is the dot's register operand; scaling x would
+  cost the shared-memory round trip norm_first avoids), and scales the fp32 accumulator by the
+  row's scale in the epilogue (gate and up rows by their own), before 1 / rms, SiLU, residual.
+- FP8 at M > MAX_M: W8A8, the normed input (rms_norm(x) * g in x's dtype) quantized per token
+  to FP8 (quant.quantize_activation_fp8), y = (codes_x @ codes_w.T) * scale_x * scale_w.T
+  (quant.linear_w8a8_fp8; torch._scaled_mm on CUDA).
+Then SwiGLU, the residual and out as for any weight.
+
 Narrow shapes (N = 4096 or 6144 at BLOCK_N = 64: 64-96 programs for 132 SMs) would leave SMs
 idle; fewer rows a program is no cure (each program re-reads all of x from L2), so the dot configs
 can split K instead (split_k > 1, grid (cdiv(N, BLOCK_N), SPLIT_K)):
@@ -84,6 +97,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kvmesh.kernels.activation import silu_and_mul, silu_and_mul_ref
 from kvmesh.kernels.device import capability
 from kvmesh.kernels.pdl import pdl_args, pdl_enter
+from kvmesh.kernels.quant import QuantizedWeight, Weight, linear_w8a8_fp8, linear_weight_only
 from kvmesh.kernels.rms_norm import rms_norm, rms_norm_ref
 
 # an RMSNorm on the input: (weight [K], eps); weight None: no gain (the model folded it into w)
@@ -116,18 +130,29 @@ def _finish(
     return y + residual if out is None else torch.add(y, residual, out=out)
 
 
+def product_ref(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x [M, K] @ w.T [K, N] in x's dtype; a quantized w by the rule of this module's docstring:
+    weight-only for INT8 and for FP8 at up to MAX_M rows, W8A8 (per-token FP8 x) above."""
+    if not isinstance(w, QuantizedWeight):
+        return F.linear(x, w)
+    if w.scheme == "fp8" and x.shape[0] > MAX_M:
+        return linear_w8a8_fp8(x, w)
+    return linear_weight_only(x, w)
+
+
 def linear_ref(
-    x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
+    x: torch.Tensor, w: Weight, residual: torch.Tensor | None = None,
     norm: Norm | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     squares: RowSquares | None = None, squares_out: RowSquares | None = None,
 ) -> torch.Tensor:  # fmt: skip
     # x: [M, K]; w: [N, K] -> [M, N]. norm: the input is rms_norm(x) (a layer's input norm).
     # swiglu: w is [gate | up] rows and y = silu_and_mul(x @ w.T), [M, N / 2]. residual: added
     # to the result (in x's dtype). out: the result written there (it may be residual itself).
-    # squares, squares_out: the kernel's hand-over of the norm's sums (unused here)
+    # squares, squares_out: the kernel's hand-over of the norm's sums (unused here).
+    # w quantized: product_ref's rule, y rounded to x's dtype before SwiGLU and the residual
     if norm is not None:
         x = rms_norm_ref(x, *norm)[0]
-    y = F.linear(x, w)
+    y = product_ref(x, w)
     if swiglu:
         y = silu_and_mul_ref(y)
     return _finish(y, residual, out)

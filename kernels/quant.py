@@ -14,7 +14,14 @@ accuracy is measured with, so the rules are exact:
 - Dequantize: x ~ code * scale, in float32.
 - Linears accumulate the products of codes in float32 and apply the scales in the epilogue,
   y = (codes_x @ codes_w^T) * scale_x * scale_w^T, as the scaled GEMMs do; the output takes
-  the activation's dtype.
+  the activation's dtype. Weight-only (activations unquantized) is the same with x for
+  codes_x and no scale_x: y = (x @ codes_w^T) * scale_w^T.
+- Which of the two a quantized linear computes (kernels/linear.py, `linear_ref` and the
+  kernels alike): INT8 weights always weight-only; FP8 weights weight-only for at most
+  linear.MAX_M rows of x (decode: the skinny kernel streams the codes), W8A8 with per-token
+  FP8 activations above that (prefill and big batches: the tensor cores' FP8 GEMM). A norm's
+  gain that a quantized weight keeps apart multiplies the normed activation (rounded to its
+  dtype) before either.
 
 Inputs with inf or NaN are outside the contract. Shapes: weights are [out, in] as nn.Linear
 holds them; activations are [..., in]; scales keep the reduced dimension with size 1 so they
@@ -122,18 +129,29 @@ def linear_w8a8_fp8(
     return y.to(x.dtype)
 
 
+def linear_weight_only(
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y [..., out] = x [..., in] @ w^T with w's codes (FP8 or INT8) per channel and x
+    unquantized (weight-only: W8A16, as the skinny decode kernel computes it).
+
+    x (upcast to float32; float64 stays float64, for exact test references) times the codes
+    accumulates in that precision, the per-channel scale applies after; y has x's dtype.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = (x.to(acc) @ weight.codes.to(acc).t()) * weight.scale.t().to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
 def linear_w8a16_int8(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y [..., out] = x [..., in] @ w^T with w INT8 per channel and x unquantized (weight-only).
-
-    x (upcast to float32) times the int8 codes accumulates in float32, the per-channel scale
-    applies after; y has x's dtype.
-    """
-    y = (x.float() @ weight.codes.float().t()) * weight.scale.t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    """y [..., out] = x [..., in] @ w^T with w INT8 per channel and x unquantized (weight-only):
+    `linear_weight_only` for INT8 codes."""
+    assert weight.scheme == "int8"
+    return linear_weight_only(x, weight, bias)
 
 
 def kv_head_scales(kv: torch.Tensor) -> torch.Tensor:
