@@ -8,6 +8,12 @@ With `new_token` the step's own token is not in the cache yet: every program rot
 (RoPE) as it loads them, and the split that ends the context takes the token's key and value from
 the fused qkv (rotating k), attends to it from registers and writes both to the cache slot (the
 others never read that slot), which is what rope_write_kv then attention would do, in one launch.
+
+FP8 cache (kv_scale [2, Hk] fp32; the rule in kernels/kv_write): K and V codes are converted to
+q's dtype (exact: every E4M3 value is a bf16, fp16 and fp32 value) and the per-head scales are
+folded out of the products, scores = (q . K codes) * K scale and out = (P @ V codes) * V scale /
+l, in fp32: the attention of the dequantized cache, up to fp32 rounding. The new token is
+quantized as the cache stores it and attended as its codes, as a later step reads it.
 """
 
 from dataclasses import dataclass
@@ -18,7 +24,9 @@ import triton
 import triton.language as tl
 
 from kvmesh.kernels.device import num_sms
+from kvmesh.kernels.kv_write import kv_codes, kv_fp8
 from kvmesh.kernels.pdl import pdl_args, pdl_enter
+from kvmesh.kernels.quant import dequantize_kv_fp8
 from kvmesh.kernels.rope import cos_sin_row, rotated_heads
 from kvmesh.kernels.rope_kv import rope_write_kv_ref
 
@@ -44,13 +52,17 @@ def decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     new_token: NewToken | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # q: [B, H, D]; caches: [num_blocks, block_size, Hk, D]; block_table: [B, max_blocks].
     # new_token: RoPE on q and its k, and its k and v into the cache first (q and k rotated in
-    # place here; the kernel leaves them as they are)
+    # place here, k and v quantized in place with an FP8 cache; the kernel leaves them as they
+    # are). kv_scale: [2, Hk] fp32 with an FP8 cache (read as code * scale, in fp32)
+    fp8 = kv_fp8(k_cache, v_cache, kv_scale)
     if new_token is not None:
         t = new_token
-        rope_write_kv_ref(q, t.k, t.v, t.positions, t.cos_sin, k_cache, v_cache, t.slot_mapping)
+        rope_write_kv_ref(q, t.k, t.v, t.positions, t.cos_sin, k_cache, v_cache, t.slot_mapping,
+                          kv_scale=kv_scale)  # fmt: skip
     page = k_cache.shape[1]
     lens = seq_lens.to(q.device).long()
     # one batched gather, padded to the longest context; padding rows re-read position 0 (never
@@ -59,8 +71,12 @@ def decode_attention_ref(
     valid = positions[None, :] < lens[:, None]  # [B, S]
     pos = torch.where(valid, positions[None, :], 0)
     blocks = block_table.long().gather(1, pos // page)
-    k = k_cache[blocks, pos % page].transpose(1, 2)  # [B, Hk, S, D]
-    v = v_cache[blocks, pos % page].transpose(1, 2)
+    k = k_cache[blocks, pos % page]  # [B, S, Hk, D]
+    v = v_cache[blocks, pos % page]
+    if fp8:
+        assert kv_scale is not None
+        k, v = dequantize_kv_fp8(k, kv_scale[0]), dequantize_kv_fp8(v, kv_scale[1])
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hk, S, D]
     mask = valid[:, None, None, :]  # [B, 1, 1, S]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
@@ -80,11 +96,11 @@ def _decode_split_kernel(
     min_split, stride_qb, stride_qh, stride_table, stride_ob, stride_oh,
     stride_k_blk, stride_k_off, stride_k_h, stride_v_blk, stride_v_off, stride_v_h,
     kn_ptr, vn_ptr, pos_ptr, cs_ptr, slot_ptr,  # NEW_TOKEN: the step's k, v, positions, ...
-    stride_kn_b, stride_kn_h, stride_vn_b, stride_vn_h, stride_cs,
+    stride_kn_b, stride_kn_h, stride_vn_b, stride_vn_h, stride_cs, kv_scale_ptr, num_kv_heads,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, NEW_TOKEN: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, KV_FP8: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
     # program (b, kv head, split): the GQA group's GROUP query heads share every K/V tile load
@@ -114,6 +130,10 @@ def _decode_split_kernel(
     k_base = k_ptr + kv_head * stride_k_h
     v_base = v_ptr + kv_head * stride_v_h
     table_row = table_ptr + seq.to(tl.int64) * stride_table
+    if KV_FP8:  # the head's scales, folded out of the products (module docstring)
+        k_scale = tl.load(kv_scale_ptr + kv_head)
+        v_scale = tl.load(kv_scale_ptr + num_kv_heads + kv_head)
+        qk_scale = qk_scale * k_scale
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -125,6 +145,7 @@ def _decode_split_kernel(
         k_rows = page * stride_k_blk + (keys % PAGE) * stride_k_off
         v_rows = page * stride_v_blk + (keys % PAGE) * stride_v_off
         k = tl.load(k_base + k_rows[None, :] + dims[:, None], mask=live[None, :], other=0.0)
+        k = k.to(q.dtype)  # FP8 codes: exact; else no-op
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -132,6 +153,7 @@ def _decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + v_rows[:, None] + dims[None, :], mask=live[:, None], other=0.0)
+        v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     if NEW_TOKEN:  # noqa: SIM102 (a compile-time branch around a runtime one)
@@ -140,6 +162,10 @@ def _decode_split_kernel(
             k1, k2 = rotated_heads(kn_ptr + kv_head * stride_kn_h, stride_kn_b, 0, 1, cos, sin,
                                    seq64, HALF, 1)  # [1, HALF] each, rotated  # fmt: skip
             v_new = tl.load(vn_ptr + seq64 * stride_vn_b + kv_head * stride_vn_h + dims)
+            if KV_FP8:  # the codes the cache gets, attended as codes (scales folded out)
+                k1 = kv_codes(k1, k_scale, ROUND_IN_FP32)
+                k2 = kv_codes(k2, k_scale, ROUND_IN_FP32)
+                v_new = kv_codes(v_new, v_scale, ROUND_IN_FP32)
             k_new = _halves_joined(k1, k2).to(tl.float32)  # [1, HEAD_DIM]
             s_new = tl.sum(q.to(tl.float32) * k_new, axis=1) * qk_scale  # [GROUP_PAD]
             m_new = tl.maximum(m_i, s_new)
@@ -158,6 +184,8 @@ def _decode_split_kernel(
                 vc = v_base + block * stride_v_blk + offset * stride_v_off + dims
                 tl.store(vc, v_new.to(v_ptr.dtype.element_ty))
 
+    if KV_FP8:
+        acc = acc * v_scale
     ok = g < GROUP
     if NUM_SPLITS == 1:  # the whole context: the output itself (what the merge would compute)
         o_off = seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
@@ -229,14 +257,16 @@ def decode_attention(
     scale: float,
     new_token: NewToken | None = None,
     tuning: DecodeTuning = DecodeTuning(),
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `decode_attention_ref` (same contract, except that q and new_token's k
-    are left unrotated). Flash-decoding + merge."""
+    and v are left as they are). Flash-decoding + merge."""
     batch, num_heads, head_dim = q.shape
     num_blocks, page, num_kv_heads, _ = k_cache.shape
     assert k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape
     assert num_heads % num_kv_heads == 0 and head_dim in (64, 128)
-    assert q.dtype == k_cache.dtype == v_cache.dtype
+    fp8 = kv_fp8(k_cache, v_cache, kv_scale)
+    assert fp8 or q.dtype == k_cache.dtype
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert block_table.shape[0] == batch and block_table.dtype == torch.int32
     assert block_table.stride(1) == 1
@@ -273,10 +303,11 @@ def decode_attention(
         q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *new_args,
+        kv_scale, num_kv_heads,
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), PAGE=page, HEAD_DIM=head_dim,
         BLOCK_N=tuning.block_n, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        NEW_TOKEN=new_token is not None,
+        NEW_TOKEN=new_token is not None, KV_FP8=fp8, ROUND_IN_FP32=q.device.type == "cpu",
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, **pdl_args(q.device),
     )  # fmt: skip
     if num_splits == 1:

@@ -11,6 +11,12 @@ already in the cache, so every key is read through the block table.
 
 GQA: query head h reads kv head h // (num_heads // num_kv_heads). With PACK_GROUP a program
 serves all the query heads of one kv head, so each K/V tile is loaded once for the group.
+
+FP8 cache (kv_scale [2, Hk] fp32; the rule in kernels/kv_write): K and V codes are converted to
+q's dtype (exact) and the head's scales folded out of the products: scores = (q . K codes) *
+K scale, out = (P @ V codes) * V scale / l, in fp32 (the dequantized cache's attention, up to
+fp32 rounding). First chunks (`fresh`) attend over the same quantized values: with an FP8 cache
+rope_write_kv leaves k and v holding the codes' values, and the reference reads the cache.
 """
 
 from dataclasses import dataclass
@@ -22,15 +28,22 @@ import triton.language as tl
 
 from kvmesh.kernels.device import num_sms
 from kvmesh.kernels.first_chunk_attention import FreshChunks, first_chunk_attention, supported
+from kvmesh.kernels.kv_write import kv_fp8
+from kvmesh.kernels.quant import dequantize_kv_fp8
 
 # lazy rescaling lets a row's running max lag its true max by up to this much (base 2): p <= 2^8,
 # far from overflow in bf16 P and in the fp32 sums
 RESCALE_SLACK = tl.constexpr(8.0)
 
 
-def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, ctx: int) -> torch.Tensor:
-    # cache: [num_blocks, block_size, Hk, D] -> [Hk, ctx, D]
-    return cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+def _gather_context(
+    cache: torch.Tensor, blocks: torch.Tensor, ctx: int, scale: torch.Tensor | None
+) -> torch.Tensor:
+    # cache: [num_blocks, block_size, Hk, D] -> [Hk, ctx, D]; scale [Hk]: FP8 codes dequantized
+    rows = cache[blocks].flatten(0, 1)[:ctx]
+    if scale is not None:
+        rows = dequantize_kv_fp8(rows, scale)
+    return rows.transpose(0, 1)
 
 
 def prefill_attention_ref(
@@ -42,9 +55,13 @@ def prefill_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     fresh: FreshChunks | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # q: [total_q, H, D]; caches: [num_blocks, block_size, Hk, D]; block_table: [B, max_blocks]
     # fresh: the same keys and values outside the cache (the kernel's fast path); unused here
+    # kv_scale: [2, Hk] fp32 with an FP8 cache (read as code * scale, in fp32)
+    kv_fp8(k_cache, v_cache, kv_scale)  # checks the pairing
+    k_scale, v_scale = (None, None) if kv_scale is None else (kv_scale[0], kv_scale[1])
     block_size = k_cache.shape[1]
     out = torch.empty_like(q)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
@@ -53,8 +70,8 @@ def prefill_attention_ref(
         if end == start:
             continue
         blocks = block_table[b, : (ctx + block_size - 1) // block_size].long()
-        k = _gather_context(k_cache, blocks, ctx).to(q.dtype)  # [Hk, ctx, D]
-        v = _gather_context(v_cache, blocks, ctx).to(q.dtype)
+        k = _gather_context(k_cache, blocks, ctx, k_scale).to(q.dtype)  # [Hk, ctx, D]
+        v = _gather_context(v_cache, blocks, ctx, v_scale).to(q.dtype)
         q_pos = torch.arange(ctx - (end - start), ctx, device=q.device)
         mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, ctx]
         o = F.scaled_dot_product_attention(
@@ -102,6 +119,7 @@ def _attend_tiles(
             k = tl.trans(tl.load(k_base + k_rows[:, None] + dims[None, :]))
         else:
             k = tl.load(k_base + k_rows[None, :] + dims[:, None])  # [HEAD_DIM, BLOCK_N]
+        k = k.to(q.dtype)  # FP8 codes: exact; else no-op
         s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
         if DIAGONAL:
             # q_pos < ctx, so the causal mask also hides keys past the context's end
@@ -131,6 +149,7 @@ def _attend_tiles(
                         other=0.0)  # fmt: skip
         else:
             v = tl.load(v_base + v_rows[:, None] + dims[None, :])  # [BLOCK_N, HEAD_DIM]
+        v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
@@ -141,10 +160,12 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, cu_ptr, lens_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
     stride_k_blk, stride_k_off, stride_k_h, stride_v_blk, stride_v_off, stride_v_h,
+    kv_scale_ptr, num_kv_heads,
     GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     K_ROWS: tl.constexpr, PACK_GROUP: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     LEAN_INDEX: tl.constexpr, FITS_INT32: tl.constexpr, SAME_KV_STRIDES: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):  # fmt: skip
     # PACK_GROUP: one program serves a KV head's whole GQA group, each K/V tile loaded once for
     # GROUP query heads; its BLOCK_M rows are (new token, query head) pairs, token-major: row r
@@ -183,6 +204,8 @@ def _prefill_kernel(
     k_base = k_ptr + kv_head * stride_k_h
     v_base = v_ptr + kv_head * stride_v_h
     table_row = table_ptr + seq.to(tl.int64) * stride_table
+    if KV_FP8:  # the head's K scale folded into the softmax's (positive, so maxima commute)
+        qk_scale = qk_scale * tl.load(kv_scale_ptr + kv_head)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -204,6 +227,8 @@ def _prefill_kernel(
         stride_k_blk, stride_k_off, stride_v_blk, stride_v_off, qk_scale,
         PAGE, BLOCK_N, HEAD_DIM, True, DOT_PRECISION, K_ROWS, False, INDEX_32, SAME_KV_ROWS,
     )  # fmt: skip
+    if KV_FP8:
+        acc = acc * tl.load(kv_scale_ptr + num_kv_heads + kv_head)
     out = acc / l_i[:, None]
     o_off = t64[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -282,13 +307,16 @@ def prefill_attention(
     seq_lens: torch.Tensor,
     scale: float,
     fresh: FreshChunks | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `prefill_attention_ref` (same contract). FlashAttention-2 style. With
     `fresh` (a step of first chunks only) on an sm_90 GPU, kernels/first_chunk_attention's Gluon
-    kernel runs instead, on the keys and values outside the cache."""
+    kernel runs instead, on the keys and values outside the cache (with an FP8 cache, the codes'
+    values rope_write_kv left there: kv_scale is not needed for them)."""
     if fresh is not None and supported(q, fresh.k, fresh.v):
         return first_chunk_attention(q, fresh.k, fresh.v, cu_seqlens_q, fresh.max_len, scale)
-    return _prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale)
+    return _prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale,
+                    kv_scale=kv_scale)  # fmt: skip
 
 
 def _max_offset(cache: torch.Tensor) -> int:
@@ -305,6 +333,7 @@ def _prefill(
     seq_lens: torch.Tensor,
     scale: float,
     tuning: PrefillTuning | None = None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`prefill_attention`, with an explicit launch config (benchmarks, tests of the variants)."""
     total_q, num_heads, head_dim = q.shape
@@ -312,8 +341,9 @@ def _prefill(
     batch = seq_lens.shape[0]
     assert k_cache.shape[3] == head_dim and v_cache.shape == k_cache.shape
     assert num_heads % num_kv_heads == 0 and head_dim in (64, 128)
-    assert scale > 0  # the kernel takes row maxima before scaling
-    assert q.dtype == k_cache.dtype == v_cache.dtype
+    assert scale > 0  # the kernel takes row maxima before scaling (kv_scale's are positive)
+    fp8 = kv_fp8(k_cache, v_cache, kv_scale)
+    assert fp8 or q.dtype == k_cache.dtype
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     assert block_table.dim() == 2 and block_table.shape[0] == batch
     assert block_table.dtype == torch.int32 and block_table.stride(1) == 1
@@ -346,11 +376,11 @@ def _prefill(
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), kv_scale, num_kv_heads,
         GROUP=group, PAGE=page, HEAD_DIM=head_dim,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FITS_INT32=max(_max_offset(k_cache), _max_offset(v_cache)) < 2**31,
-        SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
+        SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(), KV_FP8=fp8,
         **extra,
     )  # fmt: skip
     return out
