@@ -1,0 +1,219 @@
+"""Layer-wise quantization sensitivity and perplexity, measured through kvmesh's own model.
+
+Every figure here runs the model that serves (LlamaModel over a paged KV cache with whatever
+`Ops` it holds: the torch references on CPU compute the GPU kernels' quantization grids), one
+packed prefill a window from an empty cache, logits for every position.
+
+Texts: the standard library's documentation text, `pydoc_data.topics.topics`' values in sorted
+key order joined by "\\n\\n" (`pydoc_text`), tokenized without special tokens. Evaluation is its
+first EVAL_TOKENS tokens; calibration is the CALIB_TOKENS tokens after them (`calibration_ids`
+with skip = the evaluation's length), so the two never overlap.
+
+Perplexity = exp(mean NLL) over the next-token predictions inside each window (window - 1 a
+window: a window's first token is context only). Sensitivity of a projection
+("layers.{i}.{qkv|o|gate_up|down}", loader.PROJECTIONS) = the mean over calibration positions of
+KL(P_unquantized || P_that projection alone quantized) of the next-token distribution, in nats:
+the divergence the quantization of that projection alone adds to what the model predicts, the
+quantity a plan that keeps a few projections unquantized wants to remove most of.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvmesh.shared.engine.batch import ForwardBatch
+from kvmesh.shared.engine.kv_cache import allocate_kv_cache, blocks_for
+from kvmesh.shared.model.llama import LayerWeights, LlamaModel
+from kvmesh.shared.model.loader import PROJECTIONS
+
+EVAL_TOKENS = 24_576  # the evaluation text: the first tokens of pydoc_text()
+CALIB_TOKENS = 1_024  # the calibration text: the tokens after the evaluation's
+BLOCK_SIZE = 16  # of the KV cache a window runs in
+# the norm gain a quantized projection keeps apart (LayerWeights), by projection
+_GAINS = {"qkv": "qkv_gain", "gate_up": "gate_up_gain"}
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    name: str  # "layers.{i}.{projection}"
+    kl: float  # mean KL(unquantized || this projection alone quantized), nats per position
+
+
+def pydoc_text() -> str:
+    """The standard library's documentation text: pydoc_data.topics' values in sorted key
+    order, joined by blank lines (about 24,000 words of English and code)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def evaluation_ids(encode: Callable[[str], list[int]], tokens: int = EVAL_TOKENS) -> list[int]:
+    """The first `tokens` tokens of pydoc_text() (encode: text -> ids without special tokens)."""
+    ids = encode(pydoc_text())
+    if len(ids) < tokens:
+        raise ValueError(f"pydoc_data.topics has {len(ids):,} tokens, fewer than {tokens:,}")
+    return ids[:tokens]
+
+
+def calibration_ids(
+    encode: Callable[[str], list[int]], tokens: int = CALIB_TOKENS, skip: int = EVAL_TOKENS
+) -> list[int]:
+    """The default calibration text: tokens skip .. skip + tokens of pydoc_text() (encode: text
+    -> ids without special tokens). skip = the evaluation's length keeps them disjoint."""
+    ids = encode(pydoc_text())
+    if len(ids) < skip + tokens:
+        raise ValueError(
+            f"pydoc_data.topics has {len(ids):,} tokens, fewer than {skip:,} + {tokens:,}"
+        )
+    return ids[skip : skip + tokens]
+
+
+def projection_names(model: LlamaModel) -> list[str]:
+    """Every decoder projection's name, layer by layer in PROJECTIONS' order."""
+    return [f"layers.{i}.{p}" for i in range(len(model.weights.layers)) for p in PROJECTIONS]
+
+
+# ------------------------------------------------------------------------------ forward passes
+
+
+def window_logits(model: LlamaModel, ids: Sequence[int]) -> torch.Tensor:
+    """Logits [len(ids), V] in float32, row t the model's prediction of the token after ids[t]:
+    one packed prefill of `ids` from an empty KV cache."""
+    n, device = len(ids), model.device
+    blocks = blocks_for(n, BLOCK_SIZE)
+    cache = allocate_kv_cache(model.config, blocks, BLOCK_SIZE, model.dtype, device)
+    positions = torch.arange(n, device=device)
+    batch = ForwardBatch(
+        input_ids=torch.tensor(list(ids), dtype=torch.int64, device=device),
+        positions=positions,
+        slot_mapping=positions,  # block b holds tokens b * BLOCK_SIZE ...
+        block_table=torch.arange(blocks, dtype=torch.int32, device=device)[None],
+        cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        sample_indices=positions,
+        max_q_len=n,
+        fresh=True,
+    )
+    return model.forward(batch, cache).float()
+
+
+def _windows(ids: Sequence[int], window: int) -> Iterator[Sequence[int]]:
+    """ids cut into consecutive windows of `window` tokens (the last may be shorter); a last
+    window of one token predicts nothing inside itself and is left out."""
+    for start in range(0, len(ids), window):
+        chunk = ids[start : start + window]
+        if len(chunk) > 1:
+            yield chunk
+
+
+def score(model: LlamaModel, ids: Sequence[int], window: int) -> torch.Tensor:
+    """NLL (nats, float32) of every next-token prediction inside each window, in order: window - 1
+    a window, each window run from an empty KV cache."""
+    nll = []
+    for chunk in _windows(ids, window):
+        logits = window_logits(model, chunk)[:-1]
+        target = torch.tensor(list(chunk[1:]), dtype=torch.int64, device=logits.device)
+        nll.append(F.cross_entropy(logits, target, reduction="none"))
+    return torch.cat(nll)
+
+
+def perplexity(model: LlamaModel, ids: Sequence[int], window: int) -> float:
+    """exp(mean NLL) over `score`'s predictions."""
+    return math.exp(float(score(model, ids, window).double().mean()))
+
+
+def _log_probs(model: LlamaModel, ids: Sequence[int], window: int) -> list[torch.Tensor]:
+    """Next-token log-probabilities [len(window), V] of every position, a window each."""
+    return [torch.log_softmax(window_logits(model, c), -1) for c in _windows(ids, window)]
+
+
+def mean_kl(reference: list[torch.Tensor], model: LlamaModel, ids: Sequence[int],
+            window: int) -> float:  # fmt: skip
+    """Mean over positions of KL(reference || model) of the next-token distributions (nats);
+    `reference` is _log_probs of the same ids and window."""
+    total, count = 0.0, 0
+    for ref, chunk in zip(reference, _windows(ids, window), strict=True):
+        out = torch.log_softmax(window_logits(model, chunk), -1)
+        total += float((ref.exp() * (ref - out)).sum(-1).double().sum())
+        count += ref.shape[0]
+    return total / count
+
+
+# ---------------------------------------------------------------------------- swapping weights
+
+
+def _parse(name: str) -> tuple[int, str]:
+    """("layers.{i}.{projection}") -> (i, projection), checked."""
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or (
+        parts[2] not in PROJECTIONS
+    ):  # fmt: skip
+        raise ValueError(
+            f"bad projection name {name!r}: expected layers.<i>.<{'|'.join(PROJECTIONS)}>"
+        )
+    return int(parts[1]), parts[2]
+
+
+def _fields(projection: str) -> tuple[str, ...]:
+    """The LayerWeights fields that make one projection: its weight and, if it reads a norm,
+    the gain kept apart from it (None where folded into the weight)."""
+    gain = _GAINS.get(projection)
+    return (projection,) if gain is None else (projection, gain)
+
+
+@contextmanager
+def swapped(target: LlamaModel, source: LlamaModel, names: Sequence[str]) -> Iterator[None]:
+    """`target` with the named projections (weight and norm gain together) taken from `source`
+    (the same model loaded another way) until exit, then its own back."""
+    saved: list[tuple[LayerWeights, str, object]] = []
+    try:
+        for name in names:
+            index, projection = _parse(name)
+            to, frm = target.weights.layers[index], source.weights.layers[index]
+            for field in _fields(projection):
+                saved.append((to, field, getattr(to, field)))
+                setattr(to, field, getattr(frm, field))
+        yield
+    finally:
+        for layer, field, value in reversed(saved):
+            setattr(layer, field, value)
+
+
+# ------------------------------------------------------------------------------------- ranking
+
+
+def rank_projections(
+    unquantized: LlamaModel, quantized: LlamaModel, calib_ids: Sequence[int], window: int = 1024
+) -> list[Sensitivity]:
+    """Every projection's sensitivity, most sensitive first: each of `quantized`'s projections
+    (the same model loaded with a quantization scheme) swapped alone into `unquantized`, the
+    calibration text run, the KL against `unquantized` itself measured, the projection swapped
+    back."""
+    reference = _log_probs(unquantized, calib_ids, window)
+    ranking = []
+    for name in projection_names(unquantized):
+        with swapped(unquantized, quantized, [name]):
+            kl = mean_kl(reference, unquantized, calib_ids, window)
+        ranking.append(Sensitivity(name, kl))
+    return sorted(ranking, key=lambda s: (-s.kl, s.name))
+
+
+def keep_most_sensitive(ranking: list[Sensitivity], n: int) -> frozenset[str]:
+    """The names of the n most sensitive projections of a ranking (rank_projections' order):
+    the plan's `keep` (loader.load_model)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return frozenset(s.name for s in ranking[:n])
+
+
+def random_choice(names: Sequence[str], n: int, seed: int) -> frozenset[str]:
+    """n of `names` drawn uniformly without replacement by a seeded generator: the baseline a
+    sensitivity plan of the same size must beat."""
+    return frozenset(random.Random(seed).sample(list(names), n))
