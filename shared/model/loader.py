@@ -3,13 +3,15 @@
 A model source is one string:
   * "" or "smollm2-135m-instruct"   the default model (GGUF, fetched once)
   * "/path/model.gguf"               a GGUF file (dequantized to the requested dtype)
-  * "/path/hf-dir"                   config.json + *.safetensors (+ tokenizer.json)
+  * "/path/hf-dir"                   config.json + *.safetensors (+ tokenizer.json); a
+                                     quantized one (compressed-tensors) loads as stored
   * "synthetic:llama3-8b"            a named shape with seeded random weights
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kvmesh.kernels.quant import quantize_weight
+from kvmesh.kernels.quant import QuantizedWeight, Weight, quantize_weight
 from kvmesh.kernels.rope import Llama3RopeScaling
 from kvmesh.shared.model.config import SHAPES, ModelConfig
 from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
@@ -33,6 +35,11 @@ PROJECTIONS: dict[str, tuple[str, ...]] = {
     "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
     "down": ("mlp.down_proj",),
 }
+# The order a load reads a layer's projections in (synthetic weights draw from one seeded
+# generator in this order: whatever reads a source's tensors keeps it, to see the same weights)
+LOAD_ORDER = ("qkv", "gate_up", "o", "down")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +47,43 @@ class LoadedModel:
     config: ModelConfig
     weights: LlamaWeights
     tokenizer_source: Path | None  # a .gguf file or an HF directory; None for synthetic models
+
+
+@dataclass
+class SourceTensors:
+    """A model source's tensors by Hugging Face name, each read (and converted to the asked
+    dtype and device) when asked for."""
+
+    config: ModelConfig
+    get: Callable[[str], torch.Tensor]  # an HF name -> the tensor (quantized ones dequantized)
+    large: bool  # over 1 GiB: loading shows progress
+    tokenizer_source: Path | None  # a .gguf file or an HF directory; None for synthetic models
+    hf: dict | None = None  # a Hugging Face directory's config.json
+    # a quantized checkpoint's ('fp8' or 'int8') linears as stored: an HF linear's name
+    # ("model.layers.0.mlp.up_proj") -> its codes and scales, or its weight where not quantized
+    linear: Callable[[str], Weight] | None = None
+    scheme: str = "none"
+
+
+def open_source(
+    source: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
+    fetch: FetchConfig | None = None,
+) -> SourceTensors:  # fmt: skip
+    """The tensors of the model at `source` (see the module's docstring), read lazily."""
+    source = resolve_source(source, fetch)
+    if source.startswith(SYNTHETIC_PREFIX):
+        config = _shape(source[len(SYNTHETIC_PREFIX) :])
+        get = _synthetic_getter(config, dtype, device, seed)
+        return SourceTensors(config, get, config.num_parameters() > 1e9, None)
+    path = Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return _gguf_tensors(path, dtype, device)
+    if (path / "config.json").is_file():
+        return _safetensors_tensors(path, dtype, device)
+    raise ValueError(
+        f"unknown model {source!r}: expected {DEFAULT_MODEL!r}, a .gguf file, a Hugging Face "
+        f"directory with config.json, or {SYNTHETIC_PREFIX}<{'|'.join(SHAPES)}>"
+    )
 
 
 def load_model(
@@ -50,24 +94,18 @@ def load_model(
     """The model at `source` in `dtype` on `device`; quantization 'fp8' or 'int8' quantizes the
     decoder layers' projections as each layer loads (never a second full copy of the model)
     except those named in `keep` ("layers.{i}.{projection}", PROJECTIONS); lm_head and the
-    embeddings stay in `dtype`."""
-    source = resolve_source(source, fetch)
-    if source.startswith(SYNTHETIC_PREFIX):
-        config = _shape(source[len(SYNTHETIC_PREFIX) :])
-        weights = synthetic_weights(config, dtype, device, seed, quantization, keep)
-        return LoadedModel(config, weights, None)
-    path = Path(source)
-    if path.suffix == ".gguf" and path.is_file():
-        config, weights = _load_gguf(path, dtype, device, quantization, keep)
-        return LoadedModel(config, weights, path)
-    if (path / "config.json").is_file():
-        config, weights = _load_safetensors(path, dtype, device, quantization, keep)
-        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        return LoadedModel(config, weights, path if has_tokenizer else None)
-    raise ValueError(
-        f"unknown model {source!r}: expected {DEFAULT_MODEL!r}, a .gguf file, a Hugging Face "
-        f"directory with config.json, or {SYNTHETIC_PREFIX}<{'|'.join(SHAPES)}>"
-    )
+    embeddings stay in `dtype`. A quantized checkpoint loads as stored (`quantization` 'none'
+    or its own scheme), its projections named in `keep` dequantized to `dtype`."""
+    src = open_source(source, dtype, device, seed, fetch)
+    if src.linear is not None:
+        if quantization not in ("none", src.scheme):
+            raise ValueError(
+                f"{source}: the checkpoint is quantized to {src.scheme}; it cannot load as "
+                f"{quantization!r} (quantize the unquantized model instead)"
+            )
+        quantization = "none"  # the linears it left unquantized stay so
+    weights = _assemble(src.config, src.get, src.large, quantization, keep, src.linear)
+    return LoadedModel(src.config, weights, src.tokenizer_source)
 
 
 def _shape(name: str) -> ModelConfig:
@@ -79,36 +117,28 @@ def _shape(name: str) -> ModelConfig:
 def _assemble(
     config: ModelConfig, get: Callable[[str], torch.Tensor], progress: bool,
     quantization: str = "none", keep: frozenset[str] = frozenset(),
+    linear: Callable[[str], Weight] | None = None,
 ) -> LlamaWeights:  # fmt: skip
-    """Build LlamaWeights from a getter of HF-named tensors (already dtype/device converted).
-    Each RMSNorm's weight is folded into the columns of the projection that reads the norm
-    (fold_norm), unless the projection is quantized ('fp8' or 'int8', each layer's as it loads:
-    the grid is the plain weight's, as a quantized checkpoint's is, and the norm's weight is
-    kept apart); the final norm's stays apart when lm_head is the embedding (tied)."""
+    """Build LlamaWeights from a getter of HF-named tensors (already dtype/device converted) and,
+    for a quantized checkpoint, of its linears as stored (`linear`). Each projection is made by
+    _projection, a layer at a time (never a second full copy of the model); the final norm's
+    weight stays apart when lm_head is the embedding (tied), else is folded into lm_head."""
+    linear = linear or (lambda name: get(name + ".weight"))
     layers = []
     for i in tqdm(range(config.num_layers), desc="loading", unit="layer", disable=not progress):
         p = f"model.layers.{i}."
-        qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-        input_gain = get(p + "input_layernorm.weight")
-        mlp_gain = get(p + "post_attention_layernorm.weight")
-        o, down = get(p + "self_attn.o_proj.weight"), get(p + "mlp.down_proj.weight")
-        scheme = {name: "none" if f"layers.{i}.{name}" in keep else quantization
-                  for name in PROJECTIONS}  # fmt: skip
-        qkv_gain = None if scheme["qkv"] == "none" else input_gain
-        gate_up_gain = None if scheme["gate_up"] == "none" else mlp_gain
+        parts = {name: [linear(p + hf) for hf in PROJECTIONS[name]] for name in LOAD_ORDER}
+        gains = {"qkv": get(p + "input_layernorm.weight"),
+                 "gate_up": get(p + "post_attention_layernorm.weight")}  # fmt: skip
+        made = {
+            name: _projection(f"layers.{i}.{name}", parts[name], gains.get(name),
+                              gains["qkv"].dtype, quantization, f"layers.{i}.{name}" in keep)
+            for name in LOAD_ORDER
+        }  # fmt: skip
         layers.append(
             LayerWeights(
-                qkv=quantize_weight(qkv if qkv_gain is not None else fold_norm(qkv, input_gain),
-                                    scheme["qkv"]),
-                o=quantize_weight(o, scheme["o"]),
-                gate_up=quantize_weight(
-                    gate_up if gate_up_gain is not None else fold_norm(gate_up, mlp_gain),
-                    scheme["gate_up"],
-                ),
-                down=quantize_weight(down, scheme["down"]),
-                qkv_gain=qkv_gain,
-                gate_up_gain=gate_up_gain,
+                qkv=made["qkv"][0], o=made["o"][0], gate_up=made["gate_up"][0],
+                down=made["down"][0], qkv_gain=made["qkv"][1], gate_up_gain=made["gate_up"][1],
             )
         )  # fmt: skip
     embed = get("model.embed_tokens.weight")
@@ -117,6 +147,34 @@ def _assemble(
         return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=embed)
     lm_head = fold_norm(get("lm_head.weight"), norm)
     return LlamaWeights(embed=embed, layers=layers, norm=None, lm_head=lm_head)
+
+
+def _projection(
+    name: str, parts: list[Weight], gain: torch.Tensor | None, dtype: torch.dtype,
+    scheme: str, kept: bool,
+) -> tuple[Weight, torch.Tensor | None]:  # fmt: skip
+    """A projection from its HF linears' weights (row order) and the norm weight it reads (None
+    for o and down), as (weight, norm weight kept apart or None):
+    - every part stored quantized (a checkpoint's) and not kept: the stored codes and scales,
+      rows concatenated (scales are per row, so this is the grid of the whole), gain apart;
+    - else in `dtype` (stored parts dequantized), quantized to `scheme` ('fp8' or 'int8': the
+      plain weight's grid, the gain kept apart) unless kept or stored quantized in part, or
+      with the gain folded in (fold_norm)."""
+    stored = [w for w in parts if isinstance(w, QuantizedWeight)]
+    if stored and len(stored) == len(parts) and not kept:
+        return QuantizedWeight(_cat([w.codes for w in stored]),
+                               _cat([w.scale for w in stored])), gain  # fmt: skip
+    if stored and not kept:
+        log.info("%s: its linears are stored in part quantized, in part not: it loads in %s",
+                 name, dtype)  # fmt: skip
+    w = _cat([x.dequantize().to(dtype) if isinstance(x, QuantizedWeight) else x for x in parts])
+    if kept or stored or scheme == "none":
+        return (w if gain is None else fold_norm(w, gain)), None
+    return quantize_weight(w, scheme), gain
+
+
+def _cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def fold_norm(w: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
@@ -134,6 +192,15 @@ def synthetic_weights(
     quantization: str = "none", keep: frozenset[str] = frozenset(),
 ) -> LlamaWeights:  # fmt: skip
     """Seeded random weights of the right shape (norms at 1, matrices ~N(0, 0.02))."""
+    get = _synthetic_getter(config, dtype, device, seed)
+    return _assemble(config, get, config.num_parameters() > 1e9, quantization, keep)
+
+
+def _synthetic_getter(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int
+) -> Callable[[str], torch.Tensor]:
+    """HF name -> a seeded random tensor: each matrix is the generator's next draw, so the
+    weights depend on the order they are asked for in (LOAD_ORDER, then the embedding)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = _hf_shapes(config)
 
@@ -144,7 +211,7 @@ def synthetic_weights(
         out = torch.empty(shape, dtype=dtype, device=device)
         return out.normal_(0.0, 0.02, generator=gen)
 
-    return _assemble(config, get, config.num_parameters() > 1e9, quantization, keep)
+    return get
 
 
 def _hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -199,10 +266,7 @@ def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _load_gguf(
-    path: Path, dtype: torch.dtype, device: torch.device, quantization: str = "none",
-    keep: frozenset[str] = frozenset(),
-) -> tuple[ModelConfig, LlamaWeights]:  # fmt: skip
+def _gguf_tensors(path: Path, dtype: torch.dtype, device: torch.device) -> SourceTensors:
     import gguf
     from gguf.quants import dequantize
 
@@ -226,7 +290,7 @@ def _load_gguf(
             array = array.copy()
         return torch.from_numpy(array).to(device=device, dtype=dtype)
 
-    return config, _assemble(config, get, path.stat().st_size > 1 << 30, quantization, keep)
+    return SourceTensors(config, get, path.stat().st_size > 1 << 30, path)
 
 
 def _gguf_config(name: str, meta: dict, tensor_names: set[str]) -> ModelConfig:
@@ -255,10 +319,7 @@ def _gguf_config(name: str, meta: dict, tensor_names: set[str]) -> ModelConfig:
 # -------------------------------------------------------------------------------- safetensors
 
 
-def _load_safetensors(
-    path: Path, dtype: torch.dtype, device: torch.device, quantization: str = "none",
-    keep: frozenset[str] = frozenset(),
-) -> tuple[ModelConfig, LlamaWeights]:  # fmt: skip
+def _safetensors_tensors(path: Path, dtype: torch.dtype, device: torch.device) -> SourceTensors:
     from safetensors import safe_open
 
     hf = json.loads((path / "config.json").read_text())
@@ -267,13 +328,21 @@ def _load_safetensors(
     if not files:
         raise ValueError(f"{path}: no *.safetensors files")
     index = dict(_safetensors_index(files))
+    large = sum(f.stat().st_size for f in files) > 1 << 30
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+    tokenizer = path if has_tokenizer else None
+    if "quantization_config" in hf:
+        from kvmesh.shared.model.checkpoint import StoredCheckpoint
+
+        stored = StoredCheckpoint(path, hf["quantization_config"], index, dtype, device)
+        return SourceTensors(config, stored.get, large, tokenizer, hf, stored.linear,
+                             stored.scheme)  # fmt: skip
 
     def get(name: str) -> torch.Tensor:
         with safe_open(str(index[name]), framework="pt") as f:
             return f.get_tensor(name).to(device=device, dtype=dtype)
 
-    total = sum(f.stat().st_size for f in files)
-    return config, _assemble(config, get, total > 1 << 30, quantization, keep)
+    return SourceTensors(config, get, large, tokenizer, hf)
 
 
 def _safetensors_index(files: list[Path]) -> Iterator[tuple[str, Path]]:
