@@ -19,6 +19,7 @@ quantity a plan that keeps a few projections unquantized wants to remove most of
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvmesh.kernels.linear import MAX_M
 from kvmesh.shared.engine.batch import ForwardBatch
 from kvmesh.shared.engine.kv_cache import allocate_kv_cache, blocks_for
 from kvmesh.shared.model.llama import LayerWeights, LlamaModel
@@ -54,12 +56,18 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+@functools.lru_cache(maxsize=2)
+def pydoc_ids(encode: Callable[[str], list[int]]) -> tuple[int, ...]:
+    """pydoc_text() tokenized by `encode` (seconds: kept for the next call with the same one)."""
+    return tuple(encode(pydoc_text()))
+
+
 def evaluation_ids(encode: Callable[[str], list[int]], tokens: int = EVAL_TOKENS) -> list[int]:
     """The first `tokens` tokens of pydoc_text() (encode: text -> ids without special tokens)."""
-    ids = encode(pydoc_text())
+    ids = pydoc_ids(encode)
     if len(ids) < tokens:
         raise ValueError(f"pydoc_data.topics has {len(ids):,} tokens, fewer than {tokens:,}")
-    return ids[:tokens]
+    return list(ids[:tokens])
 
 
 def calibration_ids(
@@ -67,12 +75,12 @@ def calibration_ids(
 ) -> list[int]:
     """The default calibration text: tokens skip .. skip + tokens of pydoc_text() (encode: text
     -> ids without special tokens). skip = the evaluation's length keeps them disjoint."""
-    ids = encode(pydoc_text())
+    ids = pydoc_ids(encode)
     if len(ids) < skip + tokens:
         raise ValueError(
             f"pydoc_data.topics has {len(ids):,} tokens, fewer than {skip:,} + {tokens:,}"
         )
-    return ids[skip : skip + tokens]
+    return list(ids[skip : skip + tokens])
 
 
 def projection_names(model: LlamaModel) -> list[str]:
@@ -129,7 +137,7 @@ def perplexity(model: LlamaModel, ids: Sequence[int], window: int) -> float:
     return math.exp(float(score(model, ids, window).double().mean()))
 
 
-def _log_probs(model: LlamaModel, ids: Sequence[int], window: int) -> list[torch.Tensor]:
+def log_probs(model: LlamaModel, ids: Sequence[int], window: int) -> list[torch.Tensor]:
     """Next-token log-probabilities [len(window), V] of every position, a window each."""
     return [torch.log_softmax(window_logits(model, c), -1) for c in _windows(ids, window)]
 
@@ -137,7 +145,7 @@ def _log_probs(model: LlamaModel, ids: Sequence[int], window: int) -> list[torch
 def mean_kl(reference: list[torch.Tensor], model: LlamaModel, ids: Sequence[int],
             window: int) -> float:  # fmt: skip
     """Mean over positions of KL(reference || model) of the next-token distributions (nats);
-    `reference` is _log_probs of the same ids and window."""
+    `reference` is log_probs of the same ids and window."""
     total, count = 0.0, 0
     for ref, chunk in zip(reference, _windows(ids, window), strict=True):
         out = torch.log_softmax(window_logits(model, chunk), -1)
@@ -195,8 +203,17 @@ def rank_projections(
     """Every projection's sensitivity, most sensitive first: each of `quantized`'s projections
     (the same model loaded with a quantization scheme) swapped alone into `unquantized`, the
     calibration text run, the KL against `unquantized` itself measured, the projection swapped
-    back."""
-    reference = _log_probs(unquantized, calib_ids, window)
+    back.
+
+    Every window must be longer than linear.MAX_M tokens: shorter runs compute FP8 projections
+    weight-only (the decode rule), not W8A8 as the prefills the ranking stands for."""
+    short = [len(c) for c in _windows(calib_ids, window) if len(c) <= MAX_M]
+    if short or not calib_ids:
+        raise ValueError(
+            f"calibration windows must be longer than {MAX_M} tokens (FP8 runs W8A8 above "
+            f"that); {len(calib_ids)} tokens in windows of {window} give {short or [0]}"
+        )
+    reference = log_probs(unquantized, calib_ids, window)
     ranking = []
     for name in projection_names(unquantized):
         with swapped(unquantized, quantized, [name]):
