@@ -19,6 +19,7 @@ from kvmesh.shared.model.fetch import (
     default_cache,
     default_model_path,
 )
+from kvmesh.shared.model.formats import KV_CACHE_DTYPES, QUANTIZATIONS
 from kvmesh.shared.model.source import is_default
 
 if TYPE_CHECKING:  # the engine (torch, Triton) is imported only by the commands that run one
@@ -40,6 +41,20 @@ def _engine_args(p: argparse.ArgumentParser, mesh: bool = False) -> None:
         "--dtype",
         default=env("KVMESH_DTYPE", ""),
         help="float32, float16 or bfloat16 (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=env("KVMESH_QUANTIZATION", "none"),
+        help="the decoder layers' projections: as loaded (none), FP8 E4M3 weights with dynamic "
+        "per-token FP8 activations (fp8), or INT8 weight-only (int8); quantized at load unless "
+        "the checkpoint is quantized already (`kvmesh quantize` writes one)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=env("KVMESH_KV_CACHE_DTYPE", "auto"),
+        help="auto: the model's dtype; fp8: E4M3 with per-head scales (half the bytes)",
     )
     p.add_argument("--block-size", type=int, default=int(env("KVMESH_BLOCK_SIZE", "16")))
     p.add_argument(
@@ -90,6 +105,8 @@ def engine_config(args: argparse.Namespace, role: Role) -> EngineConfig:
         gpu_memory_share=args.gpu_memory_share,
         cuda_graphs=not args.eager,
         overlap=not args.eager,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         fetch=fetch_config(),
     )
 
@@ -241,6 +258,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         str(args.max_seqs),
         "--kv-cache-mb",
         str(args.kv_cache_mb),
+        "--quantization",
+        args.quantization,
+        "--kv-cache-dtype",
+        args.kv_cache_dtype,
         "--port",
         "0",
     ]
@@ -367,7 +388,38 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch", help="fetch the default model and its tokenizer into the cache; print its path"
     )
     fetch.set_defaults(func=_cmd_fetch)
+
+    quant = sub.add_parser(
+        "quantize", help="write a quantized checkpoint, the most sensitive layers kept unquantized"
+    )
+    quant.add_argument("--model", default=os.environ.get("KVMESH_MODEL", ""),
+                       help="model source (default: SmolLM2-135M-Instruct)")  # fmt: skip
+    quant.add_argument("--scheme", required=True, choices=("fp8", "int8"))
+    quant.add_argument("--keep", type=int, default=0,
+                       help="projections kept in the model's dtype, the most sensitive to the "
+                       "scheme by measured KL (0: quantize all, no ranking)")  # fmt: skip
+    quant.add_argument("--out", required=True, type=Path, help="a new directory")
+    quant.add_argument("--calib-tokens", type=int, default=1024,
+                       help="tokens of calibration text the ranking runs")  # fmt: skip
+    quant.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    quant.add_argument("--dtype", default="",
+                       help="the unquantized tensors' dtype: float32, float16 or bfloat16 "
+                       "(default: float32 on CPU, bfloat16 on CUDA)")  # fmt: skip
+    quant.set_defaults(func=_cmd_quantize)
     return parser
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    _prefetch(args.model)
+    from kvmesh.services.quantize import QuantizeConfig, quantize
+
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    config = QuantizeConfig(
+        model=args.model, scheme=args.scheme, out=args.out, keep=args.keep,
+        calib_tokens=args.calib_tokens, device=args.device, dtype=dtype, fetch=fetch_config(),
+    )  # fmt: skip
+    print(quantize(config).summary())
+    return 0
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:

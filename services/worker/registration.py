@@ -21,6 +21,7 @@ from kvmesh.protos import worker_pb2
 from kvmesh.services.rpc import abort
 from kvmesh.shared.control.ledger import Ledger, WorkerInfo
 from kvmesh.shared.engine.engine import Engine, EngineConfig
+from kvmesh.shared.engine.kv_scales import scales_digest
 from kvmesh.shared.engine.loop import EngineLoop
 from kvmesh.shared.engine.sequence import SamplingParams
 from kvmesh.shared.model.fetch import DEFAULT_MODEL
@@ -89,7 +90,9 @@ def kv_layout(engine: Engine) -> worker_pb2.KVLayout:
     cfg = engine.model_config
     return worker_pb2.KVLayout(
         num_layers=cfg.num_layers, block_size=engine.config.block_size,
-        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=engine.config.dtype,
+        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        dtype=str(engine.kv_dtype).removeprefix("torch."),
+        kv_scales=scales_digest(engine.model.kv_scales),
     )  # fmt: skip
 
 

@@ -33,6 +33,23 @@ class ForwardBatch:
     def decode_only(self) -> bool:
         return self.max_q_len == 1
 
+    @classmethod
+    def one_prompt(
+        cls, ids: torch.Tensor, block_table: torch.Tensor, block_size: int, fresh: bool = True
+    ) -> ForwardBatch:
+        """One sequence's tokens ids [T] (on the device) at positions 0..T-1 in the blocks
+        block_table [>= cdiv(T, block_size)] int32 (the same block may repeat: a scratch block
+        takes every token), the last one sampled."""
+        n, device = ids.numel(), ids.device
+        positions = torch.arange(n, device=device)
+        slots = block_table.long()[positions // block_size] * block_size + positions % block_size
+        return cls(
+            input_ids=ids, positions=positions, slot_mapping=slots,
+            block_table=block_table[None], cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32,
+            device=device), seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+            sample_indices=torch.tensor([n - 1], device=device), max_q_len=n, fresh=fresh,
+        )  # fmt: skip
+
 
 # (rows of the input ids, rows of the in-flight step's sampled tokens to copy there), on device
 Fill = tuple[torch.Tensor, torch.Tensor]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvmesh.kernels.linear import MAX_M
-from kvmesh.kernels.quant import SCHEMES
+from kvmesh.kernels.quant import FP8_DTYPE
 from kvmesh.shared.engine.batch import ForwardBatch, StepInputs
 from kvmesh.shared.engine.cuda_graphs import DecodeGraphs
 from kvmesh.shared.engine.kv_cache import (
@@ -31,6 +31,7 @@ from kvmesh.shared.engine.kv_cache import (
     blocks_for,
     bytes_per_block,
 )
+from kvmesh.shared.engine.kv_scales import calibrate_kv_scales, calibration_ids
 from kvmesh.shared.engine.memory import card_memory, headroom_bytes, kv_bytes_on_card
 from kvmesh.shared.engine.sampler import SamplingBatch, sample
 from kvmesh.shared.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
@@ -38,11 +39,11 @@ from kvmesh.shared.engine.sequence import PENDING, FinishReason, SamplingParams,
 from kvmesh.shared.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from kvmesh.shared.model.config import ModelConfig
 from kvmesh.shared.model.fetch import FetchConfig
+from kvmesh.shared.model.formats import KV_CACHE_DTYPES, QUANTIZATIONS
 from kvmesh.shared.model.llama import LlamaModel
 from kvmesh.shared.model.loader import LoadedModel, load_model
 from kvmesh.shared.model.ops import ops_for
 
-KV_CACHE_DTYPES = ("auto", "fp8")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -81,10 +82,9 @@ class EngineConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         SchedulerConfig(self.block_size, self.max_num_batched_tokens, self.max_num_seqs)
-        if self.quantization not in SCHEMES:
-            raise ValueError(
-                f"quantization must be one of {', '.join(SCHEMES)}, got {self.quantization!r}"
-            )
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")  # fmt: skip
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")  # fmt: skip
@@ -154,15 +154,23 @@ class Engine:
         if tokenizer is None and loaded.tokenizer_source is not None:
             tokenizer = load_tokenizer(loaded.tokenizer_source, config.fetch.cache)
         self.tokenizer = tokenizer
+        # an FP8 cache: E4M3 codes and per-head scales, from the checkpoint or calibrated now
+        self.kv_dtype = FP8_DTYPE if config.kv_cache_dtype == "fp8" else dtype
+        if config.kv_cache_dtype == "fp8":
+            with self._on_device():
+                self.model.kv_scales = loaded.kv_scales
+                if self.model.kv_scales is None:
+                    ids = calibration_ids(tokenizer, loaded.config.vocab_size)
+                    self.model.kv_scales = calibrate_kv_scales(self.model, ids, config.block_size)
         num_blocks = config.num_blocks or self._kv_bytes(loaded.config) // bytes_per_block(
-            loaded.config, config.block_size, dtype
+            loaded.config, config.block_size, self.kv_dtype
         )
         self.pool = BlockPool(num_blocks)
         # one block more than the pool hands out: the scratch block padding rows write into
         # a decode engine's cache is shared: a prefill process of this host writes handed-off
         # KV straight into its reserved blocks (handoff/ipc)
         self.kv_cache = allocate_kv_cache(
-            loaded.config, num_blocks + 1, config.block_size, dtype, self.device,
+            loaded.config, num_blocks + 1, config.block_size, self.kv_dtype, self.device,
             shared=config.role is Role.DECODE,
         )  # [L, 2, num_blocks + 1, block_size, kv_heads, head_dim]  # fmt: skip
         self.max_model_len = min(
@@ -223,20 +231,10 @@ class Engine:
         longest = min(self.config.max_num_batched_tokens, self.max_model_len)
         lengths = {min(1 << i, longest) for i in range(MAX_M.bit_length())} | {longest}
         for n, fresh in itertools.product(sorted(lengths), (True, False)):
-            positions = torch.arange(n, device=self.device)
-            batch = ForwardBatch(
-                input_ids=torch.zeros(n, dtype=torch.int64, device=self.device),
-                positions=positions,
-                slot_mapping=scratch_block * bs + positions % bs,
-                block_table=torch.full(
-                    (1, blocks_for(n, bs)), scratch_block, dtype=torch.int32, device=self.device
-                ),  # fmt: skip
-                cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-                seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-                sample_indices=torch.tensor([n - 1], device=self.device),
-                max_q_len=n,
-                fresh=fresh,
-            )
+            ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+            table = torch.full((blocks_for(n, bs),), scratch_block, dtype=torch.int32,
+                               device=self.device)  # fmt: skip
+            batch = ForwardBatch.one_prompt(ids, table, bs, fresh)
             self.model.ops.argmax(self.model.forward(batch, self.kv_cache))
         torch.cuda.synchronize(self.device)
 

@@ -47,6 +47,8 @@ class LoadedModel:
     config: ModelConfig
     weights: LlamaWeights
     tokenizer_source: Path | None  # a .gguf file or an HF directory; None for synthetic models
+    # an FP8 KV cache's per-head scales [L, 2, kv_heads] fp32 where the checkpoint has them
+    kv_scales: torch.Tensor | None = None
 
 
 @dataclass
