@@ -198,12 +198,13 @@ def swapped(target: LlamaModel, source: LlamaModel, names: Sequence[str]) -> Ite
 
 
 def rank_projections(
-    unquantized: LlamaModel, quantized: LlamaModel, calib_ids: Sequence[int], window: int = 1024
-) -> list[Sensitivity]:
+    unquantized: LlamaModel, quantized: LlamaModel, calib_ids: Sequence[int], window: int = 1024,
+    on_each: Callable[[Sensitivity], None] | None = None,
+) -> list[Sensitivity]:  # fmt: skip
     """Every projection's sensitivity, most sensitive first: each of `quantized`'s projections
     (the same model loaded with a quantization scheme) swapped alone into `unquantized`, the
     calibration text run, the KL against `unquantized` itself measured, the projection swapped
-    back.
+    back. on_each(s) runs as each projection's is measured (progress).
 
     Every window must be longer than linear.MAX_M tokens: shorter runs compute FP8 projections
     weight-only (the decode rule), not W8A8 as the prefills the ranking stands for."""
@@ -219,6 +220,8 @@ def rank_projections(
         with swapped(unquantized, quantized, [name]):
             kl = mean_kl(reference, unquantized, calib_ids, window)
         ranking.append(Sensitivity(name, kl))
+        if on_each is not None:
+            on_each(ranking[-1])
     return sorted(ranking, key=lambda s: (-s.kl, s.name))
 
 
