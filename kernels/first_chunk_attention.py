@@ -54,7 +54,9 @@ except ImportError:  # pragma: no cover (every supported Triton has it; the path
 @dataclass(frozen=True)
 class FreshChunks:
     """A step whose sequences all start at token 0: their keys and values as [T, Hk, D] views of
-    the qkv projection (RoPE applied), and the longest sequence's length (a host int)."""
+    the qkv projection (RoPE applied), and the longest sequence's length (a host int). With an
+    FP8 KV cache they hold the codes' values (rope_write_kv leaves them so), so this kernel,
+    which never reads the cache and takes no kv_scale, attends over what a later read sees."""
 
     k: torch.Tensor
     v: torch.Tensor

@@ -71,7 +71,9 @@ def kv_codes(x, scale, ROUND_IN_FP32: tl.constexpr):
     """FP8 E4M3 codes of x (any float) under `scale` (fp32, broadcast against x): the module's
     rule. ROUND_IN_FP32 (the CPU interpreter): round on the grid first (_e4m3_grid); the GPU's
     cvt rounds to nearest even itself."""
-    y = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -448.0, 448.0)  # E4M3's largest
+    y = x.to(tl.float32)
+    y = tl.math.div_rn(y, scale + tl.zeros_like(y))  # div_rn takes operands of one shape
+    y = tl.clamp(y, -448.0, 448.0)  # E4M3's largest finite value
     if ROUND_IN_FP32:
         y = _e4m3_grid(y)
     return y.to(tl.float8e4nv)

@@ -154,6 +154,19 @@ def linear_w8a16_int8(
     return linear_weight_only(x, weight, bias)
 
 
+# FP8 KV cache. A layer's k_cache / v_cache [num_blocks, block_size, kv_heads, head_dim] may be
+# float8_e4m3fn; then every kernel that writes or reads it (rope_write_kv, write_kv,
+# decode_attention, prefill_attention and their _ref) takes kv_scale: float32 [2, kv_heads], row 0
+# K's per-head scales and row 1 V's, static for the model (calibrated; the engine supplies them).
+# Write: code = quantize_kv_fp8(value, kv_scale[i]) (fp32 math, ties to even, saturating at 448).
+# Read: value = dequantize_kv_fp8(code, kv_scale[i]) in fp32, then the attention as for a half
+# cache (the kernels fold the scale out of their products: the same up to fp32 rounding). A
+# step's new tokens are attended as their codes, first chunks included (rope_write_kv leaves k
+# and v holding the codes' values). kv_scale=None: a half or fp32 cache, the plain cast.
+# quantize_kv_fp8 and dequantize_kv_fp8 take [..., heads, head_dim] (tokens, or blocks and
+# offsets: any leading dimensions).
+
+
 def kv_head_scales(kv: torch.Tensor) -> torch.Tensor:
     """float32 FP8 scales [heads] of a K or V tensor [tokens, heads, head_dim]: per head, the
     amax over its tokens and dimensions / 448 (1 for an all-zero head)."""

@@ -516,3 +516,70 @@ def test_pdl_chain_in_a_graph_gives_the_plain_launch_bits(monkeypatch):
         for a, b in zip(got, plain, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert plain[0].abs().max() > 0
+
+
+# FP8 KV cache (float8_e4m3fn codes, per-head kv_scale): bf16 q against the references
+@pytest.mark.parametrize("kv_heads,head_dim,page", [(1, 64, 16), (8, 128, 32)])
+def test_write_kv_fp8(kv_heads, head_dim, page):
+    kv_write_cases.run_fp8_case(300, kv_heads, head_dim, page, BF16, "cuda", seed=kv_heads)
+
+
+def test_write_kv_fp8_rounds_ties_to_even_and_saturates():
+    kv_write_cases.test_write_kv_fp8_rounds_ties_to_even_and_saturates(device="cuda")
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(32, 8, 128, 16), (9, 3, 64, 32)])
+def test_rope_write_kv_fp8(heads, kv_heads, head_dim, page):
+    rope_kv_cases.run_fp8_case(300, heads, kv_heads, head_dim, page, BF16, device="cuda")
+
+
+@pytest.mark.parametrize("group,head_dim", [(1, 128), (4, 128), (3, 64)])
+def test_prefill_fp8_cache(group, head_dim):
+    seqs = [(300, 300), (160, 2000), (1, 1500), (37, 101), (1, 1), (129, 129 + 64)]
+    prefill_attention_cases.run_fp8_case(
+        seqs, heads=2 * group, kv_heads=2, head_dim=head_dim, page=16, dtype=BF16, device="cuda",
+        seed=group,
+    )  # fmt: skip
+
+
+def test_prefill_fp8_cache_benchmark_shape():
+    prefill_attention_cases.run_fp8_case([(4096, 4096)], 32, 8, 128, 16, BF16, "cuda")
+
+
+def test_first_chunks_attend_over_the_quantized_values():
+    """With an FP8 cache the Gluon first-chunk kernel reads k and v as rope_write_kv left them
+    (the codes' values): it matches attention over the dequantized cache."""
+    first_chunk_cases.check_fresh_fp8_step(BF16, device="cuda")
+    q, fresh, *_ = first_chunk_cases.fresh_fp8_step([300, 1, 177], 8, 2, 64, BF16, "cuda")
+    assert supported(q, fresh.k, fresh.v), "the step does take the Gluon kernel"
+
+
+@pytest.mark.parametrize("group,waves", [(4, 1), (4, 16), (3, 2)])
+def test_decode_fp8_cache(group, waves):
+    ctx = [1, 15, 64, 130, 333, 2000, 4096, 2]
+    decode_attention_cases.run_fp8_case(
+        ctx, heads=2 * group, kv_heads=2, head_dim=128, page=16, dtype=BF16, device="cuda",
+        seed=group, tuning=decode_attention_module.DecodeTuning(waves=waves),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("waves", [1, 2, 16])
+def test_decode_fp8_cache_with_the_new_token(waves):
+    """RoPE, the FP8 KV write and attention in one launch: the codes rope_write_kv writes."""
+    decode_attention_cases.run_fp8_new_token_case(
+        [1, 17, 577, 2000, 64, 129] * 4, heads=8, kv_heads=2, head_dim=128, page=16, dtype=BF16,
+        device="cuda", seed=waves, tuning=decode_attention_module.DecodeTuning(waves=waves),
+        skip_slot=3,
+    )  # fmt: skip
+
+
+def test_gather_scatter_and_checksum_of_an_fp8_cache():
+    """The handoff's block copy and checksum move FP8 caches as bytes: both as for any dtype."""
+    layer = torch.randn(2, 50, 16, 8, 128, device="cuda").to(torch.float8_e4m3fn)
+    ids = torch.tensor([7, 3, 41], device="cuda")
+    buf = gather_blocks(layer, ids)
+    assert torch.equal(buf.view(torch.uint8), layer[:, ids.long()].view(torch.uint8))
+    other = torch.zeros_like(layer)
+    scatter_blocks(other, ids, buf)
+    assert torch.equal(other[:, ids.long()].view(torch.uint8), buf.view(torch.uint8))
+    assert int(layer_checksum(buf)) == int(layer_checksum_ref(buf))

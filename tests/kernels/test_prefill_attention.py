@@ -7,6 +7,9 @@ import torch
 from kernel_inputs import (
     assert_close,
     block_table,
+    dequantized,
+    fp8_kv_layer,
+    fresh_seed,
     kv_layer,
     poison_allocator,
     poison_unused_blocks,
@@ -179,3 +182,48 @@ def test_lazy_rescale_growing_scores():
     )
     assert_close(variant(lazy_rescale=True)(q, kv[0], kv[1], table, cu, lens, scale), ref64,
                  torch.float32)  # fmt: skip
+
+
+def run_fp8_case(
+    seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, page: int,
+    dtype: torch.dtype, device: str = "cpu", seed: int = 0, kernel=prefill_attention,
+) -> None:  # fmt: skip
+    """An FP8 cache: the kernel against float64 attention over the dequantized cache, and the
+    reference (q's dtype) against the reference run on the cache dequantized beforehand with
+    quant.dequantize_kv_fp8 (the same computation)."""
+    gen = torch.Generator().manual_seed(seed)
+    ctx_lens = [c for _, c in seqs]
+    num_blocks = sum((c + page - 1) // page for c in ctx_lens) + 7
+    kv, kv_scale = fp8_kv_layer(gen, num_blocks, page, kv_heads, head_dim, device)
+    table = block_table(gen, ctx_lens, page, num_blocks, device)
+    poison_unused_blocks(kv, table)
+    q_lens = [q for q, _ in seqs]
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    args = (table, cu.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device))
+    scale = head_dim**-0.5
+    values = dequantized(kv, kv_scale)
+    ref64 = prefill_attention_ref(q.double(), *values.double(), *args, scale)
+    got_ref = prefill_attention_ref(q, kv[0], kv[1], *args, scale, kv_scale=kv_scale)
+    want_ref = prefill_attention_ref(q, *values.to(dtype), *args, scale)
+    torch.testing.assert_close(got_ref, want_ref, rtol=0, atol=0)
+    poison_allocator(device)
+    out = kernel(q, kv[0], kv[1], *args, scale, kv_scale=kv_scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert_close(out, ref64, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_fp8_cache(dtype, group):
+    seqs = [(1, 1), (45, 45), (7, 90), (1, 70), (33, 200)]
+    run_fp8_case(seqs, heads=2 * group, kv_heads=2, head_dim=64, page=16, dtype=dtype,
+                 seed=fresh_seed())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "changes", [dict(k_rows=True), dict(pack_group=False), dict(lazy_rescale=True, lean_index=True)]
+)
+def test_fp8_cache_tuning_variants(changes):
+    run_fp8_case([(70, 70), (1, 77), (33, 129)], heads=8, kv_heads=2, head_dim=64, page=16,
+                 dtype=torch.float16, seed=fresh_seed(), kernel=variant(**changes))  # fmt: skip

@@ -1,6 +1,13 @@
 import pytest
 import torch
-from kernel_inputs import assert_close, kv_layer
+from kernel_inputs import (
+    assert_close,
+    assert_codes_within_one_step,
+    dequantized,
+    fp8_kv_layer,
+    fresh_seed,
+    kv_layer,
+)
 from test_rope import LLAMA31
 
 from kvmesh.kernels.kv_write import write_kv
@@ -59,3 +66,45 @@ def test_rope_write_kv(dtype, heads, kv_heads, head_dim, page):
 def test_llama3_scaling_and_no_tokens():
     run_case(11, 8, 2, 64, 16, torch.float16, LLAMA31, seed=3)
     run_case(0, 8, 2, 64, 16, torch.float32)
+
+
+def run_fp8_case(tokens, heads, kv_heads, head_dim, page, dtype, device="cpu", seed=0):
+    """An FP8 cache: the kernel's codes against the reference's (within one rounding step), q
+    rotated as without FP8, and k and v left holding the codes' values (those of padding tokens
+    too), which is what a first chunk attends over."""
+    gen = torch.Generator().manual_seed(seed)
+    cos_sin = rope_cos_sin(head_dim, 4096, 500000.0, None, device)
+    num_blocks = (tokens + page - 1) // page + 3
+    layer, kv_scale = fp8_kv_layer(gen, num_blocks, page, kv_heads, head_dim, device)
+    widths = [heads, kv_heads, kv_heads]
+    amp = torch.cat([torch.ones(heads), kv_scale[0].cpu() * 300, kv_scale[1].cpu() * 300])
+    qkv = torch.randn(tokens, sum(widths), head_dim, generator=gen) * amp[None, :, None]
+    qkv = qkv.flatten(1).to(device, dtype)  # the fused projection [T, (Hq + 2 Hk) * D]
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)
+    slots = torch.randperm(num_blocks * page, generator=gen)[:tokens]
+    slots[torch.rand(tokens, generator=gen) < 0.2] = -1
+    slots = slots.to(device)
+
+    def views(t):
+        return t.view(tokens, sum(widths), head_dim).split(widths, dim=1)
+
+    ref_qkv, ref_layer = qkv.clone(), layer.clone()
+    rope_write_kv_ref(*views(ref_qkv), positions, cos_sin, ref_layer[0], ref_layer[1], slots,
+                      kv_scale=kv_scale)  # fmt: skip
+    q, k, v = views(qkv)
+    rope_write_kv(q, k, v, positions, cos_sin, layer[0], layer[1], slots, kv_scale=kv_scale)
+    assert_codes_within_one_step(layer, ref_layer)
+    ref_q, ref_k, ref_v = views(ref_qkv)
+    torch.testing.assert_close(q, ref_q, rtol=0, atol=0)
+    # k and v in place: the codes' values (rounded to their dtype) of every token
+    for i, (x, ref_x) in enumerate(((k, ref_k), (v, ref_v))):
+        assert_close(x, ref_x.double(), dtype, factor=20)  # a code one step apart shows here
+        kept = slots >= 0
+        in_cache = dequantized(layer.flatten(1, 2)[:, slots[kept]], kv_scale)[i]
+        torch.testing.assert_close(x[kept], in_cache.to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page", [(8, 8, 64, 16), (32, 8, 128, 32)])
+def test_rope_write_kv_fp8(dtype, heads, kv_heads, head_dim, page):
+    run_fp8_case(37, heads, kv_heads, head_dim, page, dtype, seed=fresh_seed())

@@ -5,7 +5,8 @@ rows of each, the residual into o and down), and every autotuner candidate at 64
 compile and fit a program's shared memory, and for the dot configs `pipeline_smem` must bound
 what the compiler asks (a config past the limit fails only at launch, on the GPU). Decode
 attention (with and without the step's new token, one split and several), its merge, the norm,
-SiLU-and-mul and RoPE + KV write kernels must compile.
+SiLU-and-mul and RoPE + KV write kernels must compile, and with an FP8 KV cache decode attention,
+RoPE + KV write and the prefill attention's GPU configs.
 
 The compiles run in a subprocess: under TRITON_INTERPRET=1 (the CPU suite) the kernels are not
 JIT functions that triton.compile takes."""
@@ -120,6 +121,7 @@ def _compile_others() -> list[dict]:
     import kvmesh.kernels.activation as act
     import kvmesh.kernels.argmax as argmax
     import kvmesh.kernels.decode_attention as dec
+    import kvmesh.kernels.prefill_attention as pre
     import kvmesh.kernels.rms_norm as norm
     import kvmesh.kernels.rope_kv as rope_kv
 
@@ -130,19 +132,25 @@ def _compile_others() -> list[dict]:
                  "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"}  # fmt: skip
     t = dec.DecodeTuning()
     out = []
-    for splits in (1, 3):
-        for new_token in (False, True):
-            consts = dict(NUM_HEADS=32, NUM_SPLITS=splits, GROUP=4, GROUP_PAD=16, PAGE=16,
-                          HEAD_DIM=128, BLOCK_N=t.block_n, DOT_PRECISION="tf32",
-                          NEW_TOKEN=new_token, PDL=True)  # fmt: skip
-            # the pointers the wrapper passes as None (Triton makes them constexpr None)
-            if splits == 1:
-                consts.update(o_part_ptr=None, ml_part_ptr=None)
-            if not new_token:
-                consts.update(kn_ptr=None, vn_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None)
-            asked = _sm90(dec._decode_split_kernel, attention, consts,
-                          dict(num_warps=t.num_warps, num_stages=t.num_stages))  # fmt: skip
-            out.append(dict(what=f"decode attention {splits} splits {new_token=}", asked=asked))
+    fp8_cache = {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "kv_scale_ptr": "*fp32"}
+    variants = [(1, False, False), (1, True, False), (3, False, False), (3, True, False),
+                (1, True, True), (3, False, True)]  # (splits, new token, FP8 cache)  # fmt: skip
+    for splits, new_token, kv_fp8 in variants:
+        consts = dict(NUM_HEADS=32, NUM_SPLITS=splits, GROUP=4, GROUP_PAD=16, PAGE=16,
+                      HEAD_DIM=128, BLOCK_N=t.block_n, DOT_PRECISION="tf32",
+                      NEW_TOKEN=new_token, PDL=True, KV_FP8=kv_fp8,
+                      ROUND_IN_FP32=False)  # fmt: skip
+        # the pointers the wrapper passes as None (Triton makes them constexpr None)
+        if splits == 1:
+            consts.update(o_part_ptr=None, ml_part_ptr=None)
+        if not new_token:
+            consts.update(kn_ptr=None, vn_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None)
+        if not kv_fp8:
+            consts.update(kv_scale_ptr=None)
+        asked = _sm90(dec._decode_split_kernel, {**attention, **(fp8_cache if kv_fp8 else {})},
+                      consts, dict(num_warps=t.num_warps, num_stages=t.num_stages))  # fmt: skip
+        out.append(dict(what=f"decode attention {splits} splits {new_token=} {kv_fp8=}",
+                        asked=asked))  # fmt: skip
     kernels = [
         (dec._decode_merge_kernel, {"o_part_ptr": "*fp32", "ml_part_ptr": "*fp32", "out_ptr": bf16},
          dict(NUM_HEADS=32, NUM_SPLITS=3, SPLITS_PAD=4, HEAD_DIM=128, PDL=True)),
@@ -154,7 +162,13 @@ def _compile_others() -> list[dict]:
                                          "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
                                          "k_cache_ptr": bf16, "v_cache_ptr": bf16,
                                          "slot_ptr": "*i64"},
-         dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=8, PDL=True)),
+         dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=8, PDL=True, KV_FP8=False, ROUND_IN_FP32=False,
+              kv_scale_ptr=None)),
+        (rope_kv._rope_write_kv_kernel, {"q_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16,
+                                         "pos_ptr": "*i64", "cos_sin_ptr": "*fp32",
+                                         "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv",
+                                         "slot_ptr": "*i64", "kv_scale_ptr": "*fp32"},
+         dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=8, PDL=True, KV_FP8=True, ROUND_IN_FP32=False)),
     ]  # fmt: skip
     for fn, types, consts in kernels:
         out.append(dict(what=fn.__name__, asked=_sm90(fn, types, consts, dict(num_warps=4))))
@@ -166,6 +180,14 @@ def _compile_others() -> list[dict]:
                                                 "out_ptr": "*i64"},
                   dict(CHUNKS=argmax.MAX_CHUNKS, PDL=True), dict(num_warps=1))  # fmt: skip
     out.append(dict(what="greedy argmax, merge", asked=asked))
+    prefill = {"q_ptr": bf16, "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "out_ptr": bf16,
+               "table_ptr": "*i32", "cu_ptr": "*i32", "lens_ptr": "*i32", "qk_scale": "fp32",
+               "kv_scale_ptr": "*fp32"}  # fmt: skip
+    for tuning in [*pre.TUNING, pre.NARROW_TUNING]:  # an FP8 cache (bf16 caches: tests/gpu)
+        consts = dict(GROUP=4, PAGE=16, HEAD_DIM=128, DOT_PRECISION="tf32", FITS_INT32=True,
+                      SAME_KV_STRIDES=True, KV_FP8=True, **tuning.meta())  # fmt: skip
+        asked = _sm90(pre._prefill_kernel, prefill, consts, tuning.options())
+        out.append(dict(what=f"prefill attention {tuning.label()} FP8 cache", asked=asked))
     return out
 
 
@@ -250,7 +272,7 @@ def test_the_decode_kernels_compile_for_sm90():
         assert r["asked"] <= lin.SMEM_LIMIT, r
         if r["bound"] is not None:
             assert r["asked"] <= r["bound"], r
-    assert len(compiled["others"]) == 10
+    assert len(compiled["others"]) == 16
     for r in compiled["others"]:
         assert r["asked"] <= lin.SMEM_LIMIT, r
 
