@@ -19,6 +19,7 @@ quantity a plan that keeps a few projections unquantized wants to remove most of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import random
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmesh.kernels.linear import MAX_M
+from kvmesh.kernels.quant import FP8_DTYPE
 from kvmesh.shared.engine.batch import ForwardBatch
 from kvmesh.shared.engine.kv_cache import allocate_kv_cache, blocks_for
 from kvmesh.shared.model.llama import LayerWeights, LlamaModel
@@ -93,23 +95,16 @@ def projection_names(model: LlamaModel) -> list[str]:
 
 def window_logits(model: LlamaModel, ids: Sequence[int]) -> torch.Tensor:
     """Logits [len(ids), V] in float32, row t the model's prediction of the token after ids[t]:
-    one packed prefill of `ids` from an empty KV cache."""
-    n, device = len(ids), model.device
-    blocks = blocks_for(n, BLOCK_SIZE)
-    cache = allocate_kv_cache(model.config, blocks, BLOCK_SIZE, model.dtype, device)
-    positions = torch.arange(n, device=device)
-    batch = ForwardBatch(
-        input_ids=torch.tensor(list(ids), dtype=torch.int64, device=device),
-        positions=positions,
-        slot_mapping=positions,  # block b holds tokens b * BLOCK_SIZE ...
-        block_table=torch.arange(blocks, dtype=torch.int32, device=device)[None],
-        cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        sample_indices=positions,
-        max_q_len=n,
-        fresh=True,
-    )
-    return model.forward(batch, cache).float()
+    one packed prefill of `ids` from an empty KV cache (FP8 where the model has kv_scales, as
+    the engine's --kv-cache-dtype fp8 gives it, else in the model's dtype)."""
+    device = model.device
+    blocks = blocks_for(len(ids), BLOCK_SIZE)
+    kv_dtype = model.dtype if model.kv_scales is None else FP8_DTYPE
+    cache = allocate_kv_cache(model.config, blocks, BLOCK_SIZE, kv_dtype, device)
+    table = torch.arange(blocks, dtype=torch.int32, device=device)
+    batch = ForwardBatch.one_prompt(torch.tensor(list(ids), device=device), table, BLOCK_SIZE)
+    every = dataclasses.replace(batch, sample_indices=batch.positions)
+    return model.forward(every, cache).float()
 
 
 def _windows(ids: Sequence[int], window: int) -> Iterator[Sequence[int]]:
