@@ -94,10 +94,17 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kvmesh.kernels.act_quant import quantize_rows_fp8
 from kvmesh.kernels.activation import silu_and_mul, silu_and_mul_ref
 from kvmesh.kernels.device import capability
 from kvmesh.kernels.pdl import pdl_args, pdl_enter
-from kvmesh.kernels.quant import QuantizedWeight, Weight, linear_w8a8_fp8, linear_weight_only
+from kvmesh.kernels.quant import (
+    FP8_DTYPE,
+    QuantizedWeight,
+    Weight,
+    linear_w8a8_fp8,
+    linear_weight_only,
+)
 from kvmesh.kernels.rms_norm import rms_norm, rms_norm_ref
 
 # an RMSNorm on the input: (weight [K], eps); weight None: no gain (the model folded it into w)
@@ -184,6 +191,19 @@ def _normed(x, g_ptr, k, K, ssq, AXIS: tl.constexpr, GAIN: tl.constexpr):
 
 
 @triton.jit
+def _operand(w, x, g_k, CODES: tl.constexpr, GAIN_W: tl.constexpr):
+    """The dot's w tile: codes (CODES) converted to x's dtype (exact for FP8 E4M3 and INT8 in
+    fp16/bf16), times g_k, the norm gain's columns (GAIN_W: fp32 [1, BLOCK_K]), rounded once;
+    w unchanged otherwise. w is the dot's register operand on Hopper, so this costs no trip
+    through shared memory."""
+    if GAIN_W:
+        w = (w.to(tl.float32) * g_k).to(x.dtype)
+    elif CODES:
+        w = w.to(x.dtype)
+    return w
+
+
+@triton.jit
 def _plus_residual(acc, r_ptr, offsets, mask, HAS_RESIDUAL: tl.constexpr):
     """acc (fp32) plus the residual's tile at `offsets`, if there is one."""
     if HAS_RESIDUAL:
@@ -230,6 +250,7 @@ def _linear_jit(
     counters_ptr,  # int32 [>= cdiv(N, BLOCK_N)], zero between launches (SPLIT_K > 1; or None)
     r_ptr,  # [M, N] residual added to y (HAS_RESIDUAL; or None)
     g_ptr,  # [K] RMSNorm weight of x (NORM and GAIN; or None)
+    s_ptr,  # fp32 [rows of w]: the codes' per-row scales (SCALED; or None)
     sq_in_ptr,  # fp32 [sq_blocks, M]: x's rows' sums of squares in partials (SQ_IN; or None)
     sq_out_ptr,  # fp32 [cdiv(N, BLOCK_N), M]: y's rows' sums of squares, written (SQ_OUT; or None)
     x_desc,  # TMA descriptor of x, [M_PAD, BLOCK_K] boxes (TMA; or None)
@@ -248,16 +269,22 @@ def _linear_jit(
     SQ_BLOCKS: tl.constexpr,  # next_power_of_2(sq_blocks) (SQ_IN; else 1)
     SQ_OUT: tl.constexpr,  # write y's rows' sums of squares by column block (the next norm's)
     SWIGLU: tl.constexpr,  # w is [2N, K], gate rows then up rows; y = silu(x @ gate.T) * (x @ up.T)
+    SCALED: tl.constexpr,  # w holds FP8 or INT8 codes, row r standing for codes[r] * s[r]
     TMA: tl.constexpr,  # the dot path's tiles arrive by TMA (sm_90+; EVEN_K, N % BLOCK_N == 0)
     PDL: tl.constexpr,  # programmatic dependent launch (kernels/pdl.py)
     PREFETCH_LINES: tl.constexpr = 8,  # 128-byte lines of each w row prefetched (PDL only)
+    LINE_COLS: tl.constexpr = 64,  # columns of w in a 128-byte line (64 fp16/bf16, 128 codes)
 ):  # fmt: skip
     tl.static_assert(USE_DOT or SPLIT_K == 1, "the gemv path (M == 1) takes no split-K")
     # the gemv path has x in registers: it sums x's squares itself, and hands none on
     tl.static_assert(USE_DOT or not (SQ_IN or SQ_OUT), "row squares are the dot path's")
     tl.static_assert(SPLIT_K == 1 or not SWIGLU, "SwiGLU needs all of K")
-    tl.static_assert(SPLIT_K == 1 or not NORM or (SQ_IN and not GAIN), "the norm needs all of K")
+    # a split program sees part of K: the squares come in, and g (if any) goes on w's codes
+    tl.static_assert(
+        SPLIT_K == 1 or not NORM or (SQ_IN and (SCALED or not GAIN)), "the norm needs all of K"
+    )
     tl.static_assert(not TMA or (USE_DOT and EVEN_K), "TMA tiles are the dot path's, whole ones")
+    tl.static_assert(not (TMA and SCALED), "quantized tiles arrive by pointer loads")
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of w = columns of y
     ks = tl.arange(0, BLOCK_K)
@@ -276,14 +303,20 @@ def _linear_jit(
         k_hi = (pid_k + 1) * tiles // SPLIT_K * BLOCK_K
     if PDL:
         # no earlier kernel writes w: while they finish, start the first PREFETCH_LINES lines of
-        # each of this program's rows towards L2 (128-byte lines: 64 fp16/bf16 columns)
-        lines = tl.minimum(k_lo + tl.arange(0, PREFETCH_LINES) * 64, K - 1)
+        # each of this program's rows towards L2
+        lines = tl.minimum(k_lo + tl.arange(0, PREFETCH_LINES) * LINE_COLS, K - 1)
         _prefetch_l2((w_ptr + w_rows[:, None] * stride_wn + lines[None, :]).to(tl.int64))
         if SWIGLU:
             _prefetch_l2((w_ptr + up_rows[:, None] * stride_wn + lines[None, :]).to(tl.int64))
     pdl_enter(PDL)
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + ks[None, :] + k_lo  # [BLOCK_N, BLOCK_K]
     u_ptrs = w_ptr + up_rows[:, None] * stride_wn + ks[None, :] + k_lo
+    if SCALED:  # loaded before the K loop and applied after it: their latency hides
+        w_scale = tl.load(s_ptr + w_rows)
+        up_scale = tl.load(s_ptr + up_rows) if SWIGLU else w_scale
+    else:
+        w_scale = 1.0
+        up_scale = 1.0
     if USE_DOT:
         m = tl.arange(0, M_PAD)
         x_ptrs = x_ptr + m[:, None] * stride_xm + ks[None, :] + k_lo  # [M_PAD, BLOCK_K]
@@ -310,8 +343,13 @@ def _linear_jit(
                 k_ok = (k + ks < K)[None, :]
                 w = tl.load(w_ptrs, mask=k_ok, other=0.0)
                 x = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
-            if NORM and not SQ_IN:  # the loop sums x's squares (and applies g)
-                x, ssq = _normed(x, g_ptr, k + ks, K, ssq, 1, GAIN)
+            if NORM and not SQ_IN:  # the loop sums x's squares (and applies g, unless to w)
+                x, ssq = _normed(x, g_ptr, k + ks, K, ssq, 1, GAIN and not SCALED)
+            if SCALED and GAIN:  # g's columns, for the codes'
+                g_k = tl.load(g_ptr + k + ks, mask=k + ks < K, other=0.0).to(tl.float32)[None, :]
+            else:
+                g_k = 1.0
+            w = _operand(w, x, g_k, SCALED, SCALED and GAIN)
             acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
             if SWIGLU:
                 if TMA:
@@ -320,10 +358,14 @@ def _linear_jit(
                     wu = tl.load(u_ptrs)
                 else:
                     wu = tl.load(u_ptrs, mask=(k + ks < K)[None, :], other=0.0)
+                wu = _operand(wu, x, g_k, SCALED, SCALED and GAIN)
                 acc_up = tl.dot(wu, tl.trans(x), acc_up, input_precision=DOT_PRECISION)
                 u_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        if SCALED:  # rows of w are rows of acc
+            acc = acc * w_scale[:, None]
+            acc_up = acc_up * up_scale[:, None]
         if NORM:  # rows of x are columns of acc
             if SQ_IN:
                 ssq = tl.sum(sq_parts, axis=0)
@@ -380,12 +422,12 @@ def _linear_jit(
                 u_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=1)
+        y = tl.sum(acc, axis=1) * w_scale
         if NORM:
             inv_rms = tl.rsqrt(ssq / K + eps)
             y = y * inv_rms
         if SWIGLU:
-            y_up = tl.sum(acc_up, axis=1)
+            y_up = tl.sum(acc_up, axis=1) * up_scale
             if NORM:
                 y_up = y_up * inv_rms
             y = _silu_times(y, y_up)
@@ -559,8 +601,9 @@ _linear_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_bench_streamed,
 )(_linear_kernel)
-# (N, K, M bucket, dtype) the autotuner has settled: those launch inside a graph capture as tuned
-_TUNED: set[tuple[int, int, int, torch.dtype]] = set()
+# (N, K, M bucket, dtype, w's dtype) the autotuner has settled: those launch inside a graph
+# capture as tuned
+_TUNED: set[tuple[int, int, int, torch.dtype, torch.dtype]] = set()
 # split-K arrival counters, one per column block, per device; zero between launches (the last
 # program of a column block resets its own). A grown buffer's predecessor is kept in _OUTGROWN:
 # a CUDA graph captured with it still replays on it.
@@ -609,9 +652,17 @@ TUNED_FILE = Path(__file__).with_name("linear_tuned.json")
 _tables: dict[Path, dict[str, dict[str, dict]]] = {}
 
 
-def shape_key(n: int, k: int, bucket: int, dtype: torch.dtype) -> str:
-    """The key of a tuned config: 'N x K, M bucket, dtype' (of w: a SwiGLU's N is 2I)."""
-    return f"{n}x{k} m{bucket} {str(dtype).removeprefix('torch.')}"
+def shape_key(
+    n: int, k: int, bucket: int, dtype: torch.dtype, w_dtype: torch.dtype | None = None
+) -> str:  # fmt: skip
+    """The key of a tuned config: 'N x K, M bucket, dtype' (of w: a SwiGLU's N is 2I), and
+    w's code dtype after it where w is quantized ('4096x4096 m1 bfloat16 float8_e4m3fn')."""
+    key = f"{n}x{k} m{bucket} {_name(dtype)}"
+    return key if w_dtype is None or w_dtype == dtype else f"{key} {_name(w_dtype)}"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def read_tuned(path: Path = TUNED_FILE) -> dict[str, dict[str, dict]]:
@@ -642,25 +693,35 @@ def tuned_for(device_name: str, key: str, path: Path = TUNED_FILE) -> LinearTuni
 
 @functools.cache
 def _tuned_on(
-    device: torch.device, n: int, k: int, bucket: int, dtype: torch.dtype
+    device: torch.device, n: int, k: int, bucket: int, dtype: torch.dtype, w_dtype: torch.dtype
 ) -> LinearTuning | None:  # fmt: skip
     """tuned_for this device's card, looked up once per shape (calls run per layer per step)."""
-    key = shape_key(n, k, bucket, dtype)
+    key = shape_key(n, k, bucket, dtype, w_dtype)
     return tuned_for(torch.cuda.get_device_name(device), key)
 
 
-def _kernel_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the untuned call runs the kernel: few rows of half-precision, rows contiguous."""
+CODE_DTYPES = (FP8_DTYPE, torch.int8)  # a QuantizedWeight's codes the kernel loads
+
+
+def _codes(w: Weight) -> torch.Tensor:
+    """The tensor the kernel streams: w itself, or a quantized w's codes."""
+    return w.codes if isinstance(w, QuantizedWeight) else w
+
+
+def _kernel_takes(x: torch.Tensor, w: Weight) -> bool:
+    """Whether the untuned call runs the kernel: few rows of half-precision, rows contiguous,
+    w of x's dtype or quantized (FP8 or INT8 codes)."""
+    codes = _codes(w)
     return (
         x.dim() == 2
-        and w.dim() == 2
+        and codes.dim() == 2
         and 1 <= x.shape[0] <= MAX_M
-        and x.shape[1] == w.shape[1]
+        and x.shape[1] == codes.shape[1]
         and x.dtype in (torch.float16, torch.bfloat16)
-        and w.dtype == x.dtype
-        and x.device == w.device
+        and (codes.dtype in CODE_DTYPES if isinstance(w, QuantizedWeight) else w.dtype == x.dtype)
+        and x.device == codes.device
         and x.stride(1) == 1
-        and w.stride(1) == 1
+        and codes.stride(1) == 1
     )
 
 
@@ -696,8 +757,44 @@ def _tma_descriptors(
     )
 
 
+def _scaled_mm_takes(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether torch._scaled_mm's row-wise FP8 GEMM runs x's shape: CUDA sm_89+, bf16 output
+    (its only row-wise one), K and N multiples of 16 (cuBLASLt's FP8 alignment)."""
+    return (
+        x.device.type == "cuda"
+        and capability(x.device) >= (8, 9)
+        and x.dtype == torch.bfloat16
+        and codes.shape[0] % 16 == 0
+        and codes.shape[1] % 16 == 0
+    )
+
+
+def product_w8a8(
+    x: torch.Tensor, w: QuantizedWeight, norm: Norm | None = None
+) -> torch.Tensor:  # fmt: skip
+    """y [M, N] in x's dtype = (rms_norm(x) * g) @ w.T, W8A8: the input quantized per token to
+    FP8 by one kernel (act_quant, the norm fused), then torch._scaled_mm (row-wise scales, fp32
+    accumulation, one rounding to bf16) where it runs, else the same grid in fp32 torch."""
+    codes_x, scale_x = quantize_rows_fp8(x, norm)  # [M, K] fp8, [M, 1] fp32
+    if _scaled_mm_takes(x, w.codes):
+        return torch._scaled_mm(codes_x, w.codes.t(), scale_a=scale_x,
+                                scale_b=w.scale.reshape(1, -1), out_dtype=x.dtype)  # fmt: skip
+    y = (codes_x.float() @ w.codes.float().t()) * scale_x * w.scale.t()
+    return y.to(x.dtype)
+
+
+def product_weight_only(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """y [M, N] in x's dtype = x @ (codes * scale).T by cuBLAS on the codes converted to x's
+    dtype, the scale applied to the product: codes are exact in fp16/bf16 (E4M3 and INT8 both),
+    so the only roundings are the output's (two: the GEMM's, the scaled one), where a weight
+    dequantized to x's dtype first would round every weight. The conversion costs a
+    temporary of the weight in x's dtype per call (prefill only: decode runs the kernel)."""
+    y = F.linear(x, w.codes.to(x.dtype))
+    return (y * w.scale.t()).to(x.dtype)
+
+
 def linear_torch(
-    x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
+    x: torch.Tensor, w: Weight, residual: torch.Tensor | None = None,
     norm: Norm | None = None, swiglu: bool = False, out: torch.Tensor | None = None,
     squares: RowSquares | None = None, squares_out: RowSquares | None = None,
 ) -> torch.Tensor:  # fmt: skip
@@ -705,7 +802,14 @@ def linear_torch(
     kernel (the residual added by cuBLAS's epilogue in half precision, straight into out when
     out is the residual: no copy of it first; in fp32 exactly as linear_ref adds it, so the
     engine's fp32 runs stay exact). squares and squares_out are not used: the norm kernel sums
-    its rows itself."""
+    its rows itself. A quantized w by the module's rule: FP8 above MAX_M rows `product_w8a8`
+    (the norm fused into the activations' quantization), else `product_weight_only`."""
+    if isinstance(w, QuantizedWeight):
+        if w.scheme == "fp8" and x.shape[0] > MAX_M:
+            y = product_w8a8(x, w, norm)
+        else:
+            y = product_weight_only(x if norm is None else rms_norm(x, *norm)[0], w)
+        return _finish(silu_and_mul(y) if swiglu else y, residual, out)
     if norm is not None:
         x = rms_norm(x, *norm)[0]
     if swiglu:
@@ -718,7 +822,7 @@ def linear_torch(
 
 
 def linear(
-    x: torch.Tensor, w: torch.Tensor, tuning: LinearTuning | None = None,
+    x: torch.Tensor, w: Weight, tuning: LinearTuning | None = None,
     residual: torch.Tensor | None = None, norm: Norm | None = None, swiglu: bool = False,
     out: torch.Tensor | None = None, squares: RowSquares | None = None,
     squares_out: RowSquares | None = None,
@@ -744,6 +848,10 @@ def linear(
     x left them (RowSquares): if filled, every dot config takes the norm from them (split ones
     too, no norm kernel). squares_out: filled with y's rows' sums of squares when the launch
     has a known config (not while the autotuner is still choosing). Neither at one row.
+    w quantized (QuantizedWeight, FP8 codes at up to MAX_M rows, INT8 codes): the kernel streams
+    the codes and scales each row in the epilogue; a norm's gain g (kept apart from the codes)
+    multiplies w's tiles (the gemv path: x's), and handed-in squares serve with a gain too.
+    Above MAX_M rows `linear_torch` (W8A8 for FP8). The module docstring states the rule.
     """
     n_out = w.shape[0] // 2 if swiglu else w.shape[0]
     if residual is not None:
@@ -755,23 +863,32 @@ def linear(
         assert out.stride(1) == 1 and out.device == x.device
     if tuning is None and not _kernel_takes(x, w):
         return linear_torch(x, w, residual, norm, swiglu, out)
+    quantized = isinstance(w, QuantizedWeight)
+    codes = _codes(w)  # [N, K]: w, or its FP8/INT8 codes
+    scale = w.scale.view(-1) if isinstance(w, QuantizedWeight) else None  # fp32 [N]
     # row squares pass between launches of several rows; at one row the kernel sums x's squares
-    # itself, whatever its config (the gemv configs cannot take them)
+    # itself, whatever its config (the gemv configs cannot take them). A gain on quantized codes
+    # leaves x unscaled, so x's squares serve then too
     handing = x.shape[0] > 1
-    sq_in = squares.parts if squares is not None and norm is not None and norm[0] is None else None
+    takes_sq = norm is not None and (norm[0] is None or quantized)
+    sq_in = squares.parts if squares is not None and takes_sq else None
     sq_in = sq_in if handing else None
     if sq_in is not None:
         assert sq_in.dtype == torch.float32 and sq_in.dim() == 2 and sq_in.is_contiguous()
         assert sq_in.shape[1] == x.shape[0] and sq_in.device == x.device
     m, k = x.shape
-    n = w.shape[0]
-    assert w.shape[1] == k and w.dtype == x.dtype and w.device == x.device
-    assert x.stride(1) == 1 and w.stride(1) == 1, "rows of x and w contiguous"
+    n = codes.shape[0]
+    assert codes.shape[1] == k and codes.device == x.device
+    assert codes.dtype in CODE_DTYPES if quantized else codes.dtype == x.dtype
+    assert x.stride(1) == 1 and codes.stride(1) == 1, "rows of x and w contiguous"
+    if scale is not None:
+        assert scale.dtype == torch.float32 and scale.shape == (n,) and scale.stride(0) == 1
     assert 1 <= m <= MAX_M and (tuning is None or tuning.dot or m == 1)
     bucket = triton.next_power_of_2(m)
     on_cpu = x.device.type == "cpu"
+    tuned_key = (n, k, bucket, x.dtype, codes.dtype)
     if tuning is None:
-        tuning = _CPU_TUNING if on_cpu else _tuned_on(x.device, n, k, bucket, x.dtype)
+        tuning = _CPU_TUNING if on_cpu else _tuned_on(x.device, *tuned_key)
     if swiglu and (tuning is None or tuning.split_k > 1 or (tuning.dot and tuning.block_n < 32)):
         # no fused launch for this config: the plain product, then SiLU-and-mul
         product = linear(x, w, tuning, norm=norm, squares=squares)
@@ -783,7 +900,7 @@ def linear(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
     scratch = None
     if tuning is None and not on_cpu:
-        if (n, k, bucket, x.dtype) in _TUNED or not torch.cuda.is_current_stream_capturing():
+        if tuned_key in _TUNED or not torch.cuda.is_current_stream_capturing():
             pays = [t for t in TUNING if _split_pays(n, k, t.block_n, t.split_k)]
             scratch = _split_scratch(x.device, m, n, pays)
         if scratch is None:  # None: counters missing inside a capture (tuned elsewhere)
@@ -810,21 +927,24 @@ def linear(
                              device=x.device)  # fmt: skip
         squares_out.parts = sq_out
     sq_blocks = sq_in.shape[0] if sq_in is not None else 1
-    descs = _tma_descriptors(x, w, tuning, n, bucket)
-    args = (x, w, y, *scratch, residual, g, sq_in, sq_out, *descs, sq_blocks, m, n, k, x.stride(0),
-            w.stride(0), y.stride(0), stride_r, eps, bucket, max(16, bucket))  # fmt: skip
+    # quantized tiles arrive by pointer loads (their TMA path is untested)
+    descs = (None, None) if quantized else _tma_descriptors(x, codes, tuning, n, bucket)
+    args = (x, codes, y, *scratch, residual, g, scale, sq_in, sq_out, *descs, sq_blocks, m, n, k,
+            x.stride(0), codes.stride(0), y.stride(0), stride_r, eps, bucket,
+            max(16, bucket))  # fmt: skip
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     flags = dict(DOT_PRECISION=precision, HAS_RESIDUAL=residual is not None, NORM=norm is not None,
                  GAIN=g is not None, SQ_IN=sq_in is not None,
                  SQ_BLOCKS=triton.next_power_of_2(sq_blocks), SQ_OUT=sq_out is not None,
-                 SWIGLU=swiglu, TMA=descs[0] is not None, **pdl_args(x.device))  # fmt: skip
+                 SWIGLU=swiglu, SCALED=quantized, TMA=descs[0] is not None,
+                 LINE_COLS=128 // codes.element_size(), **pdl_args(x.device))  # fmt: skip
 
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     if tuning is None:
         _linear_tuned[grid](*args, **flags)
-        _TUNED.add((n, k, bucket, x.dtype))
+        _TUNED.add(tuned_key)
         return y
     options = {} if on_cpu else tuning.options()
     _linear_kernel[grid](*args, **flags, **tuning.meta(), **options)

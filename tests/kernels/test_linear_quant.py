@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_inputs import assert_close, poison_allocator
 
 from kvmesh.kernels import quant
-from kvmesh.kernels.linear import MAX_M, linear_ref
+from kvmesh.kernels.act_quant import quantize_rows_fp8, quantize_rows_fp8_ref
+from kvmesh.kernels.linear import MAX_M, LinearTuning, RowSquares, linear, linear_ref
 from kvmesh.kernels.quant import FP8_MAX, QuantizedWeight
 from kvmesh.kernels.rms_norm import rms_norm_ref
 
@@ -107,3 +109,150 @@ def test_reference_gain_swiglu_residual_out(scheme, m, dtype):
     # then SwiGLU and the residual as for any weight, in x's dtype
     want = F.silu(product[:, :inter]) * product[:, inter:] + r
     torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+# ---- the skinny kernel's quantized forms (interpreter), against linear_ref --------------------
+
+DOT = [LinearTuning(16, 64, 4, 2), LinearTuning(32, 32, 4, 3)]
+SPLIT = LinearTuning(16, 64, 4, 2, split_k=2)
+GEMV = LinearTuning(8, 128, 4, 2, dot=False)
+SWIGLU_DOT = LinearTuning(32, 64, 4, 2)  # half of 32 rows of each: a 16-row tensor-core tile
+
+
+def run_quant_case(m, n, k, dtype, scheme, tuning, residual=False, norm=None, swiglu=False,
+                   device="cpu"):  # fmt: skip
+    """linear(x, w quantized, tuning, ...) against linear_ref with x in float64: the weight-only
+    product of the codes, exact. norm: None, 'gain' (g kept apart, applied by the kernel) or
+    'plain' (no gain). Reproducible, and out= the residual gives the same bits."""
+    n_out = n // 2 if swiglu else n
+    x = torch.randn(m, k, device=device).to(dtype)
+    x = x * (1 + torch.arange(m, device=device)[:, None] % 4).to(dtype)  # rows of 4 scales
+    w = _quantized(n, k, scheme)
+    w = QuantizedWeight(w.codes.to(device), w.scale.to(device))
+    r = torch.randn(m, n_out, device=device).to(dtype) if residual else None
+    g = (1 + torch.randn(k, device=device) / 4).to(dtype) if norm == "gain" else None
+    nrm = (g, 1e-5) if norm is not None else None
+    nrm64 = (g.double() if g is not None else None, 1e-5) if norm is not None else None
+    want = linear_ref(x.double(), w, r.double() if r is not None else None, nrm64, swiglu)
+    poison_allocator(device)
+    y = linear(x, w, tuning, residual=r, norm=nrm, swiglu=swiglu)
+    assert y.shape == (m, n_out) and y.dtype == dtype
+    assert_close(y, want, dtype, factor=2 if g is not None else 1)
+    torch.testing.assert_close(linear(x, w, tuning, residual=r, norm=nrm, swiglu=swiglu), y,
+                               rtol=0, atol=0)  # fmt: skip
+    if r is not None:
+        into = r.clone()
+        got = linear(x, w, tuning, residual=into, norm=nrm, swiglu=swiglu, out=into)
+        assert got.data_ptr() == into.data_ptr()
+        torch.testing.assert_close(into, y, rtol=0, atol=0)
+    return y
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "tuning,m",
+    [(DOT[0], 5), (DOT[1], 16), (SPLIT, 3), (GEMV, 1), (DOT[0], 1)],
+    ids=["n16k64", "n32k32", "split2", "gemv", "dot-m1"],
+)
+def test_kernel_codes_scaled_in_the_epilogue(scheme, dtype, tuning, m):
+    """The plain product and with a residual, K not a multiple of the tile (masked loads)."""
+    run_quant_case(m, 40, 200, dtype, scheme, tuning)
+    run_quant_case(m, 33, 128, dtype, scheme, tuning, residual=True)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "tuning,m", [(DOT[0], 7), (SPLIT, 4), (GEMV, 1)], ids=["n16k64", "split2", "gemv"]
+)
+def test_kernel_norm_gain_on_the_codes(scheme, dtype, tuning, m):
+    """norm=(g, eps) with g kept apart: the dot path scales w's tiles by g, the gemv path x's;
+    a split config runs the norm kernel first; and a norm with no gain."""
+    run_quant_case(m, 48, 192, dtype, scheme, tuning, residual=True, norm="gain")
+    run_quant_case(m, 24, 100, dtype, scheme, tuning, norm="plain")
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "tuning,m", [(SWIGLU_DOT, 6), (GEMV, 1), (SPLIT, 3)], ids=["fused", "gemv", "split2"]
+)
+def test_kernel_swiglu_scales_gate_and_up_apart(scheme, dtype, tuning, m):
+    """gate_up quantized: gate and up rows have their own scales (rows of one scale vector);
+    the fused launch scales each accumulator, the split one runs the plain launch first."""
+    run_quant_case(m, 64, 160, dtype, scheme, tuning, norm="gain", swiglu=True)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize(
+    "consumer", [DOT[1], SPLIT, SWIGLU_DOT], ids=["n32k32", "split2", "swiglu"]
+)
+def test_kernel_takes_handed_squares_with_a_gain(scheme, consumer):
+    """o/down hand their rows' squares on; a quantized qkv/gate_up with its gain apart takes
+    them (x's squares do not depend on g), split configs too: no norm kernel first."""
+    m, k, n, dtype = 6, 128, 64, torch.float16
+    swiglu = consumer is SWIGLU_DOT
+    a = torch.randn(m, 96).to(dtype)
+    wa = (torch.randn(k, 96) / 96**0.5).to(dtype)
+    h = torch.randn(m, k).to(dtype) * 3
+    squares = RowSquares()
+    linear(a, wa, DOT[0], residual=h, out=h, squares_out=squares)
+    assert squares.parts is not None
+    w = _quantized(n, k, scheme)
+    g = (1 + torch.randn(k) / 4).to(dtype)
+    y = linear(h, w, consumer, norm=(g, 1e-5), swiglu=swiglu, squares=squares)
+    want = linear_ref(h.double(), w, norm=(g.double(), 1e-5), swiglu=swiglu)
+    assert_close(y, want, dtype, factor=2)
+    if consumer.split_k == 1:  # the same sums, summed in the loop from x's tiles
+        itself = linear(h, w, consumer, norm=(g, 1e-5), swiglu=swiglu)
+        assert_close(y, itself.double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", [None, "plain", "gain"])
+def test_activation_quantization_kernel(dtype, norm):
+    """Rows to FP8 codes and per-row scales: bit for bit the reference's without a norm (zero
+    rows and tiny values included); with the norm fused, the reference's up to the norm's
+    summation order (a code one E4M3 step off, rarely)."""
+    m, k = 9, 300
+    x = (torch.randn(m, k) * torch.logspace(-4, 3, m)[:, None]).to(dtype)
+    x[2] = 0
+    x[5, ::7] = 1e-6 if norm is None else x[5, ::7]  # E4M3's subnormal codes
+    x[5, 3] = -0.0  # keeps its sign
+    g = (1 + torch.randn(k) / 4).to(dtype)
+    nrm = {None: None, "plain": (None, 1e-5), "gain": (g, 1e-5)}[norm]
+    codes, scale = quantize_rows_fp8(x, nrm)
+    want_codes, want_scale = quantize_rows_fp8_ref(x, nrm)
+    assert codes.dtype == quant.FP8_DTYPE and scale.shape == (m, 1)
+    if nrm is None:
+        assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+        assert torch.equal(scale, want_scale)
+    else:
+        torch.testing.assert_close(scale, want_scale, rtol=2 * torch.finfo(dtype).eps, atol=0)
+        off = codes.float() != want_codes.float()
+        # bf16's normed values (8 bits) differ from the reference's by an ulp now and then,
+        # and then 1 in 16 of a row's codes: fp16 and fp32 leave rare flips only
+        assert float(off.float().mean()) < (0.15 if dtype == torch.bfloat16 else 0.01)
+        # an off code is the neighbour on the grid: within one step (2^-3 relative)
+        torch.testing.assert_close(codes.float(), want_codes.float(), rtol=0.13, atol=2.0**-9)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [MAX_M + 6, 3])
+def test_untuned_calls_follow_the_rule(scheme, dtype, m):
+    """tuning=None: fp32 x and more than MAX_M rows go to linear_torch (FP8 above MAX_M: the
+    activation kernel then the W8A8 product; else weight-only on the converted codes), fp16 at
+    up to MAX_M rows to the kernel; each agrees with linear_ref on the same rule."""
+    k, inter = 96, 40
+    x = torch.randn(m, k).to(dtype) * 2
+    g = (1 + torch.randn(k) / 4).to(dtype)
+    r = torch.randn(m, inter).to(dtype)
+    w = _quantized(2 * inter, k, scheme)
+    y = linear(x, w, residual=r, norm=(g, 1e-5), swiglu=True)
+    want = linear_ref(x, w, residual=r, norm=(g, 1e-5), swiglu=True)
+    assert y.shape == want.shape and y.dtype == dtype
+    w8a8 = scheme == "fp8" and m > MAX_M
+    # W8A8: the fused norm may move a code one step, as in the activation test
+    assert_close(y, want.double(), dtype, factor=50 if w8a8 else 4)
