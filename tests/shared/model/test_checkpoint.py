@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from weights import assert_same_weights
 
 from kvmesh.kernels.quant import FP8_DTYPE, QuantizedWeight, quantize_weight
 from kvmesh.shared.model.checkpoint import (
@@ -22,32 +23,10 @@ from kvmesh.shared.model.checkpoint import (
     write_checkpoint,
 )
 from kvmesh.shared.model.config import SHAPES
-from kvmesh.shared.model.llama import LlamaWeights
 from kvmesh.shared.model.loader import _hf_config, fold_norm, load_model, open_source
 
 CPU = torch.device("cpu")
 KEEP = frozenset({"layers.1.qkv", "layers.0.down"})
-
-
-def assert_same_weights(a: LlamaWeights, b: LlamaWeights) -> None:
-    """Every tensor of a and b equal bit for bit (FP8 codes compared as bytes)."""
-
-    def same(x: object, y: object, what: str) -> None:
-        if isinstance(x, QuantizedWeight):
-            assert isinstance(y, QuantizedWeight) and x.codes.dtype == y.codes.dtype, what
-            assert torch.equal(x.codes.view(torch.uint8), y.codes.view(torch.uint8)), what
-            assert x.scale.dtype == torch.float32 and torch.equal(x.scale, y.scale), what
-        elif x is None:
-            assert y is None, what
-        else:
-            assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor), what
-            assert x.dtype == y.dtype and torch.equal(x, y), what
-
-    for i, (la, lb) in enumerate(zip(a.layers, b.layers, strict=True)):
-        for field in vars(la):
-            same(getattr(la, field), getattr(lb, field), f"layers.{i}.{field}")
-    for field in ("embed", "norm", "lm_head"):
-        same(getattr(a, field), getattr(b, field), field)
 
 
 def test_int8_packing_is_compressed_tensors_layout() -> None:
