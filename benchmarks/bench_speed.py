@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -73,7 +74,13 @@ from kvmesh.shared.model.config import SHAPES, ModelConfig  # noqa: E402
 T = TypeVar("T")
 SECTION = "## Speed"
 HF_TAG = "HF_RESULT "
-HF_MODES = {"eager": "HF eager", "static": "HF static cache + torch.compile"}
+HF_MODES = {
+    "eager": "HF eager",
+    "static": "HF static cache + torch.compile",
+    # the peers of --quantization: torchao's quantize_ on the same model, static cache + compile
+    "torchao-int8": "HF + torchao int8 weight-only, static + compile",
+    "torchao-fp8": "HF + torchao float8 dynamic (per row), static + compile",
+}
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,8 @@ class Plan:
     repeats: int = 5  # prefill timings; the median is reported
     decode_repeats: int = 3  # decode runs per batch; the median TPOT is reported
     max_batched_tokens: int = 8192
+    quantization: str = "none"  # EngineConfig.quantization
+    kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype
 
     @property
     def shape(self) -> ModelConfig:
@@ -108,6 +117,8 @@ class Plan:
             dtype=self.dtype,
             max_num_seqs=max(self.batches),
             max_num_batched_tokens=max(self.max_batched_tokens, self.prefill_tokens),
+            quantization=self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def prompts(self, n: int, length: int, seed: int | str) -> list[list[int]]:
@@ -254,13 +265,15 @@ def hf_child(job: str) -> None:
     """Child process: time one HF mode at each batch, one HF_RESULT json line per batch."""
     spec = json.loads(job)
     plan = Plan(**{**spec["plan"], "batches": tuple(spec["plan"]["batches"])})
-    static = spec["mode"] == "static"
+    static = spec["mode"] != "eager"
 
     def emit(result: HfResult) -> None:
         print(HF_TAG + json.dumps(asdict(result)), flush=True)
 
     try:
         model = hf_model(plan.shape, plan.engine_config().torch_dtype, plan.device)
+        if spec["mode"].startswith("torchao-"):
+            torchao_quantize(model, spec["mode"].removeprefix("torchao-"))
     except Exception as exc:  # noqa: BLE001 (reported in the table)
         for batch in spec["batches"]:
             emit(HfResult(batch, error=f"building the model: {describe(exc)}"))
@@ -273,6 +286,28 @@ def hf_child(job: str) -> None:
         gc.collect()
         if plan.cuda:
             torch.cuda.empty_cache()
+
+
+def torchao_quantize(model: Any, scheme: str) -> None:
+    """torchao's quantization of every decoder nn.Linear (lm_head kept, as kvmesh keeps it)."""
+    from torch import nn
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+        quantize_,
+    )
+
+    config = (
+        Int8WeightOnlyConfig()
+        if scheme == "int8"
+        else Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    )
+
+    def decoder_linear(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and "lm_head" not in name
+
+    quantize_(model, config, filter_fn=decoder_linear)
 
 
 def describe(exc: BaseException) -> str:
@@ -833,6 +868,149 @@ def section(plan: Plan, ceil: Ceilings, rows: list[Row], extra: list[str], skipp
 # -------------------------------------------------------------------------------------- main
 
 
+# ------------------------------------------------------------------ --quantization (issue 27)
+
+QUANT_SECTION = "## Quantization speed"
+QUANT_TARGETS = {  # (TPOT batch 1 ms, decode tok/s at the middle batch vs bf16, prefill ms)
+    "fp8": ("<= 3.0", ">= 1.6x", "<= 30"),
+    "int8": ("<= 3.2", "", ""),
+}
+
+
+def weight_bytes(plan: Plan) -> int:
+    """Bytes of weight a decode step reads: the decoder projections in the plan's format (one
+    byte a code plus a float32 scale a row when quantized), lm_head and the norms in its dtype;
+    not the embedding table (its rows are gathered)."""
+    s, elt = plan.shape, plan.element_size
+    rows = s.q_size + 2 * s.kv_size + s.hidden_size + 2 * s.intermediate_size + s.hidden_size
+    per_layer = s.hidden_size * (s.q_size + 2 * s.kv_size + 2 * s.intermediate_size)
+    per_layer += s.q_size * s.hidden_size + s.intermediate_size * s.hidden_size
+    layers = per_layer * elt if plan.quantization == "none" else per_layer + rows * 4
+    other = (s.vocab_size + 2 * s.num_layers + 1) * s.hidden_size * elt
+    return s.num_layers * layers + other
+
+
+def quant_floor_s(plan: Plan, ceil: Ceilings, batch: int, context: float) -> float:
+    kv_elt = 1 if plan.kv_cache_dtype == "fp8" else plan.element_size
+    kv = plan.shape.kv_bytes_per_token(kv_elt) * batch * context
+    return (weight_bytes(plan) + kv) / (ceil.copy_gbs * 1e9)
+
+
+def long_context_s(plan: Plan, requests: int, context: int) -> tuple[float, int]:
+    """Seconds to serve `requests` requests of context - new_tokens prompt tokens and
+    new_tokens new ones (prefill included), and the most sequences running at once."""
+    config = dataclasses.replace(plan.engine_config(), max_num_seqs=requests,
+                                 max_num_batched_tokens=8192)  # fmt: skip
+    engine = Engine(config)
+    params = SamplingParams(max_tokens=plan.new_tokens, ignore_eos=True)
+    prompts = plan.prompts(requests, context - plan.new_tokens, seed="long")
+    synchronize(plan.device)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"long-{i}", prompt, params)
+    most = 0
+    while engine.has_work:
+        outputs = engine.step()
+        most = max(most, max((o.step_batch_size for o in outputs), default=0))
+    synchronize(plan.device)
+    seconds = time.perf_counter() - start
+    engine.check_integrity()
+    del engine
+    release_memory(plan)
+    return seconds, most
+
+
+def quant_part(plan: Plan, ceil: Ceilings, schemes: list[str], peers: bool, kv: bool) -> str:
+    """The engine in bf16 and in each scheme (same run), torchao's peers, the FP8 KV cache at
+    long contexts; the section's text."""
+    b1, mid, big = plan.batches
+    figures: dict[str, EngineFigures | str] = {}
+    for scheme in ("none", *schemes):
+        log(f"kvmesh engine, quantization {scheme} ...")
+        try:
+            figures[scheme] = engine_part(dataclasses.replace(plan, quantization=scheme))
+        except Exception as exc:  # noqa: BLE001 (the other rows still count)
+            figures[scheme] = describe(exc)
+            log(f"  failed: {figures[scheme]}")
+            release_memory(plan)
+    base = figures["none"]
+    rows = []
+    for scheme, fig in figures.items():
+        if isinstance(fig, str):
+            rows.append((scheme, fig, "", "", "", "", ""))
+            continue
+        q = dataclasses.replace(plan, quantization=scheme)
+        d1, dm, db = fig.decodes[b1], fig.decodes[mid], fig.decodes[big]
+        floor1 = quant_floor_s(q, ceil, b1, d1.context)
+        ratio = "" if isinstance(base, str) else f"{dm.tok_s / base.decodes[mid].tok_s:.2f}x"
+        target = QUANT_TARGETS.get(scheme, ("", "", ""))
+        rows.append((
+            "bf16" if scheme == "none" else scheme,
+            f"{d1.tpot_s * 1e3:.2f} (floor {floor1 * 1e3:.2f}; {target[0]})",
+            f"{dm.tok_s:,.0f} ({ratio} bf16; {target[1]})",
+            f"{db.tok_s:,.0f}" + (" (>= 25,000)" if scheme == "fp8" else ""),
+            f"{fig.prefill_s * 1e3:.1f}" + (f" ({target[2]})" if target[2] else ""),
+            f"{weight_bytes(q) / 1e9:.2f}",
+            f"{fig.startup_s:.0f}",
+        ))  # fmt: skip
+    text = [
+        QUANT_SECTION,
+        "",
+        f"{card(plan)}; {datetime.date.today()}; commit {commit()}; {plan.model}, prompt "
+        f"{plan.prompt}, {plan.new_tokens} new tokens, greedy; `python benchmarks/bench_speed.py "
+        f"--quantization {','.join(schemes)}`. Copy {ceil.copy_gbs:,.0f} GB/s.",
+        "",
+        table(
+            rows,
+            (
+                "weights",
+                f"TPOT b{b1} ms",
+                f"tok/s b{mid}",
+                f"tok/s b{big}",
+                f"prefill {plan.prefill_tokens} ms",
+                "GB read/step",
+                "start s",
+            ),
+        ),  # fmt: skip
+    ]
+    if peers:
+        peer_rows = []
+        for scheme in schemes:
+            results: dict[int, HfResult] = {}
+            for batch in (b1, mid):  # one process per batch (static shapes)
+                results |= run_hf(plan, f"torchao-{scheme}", [batch], timeout_s=600)
+            fig = figures.get(scheme)
+            for batch, r in sorted(results.items()):
+                ours = fig.decodes[batch].tpot_s * 1e3 if isinstance(fig, EngineFigures) else None
+                vs = f"{r.tpot_ms / ours:.2f}x" if r.tpot_ms and ours else ""
+                peer_rows.append((HF_MODES[f"torchao-{scheme}"], str(batch),
+                                  hf_cell(r), num(ours), vs))  # fmt: skip
+        text += ["", table(peer_rows, ("peer", "batch", "peer TPOT ms", "kvmesh TPOT ms",
+                                       "peer / kvmesh"))]  # fmt: skip
+    if kv:
+        requests, context = big, 4096
+        kv_rows = []
+        base_tok_s = None
+        for dtype in ("auto", "fp8"):
+            q = dataclasses.replace(plan, quantization=schemes[0], kv_cache_dtype=dtype)
+            log(f"long contexts, kv cache {dtype} ...")
+            try:
+                seconds, most = long_context_s(q, requests, context)
+            except Exception as exc:  # noqa: BLE001
+                kv_rows.append((dtype, describe(exc), "", ""))
+                release_memory(plan)
+                continue
+            tok_s = requests * plan.new_tokens / seconds
+            base_tok_s = base_tok_s or tok_s
+            kv_rows.append((dtype, f"{tok_s:,.0f}", f"{tok_s / base_tok_s:.2f}x", str(most)))
+        text += ["", f"{requests} requests of {context} tokens ({plan.new_tokens} new), weights "
+                 f"{schemes[0]}; output tok/s over the whole run (prefill included); target fp8 "
+                 ">= 1.3x:", "",
+                 table(kv_rows, ("KV cache", "output tok/s", "vs model dtype",
+                                 "most running at once"))]  # fmt: skip
+    return "\n".join(text) + "\n"
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
@@ -860,6 +1038,14 @@ def parse_args() -> argparse.Namespace:
         help="results file to write (default: benchmarks/RESULTS.md for a complete "
         "single-GPU run, else none)",
     )
+    p.add_argument(
+        "--quantization",
+        default="",
+        help="comma list of fp8,int8: the engine in bf16 and in each (same run) instead of the "
+        "standard table; with --peers torchao's too, with --kv-fp8 the long-context FP8 KV rows",
+    )
+    p.add_argument("--peers", action="store_true", help="--quantization: torchao peers")
+    p.add_argument("--kv-fp8", action="store_true", help="--quantization: FP8 KV at long context")
     p.add_argument("--hf-child", default="", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -897,6 +1083,15 @@ def main() -> None:
     ceil = part("ceilings", lambda: measure_ceilings(plan))
     release_memory(plan)
     log(f"  copy {ceil.copy_gbs:,.0f} GB/s, matmul {ceil.matmul_tflops:,.1f} TFLOP/s")
+    if args.quantization:
+        schemes = args.quantization.split(",")
+        text = quant_part(plan, ceil, schemes, args.peers, args.kv_fp8)
+        log("\n" + text)
+        target = args.results or (ROOT / "benchmarks" / "RESULTS.md" if plan.cuda else None)
+        if target is not None and not args.quick:
+            write_section(target, text)
+            log(f"written to {target}")
+        return
     hf = {} if args.skip_hf else part("HF transformers", lambda: hf_part(plan, args.skip_compile))
     eng = None if args.skip_engine else part("kvmesh engine", lambda: engine_part(plan))
     mesh: MeshFigures | str | None = None

@@ -121,16 +121,17 @@ class LlamaModel:
         k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(tokens, cfg.num_kv_heads, -1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(tokens, cfg.num_kv_heads, cfg.head_dim)
         k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
-        fp8 = {} if self.kv_scales is None else {"kv_scale": self.kv_scales[index]}
+        kv_scale = None if self.kv_scales is None else self.kv_scales[index]  # an FP8 cache's
         if batch.decode_only:  # RoPE and the KV write inside the attention launch
             new = NewToken(k, v, batch.positions, self.cos_sin, batch.slot_mapping)
             out = ops.decode_attention(
-                q, k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale, new, **fp8
-            )
+                q, k_cache, v_cache, batch.block_table, batch.seq_lens, self.scale, new,
+                kv_scale=kv_scale,
+            )  # fmt: skip
         else:
             ops.rope_write_kv(
                 q, k, v, batch.positions, self.cos_sin, k_cache, v_cache, batch.slot_mapping,
-                **fp8,
+                kv_scale=kv_scale,
             )  # fmt: skip
             fresh = FreshChunks(k, v, batch.max_q_len) if batch.fresh else None
             out = ops.prefill_attention(
@@ -142,7 +143,7 @@ class LlamaModel:
                 batch.seq_lens,
                 self.scale,
                 fresh,
-                **fp8,
+                kv_scale=kv_scale,
             )
         squares = RowSquares()
         h = ops.linear(out.reshape(tokens, cfg.q_size), layer.o, residual=h, out=h,
