@@ -3,6 +3,9 @@
     python benchmarks/bench_kernels.py [--sweep] [--prefill-sweep] [--prefill-only]
         [--linear-only] [--results benchmarks/RESULTS.md]
 
+The linear rows include FP8 and INT8 weights (bench_linear_quant) against the copy floor and the
+library peers (torch._scaled_mm, torch._weight_int8pack_mm).
+
 Ceilings are measured in the same run: device copy bandwidth (read + write bytes / time) and bf16
 matmul TFLOP/s. Times are triton.testing.do_bench medians. The table is printed and written to
 the "Kernels" section of the results file (card, date, commit).
@@ -21,11 +24,12 @@ import triton
 from common import commit, write_section
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kvmesh.kernels.act_quant import quantize_rows_fp8
 from kvmesh.kernels.activation import silu_and_mul, silu_and_mul_ref
 from kvmesh.kernels.decode_attention import DecodeTuning, decode_attention, decode_attention_ref
 from kvmesh.kernels.first_chunk_attention import first_chunk_attention, supported
 from kvmesh.kernels.kv_write import write_kv
-from kvmesh.kernels.linear import _linear_tuned, linear, shape_key, tuned_for
+from kvmesh.kernels.linear import _linear_tuned, linear, linear_ref, shape_key, tuned_for
 from kvmesh.kernels.prefill_attention import (
     TUNING,
     PrefillTuning,
@@ -34,6 +38,7 @@ from kvmesh.kernels.prefill_attention import (
     prefill_attention,
     prefill_attention_ref,
 )
+from kvmesh.kernels.quant import QuantizedWeight, quantize_weight
 from kvmesh.kernels.rms_norm import rms_norm, rms_norm_ref
 from kvmesh.kernels.rope import Llama3RopeScaling, apply_rope, apply_rope_ref, rope_cos_sin
 from kvmesh.kernels.rope_kv import rope_write_kv
@@ -353,6 +358,67 @@ def bench_linear(rows: list[Row], copy_gbs: float) -> None:
             add(op, "kvmesh Triton skinny", ms(functools.partial(linear, x, w)), nbytes, target)
 
 
+def bench_linear_quant(rows: list[Row], copy_gbs: float) -> None:
+    """FP8 and INT8 weights in the skinny kernel (weight-only, codes streamed) at M = 1, 16, 64
+    on the quantized projections (lm_head stays bf16); rate = the bytes actually moved (codes,
+    scales, x read; y written) / time. Peers: torch._scaled_mm (FP8 row-wise, x's codes made
+    beforehand: the GEMM alone) and torch._weight_int8pack_mm (INT8 weight-only), where the
+    build runs them."""
+
+    def add(op: str, impl: str, t: float, nbytes: int, target: str = "") -> None:
+        gbs = nbytes / t / 1e6
+        rows.append(Row(op, impl, t, gbs, "GB/s", gbs / copy_gbs, target))
+
+    for name, n, k in LINEAR_SHAPES[:4]:
+        w = torch.randn(n, k, dtype=BF16, device=DEV) / k**0.5
+        for scheme in ("fp8", "int8"):
+            qw = quantize_weight(w, scheme)
+            assert isinstance(qw, QuantizedWeight)
+            for m in (1, 16, 64):
+                x = torch.randn(m, k, dtype=BF16, device=DEV)
+                nbytes = n * k + n * 4 + m * k * 2 + m * n * 2
+                op = f"linear {scheme} {name} M{m} [{n}, {k}], bytes moved"
+                want = linear_ref(x, qw).float()
+                err = float((linear(x, qw).float() - want).norm() / want.norm())  # tunes
+                key = shape_key(n, k, m, BF16, qw.codes.dtype)
+                table = tuned_for(torch.cuda.get_device_name(), key)
+                pick = table or getattr(_linear_tuned, "best_config", None)
+                print(f"{op}: rel. error vs linear_ref {err:.2e}; "
+                      f"{'tuned table' if table else 'autotune pick'} {pick}")  # fmt: skip
+                target = ">= 90% of copy" if m == 1 else ""
+                add(op, "kvmesh Triton skinny", ms(functools.partial(linear, x, qw)), nbytes,
+                    target)  # fmt: skip
+                for impl, peer in _quant_peers(x, qw):
+                    try:
+                        t = ms(peer)
+                    except RuntimeError as exc:  # not in this build or for this shape
+                        print(f"{op}: {impl} does not run: {str(exc).splitlines()[0]}")
+                        continue
+                    add(op, impl, t, nbytes)
+
+
+def _quant_peers(x: torch.Tensor, qw: QuantizedWeight) -> list[tuple[str, Callable[[], object]]]:
+    """The library ops that compute the same product: (label, call)."""
+    if qw.scheme == "fp8":
+        codes_x, scale_x = quantize_rows_fp8(x)
+        scale_w = qw.scale.reshape(1, -1)
+
+        def scaled_mm() -> torch.Tensor:
+            return torch._scaled_mm(codes_x, qw.codes.t(), scale_a=scale_x, scale_b=scale_w,
+                                    out_dtype=BF16)  # fmt: skip
+
+        def act_and_scaled_mm() -> torch.Tensor:
+            codes, scale = quantize_rows_fp8(x)
+            return torch._scaled_mm(codes, qw.codes.t(), scale_a=scale, scale_b=scale_w,
+                                    out_dtype=BF16)  # fmt: skip
+
+        return [("torch._scaled_mm (FP8 W8A8, GEMM only)", scaled_mm),
+                ("kvmesh act quant + torch._scaled_mm", act_and_scaled_mm)]  # fmt: skip
+    scales = qw.scale.reshape(-1).to(BF16)
+    return [("torch._weight_int8pack_mm (INT8 W8A16)",
+             functools.partial(torch._weight_int8pack_mm, x, qw.codes, scales))]  # fmt: skip
+
+
 def sdpa_order() -> str:
     """The order in which SDPA tries its backends (the first that accepts the inputs runs)."""
     names = {0: "math", 1: "flash", 2: "mem-efficient", 3: "cuDNN", 4: "overrideable"}
@@ -384,6 +450,7 @@ def main() -> None:
         rows = [Row("ceiling: device copy (read+write)", "torch copy_ 512 MiB", 0, copy_gbs,
                     "GB/s", 1)]  # fmt: skip
         bench_linear(rows, copy_gbs)
+        bench_linear_quant(rows, copy_gbs)
         print(f"{card}; {versions}")
         print("\n".join(r.line() for r in rows))
         return
@@ -399,6 +466,7 @@ def main() -> None:
     bench_decode(rows, copy_gbs, args.sweep)
     bench_fused(rows, copy_gbs)
     bench_linear(rows, copy_gbs)
+    bench_linear_quant(rows, copy_gbs)
     header = [
         "## Kernels",
         "",

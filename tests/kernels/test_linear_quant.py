@@ -23,9 +23,10 @@ def _fresh_seed() -> None:
     torch.manual_seed(seed)
 
 
-def _quantized(n: int, k: int, scheme: str) -> QuantizedWeight:
+def _quantized(n: int, k: int, scheme: str, device: str = "cpu") -> QuantizedWeight:
     """A random weight [n, k] with rows of different magnitudes, on `scheme`'s grid."""
-    w = torch.randn(n, k) / k**0.5 * torch.logspace(-1, 1, n).unsqueeze(1)
+    spread = torch.logspace(-1, 1, n, device=device).unsqueeze(1)
+    w = torch.randn(n, k, device=device) / k**0.5 * spread
     qw = quant.quantize_weight(w, scheme)
     assert isinstance(qw, QuantizedWeight)
     return qw
@@ -127,8 +128,7 @@ def run_quant_case(m, n, k, dtype, scheme, tuning, residual=False, norm=None, sw
     n_out = n // 2 if swiglu else n
     x = torch.randn(m, k, device=device).to(dtype)
     x = x * (1 + torch.arange(m, device=device)[:, None] % 4).to(dtype)  # rows of 4 scales
-    w = _quantized(n, k, scheme)
-    w = QuantizedWeight(w.codes.to(device), w.scale.to(device))
+    w = _quantized(n, k, scheme, device)
     r = torch.randn(m, n_out, device=device).to(dtype) if residual else None
     g = (1 + torch.randn(k, device=device) / 4).to(dtype) if norm == "gain" else None
     nrm = (g, 1e-5) if norm is not None else None
