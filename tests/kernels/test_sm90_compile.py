@@ -5,8 +5,9 @@ rows of each, the residual into o and down), and every autotuner candidate at 64
 compile and fit a program's shared memory, and for the dot configs `pipeline_smem` must bound
 what the compiler asks (a config past the limit fails only at launch, on the GPU). Decode
 attention (with and without the step's new token, one split and several), its merge, the norm,
-SiLU-and-mul and RoPE + KV write kernels must compile, and with an FP8 KV cache decode attention,
-RoPE + KV write and the prefill attention's GPU configs.
+SiLU-and-mul, RoPE + KV write and per-token FP8 activation kernels must compile, and with an
+FP8 KV cache decode attention, RoPE + KV write and the prefill attention's GPU configs; and the
+linear's quantized forms (FP8 and INT8 codes) for a few configs.
 
 The compiles run in a subprocess: under TRITON_INTERPRET=1 (the CPU suite) the kernels are not
 JIT functions that triton.compile takes."""
@@ -65,10 +66,11 @@ def _compile_linear() -> list[dict]:
                   "SPLIT_K": t.split_k, "HAS_RESIDUAL": has["residual"], "NORM": has["norm"],
                   "GAIN": False, "SQ_IN": has["sq_in"], "SQ_BLOCKS": 64 if has["sq_in"] else 1,
                   "SQ_OUT": has["sq_out"], "SWIGLU": has["swiglu"], "PDL": True,
-                  "PREFETCH_LINES": 8}  # fmt: skip
+                  "PREFETCH_LINES": 8, "SCALED": False, "LINE_COLS": 64}  # fmt: skip
         # the pointers the wrapper passes as None (Triton makes them constexpr None); the
         # norm's weight is folded into w (Llama-3-8B is untied)
-        absent = {"r_ptr": not has["residual"], "g_ptr": True, "sq_in_ptr": not has["sq_in"],
+        absent = {"r_ptr": not has["residual"], "g_ptr": True, "s_ptr": True,
+                  "sq_in_ptr": not has["sq_in"],
                   "sq_out_ptr": not has["sq_out"], "ws_ptr": t.split_k == 1,
                   "counters_ptr": t.split_k == 1, "x_desc": not tma,
                   "w_desc": not tma}  # fmt: skip
@@ -114,10 +116,41 @@ def _compile_linear() -> list[dict]:
                 bound = lin.pipeline_smem(t, 64) if t.dot else None
                 asked = smem(t, 64, t.tma)
                 out.append(dict(what=f"candidate {t} at 64 rows", asked=asked, bound=bound))
+    return out + _compile_quantized_linear(types, aligned)
+
+
+def _compile_quantized_linear(types: dict, aligned: set) -> list[dict]:
+    """The quantized forms (FP8 and INT8 codes, bf16 x) of a few configs as the model launches
+    them: codes by pointer loads, the gain on w's tiles (dot) or x (gemv), scales after."""
+    import kvmesh.kernels.linear as lin
+
+    configs = [(lin.LinearTuning(64, 128, 4, 6), 64), (lin.LinearTuning(128, 128, 8, 4), 16),
+               (lin.LinearTuning(64, 128, 4, 6, split_k=2), 64),
+               (lin.LinearTuning(16, 512, 4, 3, dot=False), 1)]  # fmt: skip
+    out = []
+    for codes in ("*fp8e4nv", "*i8"):
+        for t, bucket in configs:
+            tv = t if t.split_k > 1 else dataclasses.replace(t, block_n=t.block_n // 2)
+            swiglu = t.split_k == 1  # gate_up, fused; a split config as qkv with squares in
+            sq_in = t.dot and bucket > 1
+            consts = {"M_PAD": max(16, bucket), "BLOCK_N": tv.block_n, "BLOCK_K": tv.block_k,
+                      "TMA": False, "USE_DOT": tv.dot, "EVEN_K": True, "DOT_PRECISION": "tf32",
+                      "SPLIT_K": tv.split_k, "HAS_RESIDUAL": False, "NORM": True, "GAIN": True,
+                      "SQ_IN": sq_in, "SQ_BLOCKS": 64 if sq_in else 1, "SQ_OUT": False,
+                      "SWIGLU": swiglu, "PDL": True, "PREFETCH_LINES": 8, "SCALED": True,
+                      "LINE_COLS": 128, "r_ptr": None, "sq_out_ptr": None, "x_desc": None,
+                      "w_desc": None}  # fmt: skip
+            consts.update({"ws_ptr": None, "counters_ptr": None} if tv.split_k == 1 else {})
+            consts.update({} if sq_in else {"sq_in_ptr": None})
+            asked = _sm90(lin._linear_jit, {**types, "w_ptr": codes, "s_ptr": "*fp32"}, consts,
+                          tv.options(), aligned)  # fmt: skip
+            bound = lin.pipeline_smem(tv, bucket) if tv.dot else None
+            out.append(dict(what=f"{codes} {tv} m{bucket} {swiglu=}", asked=asked, bound=bound))
     return out
 
 
 def _compile_others() -> list[dict]:
+    import kvmesh.kernels.act_quant as act_quant
     import kvmesh.kernels.activation as act
     import kvmesh.kernels.argmax as argmax
     import kvmesh.kernels.decode_attention as dec
@@ -152,6 +185,9 @@ def _compile_others() -> list[dict]:
         out.append(dict(what=f"decode attention {splits} splits {new_token=} {kv_fp8=}",
                         asked=asked))  # fmt: skip
     kernels = [
+        (act_quant._quantize_rows_kernel, {"x_ptr": bf16, "g_ptr": bf16, "codes_ptr": "*fp8e4nv",
+                                           "scale_ptr": "*fp32", "eps": "fp32"},
+         dict(NORM=True, GAIN=True, BLOCK=16384, PDL=True)),
         (dec._decode_merge_kernel, {"o_part_ptr": "*fp32", "ml_part_ptr": "*fp32", "out_ptr": bf16},
          dict(NUM_HEADS=32, NUM_SPLITS=3, SPLITS_PAD=4, HEAD_DIM=128, PDL=True)),
         (norm._rms_norm_kernel, {"x_ptr": bf16, "res_ptr": bf16, "w_ptr": bf16, "out_ptr": bf16,
@@ -272,7 +308,7 @@ def test_the_decode_kernels_compile_for_sm90():
         assert r["asked"] <= lin.SMEM_LIMIT, r
         if r["bound"] is not None:
             assert r["asked"] <= r["bound"], r
-    assert len(compiled["others"]) == 16
+    assert len(compiled["others"]) == 17
     for r in compiled["others"]:
         assert r["asked"] <= lin.SMEM_LIMIT, r
 
