@@ -91,8 +91,9 @@ def _args(kind: str, strategy: str, dynamic: bool) -> dict[str, Any]:
 
 def hf_config(config: ModelConfig, dtype: torch.dtype, base: dict | None) -> dict[str, Any]:
     """A Llama config.json for `config` (a Hugging Face source's own, `base`, kept whole)."""
-    if base is not None:
-        return {**base, "torch_dtype": _dtype_name(dtype)}
+    if base is not None:  # transformers >= 5 names the dtype `dtype`, older ones `torch_dtype`
+        dtypes = {key: _dtype_name(dtype) for key in ("dtype", "torch_dtype") if key in base}
+        return {**base, **(dtypes or {"torch_dtype": _dtype_name(dtype)})}
     eos = list(config.eos_token_ids)
     scaling = config.rope_scaling
     return {
@@ -195,9 +196,10 @@ def write_checkpoint(
         raise ValueError(f"{out} is not empty: write a checkpoint into a new directory")
     shards = _Shards(out, shard_bytes)
     ignore, quantized = [], 0
-    dtype = None
+    dtype: torch.dtype | None = None
     for name, tensor, kept in _tensors(src, keep):
-        dtype = dtype or tensor.dtype
+        if dtype is None:
+            dtype = tensor.dtype
         if kept is None:
             shards.add(name, tensor)
         elif kept:

@@ -228,3 +228,37 @@ def test_write_refuses_unknown_plans_and_used_directories(tmp_path: Path) -> Non
         write_checkpoint(src, tmp_path / "b", "fp8")
     with pytest.raises(ValueError, match="scheme must be one of"):
         write_checkpoint(src, tmp_path / "c", "int4")
+
+
+def test_hugging_face_source_in_bfloat16(tmp_path: Path) -> None:
+    """From a Hugging Face directory: its config.json is kept (plus the quantization), its
+    tensors in the asked dtype, and the round trip is exact there too (untied lm_head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms away from 1, so folding them would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    bf16 = torch.bfloat16
+    out = tmp_path / "ckpt"
+    write_checkpoint(open_source(str(tmp_path / "hf"), bf16, CPU), out, "fp8", KEEP)
+    source = json.loads((tmp_path / "hf" / "config.json").read_text())
+    written = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in written.items() if k not in ("quantization_config", "dtype",
+            "torch_dtype")} == {k: v for k, v in source.items() if k not in ("dtype",
+            "torch_dtype")}  # fmt: skip
+    assert "bfloat16" in (written.get("dtype"), written.get("torch_dtype"))
+    loaded = load_model(str(out), bf16, CPU)
+    assert_same_weights(
+        loaded.weights, load_model(str(tmp_path / "hf"), bf16, CPU, quantization="fp8",
+                                   keep=KEEP).weights,
+    )  # fmt: skip
+    assert loaded.weights.embed.dtype == bf16 and loaded.weights.norm is None  # folded: untied
