@@ -75,11 +75,13 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--meshes", default=",".join(MESHES), help="which meshes to run")
     args = parser.parse_args()
     workload = Workload(args.requests, args.concurrency, args.prompt, args.new_tokens)
     config = EngineConfig(
         model=args.model,
         device=f"{args.device}:0" if args.device == "cuda" else args.device,
+        dtype="bfloat16" if args.device.startswith("cuda") else "float32",  # as the workers
         max_num_seqs=args.concurrency,
     )
     engine = asyncio.run(bench_engine(config, workload, progress=False,
@@ -90,6 +92,8 @@ def main() -> None:
     rows = [row("engine in-process", engine, None)]
     print(rows[-1], flush=True)
     for name, flags in MESHES.items():
+        if name not in args.meshes.split(","):
+            continue
         try:
             rows.append(row(f"kvmesh up {' '.join(flags)}", serve_mesh(flags, args, workload),
                             engine))  # fmt: skip
