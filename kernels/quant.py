@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
-SCHEMES = ("none", "fp8", "int8")  # --quantization
 FP8_MAX = 448.0  # largest finite E4M3 value
 INT8_MAX = 127  # symmetric range [-127, 127]
 
@@ -77,7 +76,7 @@ def quantize_weight(w: torch.Tensor, scheme: str) -> Weight:
         return quantize_weight_fp8(w)
     if scheme == "int8":
         return quantize_weight_int8(w)
-    raise ValueError(f"quantization must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    raise ValueError(f"unknown quantization {scheme!r}: none, fp8 or int8")
 
 
 def row_scales(x: torch.Tensor, qmax: float) -> torch.Tensor:
