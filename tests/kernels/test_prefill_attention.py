@@ -14,6 +14,7 @@ from kernel_inputs import (
     poison_allocator,
     poison_unused_blocks,
 )
+from torch import Tensor
 
 from kvmesh.kernels.prefill_attention import (
     _CPU_TUNING,
@@ -25,22 +26,35 @@ from kvmesh.kernels.prefill_attention import (
 )
 
 
-def run_case(
+def _inputs(
     seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, page: int,
-    dtype: torch.dtype, device: str = "cpu", seed: int = 0, kernel=prefill_attention,
-) -> None:  # fmt: skip
-    """seqs: (q_len, ctx) per sequence; the q_len new tokens are the context's last ones."""
+    dtype: torch.dtype, device: str, seed: int, fp8: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, ...], float]:  # fmt: skip
+    """q, the cache layer (a poisoned block wherever no table points; fp8: E4M3 codes) and its
+    kv_scale (fp8) or None, (block table, cu_seqlens_q, seq_lens) and the softmax scale."""
     gen = torch.Generator().manual_seed(seed)
     ctx_lens = [c for _, c in seqs]
     num_blocks = sum((c + page - 1) // page for c in ctx_lens) + 7
-    kv = kv_layer(gen, num_blocks, page, kv_heads, head_dim, dtype, device)
+    kv_scale = None
+    if fp8:
+        kv, kv_scale = fp8_kv_layer(gen, num_blocks, page, kv_heads, head_dim, device)
+    else:
+        kv = kv_layer(gen, num_blocks, page, kv_heads, head_dim, dtype, device)
     table = block_table(gen, ctx_lens, page, num_blocks, device)
     poison_unused_blocks(kv, table)
     q_lens = [q for q, _ in seqs]
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(device=device, dtype=dtype)
     args = (table, cu.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device))
-    scale = head_dim**-0.5
+    return q, kv, kv_scale, args, head_dim**-0.5
+
+
+def run_case(
+    seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, page: int,
+    dtype: torch.dtype, device: str = "cpu", seed: int = 0, kernel=prefill_attention,
+) -> None:  # fmt: skip
+    """seqs: (q_len, ctx) per sequence; the q_len new tokens are the context's last ones."""
+    q, kv, _, args, scale = _inputs(seqs, heads, kv_heads, head_dim, page, dtype, device, seed)
     ref64 = prefill_attention_ref(q.double(), kv[0].double(), kv[1].double(), *args, scale)
     poison_allocator(device)
     out = kernel(q, kv[0], kv[1], *args, scale)
@@ -191,17 +205,8 @@ def run_fp8_case(
     """An FP8 cache: the kernel against float64 attention over the dequantized cache, and the
     reference (q's dtype) against the reference run on the cache dequantized beforehand with
     quant.dequantize_kv_fp8 (the same computation)."""
-    gen = torch.Generator().manual_seed(seed)
-    ctx_lens = [c for _, c in seqs]
-    num_blocks = sum((c + page - 1) // page for c in ctx_lens) + 7
-    kv, kv_scale = fp8_kv_layer(gen, num_blocks, page, kv_heads, head_dim, device)
-    table = block_table(gen, ctx_lens, page, num_blocks, device)
-    poison_unused_blocks(kv, table)
-    q_lens = [q for q, _ in seqs]
-    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(device=device, dtype=dtype)
-    args = (table, cu.to(device), torch.tensor(ctx_lens, dtype=torch.int32, device=device))
-    scale = head_dim**-0.5
+    q, kv, kv_scale, args, scale = _inputs(seqs, heads, kv_heads, head_dim, page, dtype, device,
+                                           seed, fp8=True)  # fmt: skip
     values = dequantized(kv, kv_scale)
     ref64 = prefill_attention_ref(q.double(), *values.double(), *args, scale)
     got_ref = prefill_attention_ref(q, kv[0], kv[1], *args, scale, kv_scale=kv_scale)
