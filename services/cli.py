@@ -23,6 +23,7 @@ from kvmesh.shared.model.formats import KV_CACHE_DTYPES, QUANTIZATIONS
 from kvmesh.shared.model.source import is_default
 
 if TYPE_CHECKING:  # the engine (torch, Triton) is imported only by the commands that run one
+    from kvmesh.services.tls import TlsFiles
     from kvmesh.shared.engine.engine import EngineConfig, Role
 
 # Of each card, for all kvmesh processes on it together; the rest is margin.
@@ -161,7 +162,51 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     from kvmesh.services.client import generate_remote
 
-    return generate_remote(args.addr, args.prompt, args.chat, sampling_params(args), args.model)
+    return generate_remote(args.addr, args.prompt, args.chat, sampling_params(args), args.model,
+                           tls_files(args), args.api_key)  # fmt: skip
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--tls-cert", default=env("KVMESH_TLS_CERT", ""),
+                   help="PEM certificate chain this process presents (env "
+                   "KVMESH_TLS_CERT)")  # fmt: skip
+    p.add_argument("--tls-key", default=env("KVMESH_TLS_KEY", ""),
+                   help="PEM private key of --tls-cert (env KVMESH_TLS_KEY)")  # fmt: skip
+    p.add_argument("--tls-ca", default=env("KVMESH_TLS_CA", ""),
+                   help="PEM CA bundle peers' certificates must chain to (env KVMESH_TLS_CA); "
+                   "any of the three turns TLS on")  # fmt: skip
+
+
+def tls_files(args: argparse.Namespace) -> TlsFiles:
+    from kvmesh.services.tls import TlsFiles
+
+    def path(value: str) -> Path | None:
+        return Path(value) if value else None
+
+    return TlsFiles(path(args.tls_cert), path(args.tls_key), path(args.tls_ca))
+
+
+def _mesh_tls(args: argparse.Namespace) -> TlsFiles:
+    tls = tls_files(args)
+    tls.require_mesh()
+    return tls
+
+
+def _api_key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=os.environ.get("KVMESH_API_KEY", ""),
+                   help="sent as `authorization: Bearer KEY` (env KVMESH_API_KEY)")  # fmt: skip
+
+
+def _auth_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--api-keys-file", default=env("KVMESH_API_KEYS_FILE", ""),
+                   help="hex SHA-256 hashes of accepted API keys, one per line, read again on "
+                   "SIGHUP; with it or env KVMESH_API_KEY_HASHES (a comma list) clients need a "
+                   "key")  # fmt: skip
+    p.add_argument("--open-services", default=env("KVMESH_OPEN_SERVICES", "health,reflection"),
+                   help="services served without an API key: health, reflection, both "
+                   "(default) or none")  # fmt: skip
 
 
 def _redis_arg(p: argparse.ArgumentParser) -> None:
@@ -193,11 +238,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from kvmesh.services.worker.registration import WorkerConfig
     from kvmesh.shared.engine.engine import Role
 
+    # The engine thread launches each step while the asyncio thread serializes and streams the
+    # last one's tokens over gRPC: a thread that wants the GIL waits up to this interval for the
+    # one that holds it (Python's default 5 ms, about half an 8B decode step on an H100)
+    sys.setswitchinterval(float(os.environ.get("KVMESH_GIL_SWITCH_MS", "5")) / 1e3)
     role = Role(args.command)
     config = WorkerConfig(
         engine=engine_config(args, role), redis_url=_need_redis(args), host=args.host,
         port=args.port, advertise_host=args.advertise_host, worker_id=args.worker_id,
-        heartbeat_s=args.heartbeat_s, metrics_port=args.metrics_port,
+        heartbeat_s=args.heartbeat_s, metrics_port=args.metrics_port, tls=_mesh_tls(args),
     )  # fmt: skip
     install_uvloop()
     if role is Role.PREFILL:
@@ -224,7 +273,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         redis_url=_need_redis(args), model=args.model, host=args.host, port=args.port,
         max_inflight=args.max_inflight, max_queue=args.max_queue,
         default_max_tokens=args.default_max_tokens, metrics_port=args.metrics_port,
-        drain_timeout_s=args.drain_timeout_s, fetch=fetch_config(),
+        drain_timeout_s=args.drain_timeout_s, fetch=fetch_config(), tls=_mesh_tls(args),
+        api_key_hashes=_comma_list(os.environ.get("KVMESH_API_KEY_HASHES", "")),
+        api_keys_file=Path(args.api_keys_file) if args.api_keys_file else None,
+        open_services=_open_services(args.open_services),
     )  # fmt: skip
     install_uvloop()
     asyncio.run(serve(config))
@@ -236,6 +288,18 @@ def pair_pools(args: argparse.Namespace) -> tuple[int, int]:
     pool = 0 if args.aggregated else 1
     return (pool if args.prefill is None else args.prefill,
             pool if args.decode is None else args.decode)  # fmt: skip
+
+
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _open_services(value: str) -> tuple[str, ...]:
+    names = tuple(n for n in _comma_list(value) if n != "none")
+    if unknown := set(names) - {"health", "reflection"}:
+        raise ValueError(f"--open-services: unknown {', '.join(sorted(unknown))}; "
+                         "health, reflection or none")  # fmt: skip
+    return names
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -277,9 +341,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
         "--max-queue",
         str(args.max_queue),
     ]
+    if args.api_keys_file:
+        gateway_args += ["--api-keys-file", args.api_keys_file]
     prefill, decode = pair_pools(args)
     plan = MeshPlan(prefill, decode, gateway_args, worker_args, devices, args.host,
-                    aggregated=args.aggregated, gpu_memory_share=args.gpu_memory_share)  # fmt: skip
+                    aggregated=args.aggregated, gpu_memory_share=args.gpu_memory_share,
+                    tls=args.tls)  # fmt: skip
     return run_mesh(plan)
 
 
@@ -303,7 +370,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             f"kvmesh bench: in-process engine ({config.model or 'default model'}, {config.device})"
         )
     else:
-        report = asyncio.run(bench_mesh(args.addr, workload))
+        report = asyncio.run(
+            bench_mesh(args.addr, workload, tls=tls_files(args), api_key=args.api_key)
+        )
         title = f"kvmesh bench: mesh at {args.addr}"
     print(report.render(f"{title}; {workload}"))
     return 1 if report.errors else 0
@@ -319,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--local", action="store_true", help="run the engine in this process")
     gen.add_argument("--addr", default=os.environ.get("KVMESH_GATEWAY", "127.0.0.1:50051"))
     _engine_args(gen)
+    _tls_args(gen)
+    _api_key_arg(gen)
     _sampling_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -340,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--host", default="127.0.0.1", help="address every process binds")
     _gateway_limits(up)
+    up.add_argument("--tls", action="store_true",
+                    help="make a throwaway CA and certificates for this mesh: TLS to clients, "
+                    "mutual TLS between its processes")  # fmt: skip
+    up.add_argument("--api-keys-file", default="", help="passed to the gateway")
     _engine_args(up, mesh=True)
     up.set_defaults(func=_cmd_up)
 
@@ -353,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="after SIGTERM, how long streams in flight may run before they are cut",
     )
     _gateway_limits(gateway)
+    _tls_args(gateway)
+    _auth_args(gateway)
     gateway.set_defaults(func=_cmd_gateway)
 
     for role in ("prefill", "decode", "aggregated"):
@@ -368,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         worker.add_argument(
             "--heartbeat-s", type=float, default=float(os.environ.get("KVMESH_HEARTBEAT_S", "1.0"))
         )
+        _tls_args(worker)
         worker.set_defaults(func=_cmd_worker)
 
     bench = sub.add_parser("bench", help="load-test a mesh (--addr) or the engine (--local)")
@@ -378,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     _engine_args(bench)
+    _tls_args(bench)
+    _api_key_arg(bench)
     bench.set_defaults(func=_cmd_bench)
 
     status = sub.add_parser("status", help="workers, their KV blocks and in-flight handoffs")
