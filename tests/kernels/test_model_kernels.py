@@ -40,7 +40,10 @@ def _weights(dtype: torch.dtype) -> LlamaWeights:
 
 def _as(weights: LlamaWeights, dtype: torch.dtype) -> LlamaWeights:
     def cast(layer: LayerWeights) -> LayerWeights:
-        return LayerWeights(**{f.name: getattr(layer, f.name).to(dtype)
+        def to(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        return LayerWeights(**{f.name: to(getattr(layer, f.name))
                                for f in dataclasses.fields(layer)})  # fmt: skip
 
     assert weights.norm is None  # folded into lm_head (CONFIG is untied)
