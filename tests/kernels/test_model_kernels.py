@@ -7,9 +7,11 @@ tests do not."""
 
 import dataclasses
 
+import pytest
 import torch
 from kernel_inputs import assert_close
 
+from kvmesh.kernels.quant import FP8_DTYPE, Weight
 from kvmesh.shared.engine.batch import ForwardBatch
 from kvmesh.shared.model.config import ModelConfig
 from kvmesh.shared.model.llama import LayerWeights, LlamaModel, LlamaWeights
@@ -40,8 +42,8 @@ def _weights(dtype: torch.dtype) -> LlamaWeights:
 
 def _as(weights: LlamaWeights, dtype: torch.dtype) -> LlamaWeights:
     def cast(layer: LayerWeights) -> LayerWeights:
-        def to(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(dtype)
+        def to(t: Weight | None) -> Weight | None:  # quantized weights keep their codes
+            return t.to(dtype) if isinstance(t, torch.Tensor) else t
 
         return LayerWeights(**{f.name: to(getattr(layer, f.name))
                                for f in dataclasses.fields(layer)})  # fmt: skip
@@ -66,10 +68,13 @@ def _batch(ids, positions, blocks, lens, q_lens, table) -> ForwardBatch:
     )  # fmt: skip
 
 
-def _logits(ops, weights: LlamaWeights, dtype: torch.dtype) -> list[torch.Tensor]:
+def _logits(
+    ops, weights: LlamaWeights, dtype: torch.dtype, kv_scales: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     model = LlamaModel(CONFIG, weights, ops)
+    model.kv_scales = kv_scales  # an FP8 cache's, else None
     cache = torch.zeros(CONFIG.num_layers, 2, 5, PAGE, CONFIG.num_kv_heads, CONFIG.head_dim,
-                        dtype=dtype)  # fmt: skip
+                        dtype=dtype if kv_scales is None else FP8_DTYPE)  # fmt: skip
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, CONFIG.vocab_size, (n,), generator=gen).tolist() for n in (5, 9)]
     blocks, table = [3, 1], [[3], [1]]  # shuffled, one block a sequence
@@ -86,3 +91,27 @@ def test_the_model_on_the_kernels_matches_the_references():
     for got, want in zip(kernels, reference, strict=True):
         assert got.shape == want.shape == (2, CONFIG.vocab_size)
         assert_close(got, want, torch.float16, factor=4)
+
+
+@pytest.mark.parametrize("scheme,kv_fp8", [("fp8", False), ("int8", False), ("none", True)])
+def test_the_quantized_model_on_the_kernels_matches_the_references(scheme, kv_fp8):
+    """FP8/INT8 projections (their norm gains apart, away from 1) or an FP8 KV cache: the model on
+    the kernels (fp16) against the references (fp32) on the same codes and scales."""
+    w = synthetic_weights(CONFIG, torch.float16, torch.device("cpu"), seed=4, quantization=scheme)
+    gen = torch.Generator().manual_seed(5)
+    if scheme != "none":
+        gains = [(1 + torch.randn(CONFIG.hidden_size, generator=gen) / 3).half() for _ in range(4)]
+        w = dataclasses.replace(w, layers=[
+            dataclasses.replace(layer, qkv_gain=gains[2 * i], gate_up_gain=gains[2 * i + 1])
+            for i, layer in enumerate(w.layers)])  # fmt: skip
+    scales = None
+    if kv_fp8:  # powers of two putting the synthetic K/V (|x| < 1) well inside the grid
+        exponents = torch.randint(
+            -9, -6, (CONFIG.num_layers, 2, CONFIG.num_kv_heads), generator=gen
+        )
+        scales = torch.exp2(exponents.float())
+    kernels = _logits(KERNEL_OPS, w, torch.float16, scales)
+    reference = _logits(REFERENCE_OPS, _as(w, torch.float32), torch.float32, scales)
+    for got, want in zip(kernels, reference, strict=True):
+        assert got.shape == want.shape == (2, CONFIG.vocab_size)
+        assert_close(got, want.double(), torch.float16, factor=8)
