@@ -19,6 +19,8 @@ import grpc
 from tqdm import tqdm
 
 from kvmesh.protos import gateway_pb2, gateway_pb2_grpc
+from kvmesh.services.rpc import auth_metadata
+from kvmesh.services.tls import PLAINTEXT, TlsFiles, aio_channel
 from kvmesh.shared.engine.engine import Engine, EngineConfig
 from kvmesh.shared.engine.loop import EngineLoop
 from kvmesh.shared.engine.sequence import SamplingParams
@@ -108,8 +110,12 @@ async def _drive(workload: Workload, run_one: Runner, progress: bool) -> Report:
     return report
 
 
-async def bench_mesh(address: str, workload: Workload, progress: bool = True) -> Report:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def bench_mesh(
+    address: str, workload: Workload, progress: bool = True, tls: TlsFiles = PLAINTEXT,
+    api_key: str = "",
+) -> Report:  # fmt: skip
+    metadata = auth_metadata(api_key)
+    async with aio_channel(address, tls) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
 
         async def run_one(i: int, prompt: list[int], report: Report) -> None:
@@ -119,7 +125,7 @@ async def bench_mesh(address: str, workload: Workload, progress: bool = True) ->
             start = time.perf_counter()
             first, tokens = 0.0, 0
             try:
-                async for msg in stub.Generate(request):
+                async for msg in stub.Generate(request, metadata=metadata):
                     if msg.token_ids:
                         first = first or time.perf_counter()
                         tokens += len(msg.token_ids)

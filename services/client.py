@@ -7,6 +7,8 @@ import sys
 import grpc
 
 from kvmesh.protos import gateway_pb2, gateway_pb2_grpc
+from kvmesh.services.rpc import auth_metadata
+from kvmesh.services.tls import PLAINTEXT, TlsFiles, sync_channel
 from kvmesh.shared.engine.sequence import SamplingParams
 
 
@@ -28,12 +30,14 @@ def build_request(
 
 
 def generate_remote(
-    address: str, prompt: str, chat: bool, params: SamplingParams, model: str
-) -> int:
-    with grpc.insecure_channel(address) as channel:
+    address: str, prompt: str, chat: bool, params: SamplingParams, model: str,
+    tls: TlsFiles = PLAINTEXT, api_key: str = "",
+) -> int:  # fmt: skip
+    with sync_channel(address, tls) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
+        request = build_request(prompt, chat, params, model)
         try:
-            for response in stub.Generate(build_request(prompt, chat, params, model)):
+            for response in stub.Generate(request, metadata=auth_metadata(api_key)):
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
                 if response.finish_reason:

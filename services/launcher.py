@@ -5,6 +5,10 @@ workers, then the gateway; prints the gateway address once every process reports
 Ctrl-C or SIGTERM stops the gateway first, then the workers (each drains), then Redis, and leaves
 no process.
 
+With `tls`, a throwaway CA and a certificate for this host are made into a private temporary
+directory (services/certs.py), passed to every process (mutual TLS between them, TLS to clients)
+and removed when the mesh stops; the launcher prints how a client connects.
+
 Workers take the devices round robin; the k workers on one GPU each get 1/k of the mesh's share
 of it (`--gpu-memory-share`), whatever order they start in.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +25,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from kvmesh.services.certs import local_mesh_tls
+from kvmesh.services.tls import PLAINTEXT, TlsFiles
 from kvmesh.shared.control.redis_server import RedisServer
 from kvmesh.shared.lifetime import die_with_parent
 
@@ -38,6 +45,7 @@ class MeshPlan:
     host: str = "127.0.0.1"
     aggregated: int = 0
     gpu_memory_share: float = 0.9  # of each GPU, split among the workers on it
+    tls: bool = False  # a throwaway CA and certificates, passed to every process
 
     def __post_init__(self) -> None:
         if min(self.prefill, self.decode, self.aggregated) < 0:
@@ -70,10 +78,10 @@ class WorkerSpec:
     device: str
     gpu_memory_share: float  # of its device's total memory (ignored on a CPU)
 
-    def argv(self, plan: MeshPlan) -> list[str]:
+    def argv(self, plan: MeshPlan, tls: list[str] | None = None) -> list[str]:
         share = f"{self.gpu_memory_share:.6f}"
         where = ["--device", self.device, "--host", plan.host, "--gpu-memory-share", share]
-        return _service(self.role, [*plan.worker_args, *where])
+        return _service(self.role, [*plan.worker_args, *where, *(tls or [])])
 
 
 class Child:
@@ -126,16 +134,22 @@ def run_mesh(plan: MeshPlan, on_ready: threading.Event | None = None) -> int:
         redis_server = RedisServer().start()
         env["REDIS_URL"] = redis_server.url
     children: list[Child] = []
+    tls_dir, tls = local_mesh_tls(plan.host) if plan.tls else (None, PLAINTEXT)
+    tls_args = _tls_args(tls)
     try:
         for spec in plan.workers():
-            children.append(Child(spec.name, spec.argv(plan), env))
+            children.append(Child(spec.name, spec.argv(plan, tls_args), env))
         gateway = Child(
-            "gateway", _service("gateway", [*plan.gateway_args, "--host", plan.host]), env
-        )
+            "gateway", _service("gateway", [*plan.gateway_args, "--host", plan.host, *tls_args]),
+            env,
+        )  # fmt: skip
         children.append(gateway)
         if not _wait_ready(children, stop):
             return 1
         print(f"kvmesh is up: gateway at {gateway.address} (Ctrl-C to stop)", flush=True)
+        if tls.ca is not None:
+            print(f"clients connect with TLS, trusting this mesh's CA: kvmesh generate --addr "
+                  f"{gateway.address} --tls-ca {tls.ca} 'Hello'", flush=True)  # fmt: skip
         if on_ready is not None:
             on_ready.set()
         restarts = 0
@@ -156,6 +170,13 @@ def run_mesh(plan: MeshPlan, on_ready: threading.Event | None = None) -> int:
         _stop_all(children)
         if redis_server is not None:
             redis_server.stop()
+        if tls_dir is not None:
+            shutil.rmtree(tls_dir, ignore_errors=True)
+
+
+def _tls_args(tls: TlsFiles) -> list[str]:
+    names = (("--tls-cert", tls.cert), ("--tls-key", tls.key), ("--tls-ca", tls.ca))
+    return [arg for flag, path in names if path is not None for arg in (flag, str(path))]
 
 
 def _wait_ready(children: list[Child], stop: threading.Event) -> bool:

@@ -17,6 +17,7 @@ from opentelemetry import trace
 
 from kvmesh.protos import worker_pb2, worker_pb2_grpc
 from kvmesh.services.rpc import abort
+from kvmesh.services.tls import sync_channel
 from kvmesh.services.worker.process import WorkerContext, WorkerParts, serve_worker
 from kvmesh.services.worker.registration import (
     WorkerConfig,
@@ -169,7 +170,9 @@ def _abort_opened(opening: asyncio.Future[KVSendChannel]) -> None:
 
 def prefill_parts(ctx: WorkerContext) -> WorkerParts:
     """The prefill role: a KV sender (NCCL to decode workers that offer it) and the servicer."""
-    sender = AutoKVSender(ctx.loop.engine.device, ctx.registration.worker_id)
+    tls = ctx.config.tls
+    sender = AutoKVSender(ctx.loop.engine.device, ctx.registration.worker_id,
+                          connect=lambda address: sync_channel(address, tls))  # fmt: skip
     servicer = PrefillServicer(
         ctx.loop, sender, ctx.config.model_id, ctx.telemetry.metrics,
         ctx.telemetry.tracing.tracer, ctx.registration.worker_id,

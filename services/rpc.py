@@ -24,6 +24,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvmesh.services.tls import PLAINTEXT, ServerTls, TlsFiles, add_port, aio_channel
+
 # (add_XServicer_to_server, servicer, full service name)
 ServiceSpec = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
 
@@ -39,10 +41,14 @@ def install_uvloop() -> None:
 
 
 def create_server(
-    address: str, services: Sequence[ServiceSpec], interceptors: Sequence[Any] = ()
+    address: str,
+    services: Sequence[ServiceSpec],
+    interceptors: Sequence[Any] = (),
+    tls: ServerTls | None = None,
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
     """A grpc.aio server bound to address (port 0 = any free port) with health checking and
-    reflection for every service; returns (server, bound port, health servicer)."""
+    reflection for every service, over TLS with `tls`; returns (server, bound port, health
+    servicer)."""
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -56,12 +62,22 @@ def create_server(
         add(servicer, server)
         names.append(name)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    port = add_port(server, address, tls)
     if port == 0:
         raise OSError(f"could not bind gRPC server to {address}")
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
+
+
+def on_reload_signal(*reloads: Callable[[], object]) -> None:
+    """Run each of `reloads` on SIGHUP (certificates, API keys read again from their files)."""
+
+    def reload() -> None:
+        for fn in reloads:
+            fn()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
 def shutdown_signal() -> asyncio.Event:
@@ -117,12 +133,20 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def channel(address: str, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
+def channel(
+    address: str, interceptors: Sequence[Any] = (), tls: TlsFiles = PLAINTEXT
+) -> grpc.aio.Channel:
+    """A channel to another mesh process: mutual TLS with `tls`'s files, else plaintext."""
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
-    return grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors))
+    return aio_channel(address, tls, options, list(interceptors))
+
+
+def auth_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that presents an API key to the gateway (none without a key)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -166,13 +166,20 @@ def service_unit(module: str) -> str:
     return module.removeprefix(SERVICES + ".").split(".")[0]
 
 
+# plumbing every part of services may import: gRPC (rpc), TLS (tls), throwaway certificates
+# (certs); and what each of them imports
+PLUMBING = {"rpc": {"tls"}, "tls": set(), "certs": {"tls"}}
+
+
 def service_may_import(unit: str) -> set[str] | None:
     """The other parts of services a part may import (None: any)."""
     if unit == "cli":
         return None  # the command line starts every service
-    if unit in ("rpc", "gateway", "worker") or unit in TOOLS:
-        return set() if unit == "rpc" else {"rpc"}
-    return {"worker", "rpc"}  # a worker service
+    if unit in PLUMBING:
+        return PLUMBING[unit]
+    if unit in ("gateway", "worker") or unit in TOOLS:
+        return set(PLUMBING)
+    return {"worker", *PLUMBING}  # a worker service
 
 
 # ---- the checker itself

@@ -7,13 +7,16 @@ per worker, and the routing policy.
              fewest sequences (running, and queued: an aggregated worker's prompts waiting)
     prefill: shortest expected wait: queued requests + prefills this gateway has outstanding
 A worker that failed a call is skipped for a few seconds (the registry drops it once its
-heartbeat lapses).
+heartbeat lapses). With TLS, a worker joins the view only once a health check over mutual TLS
+succeeded: anyone who can write the registry can announce an address, but only a process with a
+certificate of the mesh's CA is routed to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -21,12 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmesh.protos import worker_pb2_grpc
 from kvmesh.services.rpc import channel
+from kvmesh.services.tls import PLAINTEXT, TlsFiles
 from kvmesh.shared.control.ledger import Ledger, WorkerInfo
 
+log = logging.getLogger(__name__)
 SUSPECT_S = 5.0
+VERIFY_TIMEOUT_S = 3.0  # a new worker's health check over mutual TLS
 RETIRE_GRACE_S = 120.0  # a departed worker's streams may run this long (its drain + grace)
 
 
@@ -46,9 +53,13 @@ class WorkerStub:
 
 
 class Directory:
-    def __init__(self, ledger: Ledger, interceptors: Sequence[Any] = ()) -> None:
+    def __init__(
+        self, ledger: Ledger, interceptors: Sequence[Any] = (), tls: TlsFiles = PLAINTEXT
+    ) -> None:
         self.ledger = ledger
         self._interceptors = interceptors
+        self._tls = tls
+        self._verified: set[tuple[str, str]] = set()  # (worker id, address) that passed mTLS
         self._workers: dict[str, WorkerInfo] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._retiring: set[asyncio.Task[None]] = set()  # channels closing after their calls
@@ -58,6 +69,8 @@ class Directory:
 
     async def refresh(self) -> None:
         live = {w.worker_id: w for w in await self.ledger.workers()}
+        if self._tls.enabled:
+            live = await self._verify(live)
         for gone in set(self._channels) - {w.address for w in live.values()}:
             # a worker leaves the registry when it starts draining: closing its channel now
             # would cancel the streams it is still finishing
@@ -114,6 +127,43 @@ class Directory:
         for task in list(self._retiring):
             task.cancel()
 
+    async def _verify(self, live: dict[str, WorkerInfo]) -> dict[str, WorkerInfo]:
+        """The workers of `live` that answered a health check over mutual TLS (once each); one
+        that did not is tried again after SUSPECT_S."""
+        now = time.monotonic()
+        new = [
+            w for w in live.values()
+            if (w.worker_id, w.address) not in self._verified
+            and self._suspect.get(w.worker_id, 0.0) < now
+        ]  # fmt: skip
+        for w, ok in zip(new, await asyncio.gather(*map(self._handshake, new)), strict=True):
+            if ok:
+                self._verified.add((w.worker_id, w.address))
+            else:
+                self.mark_suspect(w.worker_id)
+        self._verified &= {(w.worker_id, w.address) for w in live.values()}
+        return {k: w for k, w in live.items() if (k, w.address) in self._verified}
+
+    async def _handshake(self, info: WorkerInfo) -> bool:
+        ch = self._worker_channel(info.address)
+        try:
+            await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=VERIFY_TIMEOUT_S
+            )
+            return True
+        except grpc.aio.AioRpcError as e:
+            log.warning("worker %s at %s refused: %s: %s (not routed to)", info.worker_id,
+                        info.address, e.code().name, e.details())  # fmt: skip
+            if self._channels.get(info.address) is ch:
+                self._retire(self._channels.pop(info.address))
+            return False
+
+    def _worker_channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = channel(address, self._interceptors, self._tls)
+        return ch
+
     def _retire(self, ch: grpc.aio.Channel) -> None:
         """Close ch once its in-flight calls end (at most RETIRE_GRACE_S), without waiting."""
         task = asyncio.ensure_future(ch.close(grace=RETIRE_GRACE_S))
@@ -136,7 +186,4 @@ class Directory:
         return self._worker(min(candidates, key=score)) if candidates else None
 
     def _worker(self, info: WorkerInfo) -> WorkerStub:
-        ch = self._channels.get(info.address)
-        if ch is None:
-            ch = self._channels[info.address] = channel(info.address, self._interceptors)
-        return WorkerStub(info, _STUBS[info.role](ch))
+        return WorkerStub(info, _STUBS[info.role](self._worker_channel(info.address)))

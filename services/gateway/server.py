@@ -21,9 +21,17 @@ import redis.asyncio as redis
 from opentelemetry import trace
 
 from kvmesh.protos import gateway_pb2, gateway_pb2_grpc, worker_pb2
+from kvmesh.services.gateway.auth import ApiKeyInterceptor, ApiKeys, caller
 from kvmesh.services.gateway.directory import Directory
 from kvmesh.services.gateway.route import Progress, RequestFailed, Route
-from kvmesh.services.rpc import abort, create_server, serve_until_signal, shutdown_signal
+from kvmesh.services.rpc import (
+    abort,
+    create_server,
+    on_reload_signal,
+    serve_until_signal,
+    shutdown_signal,
+)
+from kvmesh.services.tls import PLAINTEXT, ServerTls, TlsFiles
 from kvmesh.shared.control.ledger import Ledger
 from kvmesh.shared.engine.tokenizer import Tokenizer, converted_path, load_tokenizer
 from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
@@ -49,6 +57,14 @@ class GatewayConfig:
     metrics_port: int = -1
     drain_timeout_s: float = 30.0
     fetch: FetchConfig = field(default_factory=FetchConfig)  # the default model's tokenizer
+    tls: TlsFiles = PLAINTEXT  # TLS to clients, mutual TLS to the workers
+    api_key_hashes: tuple[str, ...] = ()  # hex SHA-256 of accepted API keys
+    api_keys_file: Path | None = None  # more of them, one per line, read again on SIGHUP
+    open_services: tuple[str, ...] = ("health", "reflection")  # served without a key
+
+    @property
+    def authenticates(self) -> bool:
+        return bool(self.api_key_hashes) or self.api_keys_file is not None
 
     @property
     def model_id(self) -> str:
@@ -223,6 +239,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.metrics.tpot.observe(tpot)
         self.metrics.e2e_latency.observe(now - started)
         self.metrics.finish_request(final.finish_reason)
+        if key_id := caller.get():
+            self.metrics.count_client_tokens(key_id, final.usage.prompt_tokens, n)
         span = trace.get_current_span()
         span.set_attribute("kvmesh.completion_tokens", n)
         span.set_attribute("kvmesh.finish_reason", final.finish_reason)
@@ -251,16 +269,29 @@ async def serve(config: GatewayConfig) -> None:
     telemetry = start_process_telemetry("kvmesh-gateway", "gateway", config.metrics_port)
     tracer = telemetry.tracing.tracer
     client = redis.from_url(config.redis_url)
-    directory = Directory(Ledger(client), client_interceptors(tracer))
+    directory = Directory(Ledger(client), client_interceptors(tracer), config.tls)
     await directory.refresh()
     tokenizer = await asyncio.to_thread(gateway_tokenizer, config.model, config.fetch)
     servicer = GatewayServicer(config, directory, tokenizer, telemetry.metrics)
+    interceptors: list[grpc.aio.ServerInterceptor] = [TracingServerInterceptor(tracer)]
+    reloads = []
+    if config.authenticates:  # first: a call without a key costs no more than this check
+        keys = ApiKeys(config.api_key_hashes, config.api_keys_file)
+        interceptors.insert(0, ApiKeyInterceptor(keys, telemetry.metrics, config.open_services))
+        reloads.append(keys.reload)
+        if not config.tls.enabled:
+            log.warning("API keys without TLS: keys cross the network in the clear")
+    # clients present no certificate: they prove who they are with an API key
+    tls = ServerTls(config.tls, require_client_auth=False) if config.tls.enabled else None
+    if tls is not None:
+        reloads.append(tls.reload)
     server, port, health = create_server(
         f"{config.host}:{config.port}",
         [(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, "kvmesh.v1.Gateway")],
-        [TracingServerInterceptor(tracer)],
-    )
+        interceptors, tls,
+    )  # fmt: skip
     await server.start()
+    on_reload_signal(*reloads)
     refresher = asyncio.create_task(directory.run())
     log.info("gateway serving on %s:%d", config.host, port)
     stop = shutdown_signal()

@@ -18,7 +18,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmesh.services.rpc import ServiceSpec, create_server, serve_until_signal, shutdown_signal
+from kvmesh.services.rpc import (
+    ServiceSpec,
+    create_server,
+    on_reload_signal,
+    serve_until_signal,
+    shutdown_signal,
+)
+from kvmesh.services.tls import ServerTls
 from kvmesh.services.worker.registration import Registration, WorkerConfig
 from kvmesh.shared.engine.engine import Engine
 from kvmesh.shared.engine.loop import EngineLoop, publish_gauges
@@ -59,11 +66,15 @@ async def serve_worker(config: WorkerConfig, build: Callable[[WorkerContext], Wo
     loop.start()
     registration = Registration(config, loop)
     parts = build(WorkerContext(config, loop, registration, telemetry))
+    # only peers with a certificate of the mesh's CA: the gateway and the other workers
+    tls = ServerTls(config.tls, require_client_auth=True) if config.tls.enabled else None
     server, port, health = create_server(
         f"{config.host}:{config.port}", [parts.service],
-        [TracingServerInterceptor(telemetry.tracing.tracer)],
+        [TracingServerInterceptor(telemetry.tracing.tracer)], tls,
     )  # fmt: skip
     await server.start()
+    if tls is not None:
+        on_reload_signal(tls.reload)
     host = config.resolved_advertise_host()
     await registration.start(f"{host}:{port}", parts.kv_endpoint)
     jobs = [*parts.tasks, lambda: publish_gauges(loop, telemetry.metrics)]

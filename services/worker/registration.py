@@ -19,6 +19,7 @@ import redis.asyncio as redis
 
 from kvmesh.protos import worker_pb2
 from kvmesh.services.rpc import abort
+from kvmesh.services.tls import PLAINTEXT, TlsFiles
 from kvmesh.shared.control.ledger import Ledger, WorkerInfo
 from kvmesh.shared.engine.engine import Engine, EngineConfig
 from kvmesh.shared.engine.kv_scales import scales_digest
@@ -41,6 +42,7 @@ class WorkerConfig:
     reservation_ttl_s: float = 30.0  # a reservation unused this long is released
     metrics_port: int = -1  # Prometheus endpoint; -1 = off, 0 = any free port
     drain_timeout_s: float = 30.0
+    tls: TlsFiles = PLAINTEXT  # mutual TLS with the gateway and the other workers
 
     @property
     def model_id(self) -> str:

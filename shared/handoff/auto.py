@@ -18,8 +18,10 @@ MultiKVReceiver.offer_link passes it to its NCCL receiver.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 
+import grpc
 import torch
 
 from kvmesh.shared.handoff.backoff import SetupBackoff
@@ -27,6 +29,7 @@ from kvmesh.shared.handoff.ipc import IpcKVReceiver, IpcKVSender
 from kvmesh.shared.handoff.ipc.memory import unexportable
 from kvmesh.shared.handoff.locality import Place, here, tag, untag
 from kvmesh.shared.handoff.nccl import (
+    GrpcLinkOpener,
     LinkReceiver,
     NcclKVReceiver,
     NcclKVSender,
@@ -151,14 +154,18 @@ class AutoKVSender:
     """The prefill worker's sender (implements transport.KVSender): per endpoint, the first
     transport that it can use and that sets up (the module docstring says in what order)."""
 
-    def __init__(self, device: torch.device, worker_id: str = "") -> None:
+    def __init__(
+        self, device: torch.device, worker_id: str = "",
+        connect: Callable[[str], grpc.Channel] = grpc.insecure_channel,
+    ) -> None:  # fmt: skip
+        """`connect`: the gRPC channel to a decode worker that NCCL links are opened on."""
         self.place = here(device)
         self.tcp = SocketKVSender()
         self.ipc = IpcKVSender(device)
         self.why_not_nccl = nccl_unusable(device)
         self.nccl = None
         if not self.why_not_nccl:
-            self.nccl = NcclKVSender(device, worker_id=worker_id)
+            self.nccl = NcclKVSender(device, links=GrpcLinkOpener(worker_id, connect))
         self.backoff = SetupBackoff()
 
     def transport_for(self, kv_endpoint: str) -> str:

@@ -138,6 +138,8 @@ class KvmeshMetrics:
     kv_blocks_free: Gauge  # KV blocks
     requests_in_flight: Gauge  # requests
     queue_depth: Gauge  # requests waiting
+    client_requests: Counter  # requests admitted past authentication, by API key id
+    client_tokens: Counter  # tokens served, by API key id and kind (prompt, completion)
 
     def observe_handoff(self, nbytes: int, seconds: float) -> None:
         """One KV handoff of ``nbytes`` bytes that took ``seconds``."""
@@ -147,6 +149,15 @@ class KvmeshMetrics:
     def finish_request(self, finish_reason: str) -> None:
         """Count a finished request ("stop", "length", "abort", ...)."""
         self.requests.labels(role=self.role, finish_reason=finish_reason).inc()
+
+    def count_client_request(self, key_id: str) -> None:
+        """A request of the client with API key `key_id` (a prefix of its hash) let in."""
+        self.client_requests.labels(role=self.role, api_key=key_id).inc()
+
+    def count_client_tokens(self, key_id: str, prompt: int, completion: int) -> None:
+        """Tokens of a finished request of the client with API key `key_id`."""
+        self.client_tokens.labels(role=self.role, api_key=key_id, kind="prompt").inc(prompt)
+        self.client_tokens.labels(role=self.role, api_key=key_id, kind="completion").inc(completion)
 
     def set_kv_blocks(self, used: int, free: int) -> None:
         """Current KV-cache occupancy, in blocks."""
@@ -187,6 +198,18 @@ def create_metrics(role: str, registry: CollectorRegistry | None = None) -> Kvme
         kv_blocks_free=gauge("kvmesh_kv_blocks_free", "KV-cache blocks free."),
         requests_in_flight=gauge("kvmesh_requests_in_flight", "Requests being served."),
         queue_depth=gauge("kvmesh_queue_depth", "Requests waiting to be scheduled."),
+        client_requests=Counter(
+            "kvmesh_client_requests",
+            "Authenticated requests, by API key id.",
+            ["role", "api_key"],
+            registry=reg,
+        ),
+        client_tokens=Counter(
+            "kvmesh_client_tokens",
+            "Tokens served, by API key id and kind.",
+            ["role", "api_key", "kind"],
+            registry=reg,
+        ),
     )
 
 

@@ -113,6 +113,8 @@ def _number_points(family: Any, value_suffix: str, start_ns: int, now_ns: int) -
 
 
 def _convert(family: Any, start_ns: int, now_ns: int) -> Metric | None:
+    if not family.samples:  # labelled, and no label set used yet: a metric without points
+        return None  # has no data field on the wire, which receivers reject
     if family.type == "histogram":
         data: Any = _histogram(family, start_ns, now_ns)
     elif family.type == "counter":

@@ -112,11 +112,19 @@ async def generate(
     request: gateway_pb2.GenerateRequest,
     timeout: float | None = 120,
     stop_after: int | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> Result:
-    """Stream one Generate call; cancels it after `stop_after` messages if given."""
+    """Stream one Generate call (over TLS with `credentials`); cancels it after `stop_after`
+    messages if given."""
     result = Result()
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=timeout)
+    if credentials is None:
+        open_channel = grpc.aio.insecure_channel(address)
+    else:
+        open_channel = grpc.aio.secure_channel(address, credentials)
+    async with open_channel as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        call = stub.Generate(request, timeout=timeout, metadata=metadata)
         try:
             async for msg in call:
                 result.messages += 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -216,10 +217,15 @@ class LinkOpener(Protocol):
 
 class GrpcLinkOpener:
     """Decode.OpenKVLink on a channel of its own per call (a pair is set up once, then cached),
-    with the caller's trace context in its metadata."""
+    with the caller's trace context in its metadata. `connect` makes the channel to an address
+    (the service's TLS credentials, when it has them)."""
 
-    def __init__(self, prefill_worker_id: str = "") -> None:
+    def __init__(
+        self, prefill_worker_id: str = "",
+        connect: Callable[[str], grpc.Channel] = grpc.insecure_channel,
+    ) -> None:  # fmt: skip
         self.prefill_worker_id = prefill_worker_id
+        self.connect = connect
 
     def __call__(
         self, decode_address: str, endpoint: str, link_id: str, unique_id: bytes, timeout: float
@@ -233,7 +239,7 @@ class GrpcLinkOpener:
             link_id=link_id, nccl_unique_id=unique_id, prefill_worker_id=self.prefill_worker_id
         )
         try:
-            with grpc.insecure_channel(decode_address) as channel:
+            with self.connect(decode_address) as channel:
                 stub = worker_pb2_grpc.DecodeStub(channel)
                 stub.OpenKVLink(request, timeout=timeout, metadata=inject_metadata())
         except grpc.RpcError as exc:
