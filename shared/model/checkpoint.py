@@ -43,7 +43,7 @@ import torch
 
 from kvmesh.kernels.quant import FP8_DTYPE, QuantizedWeight, Weight, quantize_weight
 from kvmesh.shared.model.config import ModelConfig
-from kvmesh.shared.model.loader import LOAD_ORDER, PROJECTIONS, SourceTensors
+from kvmesh.shared.model.tensors import LOAD_ORDER, PROJECTIONS, SourceTensors
 
 log = logging.getLogger(__name__)
 

@@ -22,22 +22,12 @@ from tqdm import tqdm
 
 from kvmesh.kernels.quant import QuantizedWeight, Weight, quantize_weight
 from kvmesh.kernels.rope import Llama3RopeScaling
+from kvmesh.shared.model.checkpoint import StoredCheckpoint
 from kvmesh.shared.model.config import SHAPES, ModelConfig
 from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
 from kvmesh.shared.model.llama import LayerWeights, LlamaWeights
 from kvmesh.shared.model.source import SYNTHETIC_PREFIX, resolve_source
-
-# A decoder layer's projections (LayerWeights' fields) and the Hugging Face linears each joins,
-# in row order. A quantization plan names projections as "layers.{i}.{projection}".
-PROJECTIONS: dict[str, tuple[str, ...]] = {
-    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "o": ("self_attn.o_proj",),
-    "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
-    "down": ("mlp.down_proj",),
-}
-# The order a load reads a layer's projections in (synthetic weights draw from one seeded
-# generator in this order: whatever reads a source's tensors keeps it, to see the same weights)
-LOAD_ORDER = ("qkv", "gate_up", "o", "down")
+from kvmesh.shared.model.tensors import LOAD_ORDER, PROJECTIONS, SourceTensors
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +39,6 @@ class LoadedModel:
     tokenizer_source: Path | None  # a .gguf file or an HF directory; None for synthetic models
     # an FP8 KV cache's per-head scales [L, 2, kv_heads] fp32 where the checkpoint has them
     kv_scales: torch.Tensor | None = None
-
-
-@dataclass
-class SourceTensors:
-    """A model source's tensors by Hugging Face name, each read (and converted to the asked
-    dtype and device) when asked for."""
-
-    config: ModelConfig
-    get: Callable[[str], torch.Tensor]  # an HF name -> the tensor (quantized ones dequantized)
-    large: bool  # over 1 GiB: loading shows progress
-    tokenizer_source: Path | None  # a .gguf file or an HF directory; None for synthetic models
-    hf: dict | None = None  # a Hugging Face directory's config.json
-    # a quantized checkpoint's ('fp8' or 'int8') linears as stored: an HF linear's name
-    # ("model.layers.0.mlp.up_proj") -> its codes and scales, or its weight where not quantized
-    linear: Callable[[str], Weight] | None = None
-    scheme: str = "none"
 
 
 def open_source(
@@ -334,8 +308,6 @@ def _safetensors_tensors(path: Path, dtype: torch.dtype, device: torch.device) -
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     tokenizer = path if has_tokenizer else None
     if "quantization_config" in hf:
-        from kvmesh.shared.model.checkpoint import StoredCheckpoint
-
         stored = StoredCheckpoint(path, hf["quantization_config"], index, dtype, device)
         return SourceTensors(config, stored.get, large, tokenizer, hf, stored.linear,
                              stored.scheme)  # fmt: skip

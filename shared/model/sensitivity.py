@@ -35,7 +35,7 @@ from kvmesh.kernels.quant import FP8_DTYPE
 from kvmesh.shared.engine.batch import ForwardBatch
 from kvmesh.shared.engine.kv_cache import allocate_kv_cache, blocks_for
 from kvmesh.shared.model.llama import LayerWeights, LlamaModel
-from kvmesh.shared.model.loader import PROJECTIONS
+from kvmesh.shared.model.tensors import PROJECTIONS
 
 EVAL_TOKENS = 24_576  # the evaluation text: the first tokens of pydoc_text()
 CALIB_TOKENS = 1_024  # the calibration text: the tokens after the evaluation's

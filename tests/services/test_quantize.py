@@ -23,7 +23,8 @@ from kvmesh.protos import gateway_pb2
 from kvmesh.shared.control.redis_server import RedisServer
 from kvmesh.shared.engine.engine import Engine, EngineConfig
 from kvmesh.shared.engine.sequence import SamplingParams
-from kvmesh.shared.model.loader import PROJECTIONS, load_model
+from kvmesh.shared.model.loader import load_model
+from kvmesh.shared.model.tensors import PROJECTIONS
 
 # the fixture's `kvmesh quantize` ranks 120 projections on CPU: minutes on a busy machine
 pytestmark = pytest.mark.timeout(900)

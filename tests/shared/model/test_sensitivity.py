@@ -17,9 +17,10 @@ from kvmesh.shared.engine import kv_scales
 from kvmesh.shared.engine.tokenizer import load_tokenizer
 from kvmesh.shared.model import sensitivity
 from kvmesh.shared.model.llama import LlamaModel
-from kvmesh.shared.model.loader import PROJECTIONS, load_model
+from kvmesh.shared.model.loader import load_model
 from kvmesh.shared.model.ops import REFERENCE_OPS
 from kvmesh.shared.model.sensitivity import Sensitivity
+from kvmesh.shared.model.tensors import PROJECTIONS
 
 EVAL_TOKENS = 1_024  # the first tokens of pydoc_data.topics, one window
 WINDOW = 1_024
