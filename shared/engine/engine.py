@@ -24,6 +24,7 @@ import torch
 from kvmesh.kernels.linear import MAX_M
 from kvmesh.kernels.quant import FP8_DTYPE
 from kvmesh.shared.engine.batch import ForwardBatch, StepInputs
+from kvmesh.shared.engine.block_hash import BlockHasher
 from kvmesh.shared.engine.cuda_graphs import DecodeGraphs
 from kvmesh.shared.engine.kv_cache import (
     BlockPool,
@@ -34,7 +35,7 @@ from kvmesh.shared.engine.kv_cache import (
 from kvmesh.shared.engine.kv_scales import calibrate_kv_scales, calibration_ids
 from kvmesh.shared.engine.memory import card_memory, headroom_bytes, kv_bytes_on_card
 from kvmesh.shared.engine.sampler import SamplingBatch, sample
-from kvmesh.shared.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from kvmesh.shared.engine.scheduler import FilledBlocks, ScheduledSeq, Scheduler, SchedulerConfig
 from kvmesh.shared.engine.sequence import PENDING, FinishReason, SamplingParams, Sequence, Status
 from kvmesh.shared.engine.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from kvmesh.shared.model.config import ModelConfig
@@ -76,6 +77,9 @@ class EngineConfig:
     # or INT8 (weight-only) where the checkpoint is not quantized already (kernels/quant.py)
     quantization: str = "none"
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": E4M3 with per-head scales
+    # reuse the KV blocks of prompt prefixes computed before (block_hash.py); not on a decode
+    # engine yet: its blocks arrive by handoff, whole
+    prefix_caching: bool = True
     fetch: FetchConfig = field(default_factory=FetchConfig)  # where the default model is kept
 
     def __post_init__(self) -> None:
@@ -107,6 +111,7 @@ class RequestOutput:
     queue_seconds: float = 0.0  # arrival to first scheduled step
     num_preemptions: int = 0
     step_batch_size: int = 0  # sequences computed in the step that produced this output
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -132,6 +137,7 @@ class _Launched:
     host_tokens: torch.Tensor  # [S] int64 on the host, filled when `ready` completes
     ready: torch.cuda.Event | None
     batch_size: int  # sequences computed in the step
+    filled: list[FilledBlocks]  # blocks the step fills: cached once it completed
 
 
 class Engine:
@@ -179,6 +185,7 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(config.block_size, config.max_num_batched_tokens, config.max_num_seqs),
             self.pool,
+            self._block_hasher(),
         )
         self.eos_ids = frozenset(loaded.config.eos_token_ids)
         self.export_hook: ExportHook | None = None
@@ -204,6 +211,15 @@ class Engine:
         if graphable and config.role is not Role.DECODE:
             with self._on_device():
                 self._warm_up(scratch_block=num_blocks)
+
+    def _block_hasher(self) -> BlockHasher | None:
+        """Prefix caching's hasher, salted with all that decides a block's K/V besides its
+        tokens; None where the engine does not cache."""
+        c = self.config
+        if not c.prefix_caching or c.role is Role.DECODE:
+            return None
+        salt = f"{c.model}|seed {c.seed}|{c.dtype}|{c.quantization}|kv {c.kv_cache_dtype}"
+        return BlockHasher(salt, c.block_size)
 
     def _kv_bytes(self, model: ModelConfig) -> int:
         """The KV cache's budget: a byte count on CPU, this process's share of the card on a GPU
@@ -395,6 +411,7 @@ class Engine:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
         prev = self._in_flight.tokens if self._in_flight is not None else None
+        filled = self.scheduler.filled(plan.scheduled)
         graphed = self._graph_bucket(plan.scheduled)
         if graphed is not None:
             assert self._graphs is not None
@@ -420,11 +437,12 @@ class Engine:
             if self._certainly_done(seq):  # stop scheduling it now; its output comes later
                 self.scheduler.remove(seq)
         return _Launched(self._epoch, sampled, indices, tokens, host_tokens, ready,
-                         len(plan.scheduled))  # fmt: skip
+                         len(plan.scheduled), filled)  # fmt: skip
 
     def _process(self, step: _Launched) -> list[RequestOutput]:
         if step.ready is not None:
             step.ready.synchronize()
+        self.scheduler.cache(step.filled)  # before release: those freed join the cached ones
         self.pool.release(step.epoch)
         outputs = []
         for seq, index, token in zip(step.sampled, step.indices, step.host_tokens.tolist(),
@@ -509,7 +527,7 @@ class Engine:
         queued = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
         return RequestOutput(
             seq.request_id, [token], text, seq.num_prompt_tokens, index + 1 - seq.num_prompt_tokens,
-            reason, queued, seq.num_preemptions,
+            reason, queued, seq.num_preemptions, num_cached_tokens=seq.num_cached_tokens,
         )  # fmt: skip
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:

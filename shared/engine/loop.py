@@ -51,6 +51,9 @@ class LoopStats:
     total_blocks: int
     running: int
     waiting: int
+    cached_blocks: int = 0  # blocks holding a prefix-cache hash, in use or free
+    prompt_tokens: int = 0  # of requests admitted so far
+    cached_tokens: int = 0  # of those, found in the prefix cache (hit rate = cached / prompt)
 
 
 class EngineLoop:
@@ -111,11 +114,12 @@ class EngineLoop:
         self._streams.pop(request_id, None)
 
     def stats(self) -> LoopStats:
-        e = self.engine
+        e, sched = self.engine, self.engine.scheduler
         return LoopStats(
             steps=self._steps, busy_seconds=self._busy, free_blocks=e.pool.num_free,
             total_blocks=e.pool.num_blocks, running=len(e.scheduler.running),
-            waiting=len(e.scheduler.waiting),
+            waiting=len(e.scheduler.waiting), cached_blocks=e.pool.num_cached,
+            prompt_tokens=sched.num_prompt_tokens, cached_tokens=sched.num_cached_tokens,
         )  # fmt: skip
 
     def _run(self) -> None:

@@ -5,6 +5,12 @@ Each step: running sequences first, oldest first (decodes need one token, unfini
 their next chunk), then waiting sequences in arrival order while budget and blocks last. When a
 running sequence cannot get a block, the newest running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue with num_computed = 0, to be recomputed later.
+
+Prefix caching (with a BlockHasher): a sequence admitted without blocks first takes the cached
+blocks of its longest cached prefix of full blocks, and computes only the tokens after it (at
+least its last token, whose logits are sampled). A recomputed (preempted) sequence finds its own
+blocks again unless they were evicted meanwhile. The engine hands back the blocks a step filled
+once that step completed (`cache`): only then may a later sequence read them.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from kvmesh.shared.engine.block_hash import BlockHasher
 from kvmesh.shared.engine.kv_cache import BlockPool, blocks_for
 from kvmesh.shared.engine.sequence import Sequence, Status
 
@@ -33,6 +40,15 @@ class ScheduledSeq:
     num_new_tokens: int  # tokens computed this step, starting at seq.num_computed
 
 
+@dataclass(frozen=True)
+class FilledBlocks:
+    """Blocks a step fills: seq.block_table[first : first + len(blocks)] as it was at launch."""
+
+    seq: Sequence
+    first: int
+    blocks: list[int]
+
+
 @dataclass
 class StepPlan:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
@@ -44,11 +60,16 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool) -> None:
+    def __init__(
+        self, config: SchedulerConfig, pool: BlockPool, hasher: BlockHasher | None = None
+    ) -> None:
         self.config = config
         self.pool = pool
+        self.hasher = hasher  # None: no prefix caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_prompt_tokens = 0  # of sequences admitted (first admission only)
+        self.num_cached_tokens = 0  # of those, found in the prefix cache
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -81,8 +102,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._grow(seq, n):
+            n = self._admit(seq, budget)
+            if n == 0:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -90,6 +111,56 @@ class Scheduler:
             plan.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return plan
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Give a waiting seq its cached prefix and the blocks for its next tokens under
+        `budget`; the number of tokens to compute, 0 if the pool is short."""
+        hits = self._match(seq) if not seq.block_table else []
+        start = seq.num_computed + len(hits) * self.config.block_size
+        n = min(seq.num_tokens - start, budget)
+        need = blocks_for(start + n, self.config.block_size) - len(seq.block_table) - len(hits)
+        if need + self.pool.num_free_in(hits) > self.pool.num_free:
+            return 0
+        if hits:
+            self.pool.take(hits)
+            seq.block_table = hits
+            seq.num_computed = start
+        if seq.num_preemptions == 0 and not seq.num_output_tokens:
+            seq.num_cached_tokens = start
+            self.num_prompt_tokens += seq.num_prompt_tokens
+            self.num_cached_tokens += start
+        self._grow(seq, n)
+        return n
+
+    def _match(self, seq: Sequence) -> list[int]:
+        """The cached blocks of seq's longest cached prefix, short of its last token."""
+        if self.hasher is None:
+            return []
+        limit = (seq.num_tokens - 1) // self.config.block_size
+        return self.pool.match(self.hasher.extend(seq, limit)[:limit])
+
+    def filled(self, scheduled: list[ScheduledSeq]) -> list[FilledBlocks]:
+        """The blocks each scheduled sequence fills in this step (call before num_computed
+        advances); the engine passes them to `cache` once the step completed."""
+        if self.hasher is None:
+            return []
+        bs, out = self.config.block_size, []
+        for s in scheduled:
+            first, end = s.seq.num_computed // bs, (s.seq.num_computed + s.num_new_tokens) // bs
+            if end > first:
+                out.append(FilledBlocks(s.seq, first, s.seq.block_table[first:end]))
+        return out
+
+    def cache(self, filled: list[FilledBlocks]) -> None:
+        """A step completed: the blocks it filled get their content hashes (those whose tokens
+        are all known; a sequence aborted meanwhile may keep a PENDING one)."""
+        hasher = self.hasher
+        if hasher is None:
+            return
+        for f in filled:
+            end = f.first + len(f.blocks)
+            hashes = hasher.extend(f.seq, end)[f.first : end]
+            self.pool.cache(f.blocks[: len(hashes)], hashes)
 
     def _grow(self, seq: Sequence, n: int) -> bool:
         """Give seq the blocks for n more tokens; False if the pool is short."""

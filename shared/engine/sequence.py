@@ -63,6 +63,9 @@ class Sequence:
     arrival_time: float = 0.0  # time.perf_counter() when it entered the engine
     first_scheduled_time: float | None = None
     pending_row: int = -1  # see PENDING
+    # content hashes of the first full blocks of token_ids (block_hash.py), grown as they fill
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
 
     @property
     def num_tokens(self) -> int:
