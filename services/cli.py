@@ -57,6 +57,13 @@ def _engine_args(p: argparse.ArgumentParser, mesh: bool = False) -> None:
         default=env("KVMESH_KV_CACHE_DTYPE", "auto"),
         help="auto: the model's dtype; fp8: E4M3 with per-head scales (half the bytes)",
     )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        default=env("KVMESH_NO_PREFIX_CACHING", "") not in ("", "0"),
+        help="compute every prompt in full (default: reuse the KV blocks of prefixes computed "
+        "before, kept until their blocks are needed)",
+    )
     p.add_argument("--block-size", type=int, default=int(env("KVMESH_BLOCK_SIZE", "16")))
     p.add_argument(
         "--max-batched-tokens", type=int, default=int(env("KVMESH_MAX_BATCHED_TOKENS", "512"))
@@ -108,6 +115,7 @@ def engine_config(args: argparse.Namespace, role: Role) -> EngineConfig:
         overlap=not args.eager,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
+        prefix_caching=not args.no_prefix_caching,
         fetch=fetch_config(),
     )
 
@@ -331,6 +339,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     ]
     if args.dtype:
         worker_args += ["--dtype", args.dtype]
+    if args.no_prefix_caching:
+        worker_args.append("--no-prefix-caching")
     gateway_args = [
         "--model",
         args.model,

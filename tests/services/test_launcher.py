@@ -66,3 +66,13 @@ def test_up_sizes_the_pools_from_its_flags(flags: list[str], pools: tuple[int, i
     args = build_parser().parse_args(["up", *flags])
     assert (*pair_pools(args), args.aggregated) == pools
     assert args.gpu_memory_share == 0.9
+
+
+def test_prefix_caching_is_on_unless_a_worker_is_told_otherwise() -> None:
+    from kvmesh.services.cli import engine_config
+    from kvmesh.shared.engine.engine import Role
+
+    on = build_parser().parse_args(["decode"])
+    off = build_parser().parse_args(["prefill", "--no-prefix-caching"])
+    assert engine_config(on, Role.DECODE).prefix_caching
+    assert not engine_config(off, Role.PREFILL).prefix_caching
