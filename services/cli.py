@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvmesh.shared.control.connect import RedisUnavailable
 from kvmesh.shared.engine.sequence import SamplingParams
 from kvmesh.shared.lifetime import exit_with_parent
 from kvmesh.shared.model.fetch import (
@@ -554,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kvmesh: {e}", file=sys.stderr)
         return 2
+    except RedisUnavailable as e:
+        print(f"kvmesh: {e}", file=sys.stderr)
+        return 1
     except FetchError as e:
         print(
             f"kvmesh: {e}. Without network, pass --model with a local .gguf file, a Hugging Face "

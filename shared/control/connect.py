@@ -1,0 +1,43 @@
+"""The first contact of a process with Redis: one PING at start, so that a wrong password or an
+unreachable server ends the process with one line that names the server, not a traceback from
+deep inside its first registry call."""
+
+from __future__ import annotations
+
+# redis is imported inside the functions: the CLI imports this module for RedisUnavailable, and
+# every command (clients included) would pay for the redis package at start
+
+_CONNECT_TIMEOUT_S = 5.0
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis refused this process's credentials or could not be reached."""
+
+
+def _where(kwargs: dict[str, object]) -> str:
+    """HOST:PORT (or the socket path) of a client's connection settings, never the password."""
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+async def check_redis(url: str) -> None:
+    """PING the server of url; RedisUnavailable with a one-line reason if that fails."""
+    import redis.asyncio as redis
+    from redis.exceptions import AuthenticationError, ConnectionError, TimeoutError
+
+    client = redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_S)
+    kwargs = client.connection_pool.connection_kwargs
+    where, has_password = _where(kwargs), bool(kwargs.get("password"))
+    try:
+        await client.ping()
+    except AuthenticationError as e:
+        reason = f"refused the password: {e}" if has_password else "requires a password"
+        raise RedisUnavailable(
+            f"Redis at {where} {reason} (REDIS_URL carries it: redis://:PASSWORD@HOST:PORT/0 "
+            "or redis://USER:PASSWORD@HOST:PORT/0)"
+        ) from None
+    except (ConnectionError, TimeoutError, OSError) as e:
+        raise RedisUnavailable(f"Redis at {where} is unreachable: {e}") from None
+    finally:
+        await client.aclose()
