@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvmesh.shared.engine.kv_cache import allocate_kv_cache, blocks_for
 from kvmesh.shared.engine.scheduler import ScheduledSeq
 from kvmesh.shared.engine.sequence import PENDING, Sequence
+from kvmesh.shared.model.config import ModelConfig
 
 
 @dataclass
@@ -49,6 +51,19 @@ class ForwardBatch:
             device=device), seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
             sample_indices=torch.tensor([n - 1], device=device), max_q_len=n, fresh=fresh,
         )  # fmt: skip
+
+
+def alone_in_cache(
+    config: ModelConfig, ids: list[int], block_size: int, kv_dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[ForwardBatch, torch.Tensor]:  # fmt: skip
+    """One prompt's fresh step and a KV cache of its own (zeros, just its blocks): for a pass
+    outside the engine (calibration, scoring)."""
+    num_blocks = blocks_for(len(ids), block_size)
+    cache = allocate_kv_cache(config, num_blocks, block_size, kv_dtype, device)
+    table = torch.arange(num_blocks, dtype=torch.int32, device=device)
+    ids_t = torch.tensor(ids, dtype=torch.int64, device=device)
+    return ForwardBatch.one_prompt(ids_t, table, block_size), cache
 
 
 # (rows of the input ids, rows of the in-flight step's sampled tokens to copy there), on device

@@ -27,8 +27,7 @@ import hashlib
 import torch
 
 from kvmesh.kernels.quant import FP8_MAX
-from kvmesh.shared.engine.batch import ForwardBatch
-from kvmesh.shared.engine.kv_cache import allocate_kv_cache, blocks_for
+from kvmesh.shared.engine.batch import alone_in_cache
 from kvmesh.shared.engine.tokenizer import Tokenizer
 from kvmesh.shared.model.llama import LlamaModel
 
@@ -57,14 +56,9 @@ def calibrate_kv_scales(
     """float32 scales [L, 2, kv_heads] on the model's device for an FP8 cache, from one prefill
     of `ids` through a cache in the model's dtype (model.kv_scales must be None meanwhile)."""
     assert model.kv_scales is None, "calibration writes the cache in the model's own dtype"
-    cfg, device = model.config, model.device
-    n = len(ids)
-    num_blocks = blocks_for(n, block_size)
-    cache = allocate_kv_cache(cfg, num_blocks, block_size, model.dtype, device)
-    table = torch.arange(num_blocks, dtype=torch.int32, device=device)
-    batch = ForwardBatch.one_prompt(torch.tensor(ids, device=device), table, block_size)
+    batch, cache = alone_in_cache(model.config, ids, block_size, model.dtype, model.device)
     model.forward(batch, cache)
-    written = cache.flatten(2, 3)[:, :, :n]  # [L, 2, n, kv_heads, head_dim]
+    written = cache.flatten(2, 3)[:, :, : len(ids)]  # [L, 2, n, kv_heads, head_dim]
     amax = written.float().abs().amax(dim=(2, 4))  # [L, 2, kv_heads]
     amax = torch.clamp(amax, min=torch.finfo(torch.float32).tiny)
     return torch.exp2(torch.ceil(torch.log2(amax * HEADROOM / FP8_MAX)))

@@ -32,8 +32,7 @@ import torch.nn.functional as F
 
 from kvmesh.kernels.linear import MAX_M
 from kvmesh.kernels.quant import FP8_DTYPE
-from kvmesh.shared.engine.batch import ForwardBatch
-from kvmesh.shared.engine.kv_cache import allocate_kv_cache, blocks_for
+from kvmesh.shared.engine.batch import alone_in_cache
 from kvmesh.shared.model.llama import LayerWeights, LlamaModel
 from kvmesh.shared.model.tensors import PROJECTIONS
 
@@ -97,12 +96,8 @@ def window_logits(model: LlamaModel, ids: Sequence[int]) -> torch.Tensor:
     """Logits [len(ids), V] in float32, row t the model's prediction of the token after ids[t]:
     one packed prefill of `ids` from an empty KV cache (FP8 where the model has kv_scales, as
     the engine's --kv-cache-dtype fp8 gives it, else in the model's dtype)."""
-    device = model.device
-    blocks = blocks_for(len(ids), BLOCK_SIZE)
     kv_dtype = model.dtype if model.kv_scales is None else FP8_DTYPE
-    cache = allocate_kv_cache(model.config, blocks, BLOCK_SIZE, kv_dtype, device)
-    table = torch.arange(blocks, dtype=torch.int32, device=device)
-    batch = ForwardBatch.one_prompt(torch.tensor(list(ids), device=device), table, BLOCK_SIZE)
+    batch, cache = alone_in_cache(model.config, list(ids), BLOCK_SIZE, kv_dtype, model.device)
     every = dataclasses.replace(batch, sample_indices=batch.positions)
     return model.forward(every, cache).float()
 
