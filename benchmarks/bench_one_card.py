@@ -1,7 +1,7 @@
 """The mesh on one GPU against the in-process engine, in one run, on one card.
 
     python benchmarks/bench_one_card.py [--model synthetic:llama3-8b --requests 256
-        --concurrency 64 --prompt 512 --new-tokens 128]
+        --concurrency 64 --prompt 512 --new-tokens 128 --gil-switch-ms 5,0.5]
 
 Three ways to serve the same workload (token-id prompts, exactly `new_tokens` each, the
 `kvmesh bench` client):
@@ -39,11 +39,15 @@ MESHES = {
 }
 
 
-def serve_mesh(flags: tuple[str, ...], args: argparse.Namespace, workload: Workload) -> Report:
+def serve_mesh(
+    flags: tuple[str, ...], args: argparse.Namespace, workload: Workload, switch_ms: str
+) -> Report:
     common = ("--model", args.model, "--device", args.device, "--max-seqs", str(args.concurrency),
               "--max-inflight", str(args.concurrency))  # fmt: skip
     with RedisServer() as server:
-        mesh, address = start_mesh(server.url, *flags, *common)
+        mesh, address = start_mesh(
+            server.url, *flags, *common, extra_env={"KVMESH_GIL_SWITCH_MS": switch_ms}
+        )
         try:
             asyncio.run(bench_mesh(address, Workload(8, 8, args.prompt, 4), progress=False))
             return asyncio.run(bench_mesh(address, workload, progress=False))
@@ -76,6 +80,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--meshes", default=",".join(MESHES), help="which meshes to run")
+    parser.add_argument("--gil-switch-ms", default="5",
+                        help="the workers' KVMESH_GIL_SWITCH_MS; several: a row each")  # fmt: skip
     args = parser.parse_args()
     workload = Workload(args.requests, args.concurrency, args.prompt, args.new_tokens)
     config = EngineConfig(
@@ -94,12 +100,13 @@ def main() -> None:
     for name, flags in MESHES.items():
         if name not in args.meshes.split(","):
             continue
-        try:
-            rows.append(row(f"kvmesh up {' '.join(flags)}", serve_mesh(flags, args, workload),
-                            engine))  # fmt: skip
-        except Exception as exc:  # a mesh that cannot start is a row, not a lost run
-            rows.append((name, f"failed: {exc}"[:120], "", "", "", "", "", ""))
-        print(rows[-1], flush=True)
+        for switch_ms in args.gil_switch_ms.split(","):
+            label = f"kvmesh up {' '.join(flags)}, GIL switch {switch_ms} ms"
+            try:
+                rows.append(row(label, serve_mesh(flags, args, workload, switch_ms), engine))
+            except Exception as exc:  # a mesh that cannot start is a row, not a lost run
+                rows.append((label, f"failed: {exc}"[:120], "", "", "", "", "", ""))
+            print(rows[-1], flush=True)
     floor = decode_floor_ms(
         args.model, args.concurrency, args.prompt + args.new_tokens // 2, args.device
     )

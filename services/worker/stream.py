@@ -2,7 +2,8 @@
 whatever ends the request, and the stream of its tokens out of the engine.
 
     reserve (Redis `reserved`) -> stream: subscribe -> submit (commit the received KV, or add
-    the prompt) -> `owned` -> a DecodeResponse per output until finished -> free
+    the prompt) -> `owned` -> a DecodeResponse per output (those queued behind the
+    engine joined into one) until finished -> free
     free: abort in the engine (a no-op once finished) and release the set in Redis; a cancel of
     the caller (its client hung up) stops neither (ARCHITECTURE.md invariant 8)
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -26,6 +28,14 @@ from kvmesh.shared.engine.loop import EngineLoop
 # Lease of a block set in Redis; the heartbeat renews it every second, so it only runs out
 # (and the reaper frees the set) when this worker stops heartbeating.
 BLOCK_LEASE_S = 10.0
+
+
+def merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one (the later's counts and ending)."""
+    return dataclasses.replace(
+        later, new_token_ids=earlier.new_token_ids + later.new_token_ids,
+        text=earlier.text + later.text,
+    )  # fmt: skip
 
 
 class BlockSets:
@@ -89,6 +99,9 @@ class BlockSets:
                 if steps == 0:
                     on_first(out)
                 steps += 1
+                while not out.finished and not queue.empty():  # behind the engine: one message
+                    out = merged(out, queue.get_nowait())
+                    steps += 1
                 span.set_attribute("kvmesh.preemptions", out.num_preemptions)
                 yield worker_pb2.DecodeResponse(
                     token_ids=out.new_token_ids, text=out.text,

@@ -5,7 +5,7 @@ engine, run between two steps on the engine thread) and receive each request's o
 asyncio queue. The loop steps while there is work and sleeps on a condition when there is none.
 
     asyncio handlers --call(fn)--> [command queue] --engine thread: fn(engine); step()-->
-    outputs --loop.call_soon_threadsafe--> per-request asyncio.Queue
+    outputs --loop.call_soon_threadsafe, once a step--> per-request asyncio.Queue
 
 Cancels: a caller may be cancelled (its client hung up) at any await. Commands run in the order
 they were queued, so a caller's cleanup (`post(abort)`) runs after whatever it queued before;
@@ -64,9 +64,7 @@ class EngineLoop:
         self._on_death = on_death  # called on the engine thread after it failed
         self._death: BaseException | None = None
         self._commands: list[Command] = []
-        self._streams: dict[
-            str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]
-        ] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, OutputQueue]] = {}
         self._wake = threading.Condition()
         self._stopping = False
         self._steps = 0
@@ -177,12 +175,23 @@ class EngineLoop:
             outputs = self.engine.abort_all()
         self._busy += time.perf_counter() - start
         self._steps += 1
+        # one wake-up of each event loop a step, not one a request: every call_soon_threadsafe
+        # writes the loop's self-pipe and takes the GIL the next step's launch is waiting for
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[OutputQueue, RequestOutput]]] = {}
         for out in outputs:
             target = self._streams.get(out.request_id)
             if target is not None:
                 loop, queue = target
-                with contextlib.suppress(RuntimeError):  # its event loop closed: nobody listens
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                deliveries.setdefault(loop, []).append((queue, out))
+        for loop, items in deliveries.items():
+            with contextlib.suppress(RuntimeError):  # its event loop closed: nobody listens
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[OutputQueue, RequestOutput]]) -> None:
+    """On a subscriber's event loop: each output into its request's queue."""
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 async def publish_gauges(loop: EngineLoop, metrics: KvmeshMetrics, period_s: float = 1.0) -> None:

@@ -34,6 +34,7 @@ from kvmesh.shared.model.config import ModelConfig
 from kvmesh.shared.model.ops import Ops
 
 LayerHook = Callable[[int], None]
+StreamHook = Callable[[int, torch.Tensor], None]  # (layer index, the residual stream entering it)
 
 
 @dataclass
@@ -88,10 +89,22 @@ class LlamaModel:
         kv_cache: [L, 2, num_blocks, block_size, kv_heads, head_dim]. on_layer(l) runs once
         layer l's K/V of this step are in the cache (the handoff sends it from there).
         """
+        h = F.embedding(batch.input_ids, self.weights.embed)  # [T, H], the residual stream
+        return self.head(self.run_layers(h, batch, kv_cache, on_layer=on_layer), batch)
+
+    def run_layers(
+        self, h: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor, start: int = 0,
+        on_layer: LayerHook | None = None, on_input: StreamHook | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The residual stream after the last layer, from h, the stream entering layer `start`
+        (updated in place; layers before `start` are not run and their cache is not written).
+        on_input(l, h) sees the stream entering layer l, before l changes it in place."""
         w, ops, eps = self.weights, self.ops, self.config.rms_eps
-        h = F.embedding(batch.input_ids, w.embed)  # [T, H], the residual stream
-        squares = RowSquares()  # of h's rows; the first qkv sums the embeddings' itself
-        for index, layer in enumerate(w.layers):
+        squares = RowSquares()  # of h's rows; the first qkv sums them itself
+        for index in range(start, len(w.layers)):
+            layer = w.layers[index]
+            if on_input is not None:
+                on_input(index, h)
             h, squares = self._attention(index, layer, h, batch, kv_cache, squares)
             if on_layer is not None:
                 on_layer(index)
@@ -101,7 +114,14 @@ class LlamaModel:
             squares = RowSquares()
             # the stream updated in place
             h = ops.linear(act, layer.down, residual=h, out=h, squares_out=squares)
-        return ops.linear(h[batch.sample_indices], w.lm_head, norm=(w.norm, eps))
+        return h
+
+    def head(self, h: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [S, V] of the final stream's rows batch.sample_indices (final norm, lm_head)."""
+        w = self.weights
+        return self.ops.linear(
+            h[batch.sample_indices], w.lm_head, norm=(w.norm, self.config.rms_eps)
+        )
 
     def _attention(
         self,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from kvmesh.kernels.linear import MAX_M
 from kvmesh.kernels.quant import FP8_DTYPE
-from kvmesh.shared.engine.batch import alone_in_cache
+from kvmesh.shared.engine.batch import ForwardBatch, alone_in_cache
 from kvmesh.shared.model.llama import LayerWeights, LlamaModel
 from kvmesh.shared.model.tensors import PROJECTIONS
 
@@ -92,14 +92,19 @@ def projection_names(model: LlamaModel) -> list[str]:
 # ------------------------------------------------------------------------------ forward passes
 
 
-def window_logits(model: LlamaModel, ids: Sequence[int]) -> torch.Tensor:
-    """Logits [len(ids), V] in float32, row t the model's prediction of the token after ids[t]:
-    one packed prefill of `ids` from an empty KV cache (FP8 where the model has kv_scales, as
-    the engine's --kv-cache-dtype fp8 gives it, else in the model's dtype)."""
+def _window(model: LlamaModel, ids: Sequence[int]) -> tuple[ForwardBatch, torch.Tensor]:
+    """One packed prefill of `ids` that samples every position, and its empty KV cache (FP8
+    where the model has kv_scales, as the engine's --kv-cache-dtype fp8 gives it, else in the
+    model's dtype)."""
     kv_dtype = model.dtype if model.kv_scales is None else FP8_DTYPE
     batch, cache = alone_in_cache(model.config, list(ids), BLOCK_SIZE, kv_dtype, model.device)
-    every = dataclasses.replace(batch, sample_indices=batch.positions)
-    return model.forward(every, cache).float()
+    return dataclasses.replace(batch, sample_indices=batch.positions), cache
+
+
+def window_logits(model: LlamaModel, ids: Sequence[int]) -> torch.Tensor:
+    """Logits [len(ids), V] in float32, row t the model's prediction of the token after ids[t]:
+    one packed prefill of `ids` from an empty KV cache (`_window`)."""
+    return model.forward(*_window(model, ids)).float()
 
 
 def _windows(ids: Sequence[int], window: int) -> Iterator[Sequence[int]]:
@@ -127,21 +132,33 @@ def perplexity(model: LlamaModel, ids: Sequence[int], window: int) -> float:
     return math.exp(float(score(model, ids, window).double().mean()))
 
 
-def log_probs(model: LlamaModel, ids: Sequence[int], window: int) -> list[torch.Tensor]:
-    """Next-token log-probabilities [len(window), V] of every position, a window each."""
-    return [torch.log_softmax(window_logits(model, c), -1) for c in _windows(ids, window)]
+@dataclass
+class Calibrated:
+    """A calibration window run unquantized: its batch and cache, the residual stream entering
+    each layer, and the reference next-token log-probabilities."""
 
+    batch: ForwardBatch
+    cache: torch.Tensor
+    inputs: list[torch.Tensor]  # [T, H] the stream entering layer l, l = 0..L-1
+    reference: torch.Tensor  # [T, V] float32
 
-def mean_kl(reference: list[torch.Tensor], model: LlamaModel, ids: Sequence[int],
-            window: int) -> float:  # fmt: skip
-    """Mean over positions of KL(reference || model) of the next-token distributions (nats);
-    `reference` is log_probs of the same ids and window."""
-    total, count = 0.0, 0
-    for ref, chunk in zip(reference, _windows(ids, window), strict=True):
-        out = torch.log_softmax(window_logits(model, chunk), -1)
-        total += float((ref.exp() * (ref - out)).sum(-1).double().sum())
-        count += ref.shape[0]
-    return total / count
+    @classmethod
+    @torch.inference_mode()
+    def run(cls, model: LlamaModel, ids: Sequence[int]) -> Calibrated:
+        batch, cache = _window(model, ids)
+        inputs: list[torch.Tensor] = []
+        h = F.embedding(batch.input_ids, model.weights.embed)
+        h = model.run_layers(h, batch, cache, on_input=lambda _, h: inputs.append(h.clone()))
+        reference = torch.log_softmax(model.head(h, batch).float(), -1)
+        return cls(batch, cache, inputs, reference)
+
+    @torch.inference_mode()
+    def kl_from(self, model: LlamaModel, layer: int) -> float:
+        """The summed KL(reference || model) over the window's positions, for a model equal to
+        the reference one in every layer before `layer` (run from the stream entering it)."""
+        h = model.run_layers(self.inputs[layer].clone(), self.batch, self.cache, start=layer)
+        out = torch.log_softmax(model.head(h, self.batch).float(), -1)
+        return float((self.reference.exp() * (self.reference - out)).sum(-1).double().sum())
 
 
 # ---------------------------------------------------------------------------- swapping weights
@@ -194,7 +211,9 @@ def rank_projections(
     """Every projection's sensitivity, most sensitive first: each of `quantized`'s projections
     (the same model loaded with a quantization scheme) swapped alone into `unquantized`, the
     calibration text run, the KL against `unquantized` itself measured, the projection swapped
-    back. on_each(s) runs as each projection's is measured (progress).
+    back. on_each(s) runs as each projection's is measured (progress). A projection of layer l
+    changes nothing before l: its run starts from the unquantized stream entering l, kept from
+    the reference run (about half the layers a projection, on average).
 
     Every window must be longer than linear.MAX_M tokens: shorter runs compute FP8 projections
     weight-only (the decode rule), not W8A8 as the prefills the ranking stands for."""
@@ -204,11 +223,13 @@ def rank_projections(
             f"calibration windows must be longer than {MAX_M} tokens (FP8 runs W8A8 above "
             f"that); {len(calib_ids)} tokens in windows of {window} give {short or [0]}"
         )
-    reference = log_probs(unquantized, calib_ids, window)
+    windows = [Calibrated.run(unquantized, c) for c in _windows(calib_ids, window)]
+    positions = sum(w.reference.shape[0] for w in windows)
     ranking = []
     for name in projection_names(unquantized):
+        layer = _parse(name)[0]
         with swapped(unquantized, quantized, [name]):
-            kl = mean_kl(reference, unquantized, calib_ids, window)
+            kl = sum(w.kl_from(unquantized, layer) for w in windows) / positions
         ranking.append(Sensitivity(name, kl))
         if on_each is not None:
             on_each(ranking[-1])

@@ -155,9 +155,22 @@ def test_swapping_restores_the_model_and_moves_the_gain_with_the_weight(setup: S
 
 
 def test_kl_of_the_model_against_itself_is_zero(setup: Setup) -> None:
+    run = sensitivity.Calibrated.run(setup.none, setup.calibration[:80])
+    for layer in (0, 17):  # the whole model, and from a layer's stream on
+        assert run.kl_from(setup.none, layer) == pytest.approx(0, abs=1e-6)
+
+
+def test_a_run_from_a_layers_stream_is_the_whole_models(setup: Setup) -> None:
+    """The ranking's shortcut: with a projection of layer l quantized, running from the stream
+    entering l gives the KL a whole forward does."""
     ids = setup.calibration[:80]
-    reference = sensitivity.log_probs(setup.none, ids, WINDOW)
-    assert sensitivity.mean_kl(reference, setup.none, ids, WINDOW) == pytest.approx(0, abs=1e-6)
+    run = sensitivity.Calibrated.run(setup.none, ids)
+    with sensitivity.swapped(setup.none, setup.fp8, ["layers.9.gate_up"]):
+        whole = torch.log_softmax(sensitivity.window_logits(setup.none, ids), -1)
+        resumed = run.kl_from(setup.none, 9)
+    ref = run.reference
+    expected = float((ref.exp() * (ref - whole)).sum(-1).double().sum())
+    assert expected > 0 and resumed == pytest.approx(expected, rel=1e-4)
 
 
 def test_small_inputs_are_refused(setup: Setup) -> None:
