@@ -1,6 +1,7 @@
 """Tune the skinny decode linear (kernels/linear.py) in the regime the model runs it in.
 
-    python benchmarks/tune_linear.py [--model synthetic:llama3-8b] [--buckets 1,2,...,64] [--write]
+    python benchmarks/tune_linear.py [--model synthetic:llama3-8b] [--buckets 1,2,...,64]
+        [--quantization none,fp8,int8] [--write]
 
 A decode step runs each projection once per layer, on a new weight each time: the weights stream
 from HBM and the kernels run back to back with no host in between (a CUDA graph). The autotuner
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from common import copy_bandwidth_gbs, header, table
 from triton.runtime.errors import OutOfResources
 
 from kvmesh.kernels.linear import (
+    CODE_TUNING,
     MAX_M,
     TUNING,
     LinearTuning,
@@ -45,6 +48,7 @@ from kvmesh.kernels.linear import (
     tma_fits,
     write_tuned,
 )
+from kvmesh.kernels.quant import FP8_DTYPE, Weight, quantize_weight
 from kvmesh.shared.model.config import SHAPES
 from kvmesh.shared.model.loader import SYNTHETIC_PREFIX
 
@@ -77,7 +81,7 @@ def projections(model: str) -> list[Projection]:
     ]
 
 
-def streamed_us(call: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) -> float:
+def streamed_us(call: Callable[[Weight], object], weights: list[Weight]) -> float:
     """Microseconds a call over a graph that runs `call` on each weight in turn."""
     for w in weights[:2]:  # compiles, sizes the split-K counters, warms cuBLAS: before capture
         call(w)
@@ -103,33 +107,44 @@ def both_ways(p: Projection) -> bool:
 
 
 def tune(
-    p: Projection, bucket: int, dtype: torch.dtype
+    p: Projection, bucket: int, dtype: torch.dtype, scheme: str = "none"
 ) -> tuple[LinearTuning, float, float, float | None]:  # fmt: skip
     """(best candidate, its us, the torch path's us, the best us with the norm inside the kernel
     (lm_head; else None)) at M = bucket rows. With a norm that sums x's squares itself, every
-    unsplit candidate is timed twice: norm in the kernel, and norm kernel first (norm_first)."""
-    copies = max(2, min(32, math.ceil(STREAM_BYTES / (p.n * p.k * 2))))
-    weights = [torch.randn(p.n, p.k, device="cuda").to(dtype) for _ in range(copies)]
+    unsplit candidate is timed twice: norm in the kernel, and norm kernel first (norm_first).
+    scheme fp8/int8: w as the loader quantizes it (codes, row scales, the norm's gain apart),
+    CODE_TUNING's candidates timed too."""
+    w_bytes = 2 if scheme == "none" else 1
+    copies = max(2, min(32, math.ceil(STREAM_BYTES / (p.n * p.k * w_bytes))))
+    weights = [
+        quantize_weight(torch.randn(p.n, p.k, device="cuda").to(dtype), scheme)
+        for _ in range(copies)
+    ]
     x = torch.randn(bucket, p.k, device="cuda").to(dtype)
     r = torch.randn(bucket, p.n, device="cuda").to(dtype) if p.residual else None
-    norm = (None, 1e-5) if p.norm else None
+    gain = None if scheme == "none" else torch.rand(p.k, device="cuda").to(dtype) + 0.5
+    norm = (gain, 1e-5) if p.norm else None
     # the partial sums of x's squares o and down would leave (64-column blocks)
     blocks = math.ceil(p.k / 64)
     parts = (x.float().pow(2).sum(1) / blocks).expand(blocks, bucket).contiguous()
     squares = RowSquares(parts) if p.handed else None
     cublas = streamed_us(lambda w: linear_torch(x, w, r, norm, p.swiglu), weights)
     timed: list[tuple[float, LinearTuning]] = []
-    for base in TUNING:
-        if not candidate(base, p.n, p.k, bucket, any_split=True):
+    for base in TUNING + (CODE_TUNING if w_bytes == 1 else []):
+        if not candidate(base, p.n, p.k, bucket, True, w_bytes):
             continue
         both = both_ways(p) and base.split_k == 1
         forms = [base, dataclasses.replace(base, norm_first=True)] if both else [base]
-        # and each with its tiles by TMA, where they fit
-        tma = [dataclasses.replace(t, tma=True) for t in forms]
-        forms += [t for t in tma if tma_fits(t, p.n, p.k) and candidate(t, p.n, p.k, bucket, True)]
+        # and each with its tiles by TMA, where they fit (not codes: linear loads them by pointer)
+        tma = [dataclasses.replace(t, tma=True) for t in forms] if w_bytes == 2 else []
+        forms += [
+            t
+            for t in tma
+            if tma_fits(t, p.n, p.k) and candidate(t, p.n, p.k, bucket, True, w_bytes)
+        ]
         for t in forms:
 
-            def call(w: torch.Tensor, t: LinearTuning = t) -> torch.Tensor:
+            def call(w: Weight, t: LinearTuning = t) -> torch.Tensor:
                 out = RowSquares() if p.residual else None
                 return linear(x, w, t, residual=r, norm=norm, swiglu=p.swiglu, squares=squares,
                               squares_out=out)  # fmt: skip
@@ -148,6 +163,8 @@ def main() -> None:
     ap.add_argument("--model", default="synthetic:llama3-8b", help="a synthetic:<shape> model")
     ap.add_argument("--buckets", default="1,2,4,8,16,32,64")
     ap.add_argument("--write", action="store_true", help="merge the winners into the table")
+    ap.add_argument("--quantization", default="none",
+                    help="weights as none, fp8 or int8 (several: comma-separated)")  # fmt: skip
     args = ap.parse_args()
     assert torch.cuda.is_available(), "tuning needs a CUDA device"
     dtype = torch.bfloat16
@@ -158,12 +175,16 @@ def main() -> None:
     print(f"{args.model}, {dtype}; copy {copy_gbs:,.0f} GB/s (read + write)", flush=True)
     rows: list[tuple[str, ...]] = []
     winners: dict[str, LinearTuning] = {}
-    for p in projections(args.model):
-        for bucket in buckets:
-            best, us, cublas, in_kernel = tune(p, bucket, dtype)
-            nbytes = p.n * p.k * 2
-            winners[shape_key(p.n, p.k, bucket, dtype)] = best
-            row = (f"{p.name} [{p.n}, {p.k}]", str(bucket), str(best), f"{us:.1f}",
+    for scheme in args.quantization.split(","):
+        codes = {"none": dtype, "fp8": FP8_DTYPE, "int8": torch.int8}[scheme]
+        linears = projections(args.model)
+        if scheme != "none":  # lm_head stays in the model's dtype (loader.load_model)
+            linears = [p for p in linears if p.name != "lm_head"]
+        for p, bucket in itertools.product(linears, buckets):
+            best, us, cublas, in_kernel = tune(p, bucket, dtype, scheme)
+            nbytes = p.n * p.k * codes.itemsize
+            winners[shape_key(p.n, p.k, bucket, dtype, codes)] = best
+            row = (f"{p.name} [{p.n}, {p.k}] {scheme}", str(bucket), str(best), f"{us:.1f}",
                    f"{nbytes / us / 1e3:,.0f} GB/s", f"{nbytes / copy_gbs / 1e3 / us:.0%}",
                    f"{cublas:.1f}", f"{cublas / us:.2f}x",
                    "-" if in_kernel is None else f"{in_kernel:.1f}")  # fmt: skip

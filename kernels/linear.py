@@ -503,6 +503,22 @@ TUNING: list[LinearTuning] = [
     LinearTuning(16, 512, 4, 3, dot=False),
     LinearTuning(32, 256, 4, 3, dot=False),
 ]
+# More candidates for 1-byte codes (FP8, INT8), timed by benchmarks/tune_linear.py only (the
+# autotuner keeps TUNING): the same bytes of w a tile as TUNING's wider ones, in twice the columns
+CODE_TUNING: list[LinearTuning] = [
+    LinearTuning(16, 1024, 4, 4),
+    LinearTuning(32, 512, 4, 4),
+    LinearTuning(32, 512, 4, 6),
+    LinearTuning(64, 512, 4, 4),
+    LinearTuning(128, 256, 8, 4),
+    LinearTuning(64, 512, 4, 4, split_k=2),
+    LinearTuning(32, 512, 4, 4, split_k=2),
+    LinearTuning(128, 256, 8, 4, split_k=2),
+    LinearTuning(8, 2048, 4, 3, dot=False),
+    LinearTuning(16, 1024, 4, 3, dot=False),
+    LinearTuning(16, 1024, 8, 3, dot=False),
+    LinearTuning(32, 512, 4, 3, dot=False),
+]
 _CAPTURE_TUNING = LinearTuning(32, 256, 4, 4)  # an untuned shape met inside a graph capture
 _CPU_TUNING = LinearTuning(32, 64, 4, 1)  # the interpreter (CPU tests; SwiGLU takes 16 + 16)
 # Columns of w a split-K program walks at least (autotuner candidates). Measured in the model on
@@ -527,23 +543,25 @@ def _split_pays(n: int, k: int, block_n: int, split_k: int) -> bool:
 SMEM_LIMIT = 232448
 
 
-def pipeline_smem(tuning: LinearTuning, bucket: int) -> int:
+def pipeline_smem(tuning: LinearTuning, bucket: int, w_bytes: int = 2) -> int:
     """An upper bound on the shared memory a dot config's K loop takes (fp16/bf16): num_stages
     buffers of a w tile and an x tile padded to max(16, bucket) rows. Triton 3.6 on an H100
     asked, at M = 64: 262,144 B for block_n 64, block_k 256, 4 stages (this bound) and 245,760 B
     for block_n 16, block_k 512, 4 stages (bound 327,680). A SwiGLU launch of a config walks
     block_n / 2 gate and block_n / 2 up rows: the same bytes. A tma config adds the stages'
-    mbarriers (Triton 3.9 asked 8-16 bytes a stage for the table's configs)."""
+    mbarriers (Triton 3.9 asked 8-16 bytes a stage for the table's configs). w_bytes: of w's
+    elements as they stream (1 for FP8/INT8 codes)."""
     if not tuning.dot:
         return 0
     x_tile = max(16, bucket) * tuning.block_k * 2
-    w_tile = tuning.block_n * tuning.block_k * 2
+    w_tile = tuning.block_n * tuning.block_k * w_bytes
     barriers = 64 if tuning.tma else 0
     return tuning.num_stages * (w_tile + x_tile + barriers)
 
 
 def candidate(
-    tuning: LinearTuning, n: int, k: int, bucket: int, any_split: bool = False
+    tuning: LinearTuning, n: int, k: int, bucket: int, any_split: bool = False,
+    w_bytes: int = 2,
 ) -> bool:  # fmt: skip
     """Whether a config is a candidate for a shape: the gemv configs only at M == 1, none whose
     pipeline overflows shared memory, and split-K configs only where they pay (_split_pays:
@@ -552,7 +570,7 @@ def candidate(
     return (
         (tuning.dot or bucket == 1)
         and (any_split or _split_pays(n, k, tuning.block_n, tuning.split_k))
-        and pipeline_smem(tuning, bucket) <= SMEM_LIMIT
+        and pipeline_smem(tuning, bucket, w_bytes) <= SMEM_LIMIT
     )
 
 

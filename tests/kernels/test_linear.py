@@ -453,3 +453,14 @@ def test_no_candidate_overflows_shared_memory():
         for t in TUNING:
             if linear_mod.candidate(t, 4096, 14336, bucket):
                 assert linear_mod.pipeline_smem(t, bucket) <= linear_mod.SMEM_LIMIT
+
+
+def test_one_byte_codes_take_half_the_weight_tiles_shared_memory():
+    """FP8/INT8 codes stream one byte an element: a config whose bf16 pipeline overflows may
+    fit with codes, and every CODE_TUNING candidate fits at one row."""
+    wide = LinearTuning(16, 1024, 4, 4)
+    assert linear_mod.pipeline_smem(wide, 1, 1) < linear_mod.pipeline_smem(wide, 1)
+    assert not linear_mod.candidate(wide, 4096, 4096, 1)
+    assert linear_mod.candidate(wide, 4096, 4096, 1, w_bytes=1)
+    for t in linear_mod.CODE_TUNING:
+        assert linear_mod.candidate(t, 4096, 14336, 1, any_split=True, w_bytes=1), t
