@@ -7,8 +7,12 @@
 
 A target without room for the prompt's KV now (RESOURCE_EXHAUSTED, nothing streamed) is asked
 again, or another one is, after a pause, until the deadline. A failed reservation, prefill,
-handoff or stream is retried on other workers while no token after the first has reached the
-client, so the client never sees it; the first token is never sent twice.
+handoff or stream (a worker killed mid-stream included) is retried on other workers and the
+client never sees it: the retry resumes the request where the client's stream stands, its
+prompt followed by every token already sent (re-prefilled), max_tokens less those, and the
+worker told how many of the prompt's tokens are output (Sampling.output_offset: the seeded
+random stream and the stop-string search go on after them) and how much of their text was sent
+(text_offset). No token is sent twice or lost; greedy and seeded output equal an undisturbed run.
 """
 
 from __future__ import annotations
@@ -55,11 +59,12 @@ class Full(Exception):
 
 @dataclass
 class Progress:
-    """What has reached the client so far; retries never repeat it."""
+    """What has reached the client so far; retries resume after it."""
 
-    sent_first: bool = False
-    decode_tokens: int = 0
+    emitted: list[int] = field(default_factory=list)  # token ids sent to the client
+    text_chars: int = 0  # characters of text sent
     first_token_at: float = 0.0  # time.perf_counter()
+    resumes: int = 0  # attempts that resumed a stream another worker had begun
     kv_bytes: int = 0  # KV pushed by prefill, all attempts
     prefill_worker: str = ""
     decode_worker: str = ""
@@ -70,6 +75,7 @@ class Progress:
             ("kvmesh-kv-bytes", str(self.kv_bytes)),
             ("kvmesh-prefill-worker", self.prefill_worker),
             ("kvmesh-decode-worker", self.decode_worker),
+            ("kvmesh-resumes", str(self.resumes)),
         )
 
 
@@ -85,6 +91,10 @@ class Route:
     block_size: int = 0  # tokens per KV block on the model's workers; 0: unknown
     progress: Progress = field(default_factory=Progress)
     tried: set[str] = field(default_factory=set)  # workers that failed this request
+    # the current attempt's request: the prompt with what the client has already, the rest of
+    # max_tokens (`_resume`)
+    _prompt: list[int] = field(default_factory=list)
+    _sampling: worker_pb2.Sampling = field(default_factory=worker_pb2.Sampling)
 
     async def stream(self) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         """The client's stream: tries up to `attempts` worker pairs."""
@@ -100,12 +110,28 @@ class Route:
                 log.warning("request %s: %s; retrying on other workers", self.request_id, e)
         raise RequestFailed(Code.UNAVAILABLE, f"request {self.request_id} failed: {last_error}")
 
+    def _resume(self) -> bool:
+        """Set this attempt's prompt and sampling from what reached the client; False if there
+        is nothing left to generate."""
+        done = self.progress.emitted
+        self._prompt, self._sampling = self.prompt + done, worker_pb2.Sampling()
+        self._sampling.CopyFrom(self.sampling)
+        if done:
+            self.progress.resumes += 1
+            self._sampling.max_tokens = self.sampling.max_tokens - len(done)
+            self._sampling.output_offset = len(done)
+            self._sampling.text_offset = self.progress.text_chars
+        return self._sampling.max_tokens > 0
+
     async def _attempt(self) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         deadline = time.monotonic() + (self.context.time_remaining() or 60.0)
+        if not self._resume():  # the last token went out, its ending did not
+            yield self._response(finish_reason="length")
+            return
         while True:
             target = await self._pick("target")
             if self.block_size:  # counted now: the requests that come next see it
-                blocks = -(-len(self.prompt) // self.block_size)
+                blocks = -(-len(self._prompt) // self.block_size)
                 self.directory.note_reserved(target.info.worker_id, blocks)
             aggregated = target.info.role == "aggregated"
             stream = self._aggregated(target) if aggregated else self._pair(target)
@@ -125,7 +151,7 @@ class Route:
         wid = worker.info.worker_id
         self.progress.prefill_worker = self.progress.decode_worker = wid
         request = worker_pb2.AggregatedRequest(
-            request_id=self.request_id, prompt_token_ids=self.prompt, sampling=self.sampling
+            request_id=self.request_id, prompt_token_ids=self._prompt, sampling=self._sampling
         )
         stream = self._relay(worker, worker.stub.Generate, request, first_included=True)
         async with contextlib.aclosing(stream):
@@ -139,12 +165,9 @@ class Route:
             first = await self._prefill(decode, reservation)
             self.progress.kv_bytes += first.kv_bytes
             self.progress.decode_worker = decode.info.worker_id
-            if not self.progress.sent_first:
-                self.progress.sent_first = True
-                self.progress.first_token_at = time.perf_counter()
-                yield self._response(token_ids=[first.first_token], text=first.text)
+            yield self._sent([first.first_token], first.text)
             if first.finish_reason:
-                yield self._response(finish_reason=first.finish_reason, completion_tokens=1)
+                yield self._response(finish_reason=first.finish_reason)
                 return
             stream = self._decode(decode, reservation.handoff_id, first)
             async with contextlib.aclosing(stream):
@@ -161,7 +184,7 @@ class Route:
     async def _reserve(self, decode: WorkerStub) -> worker_pb2.ReserveResponse:
         request = worker_pb2.ReserveRequest(
             request_id=self.request_id, handoff_id=str(uuid.uuid4()),
-            prompt_token_ids=self.prompt, sampling=self.sampling,
+            prompt_token_ids=self._prompt, sampling=self._sampling,
         )  # fmt: skip
         try:
             reservation = await decode.stub.Reserve(request, timeout=self._timeout())
@@ -188,9 +211,10 @@ class Route:
         self.directory.outstanding[wid] += 1
         call = prefill.stub.Prefill(
             worker_pb2.PrefillRequest(
-                request_id=self.request_id, prompt_token_ids=self.prompt, sampling=self.sampling,
-                handoff_id=reservation.handoff_id, kv_endpoint=reservation.kv_endpoint,
-                layout=reservation.layout, decode_address=decode.info.address,
+                request_id=self.request_id, prompt_token_ids=self._prompt,
+                sampling=self._sampling, handoff_id=reservation.handoff_id,
+                kv_endpoint=reservation.kv_endpoint, layout=reservation.layout,
+                decode_address=decode.info.address,
             ),
             timeout=self._timeout(),
         )  # fmt: skip
@@ -210,56 +234,47 @@ class Route:
         self, decode: WorkerStub, handoff_id: str, first: worker_pb2.PrefillResponse
     ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
         request = worker_pb2.DecodeRequest(
-            request_id=self.request_id, handoff_id=handoff_id, prompt_token_ids=self.prompt,
-            first_token=first.first_token, sampling=self.sampling,
+            request_id=self.request_id, handoff_id=handoff_id, prompt_token_ids=self._prompt,
+            first_token=first.first_token, sampling=self._sampling,
         )  # fmt: skip
         return self._relay(decode, decode.stub.Decode, request, first_included=False)
 
     async def _relay(
         self, worker: WorkerStub, method: Any, request: Any, first_included: bool
     ) -> AsyncGenerator[gateway_pb2.GenerateResponse, None]:
-        """Relay a worker's stream of DecodeResponses to the client. first_included: its first
-        token is the request's first (aggregated workers), which an earlier attempt may have
-        sent already; it never counts as decoded."""
+        """Relay a worker's stream of DecodeResponses to the client. first_included: the stream
+        begins with the attempt's first token (aggregated workers; RESOURCE_EXHAUSTED before it:
+        the worker had no room)."""
         call = method(request, timeout=self._timeout())
         pending_first = first_included
         try:
             async for msg in call:
-                tokens, text = list(msg.token_ids), msg.text
-                decoded = len(tokens)
-                if pending_first and tokens:
-                    pending_first, decoded = False, decoded - 1
-                    if self.progress.sent_first:  # never twice
-                        tokens, text = tokens[1:], ""
-                    else:
-                        self.progress.sent_first = True
-                        self.progress.first_token_at = time.perf_counter()
-                self.progress.decode_tokens += decoded
-                if tokens or text or msg.finish_reason:
-                    yield self._response(
-                        token_ids=tokens, text=text, finish_reason=msg.finish_reason,
-                        completion_tokens=msg.completion_tokens,
-                    )  # fmt: skip
+                pending_first = pending_first and not msg.token_ids
+                if msg.token_ids or msg.text or msg.finish_reason:
+                    yield self._sent(list(msg.token_ids), msg.text, msg.finish_reason)
         except grpc.aio.AioRpcError as e:
             if pending_first and e.code() == Code.RESOURCE_EXHAUSTED:
                 raise Full(e) from e
-            raise self._decode_failed(worker, e) from e
+            raise self._stream_failed(worker, e) from e
         finally:
             call.cancel()
 
-    def _decode_failed(self, decode: WorkerStub, error: grpc.aio.AioRpcError) -> Exception:
+    def _sent(
+        self, tokens: list[int], text: str, finish_reason: str = ""
+    ) -> gateway_pb2.GenerateResponse:  # fmt: skip
+        """A message for the client, its tokens and text recorded as sent."""
+        progress = self.progress
+        if tokens and not progress.emitted:
+            progress.first_token_at = time.perf_counter()
+        progress.emitted += tokens
+        progress.text_chars += len(text)
+        return self._response(token_ids=tokens, text=text, finish_reason=finish_reason)
+
+    def _stream_failed(self, worker: WorkerStub, error: grpc.aio.AioRpcError) -> Exception:
         code = error.code()
-        if code in (Code.CANCELLED, Code.DEADLINE_EXCEEDED, Code.INVALID_ARGUMENT):
-            return RequestFailed(code, error.details() or code.name.lower())
-        retryable = code in (Code.ABORTED, Code.UNAVAILABLE, Code.NOT_FOUND)
-        if self.progress.decode_tokens == 0 and retryable:  # nothing of decode's reached the client
-            return self._retry(decode, error, suspect=code == Code.UNAVAILABLE)
-        if code == Code.UNAVAILABLE:
-            self.directory.mark_suspect(decode.info.worker_id)
-        return RequestFailed(
-            Code.UNAVAILABLE,
-            f"decode worker {decode.info.worker_id} failed mid-stream: {error.details()}",
-        )
+        if code in (Code.ABORTED, Code.UNAVAILABLE, Code.NOT_FOUND):  # resumed elsewhere
+            return self._retry(worker, error, suspect=code == Code.UNAVAILABLE)
+        return RequestFailed(code, error.details() or code.name.lower())
 
     async def _pick(self, role: str) -> WorkerStub:
         pick = self.directory.pick_target if role == "target" else self.directory.pick_prefill
@@ -284,8 +299,7 @@ class Route:
         return self.context.time_remaining()
 
     def _response(
-        self, token_ids: list[int] | None = None, text: str = "", finish_reason: str = "",
-        completion_tokens: int = 0,
+        self, token_ids: list[int] | None = None, text: str = "", finish_reason: str = ""
     ) -> gateway_pb2.GenerateResponse:  # fmt: skip
         response = gateway_pb2.GenerateResponse(
             request_id=self.request_id, token_ids=token_ids or [], text=text,
@@ -293,7 +307,7 @@ class Route:
         )  # fmt: skip
         if finish_reason:  # usage goes on the last message only
             response.usage.prompt_tokens = len(self.prompt)
-            response.usage.completion_tokens = completion_tokens
+            response.usage.completion_tokens = len(self.progress.emitted)
         return response
 
 

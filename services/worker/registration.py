@@ -71,6 +71,7 @@ def sampling_from_proto(s: worker_pb2.Sampling) -> SamplingParams:
     return SamplingParams(
         max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p or 1.0,
         top_k=s.top_k, seed=s.seed, stop=tuple(s.stop), ignore_eos=s.ignore_eos,
+        output_offset=s.output_offset, text_offset=s.text_offset,
     )  # fmt: skip
 
 

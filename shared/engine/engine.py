@@ -266,6 +266,10 @@ class Engine:
                 f"the prompt has {n} tokens; this model's context holds {self.max_model_len}, "
                 "and at least one must be left to generate"
             )
+        if params.output_offset >= n:
+            raise RequestError(
+                f"output_offset {params.output_offset} must be less than the prompt's {n} tokens"
+            )
         if params.max_tokens > self.config.max_tokens_limit:
             raise RequestError(
                 f"max_tokens {params.max_tokens} is over this server's limit of "
@@ -397,7 +401,10 @@ class Engine:
         seq.arrival_time = time.perf_counter()
         self._seqs[request_id] = seq
         if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+            self._detok[request_id] = IncrementalDetokenizer.resumed(
+                self.tokenizer, params.stop, prompt[len(prompt) - params.output_offset :],
+                params.text_offset,
+            )  # fmt: skip
         return seq
 
     def _launch(self) -> _Launched | None:
@@ -489,7 +496,7 @@ class Engine:
         floats = pinned([[s.params.temperature for s in seqs], [s.params.top_p for s in seqs]],
                         torch.float32).to(self.device, non_blocking=True)  # fmt: skip
         ints = pinned([[s.params.top_k for s in seqs], [s.seed for s in seqs],
-                       [s.num_output_tokens for s in seqs]],
+                       [s.num_output_tokens + s.params.output_offset for s in seqs]],
                       torch.int64).to(self.device, non_blocking=True)  # fmt: skip
         batch = SamplingBatch(
             temperature=floats[0],

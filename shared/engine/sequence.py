@@ -24,6 +24,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # a request resumed after an earlier attempt failed (the gateway's failover): the last
+    # output_offset prompt tokens are output already generated; the counter-based random stream
+    # and the detokenizer (stop strings, characters split across tokens) continue after them,
+    # and text_offset characters of their text were delivered already
+    output_offset: int = 0
+    text_offset: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -34,6 +40,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.output_offset < 0 or self.text_offset < 0:
+            raise ValueError("output_offset and text_offset must be >= 0")
 
 
 # a token sampled by a step still running on the device; its value arrives when the step's

@@ -84,6 +84,19 @@ class IncrementalDetokenizer:
     _read_offset: int = 0
     _ids: list[int] = field(default_factory=list)
 
+    @classmethod
+    def resumed(
+        cls, tokenizer: Tokenizer, stop: tuple[str, ...], output: list[int], delivered: int
+    ) -> IncrementalDetokenizer:  # fmt: skip
+        """A detokenizer that has seen `output` (tokens an earlier attempt generated) and whose
+        first `delivered` characters reached the client: what it held back (a character split
+        across tokens, a possible stop-string prefix) comes out of the next delta."""
+        detok = cls(tokenizer, stop)
+        for token in output:
+            detok.add(token)
+        detok.emitted = min(delivered, len(detok.text))
+        return detok
+
     def add(self, token_id: int) -> bool:
         """Feed one token; True when a stop string has been found (text is cut before it)."""
         self._ids.append(token_id)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from kvmesh.shared.engine.engine import Engine, EngineConfig
+from kvmesh.shared.engine.engine import Engine, EngineConfig, RequestError
 from kvmesh.shared.engine.sampler import SamplingBatch, sample, uniform_noise
 from kvmesh.shared.engine.sequence import SamplingParams
 
@@ -101,3 +103,36 @@ def test_noise_is_uniform_and_depends_on_seed_and_step() -> None:
     assert float(u.min()) > 0 and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+
+
+def test_a_resumed_seeded_request_goes_on_with_the_same_tokens_and_text(engine: Engine) -> None:
+    """The gateway's failover resumes a request on another worker: prompt + the tokens already
+    sent, output_offset of them. Its seeded random stream goes on where it was (the noise of
+    output token i is a function of the seed and i), so it samples what the request would
+    have, and its text continues the text sent."""
+    tok = engine.tokenizer
+    assert tok is not None
+    prompt = tok.encode("Once upon a time, in a small village,")
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_k=40, seed=77)
+    whole: list[int] = []
+    texts: list[str] = []
+    engine.add_request("whole", prompt, params)
+    while engine.has_work:
+        for o in engine.step():
+            whole += o.new_token_ids
+            texts.append(o.text)
+    assert len(whole) == 20 and len(set(whole)) > 3
+    cut = 7
+    sent = "".join(texts[:cut])  # one token an output here
+    resumed = SamplingParams(max_tokens=20 - cut, temperature=0.9, top_k=40, seed=77,
+                             output_offset=cut, text_offset=len(sent))  # fmt: skip
+    rest: list[int] = []
+    engine.add_request("resumed", prompt + whole[:cut], resumed)
+    while engine.has_work:
+        for o in engine.step():
+            rest += o.new_token_ids
+            sent += o.text
+    assert rest == whole[cut:]
+    assert sent == "".join(texts) == tok.decode(whole)
+    with pytest.raises(RequestError, match="output_offset 9 must be less"):
+        engine.validate(prompt[:9], dataclasses.replace(resumed, output_offset=9))

@@ -45,3 +45,23 @@ def test_possible_stop_prefix_is_held_back_until_resolved(tokenizer: Tokenizer) 
     assert "".join(p for p in pieces if isinstance(p, str)) == "hello "  # "world" may begin a stop
     detok.add(tokenizer.encode(" cup")[0])
     assert detok.delta(final=True) == "world cup"
+
+
+@pytest.mark.parametrize("cut", range(1, 10))
+def test_a_resumed_detokenizer_sends_what_the_first_held_back(
+    tokenizer: Tokenizer, cut: int
+) -> None:
+    """A stream that moved to another worker after `cut` tokens (the gateway's failover): the
+    new worker's detokenizer, resumed with those tokens and the characters the client got,
+    sends the rest: a character split across tokens (the hieroglyph is four byte tokens), a
+    held-back stop-string prefix, the stop found across the cut."""
+    ids = tokenizer.encode("Un café 𓀀 and world peace talks")
+    assert len(ids) == 11 and tokenizer.decode(ids[3:4]) == "\ufffd"
+    first = IncrementalDetokenizer(tokenizer, stop=("world peace",))
+    sent = ""
+    for t in ids[:cut]:  # the stop completes at token 9, after every cut
+        assert not first.add(t)
+        sent += first.delta(final=False)
+    second = IncrementalDetokenizer.resumed(tokenizer, ("world peace",), ids[:cut], len(sent))
+    rest, stopped = _stream(second, ids[cut:])
+    assert stopped and sent + rest == "Un café 𓀀 and "
