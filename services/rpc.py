@@ -30,6 +30,9 @@ from kvmesh.services.tls import PLAINTEXT, ServerTls, TlsFiles, add_port, aio_ch
 ServiceSpec = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
 
 MAX_MESSAGE_BYTES = 64 << 20
+# HTTP/2 pings on the mesh's open calls (`channel`): a peer silent this long after a ping is gone
+KEEPALIVE_S = 2
+KEEPALIVE_TIMEOUT_S = 3
 
 
 def install_uvloop() -> None:
@@ -53,6 +56,9 @@ def create_server(
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
+        # the mesh's channels ping every KEEPALIVE_S while a call is open (`channel`): accept it
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_S * 1000 // 2),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
     server = grpc.aio.server(interceptors=list(interceptors), options=options)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -136,10 +142,18 @@ def exit_now(code: int) -> NoReturn:
 def channel(
     address: str, interceptors: Sequence[Any] = (), tls: TlsFiles = PLAINTEXT
 ) -> grpc.aio.Channel:
-    """A channel to another mesh process: mutual TLS with `tls`'s files, else plaintext."""
+    """A channel to another mesh process: mutual TLS with `tls`'s files, else plaintext. While
+    a call is open it pings the peer every KEEPALIVE_S: a peer that does not answer within
+    KEEPALIVE_TIMEOUT_S (stopped, or its host gone, where no connection reset ever comes) fails
+    the call with UNAVAILABLE, and the gateway resumes the request elsewhere (route.py)."""
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+        # newer gRPC cores wait for a ping's ack this long instead (default one minute)
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+        ("grpc.http2.max_pings_without_data", 0),  # a stalled stream sends no data: ping anyway
     ]
     return aio_channel(address, tls, options, list(interceptors))
 

@@ -25,6 +25,7 @@ from kvmesh.shared.engine.engine import Engine, EngineConfig
 from kvmesh.shared.engine.sequence import SamplingParams
 
 Code = grpc.StatusCode
+STREAMED = 48  # tokens of each stream the fault tests disturb
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_kill_9_of_a_decode_worker_mid_stream_is_invisible(mesh: Mesh, engine: E
 
     def request(kind: str, i: int) -> gateway_pb2.GenerateRequest:
         r = gateway_pb2.GenerateRequest(
-            request_id=f"{kind}-{i}", prompt=f"Story {i}: " + long_text(30), max_tokens=100,
+            request_id=f"{kind}-{i}", prompt=f"Story {i}: " + long_text(30), max_tokens=STREAMED,
             ignore_eos=True,
         )  # fmt: skip
         if kind == "seeded":
@@ -289,11 +290,11 @@ def test_kill_9_of_a_decode_worker_mid_stream_is_invisible(mesh: Mesh, engine: E
     calm, results, victim, killed_at = asyncio.run(scenario())
     for r, got in zip(greedy + seeded, results, strict=True):
         assert got.code == Code.OK, (r.request_id, got.details)
-        assert len(got.tokens) == 100 and got.usage[1] == 100, r.request_id
+        assert len(got.tokens) == STREAMED and got.usage[1] == STREAMED, r.request_id
         assert got.text == engine.tokenizer.decode(got.tokens), r.request_id
     assert sum(int(got.trailers["kvmesh-resumes"]) for got in results) > 0  # the kill hit some
     prompts = [_prompt_ids(engine, r) for r in greedy]
-    expected = _reference(engine, prompts, [100] * len(greedy))
+    expected = _reference(engine, prompts, [STREAMED] * len(greedy))
     for r, prompt, got, want in zip(greedy, prompts, results, expected, strict=False):
         _assert_greedy(r.request_id, prompt, got.tokens, want)
     for r, got, want in zip(seeded, results[len(greedy) :], calm, strict=True):
@@ -314,3 +315,61 @@ def test_kill_9_of_a_decode_worker_mid_stream_is_invisible(mesh: Mesh, engine: E
         generate(mesh.address, gateway_pb2.GenerateRequest(prompt="Hi", max_tokens=4))
     )
     assert after.code == Code.OK and len(after.tokens) == 4
+
+
+def test_a_stopped_decode_worker_is_left_and_rejoins_fenced(mesh: Mesh, engine: Engine) -> None:
+    """SIGSTOP of a decode worker while it streams, for 15 s: no connection reset ever comes,
+    the gateway's keepalive pings go unanswered, and its streams resume on the other decode
+    worker (greedy tokens the engine's). After SIGCONT the worker finds itself fenced (its
+    record expired), registers again with a new generation, and nothing leaks."""
+    requests = [
+        gateway_pb2.GenerateRequest(request_id=f"stop-{i}", prompt=f"Tale {i}: " + long_text(20),
+                                    max_tokens=80, ignore_eos=True)
+        for i in range(8)
+    ]  # fmt: skip
+
+    async def scenario() -> tuple[list, str, int]:
+        tasks = [asyncio.create_task(generate(mesh.address, r, timeout=120)) for r in requests]
+        victim = None
+        while victim is None:
+            await asyncio.sleep(0.2)
+            busy = [s for s in await inspect_all(mesh.redis_url)
+                    if s.worker_id.startswith("decode") and s.running > 0]  # fmt: skip
+            victim = busy[0].worker_id if busy else None
+        generation = next(
+            w["generation"] for w in (await snapshot(mesh.redis_url))["workers"]
+            if w["worker_id"] == victim
+        )  # fmt: skip
+        pid = int(victim.split("-")[-2])
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+            await asyncio.sleep(max(0.0, 15 - (time.monotonic() - stopped)))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return results, victim, generation
+
+    results, victim, generation = asyncio.run(scenario())
+    for r, got in zip(requests, results, strict=True):
+        assert got.code == Code.OK and len(got.tokens) == 80, (r.request_id, got.details)
+    assert sum(int(got.trailers["kvmesh-resumes"]) for got in results) > 0
+    prompts = [_prompt_ids(engine, r) for r in requests]
+    for r, prompt, got, want in zip(
+        requests, prompts, results, _reference(engine, prompts, [80] * 8), strict=True
+    ):
+        _assert_greedy(r.request_id, prompt, got.tokens, want)
+
+    async def rejoined() -> None:
+        deadline = time.monotonic() + 15
+        while True:
+            workers = {w["worker_id"]: w for w in (await snapshot(mesh.redis_url))["workers"]}
+            if victim in workers and workers[victim]["generation"] > generation:
+                break
+            assert time.monotonic() < deadline, workers
+            await asyncio.sleep(0.2)
+        states, snap = await wait_until_idle(mesh.redis_url, timeout=10)
+        assert not snap["block_sets"] and all(s.integrity_ok for s in states), (states, snap)
+        assert all(s.free_blocks == s.total_blocks for s in states), states
+
+    asyncio.run(rejoined())
