@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SUSPECT_S = 5.0
 VERIFY_TIMEOUT_S = 3.0  # a new worker's health check over mutual TLS
 RETIRE_GRACE_S = 120.0  # a departed worker's streams may run this long (its drain + grace)
+REFRESH_WAIT_S = 0.2  # between reads of a registry that is unreachable or empty
 
 
 _STUBS = {
@@ -77,6 +78,23 @@ class Directory:
             self._retire(self._channels.pop(gone))
         self._workers = live
         self._reserved.clear()
+
+    async def refresh_until(self, ready: Callable[[], bool], timeout_s: float) -> None:
+        """Refresh the view once, and again until ready() for up to timeout_s while the
+        registry cannot be read or lists no worker at all (Redis restarting: the workers
+        register again within a heartbeat)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                await self.refresh()
+            except Exception as e:
+                log.warning("the registry cannot be read: %s", e)
+            else:
+                if ready() or self._workers:
+                    return
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(REFRESH_WAIT_S)
 
     async def run(self, period_s: float = 0.5) -> None:
         """Refresh the view and reap dead owners' blocks, until cancelled."""

@@ -31,6 +31,7 @@ from opentelemetry import trace
 
 from kvmesh.protos import gateway_pb2, worker_pb2
 from kvmesh.services.gateway.directory import Directory, WorkerStub
+from kvmesh.shared.control.connect import redis_wait_s
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
@@ -279,8 +280,11 @@ class Route:
     async def _pick(self, role: str) -> WorkerStub:
         pick = self.directory.pick_target if role == "target" else self.directory.pick_prefill
         worker = pick(self.model, self.tried)
-        if worker is None:
-            await self.directory.refresh()  # one may have joined since the last refresh
+        if worker is None:  # one may have joined since the last refresh
+            await self.directory.refresh_until(
+                lambda: pick(self.model, self.tried) is not None,
+                min(redis_wait_s(), self._timeout() or redis_wait_s()),
+            )
             worker = pick(self.model, self.tried)
         if worker is None:
             what = (

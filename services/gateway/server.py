@@ -32,7 +32,7 @@ from kvmesh.services.rpc import (
     shutdown_signal,
 )
 from kvmesh.services.tls import PLAINTEXT, ServerTls, TlsFiles
-from kvmesh.shared.control.connect import check_redis
+from kvmesh.shared.control.connect import check_redis, redis_wait_s
 from kvmesh.shared.control.ledger import Ledger
 from kvmesh.shared.engine.tokenizer import Tokenizer, converted_path, load_tokenizer
 from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
@@ -135,8 +135,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.draining:
             raise RequestFailed(Code.UNAVAILABLE, "the gateway is shutting down")
         model = r.model or self.config.model_id
-        if model not in self.directory.models():
-            await self.directory.refresh()  # a worker may have joined since the last refresh
+        if model not in self.directory.models():  # a worker may have joined since
+            await self.directory.refresh_until(
+                lambda: model in self.directory.models(), redis_wait_s()
+            )
         if model not in self.directory.models():
             known = ", ".join(sorted(self.directory.models())) or "none registered yet"
             code = Code.INVALID_ARGUMENT if self.directory.models() else Code.UNAVAILABLE

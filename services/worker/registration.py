@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +144,14 @@ class Registration:
         )  # fmt: skip
         self.generation = 0
         self._task: asyncio.Task[None] | None = None
+        # run after the registry lost this worker's record and it registered again (Redis
+        # restarted empty, or the worker was fenced), and after Redis came back from an outage
+        self._rejoin: list[Callable[[], Awaitable[None]]] = []
+        self._confirming = asyncio.Lock()
+
+    def on_rejoin(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run hook() whenever the registry may have lost what this worker recorded there."""
+        self._rejoin.append(hook)
 
     async def start(self, address: str, kv_endpoint: str) -> None:
         """Register as reachable at address (host:port of the gRPC server), with its KV
@@ -161,16 +170,30 @@ class Registration:
         await self.redis.aclose()
 
     async def _beat(self) -> None:
+        unsure = False  # a heartbeat failed: what this worker recorded may be lost
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
-            s = self._loop.stats()
             try:
-                alive = await self.ledger.heartbeat(
-                    self.worker_id, self.generation, s.free_blocks, s.total_blocks,
-                    s.waiting, s.running,
-                )  # fmt: skip
-                if not alive:
-                    log.warning("fenced by the registry; registering again")
-                    self.generation = await self.ledger.register(self._info)
-            except Exception as e:  # Redis briefly unreachable: keep serving, retry
+                await self.confirm(rejoin=unsure)
+                unsure = False
+            except Exception as e:  # Redis unreachable: keep serving, retry
+                unsure = True
                 log.warning("heartbeat failed: %s", e)
+
+    async def confirm(self, rejoin: bool = False) -> None:
+        """Heartbeat now; if the registry has no live record of this worker (Redis restarted
+        empty, or the worker was fenced), register again. Either way, or with `rejoin`, run the
+        rejoin hooks. Also called when a write fenced by the generation was refused."""
+        async with self._confirming:  # one registration at a time: each makes a generation
+            s = self._loop.stats()
+            alive = await self.ledger.heartbeat(
+                self.worker_id, self.generation, s.free_blocks, s.total_blocks, s.waiting,
+                s.running,
+            )  # fmt: skip
+            if not alive:
+                log.warning("the registry has no live record of this worker (Redis restarted, "
+                            "or it was fenced); registering again")  # fmt: skip
+                self.generation = await self.ledger.register(self._info)
+            if rejoin or not alive:
+                for hook in self._rejoin:
+                    await hook()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -21,10 +22,12 @@ from opentelemetry import trace
 
 from kvmesh.protos import worker_pb2
 from kvmesh.services.worker.registration import Registration
-from kvmesh.shared.control.ledger import OWNED
+from kvmesh.shared.control.connect import patiently, redis_wait_s
+from kvmesh.shared.control.ledger import OWNED, RESERVED
 from kvmesh.shared.engine.engine import Engine, RequestOutput
 from kvmesh.shared.engine.loop import EngineLoop
 
+log = logging.getLogger(__name__)
 # Lease of a block set in Redis; the heartbeat renews it every second, so it only runs out
 # (and the reaper frees the set) when this worker stops heartbeating.
 BLOCK_LEASE_S = 10.0
@@ -49,6 +52,8 @@ class BlockSets:
         self.registration = registration
         self._cancel = cancel  # what else holds a request's blocks (decode: its KV receiver)
         self._frees: set[asyncio.Task[None]] = set()  # Redis releases still running
+        self._held: dict[str, tuple[int, str]] = {}  # hid -> (blocks, state): the sets held
+        registration.on_rejoin(self.republish)
 
     @property
     def freeing(self) -> bool:
@@ -56,23 +61,56 @@ class BlockSets:
 
     async def reserve(self, hid: str, num_blocks: int) -> bool:
         """Record hid's blocks as this worker's (state `reserved`); False if the registry
-        refused (this worker's registration was fenced)."""
+        refused (this worker's registration was fenced). While Redis cannot be reached it asks
+        again for up to redis_wait_s() (then raises)."""
         reg = self.registration
-        return await reg.ledger.reserve(
-            reg.worker_id, reg.generation, hid, num_blocks, "", BLOCK_LEASE_S
-        )
+
+        async def record() -> bool:
+            return await reg.ledger.reserve(
+                reg.worker_id, reg.generation, hid, num_blocks, "", BLOCK_LEASE_S
+            )
+
+        ok = await patiently(record, redis_wait_s())
+        if not ok:  # refused: the registry may have lost this worker's record; it is checked
+            await reg.confirm()
+            ok = await record()
+        if ok:
+            self._held[hid] = (num_blocks, RESERVED)
+        return ok
+
+    async def republish(self) -> None:
+        """Make the registry's record of this worker's sets exact again, after it may have lost
+        them (Redis restarted empty, the worker was fenced, or writes failed while Redis was
+        away): record every set still held under the current generation, and release every
+        set recorded for this worker that it no longer holds."""
+        reg = self.registration
+        recorded = (await reg.ledger.snapshot())["block_sets"].get(reg.worker_id, [])
+        for stale in {s["handoff_id"] for s in recorded} - set(self._held):
+            await reg.ledger.release(reg.worker_id, reg.generation, stale)
+        for hid, (blocks, state) in list(self._held.items()):
+            await reg.ledger.release(reg.worker_id, reg.generation, hid)  # a set of old state
+            await reg.ledger.reserve(reg.worker_id, reg.generation, hid, blocks, "",
+                                     BLOCK_LEASE_S)  # fmt: skip
+            if state == OWNED:
+                await reg.ledger.transition(reg.worker_id, reg.generation, hid, OWNED)
+            if hid not in self._held:  # freed meanwhile: its release may have come first
+                await reg.ledger.release(reg.worker_id, reg.generation, hid)
 
     async def free(self, hid: str) -> None:
         """Free hid's blocks (the receiver, the engine, Redis), even if the caller is cancelled.
         The receiver's cancel may wait for a sender to stop writing hid's blocks (IPC), so it runs
         off the event loop, and the engine frees the blocks only after it returned."""
         reg = self.registration
+        self._held.pop(hid, None)
 
         async def release() -> None:
             await asyncio.to_thread(self._cancel, hid)
             self.loop.post(lambda e: e.abort(hid))  # after anything hid's handlers queued before
-            with contextlib.suppress(Exception):
-                await reg.ledger.release(reg.worker_id, reg.generation, hid)
+            with contextlib.suppress(Exception):  # a release lost to an outage: republish's
+                await patiently(
+                    lambda: reg.ledger.release(reg.worker_id, reg.generation, hid),
+                    redis_wait_s(),
+                )
 
         task = asyncio.create_task(release())
         self._frees.add(task)
@@ -93,7 +131,12 @@ class BlockSets:
         steps = 0
         try:
             await self.loop.call(submit)
-            await reg.ledger.transition(reg.worker_id, reg.generation, hid, OWNED)
+            if hid in self._held:
+                self._held[hid] = (self._held[hid][0], OWNED)
+            try:
+                await reg.ledger.transition(reg.worker_id, reg.generation, hid, OWNED)
+            except Exception as e:  # Redis away: serve all the same; republish records it
+                log.warning("block set %s not marked owned in Redis: %s", hid, e)
             while True:
                 out = await queue.get()
                 if steps == 0:

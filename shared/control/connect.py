@@ -4,10 +4,17 @@ deep inside its first registry call."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 # redis is imported inside the functions: the CLI imports this module for RedisUnavailable, and
 # every command (clients included) would pay for the redis package at start
 
 _CONNECT_TIMEOUT_S = 5.0
+T = TypeVar("T")
 
 
 class RedisUnavailable(RuntimeError):
@@ -41,3 +48,26 @@ async def check_redis(url: str) -> None:
         raise RedisUnavailable(f"Redis at {where} is unreachable: {e}") from None
     finally:
         await client.aclose()
+
+
+def redis_wait_s() -> float:
+    """How long a request waits for an unreachable Redis before it fails (KVMESH_REDIS_WAIT_S,
+    default 10 s): a restart or a short partition passes unnoticed by clients."""
+    return float(os.environ.get("KVMESH_REDIS_WAIT_S", "10"))
+
+
+async def patiently(call: Callable[[], Awaitable[T]], window_s: float) -> T:
+    """call(), again after a pause while Redis cannot be reached (restarting, or partitioned
+    away), for up to window_s seconds; then its error. Other errors at once."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    deadline = time.monotonic() + window_s
+    pause = 0.05
+    while True:
+        try:
+            return await call()
+        except (ConnectionError, TimeoutError, OSError):
+            if time.monotonic() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 1.0)
