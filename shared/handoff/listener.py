@@ -139,9 +139,9 @@ class ListeningReceiver(ABC, Generic[S]):
             tune(conn)
             name = f"{self._name}-recv"
             thread = threading.Thread(target=self._serve, args=(conn,), name=name, daemon=True)
-            with self._lock:
+            with self._lock:  # started under the lock: close() never joins an unstarted thread
                 self._conns[conn] = thread
-            thread.start()
+                thread.start()
 
     @abstractmethod
     def _serve(self, conn: socket.socket) -> None:
