@@ -24,10 +24,21 @@ ROOT = Path(__file__).resolve().parents[2]
 H100 = "NVIDIA H100 80GB HBM3"
 
 
+_ASKED: dict[str, int] = {}  # one compile per distinct kernel (table entries share configs)
+
+
 def _sm90(fn, types: dict, consts: dict, options: dict, aligned: set = frozenset()) -> int:
     """Shared memory (bytes) the sm_90 compile of `fn` asks. types: the runtime arguments' that
     are not i32; consts: the constexprs; aligned: arguments divisible by 16 (as the launcher
     specializes them)."""
+    key = repr((fn.fn.__qualname__, sorted(types.items()), sorted(consts.items(), key=str),
+                sorted(options.items()), sorted(aligned)))  # fmt: skip
+    if key not in _ASKED:
+        _ASKED[key] = _compile_sm90(fn, types, consts, options, aligned)
+    return _ASKED[key]
+
+
+def _compile_sm90(fn, types: dict, consts: dict, options: dict, aligned: set) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
