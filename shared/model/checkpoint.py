@@ -27,7 +27,7 @@ Read: float-quantized, naive-quantized, int-quantized and pack-quantized checkpo
 symmetric weights per channel or per tensor (a per-tensor scale is the same scale for every
 row); FP8 weights run with activations quantized per token at run time, whatever the checkpoint
 planned for them (static per-tensor input scales are not used); anything else is refused with
-a ValueError naming the file and what it holds.
+a ModelFileError (a ValueError) naming the file and what it holds.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import torch
 
 from kvmesh.kernels.quant import FP8_DTYPE, QuantizedWeight, Weight, quantize_weight
 from kvmesh.shared.model.config import ModelConfig
+from kvmesh.shared.model.source import ModelFileError
 from kvmesh.shared.model.tensors import LOAD_ORDER, PROJECTIONS, SourceTensors
 
 log = logging.getLogger(__name__)
@@ -310,8 +311,10 @@ class StoredCheckpoint:
         if name + ".weight_packed" in self.index:
             shape = tuple(int(n) for n in self._read(name + ".weight_shape").tolist())
             if len(shape) != 2:
-                raise ValueError(f"{self._file(name + '.weight_shape')}: {name}.weight_shape "
-                                 f"is {list(shape)}, not [out, in]")  # fmt: skip
+                raise ModelFileError(
+                    self._file(name + ".weight_shape"),
+                    f"{name}.weight_shape is {list(shape)}, not [out, in]",
+                )
             codes = unpack_int8(self._read(name + ".weight_packed"), (shape[0], shape[1]))
         elif name + ".weight_scale" in self.index:
             codes = self._read(name + ".weight")
@@ -319,18 +322,18 @@ class StoredCheckpoint:
             return self._read(name + ".weight").to(device=self.device, dtype=self.dtype)
         expected = FP8_DTYPE if self.scheme == "fp8" else torch.int8
         if codes.dtype != expected:
-            raise ValueError(
-                f"{self._file(name + '.weight_scale')}: {name}'s codes are {codes.dtype}, not "
-                f"{expected} as a {self.scheme} checkpoint's"
+            raise ModelFileError(
+                self._file(name + ".weight_scale"),
+                f"{name}'s codes are {codes.dtype}, not {expected} as a {self.scheme} checkpoint's",
             )
         scale = self._read(name + ".weight_scale").float()
         if scale.numel() == 1:  # per tensor: the one scale of every row
             scale = scale.reshape(1, 1).expand(codes.shape[0], 1)
         if scale.numel() != codes.shape[0]:
-            raise ValueError(
-                f"{self._file(name + '.weight_scale')}: {name}.weight_scale has shape "
-                f"{list(scale.shape)}; only per-channel [{codes.shape[0]}, 1] or per-tensor "
-                "scales are supported"
+            raise ModelFileError(
+                self._file(name + ".weight_scale"),
+                f"{name}.weight_scale has shape {list(scale.shape)}; only per-channel "
+                f"[{codes.shape[0]}, 1] or per-tensor scales are supported",
             )
         return QuantizedWeight(codes.to(self.device),
                                scale.reshape(-1, 1).contiguous().to(self.device))  # fmt: skip
@@ -352,22 +355,26 @@ class StoredCheckpoint:
         from safetensors import safe_open
 
         if name not in self.index:
-            raise ValueError(f"{self.path}: no tensor {name}")
+            raise ModelFileError(self.path, f"no tensor {name}")
         with safe_open(str(self.index[name]), framework="pt") as f:
             return f.get_tensor(name)
 
 
 def stored_scheme(path: Path, config: dict[str, Any]) -> str:
-    """'fp8' or 'int8': the scheme of a checkpoint's `quantization_config`; a ValueError naming
-    the checkpoint's config.json and what it asks for where kvmesh cannot load it as stored."""
+    """'fp8' or 'int8': the scheme of a checkpoint's `quantization_config`; a ModelFileError
+    naming the checkpoint's config.json and what it asks for where kvmesh cannot load it as
+    stored."""
 
-    def unsupported(what: str) -> ValueError:
-        return ValueError(
-            f"{path / 'config.json'}: {what} is not supported (kvmesh loads {QUANT_METHOD} "
-            "checkpoints of 8-bit symmetric weights per channel or per tensor: FP8 with "
-            "activations per token or per tensor, INT8 weight-only)"
+    def unsupported(what: str) -> ModelFileError:
+        return ModelFileError(
+            path / "config.json",
+            f"{what} is not supported (kvmesh loads {QUANT_METHOD} checkpoints of 8-bit "
+            "symmetric weights per channel or per tensor: FP8 with activations per token or per "
+            "tensor, INT8 weight-only)",
         )
 
+    if not isinstance(config, dict):
+        raise unsupported(f"a quantization_config of {config!r:.40}")
     method, fmt = config.get("quant_method"), config.get("format")
     if method != QUANT_METHOD:
         raise unsupported(f"quant_method {method!r}")
@@ -376,8 +383,8 @@ def stored_scheme(path: Path, config: dict[str, Any]) -> str:
     if config.get("kv_cache_scheme"):
         raise unsupported("a stored KV cache quantization (kv_cache_scheme)")
     groups = config.get("config_groups") or {}
-    if not groups:
-        raise unsupported("a quantization_config without config_groups")
+    if not groups or not isinstance(groups, dict):
+        raise unsupported("a quantization_config without config_groups (an object)")
     schemes = {_group_scheme(name, group, unsupported) for name, group in groups.items()}
     if len(schemes) > 1:
         raise unsupported("config groups of both fp8 and int8")
@@ -386,9 +393,13 @@ def stored_scheme(path: Path, config: dict[str, Any]) -> str:
 
 def _group_scheme(name: str, group: dict[str, Any], unsupported: Any) -> str:
     """A config group's scheme ('fp8' or 'int8'), checked."""
-    w, a = group.get("weights") or {}, group.get("input_activations")
-    if not w:
+    if not isinstance(group, dict):
+        raise unsupported(f"{name}: a config group of {group!r:.40}")
+    w, a = group.get("weights"), group.get("input_activations")
+    if not w or not isinstance(w, dict):
         raise unsupported(f"{name} without weights")
+    if a is not None and not isinstance(a, dict):
+        raise unsupported(f"{name}: input_activations {a!r:.40}")
     if group.get("output_activations"):
         raise unsupported(f"{name}: output activation quantization")
     if w.get("num_bits") != 8 or w.get("type") not in ("float", "int"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from kvmesh.kernels.rope import Llama3RopeScaling
 
@@ -26,6 +28,22 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        """Checks what a model file could get wrong (a ValueError naming the field); the float
+        fields become floats (a config.json may write rope_theta as an int)."""
+        for name in _SIZES:
+            positive_int(getattr(self, name), name)
+        for name in ("rope_theta", "rms_eps"):
+            object.__setattr__(self, name, _positive_number(getattr(self, name), name))
+        ids = [*self.eos_token_ids, *([] if self.bos_token_id is None else [self.bos_token_id])]
+        if bad := [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]:
+            raise ValueError(f"bos and eos token ids must be integers >= 0, got {bad[0]!r}")
+        if s := self.rope_scaling:
+            positive_int(s.original_max_position, "rope scaling's original_max_position")
+            for name in ("factor", "low_freq_factor", "high_freq_factor"):
+                _positive_number(getattr(s, name), f"rope scaling's {name}")
+            if s.low_freq_factor >= s.high_freq_factor:
+                raise ValueError(f"rope scaling's low_freq_factor {s.low_freq_factor} is not "
+                                 f"below its high_freq_factor {s.high_freq_factor}")  # fmt: skip
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} heads are not a multiple of {self.num_kv_heads}")
         if self.head_dim % 2:
@@ -48,6 +66,25 @@ class ModelConfig:
         mlp = 3 * self.hidden_size * self.intermediate_size
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
         return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
+
+
+_SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+          "intermediate_size", "vocab_size", "max_position")  # fmt: skip
+
+
+def positive_int(value: Any, what: str) -> int:
+    """`value` where it is an int in [1, 2**31) (not a bool: no model's size is larger); else a
+    ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31:
+        raise ValueError(f"{what} must be a positive integer below 2**31, got {value!r}")
+    return value
+
+
+def _positive_number(value: Any, what: str) -> float:
+    """`value` as a float where it is a finite number above 0; else a ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{what} must be a finite number above 0, got {value!r}")
+    return float(value)
 
 
 _LLAMA3_SCALING = Llama3RopeScaling(

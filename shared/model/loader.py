@@ -6,15 +6,24 @@ A model source is one string:
   * "/path/hf-dir"                   config.json + *.safetensors (+ tokenizer.json); a
                                      quantized one (compressed-tensors) loads as stored
   * "synthetic:llama3-8b"            a named shape with seeded random weights
+
+A file that does not read as a model (malformed, truncated, or its tensors not the shapes its
+config gives) raises ModelFileError (a ValueError) naming the file and what is wrong with it;
+every size a file claims is checked against the file's before it is read or allocated.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+import math
+import mmap
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,11 +32,14 @@ from tqdm import tqdm
 from kvmesh.kernels.quant import QuantizedWeight, Weight, quantize_weight
 from kvmesh.kernels.rope import Llama3RopeScaling
 from kvmesh.shared.model.checkpoint import StoredCheckpoint
-from kvmesh.shared.model.config import SHAPES, ModelConfig
+from kvmesh.shared.model.config import SHAPES, ModelConfig, positive_int
 from kvmesh.shared.model.fetch import DEFAULT_MODEL, FetchConfig
 from kvmesh.shared.model.llama import LayerWeights, LlamaWeights
-from kvmesh.shared.model.source import SYNTHETIC_PREFIX, resolve_source
+from kvmesh.shared.model.source import SYNTHETIC_PREFIX, ModelFileError, resolve_source
 from kvmesh.shared.model.tensors import LOAD_ORDER, PROJECTIONS, SourceTensors
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +190,9 @@ def _synthetic_getter(
     """HF name -> a seeded random tensor: each matrix is the generator's next draw, so the
     weights depend on the order they are asked for in (LOAD_ORDER, then the embedding)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    shapes = _hf_shapes(config)
 
     def get(name: str) -> torch.Tensor:
-        shape = shapes[name.split(".", 3)[-1] if name.startswith("model.layers.") else name]
+        shape = _hf_shape(config, name)
         if len(shape) == 1:
             return torch.ones(shape, dtype=dtype, device=device)
         out = torch.empty(shape, dtype=dtype, device=device)
@@ -190,7 +201,8 @@ def _synthetic_getter(
     return get
 
 
-def _hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+def _hf_shape(c: ModelConfig, name: str) -> tuple[int, ...]:
+    """The shape of the tensor of HF name `name` (e.g. "model.layers.0.mlp.up_proj.weight")."""
     h, i = c.hidden_size, c.intermediate_size
     return {
         "input_layernorm.weight": (h,),
@@ -205,7 +217,7 @@ def _hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "model.embed_tokens.weight": (c.vocab_size, h),
         "lm_head.weight": (c.vocab_size, h),
         "model.norm.weight": (h,),
-    }
+    }[name.split(".", 3)[-1] if name.startswith("model.layers.") else name]
 
 
 # --------------------------------------------------------------------------------------- GGUF
@@ -223,15 +235,20 @@ _GGUF_NAMES = {
 }
 
 
+_GGUF_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
 def _hf_name(gguf_name: str) -> str:
-    if gguf_name.startswith("blk."):
-        _, index, kind, suffix = gguf_name.split(".")
-        return f"model.layers.{index}.{_GGUF_NAMES[kind]}.{suffix}"
-    return {
-        "token_embd.weight": "model.embed_tokens.weight",
-        "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight",
-    }[gguf_name]
+    part = gguf_name.split(".")
+    if len(part) == 4 and part[0] == "blk" and part[2] in _GGUF_NAMES:
+        return f"model.layers.{part[1]}.{_GGUF_NAMES[part[2]]}.{part[3]}"
+    if gguf_name not in _GGUF_TOP_NAMES:
+        raise ValueError(f"tensor {gguf_name!r} is not one of a llama model's")
+    return _GGUF_TOP_NAMES[gguf_name]
 
 
 def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
@@ -243,20 +260,23 @@ def _unpermute_rotary(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _gguf_tensors(path: Path, dtype: torch.dtype, device: torch.device) -> SourceTensors:
-    import gguf
     from gguf.quants import dequantize
 
-    reader = gguf.GGUFReader(str(path))
-    meta = {name: field.contents() for name, field in reader.fields.items()}
-    arch = meta["general.architecture"]
-    if arch != "llama":
-        raise ValueError(f"{path.name}: architecture {arch!r} is not supported (llama only)")
-    config = _gguf_config(path.stem, meta, {t.name for t in reader.tensors})
-    by_hf_name = {_hf_name(t.name): t for t in reader.tensors}
+    with _malformed(path):
+        file = _GGUFFile(path)
+        arch = file.meta.get("general.architecture")
+        if arch != "llama":
+            raise ModelFileError(path, f"architecture {arch!r} is not supported (llama only)")
+        config = _gguf_config(path.stem, file.meta, set(file.tensors))
+        by_hf_name = {_hf_name(name): name for name in file.tensors}
 
     def get(name: str) -> torch.Tensor:
-        tensor = by_hf_name[name]
-        array = dequantize(tensor.data, tensor.tensor_type)
+        if name not in by_hf_name:
+            raise ModelFileError(path, f"no tensor for {name}")
+        tensor = file.tensors[by_hf_name[name]]
+        _check_shape(config, name, tensor.shape, path)
+        with _malformed(path, f"tensor {by_hf_name[name]}"):
+            array = dequantize(tensor.data, tensor.kind)
         if name.endswith("q_proj.weight"):
             array = _unpermute_rotary(array, config.num_heads)
         elif name.endswith("k_proj.weight"):
@@ -270,26 +290,141 @@ def _gguf_tensors(path: Path, dtype: torch.dtype, device: torch.device) -> Sourc
 
 
 def _gguf_config(name: str, meta: dict, tensor_names: set[str]) -> ModelConfig:
-    hidden = int(meta["llama.embedding_length"])
-    heads = int(meta["llama.attention.head_count"])
-    head_dim = int(meta.get("llama.rope.dimension_count", hidden // heads))
+    hidden = positive_int(meta["llama.embedding_length"], "llama.embedding_length")
+    heads = positive_int(meta["llama.attention.head_count"], "llama.attention.head_count")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
         name=name,
         hidden_size=hidden,
-        num_layers=int(meta["llama.block_count"]),
+        num_layers=meta["llama.block_count"],
         num_heads=heads,
-        num_kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        intermediate_size=int(meta["llama.feed_forward_length"]),
-        vocab_size=int(meta.get("llama.vocab_size", 0)) or len(meta["tokenizer.ggml.tokens"]),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rms_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        max_position=int(meta["llama.context_length"]),
+        num_kv_heads=meta.get("llama.attention.head_count_kv", heads),
+        head_dim=meta.get("llama.rope.dimension_count", hidden // heads),
+        intermediate_size=meta["llama.feed_forward_length"],
+        vocab_size=meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"]),
+        rope_theta=meta.get("llama.rope.freq_base", 10000.0),
+        rms_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+        max_position=meta["llama.context_length"],
         tie_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (int(eos),),
+        eos_token_ids=() if eos is None else (eos,),
     )
+
+
+@dataclass(frozen=True)
+class _GGUFTensor:
+    kind: GGMLQuantizationType  # gguf's
+    shape: tuple[int, ...]  # numpy's order (rows first), as the model uses it
+    data: np.ndarray  # a view of the memory map: the F32/F16 values, else the blocks' bytes
+
+
+class _GGUFFile:
+    """A GGUF file's metadata and tensors (views of its memory map, nothing read ahead), each
+    count, length and offset checked against the file's size before it is used: a corrupt one
+    is a ValueError, never a read past the end or an allocation it claims (gguf's own reader
+    loops on an array's claimed length past the end of the file, and keeps a numpy array per
+    array element). Metadata: ints, floats, bools, strings; arrays of numbers as numpy arrays,
+    of strings as lists."""
+
+    _SCALARS = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                10: "<u8", 11: "<i8", 12: "<f8"}  # fmt: skip
+    _STRING, _ARRAY = 8, 9
+
+    def __init__(self, path: Path) -> None:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self.pos = 0
+        if self._take(4) != b"GGUF":
+            raise ValueError("not a GGUF file (it does not start with GGUF)")
+        if (version := self._scalar("<u4")) not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3, little-endian)")
+        n_tensors, n_fields = self._scalar("<u8"), self._scalar("<u8")
+        self.meta: dict[str, Any] = {}
+        for _ in range(n_fields):  # a huge count ends at the file's end: each takes 12+ bytes
+            key = self._unique(self._string(), self.meta, "metadata key")
+            self.meta[key] = self._value(self._scalar("<u4"))
+        infos = []
+        for _ in range(n_tensors):
+            name, n_dims = self._string(), self._scalar("<u4")
+            if not 0 < n_dims <= 4:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (1 to 4)")
+            dims = [self._scalar("<u8") for _ in range(n_dims)]
+            infos.append((name, dims, self._scalar("<u4"), self._scalar("<u8")))
+        align = self.meta.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & align - 1:
+            raise ValueError(f"general.alignment {align!r} is not a power of 2")
+        start = -(-self.pos // align) * align
+        self.tensors: dict[str, _GGUFTensor] = {}
+        for name, dims, kind, offset in infos:
+            self.tensors[self._unique(name, self.tensors, "tensor")] = self._tensor(
+                name, dims, kind, start + offset
+            )
+
+    def _tensor(self, name: str, dims: list[int], kind: int, at: int) -> _GGUFTensor:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import quant_shape_to_byte_shape
+
+        if kind not in GGML_QUANT_SIZES:
+            raise ValueError(f"tensor {name!r} has an unknown type {kind}")
+        qtype = GGMLQuantizationType(kind)
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        if dims[0] % block:
+            raise ValueError(f"tensor {name!r}: rows of {dims[0]} are not whole {qtype.name} "
+                             f"blocks of {block}")  # fmt: skip
+        shape = tuple(reversed(dims))
+        n_bytes = math.prod(dims) // block * block_bytes
+        if at + n_bytes > len(self.map):
+            raise ValueError(f"tensor {name!r}: {n_bytes} bytes at byte {at} run past the end "
+                             f"of the file ({len(self.map)} bytes)")  # fmt: skip
+        data = np.frombuffer(self.map, np.uint8, n_bytes, at)
+        floats = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+        if qtype in floats:
+            return _GGUFTensor(qtype, shape, data.view(floats[qtype]).reshape(shape))
+        return _GGUFTensor(qtype, shape, data.reshape(quant_shape_to_byte_shape(shape, qtype)))
+
+    def _take(self, n: int) -> bytes:
+        if n > len(self.map) - self.pos:
+            raise ValueError(f"truncated: {n} bytes at byte {self.pos} run past the end of the "
+                             f"file ({len(self.map)} bytes)")  # fmt: skip
+        self.pos += n
+        return self.map[self.pos - n : self.pos]
+
+    def _scalar(self, kind: str) -> Any:
+        dt = np.dtype(kind)
+        return np.frombuffer(self._take(dt.itemsize), dt)[0].item()
+
+    def _string(self) -> str:
+        at, n = self.pos, self._scalar("<u8")
+        try:
+            return self._take(n).decode()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the string at byte {at} is not UTF-8 ({e.reason})") from None
+
+    def _value(self, kind: int) -> Any:
+        if kind == self._STRING:
+            return self._string()
+        if kind in self._SCALARS:
+            return self._scalar(self._SCALARS[kind])
+        if kind != self._ARRAY:
+            raise ValueError(f"metadata value of unknown type {kind} at byte {self.pos - 4}")
+        item, count = self._scalar("<u4"), self._scalar("<u8")
+        if item in self._SCALARS:
+            dt = np.dtype(self._SCALARS[item])
+            return np.frombuffer(self._take(count * dt.itemsize), dt)
+        if item != self._STRING:
+            raise ValueError(f"metadata array of type {item} at byte {self.pos - 12} is not "
+                             "supported (arrays of numbers or strings)")  # fmt: skip
+        if count * 8 > len(self.map) - self.pos:  # each string takes 8+ bytes
+            raise ValueError(f"an array of {count} strings at byte {self.pos} runs past the "
+                             f"end of the file ({len(self.map)} bytes)")  # fmt: skip
+        return [self._string() for _ in range(count)]
+
+    @staticmethod
+    def _unique(name: str, seen: dict[str, Any], what: str) -> str:
+        if name in seen:
+            raise ValueError(f"{what} {name!r} appears twice")
+        return name
 
 
 # -------------------------------------------------------------------------------- safetensors
@@ -298,41 +433,45 @@ def _gguf_config(name: str, meta: dict, tensor_names: set[str]) -> ModelConfig:
 def _safetensors_tensors(path: Path, dtype: torch.dtype, device: torch.device) -> SourceTensors:
     from safetensors import safe_open
 
-    hf = json.loads((path / "config.json").read_text())
-    config = _hf_config(path.name, hf)
+    config_file = path / "config.json"
+    with _malformed(config_file, "not valid JSON"):
+        hf = json.loads(config_file.read_text())
+    if not isinstance(hf, dict):
+        raise ModelFileError(config_file, f"not a JSON object but {type(hf).__name__} {hf!r:.40}")
+    with _malformed(config_file):
+        config = _hf_config(path.name, hf)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path}: no *.safetensors files")
-    index = dict(_safetensors_index(files))
+        raise ModelFileError(path, "no *.safetensors files")
+    index: dict[str, Path] = {}
+    for file in files:
+        with _malformed(file), safe_open(str(file), framework="pt") as f:
+            index |= dict.fromkeys(f.keys(), file)
     large = sum(f.stat().st_size for f in files) > 1 << 30
     has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
     tokenizer = path if has_tokenizer else None
     if "quantization_config" in hf:
-        stored = StoredCheckpoint(path, hf["quantization_config"], index, dtype, device)
-        return SourceTensors(config, stored.get, large, tokenizer, hf, stored.linear,
+        with _malformed(config_file, "quantization_config"):
+            stored = StoredCheckpoint(path, hf["quantization_config"], index, dtype, device)
+        return SourceTensors(config, _checked(config, path, stored.get), large, tokenizer, hf,
+                             _checked(config, path, stored.linear, ".weight"),
                              stored.scheme)  # fmt: skip
 
     def get(name: str) -> torch.Tensor:
+        if name not in index:
+            raise ModelFileError(path, f"no tensor {name}")
         with safe_open(str(index[name]), framework="pt") as f:
             return f.get_tensor(name).to(device=device, dtype=dtype)
 
-    return SourceTensors(config, get, large, tokenizer, hf)
-
-
-def _safetensors_index(files: list[Path]) -> Iterator[tuple[str, Path]]:
-    from safetensors import safe_open
-
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield key, file
+    return SourceTensors(config, _checked(config, path, get), large, tokenizer, hf)
 
 
 def _hf_config(name: str, hf: dict) -> ModelConfig:
-    heads = hf["num_attention_heads"]
+    hidden = positive_int(hf["hidden_size"], "hidden_size")
+    heads = positive_int(hf["num_attention_heads"], "num_attention_heads")
     # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` and
     # `rope_scaling`
-    rope = hf.get("rope_parameters") or {}
+    rope = _json_object(hf.get("rope_parameters") or {}, "rope_parameters")
     scaling = hf.get("rope_scaling") or (
         rope if rope.get("rope_type", "default") != "default" else None
     )
@@ -340,15 +479,15 @@ def _hf_config(name: str, hf: dict) -> ModelConfig:
     eos = hf.get("eos_token_id")
     return ModelConfig(
         name=name,
-        hidden_size=hf["hidden_size"],
+        hidden_size=hidden,
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads", heads),
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=hf.get("head_dim") or hidden // heads,
         intermediate_size=hf["intermediate_size"],
         vocab_size=hf["vocab_size"],
-        rope_theta=float(theta),
-        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rms_eps=hf.get("rms_norm_eps", 1e-6),
         max_position=hf.get("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_scaling=_llama3_scaling(scaling),
@@ -357,15 +496,71 @@ def _hf_config(name: str, hf: dict) -> ModelConfig:
     )
 
 
-def _llama3_scaling(scaling: dict | None) -> Llama3RopeScaling | None:
+def _llama3_scaling(scaling: Any) -> Llama3RopeScaling | None:
     if scaling is None:
         return None
-    kind = scaling.get("rope_type", scaling.get("type"))
+    kind = _json_object(scaling, "rope_scaling").get("rope_type", scaling.get("type"))
     if kind != "llama3":
         raise ValueError(f"rope scaling {kind!r} is not supported (llama3 only)")
-    return Llama3RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position=int(scaling["original_max_position_embeddings"]),
+    return Llama3RopeScaling(  # ModelConfig checks the values
+        factor=scaling["factor"],
+        low_freq_factor=scaling["low_freq_factor"],
+        high_freq_factor=scaling["high_freq_factor"],
+        original_max_position=scaling["original_max_position_embeddings"],
     )
+
+
+def _json_object(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, got {value!r:.40}")
+    return value
+
+
+# ------------------------------------------------------------------------------- file errors
+
+# What a malformed file raises in the readers above and the libraries they call (json, numpy,
+# gguf's dequantization, safetensors, torch): a missing key, a value of a wrong type or range,
+# bytes that do not parse, shapes that do not fit.
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError,
+              RuntimeError)  # fmt: skip
+
+
+@contextmanager
+def _malformed(where: Path, what: str = "") -> Iterator[None]:
+    """Errors reading (`what` of) the file `where` as a ModelFileError naming the file (the
+    original its cause); a ModelFileError passes as it is."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ModelFileError:
+        raise
+    except (*_MALFORMED, SafetensorError) as e:
+        reason = f"missing {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+        reason = reason or type(e).__name__
+        raise ModelFileError(where, f"{what}: {reason}" if what else reason) from e
+
+
+def _check_shape(config: ModelConfig, name: str, shape: Sequence[int], where: Path) -> None:
+    if tuple(shape) != (want := _hf_shape(config, name)):
+        raise ModelFileError(where, f"tensor {name} has shape {list(shape)}, not the "
+                                    f"{list(want)} its config gives")  # fmt: skip
+
+
+_W = TypeVar("_W", torch.Tensor, Weight)
+
+
+def _checked(
+    config: ModelConfig, where: Path, read: Callable[[str], _W], suffix: str = ""
+) -> Callable[[str], _W]:
+    """`read` (a checkpoint's tensors by name; its linears by name less `suffix`) with its
+    errors as ModelFileErrors naming `where`, each tensor's shape checked against `config`."""
+
+    def get(name: str) -> _W:
+        with _malformed(where, f"tensor {name}{suffix}"):
+            w = read(name)
+        shape = w.codes.shape if isinstance(w, QuantizedWeight) else w.shape
+        _check_shape(config, name + suffix, shape, where)
+        return w
+
+    return get
