@@ -116,6 +116,7 @@ def aggregated_parts(ctx: WorkerContext) -> WorkerParts:
     servicer = AggregatedServicer(
         BlockSets(ctx.loop, ctx.registration), ctx.config.model_id, ctx.telemetry.metrics
     )
+    ctx.registration.on_rejoin(servicer.sets.republish)
     service = (worker_pb2_grpc.add_AggregatedServicer_to_server, servicer,
                "kvmesh.worker.v1.Aggregated")  # fmt: skip
     return WorkerParts(servicer, service)

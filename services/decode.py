@@ -229,6 +229,7 @@ def decode_parts(ctx: WorkerContext) -> WorkerParts:
         ctx.loop, receiver, kv_endpoint, ctx.registration, config.model_id,
         ctx.telemetry.metrics, config.reservation_ttl_s,
     )  # fmt: skip
+    ctx.registration.on_rejoin(servicer.sets.republish)
     service = (worker_pb2_grpc.add_DecodeServicer_to_server, servicer, "kvmesh.worker.v1.Decode")
     return WorkerParts(servicer, service, kv_endpoint, (servicer.expire_reservations,),
                        receiver.close)  # fmt: skip

@@ -36,6 +36,7 @@ SUSPECT_S = 5.0
 VERIFY_TIMEOUT_S = 3.0  # a new worker's health check over mutual TLS
 RETIRE_GRACE_S = 120.0  # a departed worker's streams may run this long (its drain + grace)
 REFRESH_WAIT_S = 0.2  # between reads of a registry that is unreachable or empty
+ABSENT_S = 30.0  # a worker away from the registry this long has its channel closed
 
 
 _STUBS = {
@@ -63,6 +64,7 @@ class Directory:
         self._verified: set[tuple[str, str]] = set()  # (worker id, address) that passed mTLS
         self._workers: dict[str, WorkerInfo] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._absent: dict[str, float] = {}  # address -> when its worker left the registry
         self._retiring: set[asyncio.Task[None]] = set()  # channels closing after their calls
         self._suspect: dict[str, float] = {}
         self._reserved: dict[str, int] = defaultdict(int)  # blocks reserved since refresh
@@ -72,10 +74,18 @@ class Directory:
         live = {w.worker_id: w for w in await self.ledger.workers()}
         if self._tls.enabled:
             live = await self._verify(live)
-        for gone in set(self._channels) - {w.address for w in live.values()}:
-            # a worker leaves the registry when it starts draining: closing its channel now
-            # would cancel the streams it is still finishing
-            self._retire(self._channels.pop(gone))
+        now, listed = time.monotonic(), {w.address for w in live.values()}
+        for address in listed:
+            self._absent.pop(address, None)
+        for gone in set(self._channels) - listed:
+            # a worker leaves the registry when it starts draining, and every worker vanishes
+            # from it for a heartbeat when Redis restarts empty: its channel closes (after its
+            # calls, which a close would cancel) only once it stayed away ABSENT_S, since a
+            # request may still start calls to it (a release, its decode stream)
+            since = self._absent.setdefault(gone, now)
+            if now - since >= ABSENT_S:
+                del self._absent[gone]
+                self._retire(self._channels.pop(gone))
         self._workers = live
         self._reserved.clear()
 

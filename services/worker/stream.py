@@ -53,7 +53,6 @@ class BlockSets:
         self._cancel = cancel  # what else holds a request's blocks (decode: its KV receiver)
         self._frees: set[asyncio.Task[None]] = set()  # Redis releases still running
         self._held: dict[str, tuple[int, str]] = {}  # hid -> (blocks, state): the sets held
-        registration.on_rejoin(self.republish)
 
     @property
     def freeing(self) -> bool:
