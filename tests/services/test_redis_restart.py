@@ -14,7 +14,7 @@ from meshproc import Mesh, generate, inspect_all, snapshot, wait_until_idle
 from reference import long_text
 
 from kvmesh.protos import gateway_pb2
-from kvmesh.shared.control.redis_server import RedisServer
+from kvmesh.shared.control.redis_server import RedisServer, RedisServerError
 
 TOKENS = 96
 
@@ -36,7 +36,14 @@ def test_redis_kill_and_empty_restart_under_32_streams() -> None:
             os.kill(server.pid or 0, signal.SIGKILL)
             server.stop()
             await asyncio.sleep(1.0)  # away a while: heartbeats and releases fail meanwhile
-            server.start()  # the same port and password, empty
+            for attempt in range(20):  # the same port and password, empty; the port may
+                try:  # stay bound a moment after the kill
+                    server.start()
+                    break
+                except RedisServerError:
+                    if attempt == 19:
+                        raise
+                    await asyncio.sleep(0.5)
             restarted = time.monotonic()
             republished = 0  # the most decode-side sets seen recorded while streams ran
             while not all(t.done() for t in tasks):
